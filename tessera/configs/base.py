@@ -1,0 +1,197 @@
+"""Shared defaults for every config file; family files only state what differs.
+
+A config file defines ``get_config(arg: str | None = None) -> ConfigDict`` where ``arg`` is a size
+preset (``tiny``, ``small``, ``1b``, ...) optionally followed by ``key=value`` overrides, e.g.
+``llama:tiny,train.steps=20``. The returned config is locked: assigning a key that does not exist
+is an error, so a misspelt command-line override never silently does nothing.
+"""
+
+from __future__ import annotations
+
+import ast
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import ml_collections
+
+ConfigDict = ml_collections.ConfigDict
+
+
+def base_config() -> ConfigDict:
+    """Every section with its defaults (a tiny Llama-shaped LM on the embedded corpus)."""
+    c = ConfigDict()
+
+    c.model = ConfigDict(
+        dict(
+            name="lm",
+            family="llama",
+            vocab_size=259,
+            d_model=128,
+            num_layers=2,
+            num_heads=4,
+            num_kv_heads=2,
+            head_dim=32,
+            mlp_dim=384,
+            max_seq_len=256,
+            # One block per entry, "mixer:channel"; repeated num_layers / len(pattern) times.
+            pattern=("attention:mlp",),
+            tie_embeddings=False,
+            norm_eps=1e-5,
+            qkv_bias=False,
+            qk_norm=False,
+            sliding_window=0,  # 0: full causal attention
+            rope_theta=10000.0,
+            rope_scaling=ConfigDict(
+                dict(
+                    type="none",
+                    factor=1.0,
+                    original_max_position_embeddings=0,
+                    low_freq_factor=1.0,
+                    high_freq_factor=4.0,
+                    beta_fast=32.0,
+                    beta_slow=1.0,
+                )
+            ),
+            init_std=0.02,
+            dtype="bfloat16",
+            param_dtype="float32",
+            remat="none",  # none | minimal | save_dots | full
+            scan_layers=True,
+            attention_impl="auto",
+        )
+    )
+
+    c.mesh = ConfigDict(
+        dict(
+            # ICI (within a slice) sizes; one -1 takes the remaining devices.
+            data=-1,
+            fsdp=1,
+            expert=1,
+            sequence=1,
+            tensor=1,
+            # DCN (across slices) sizes; their product is the number of slices.
+            dcn_data=1,
+            dcn_fsdp=1,
+            dcn_expert=1,
+            dcn_sequence=1,
+            dcn_tensor=1,
+            # Logical-axis rule overrides, "logical=axis+axis;logical=" (empty: replicate).
+            rules="",
+        )
+    )
+
+    c.data = ConfigDict(
+        dict(
+            source="synthetic",
+            path="",
+            eval_path="",
+            text_field="text",
+            tokenizer="byte",
+            synthetic_tasks="",
+            seed=0,
+            seq_len=128,
+            global_batch_size=16,
+        )
+    )
+
+    c.optim = ConfigDict(
+        dict(
+            name="adamw",
+            learning_rate=3e-3,
+            warmup_steps=20,
+            schedule="cosine",  # cosine | linear | constant
+            end_lr_factor=0.1,
+            b1=0.9,
+            b2=0.95,
+            eps=1e-8,
+            weight_decay=0.1,
+            clip_norm=1.0,
+            grad_accum_steps=1,
+        )
+    )
+
+    c.train = ConfigDict(
+        dict(
+            task="lm",
+            steps=300,
+            log_every=10,
+            seed=0,
+            z_loss=0.0,
+            nan_policy="stop",  # stop | skip
+            progress=True,
+            tensorboard=True,
+        )
+    )
+
+    c.checkpoint = ConfigDict(dict(every=100, keep=3, async_save=True))
+
+    c.decode = ConfigDict(
+        dict(
+            max_new_tokens=32,
+            temperature=0.0,
+            top_k=0,
+            top_p=1.0,
+            min_p=0.0,
+            seed=0,
+        )
+    )
+    return c
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def apply_overrides(config: ConfigDict, overrides: Mapping[str, Any]) -> None:
+    """Set dotted ``key=value`` overrides; an unknown key raises ``KeyError`` naming it."""
+    for dotted, value in overrides.items():
+        node = config
+        parts = dotted.split(".")
+        for i, part in enumerate(parts):
+            if part not in node:
+                known = ", ".join(sorted(node.keys()))
+                where = ".".join(parts[:i]) or "config"
+                raise KeyError(
+                    f"unknown config key {dotted!r}: {where} has no {part!r} (has {known})"
+                )
+            if i < len(parts) - 1:
+                node = node[part]
+        old = node[parts[-1]]
+        if isinstance(value, str) and not isinstance(old, str):
+            value = _parse_value(value)
+        if isinstance(old, tuple) and isinstance(value, list | str):
+            value = tuple(value) if isinstance(value, list) else (value,)
+        if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        node[parts[-1]] = value
+
+
+def make_get_config(
+    presets: Mapping[str, Callable[[ConfigDict], None]], default: str = "tiny"
+) -> Callable[[str | None], ConfigDict]:
+    """Build a family's ``get_config`` from named presets that edit the base config in place.
+
+    ``arg`` is ``"preset"`` or ``"preset,key=value,..."`` or ``"key=value,..."`` (default preset).
+    """
+
+    def get_config(arg: str | None = None) -> ConfigDict:
+        preset, overrides = default, {}
+        for item in filter(None, (s.strip() for s in (arg or "").split(","))):
+            if "=" in item:
+                key, value = item.split("=", 1)
+                overrides[key.strip()] = value.strip()
+            else:
+                preset = item
+        if preset not in presets:
+            raise ValueError(f"unknown preset {preset!r}; known: {', '.join(presets)}")
+        config = base_config()
+        presets[preset](config)
+        config.lock()
+        apply_overrides(config, overrides)
+        return config
+
+    get_config.presets = tuple(presets)  # type: ignore[attr-defined]
+    return get_config

@@ -1,0 +1,34 @@
+"""Data: sources -> tokenize -> pack -> batch -> shard per process, with resumable iterators."""
+
+from tessera.data.packing import PackIterDataset
+from tessera.data.pipeline import Batch, DataIterator, check_vocab, make_pipeline
+from tessera.data.sources import Source, TextFileSource, make_source
+from tessera.data.synthetic import (
+    SyntheticSource,
+    check,
+    is_eval_prompt,
+    parse_tasks,
+    split_prompt,
+    unigram_entropy,
+)
+from tessera.data.tokenizers import ByteTokenizer, Tokenizer, get_tokenizer
+
+__all__ = [
+    "Batch",
+    "ByteTokenizer",
+    "DataIterator",
+    "PackIterDataset",
+    "Source",
+    "SyntheticSource",
+    "TextFileSource",
+    "Tokenizer",
+    "check",
+    "check_vocab",
+    "get_tokenizer",
+    "is_eval_prompt",
+    "make_pipeline",
+    "make_source",
+    "parse_tasks",
+    "split_prompt",
+    "unigram_entropy",
+]

@@ -1,0 +1,158 @@
+"""source -> shard per process -> shuffle/repeat -> tokenize -> pack -> batch, resumable.
+
+Batch layout (B = global_batch_size // process_count, T = seq_len), from packed rows of T + 1
+tokens:
+
+    inputs       int32   [B, T]  row[:-1]
+    targets      int32   [B, T]  row[1:]
+    segment_ids  int32   [B, T]  1, 2, 3... per document piece of the inputs, 0 on padding
+    positions    int32   [B, T]  position of each input within its piece, from 0
+    loss_mask    float32 [B, T]  1 where input and target are in the same piece, else 0
+                                 (document boundaries and padding)
+
+Each document is `[bos] + tokenizer.encode(text) + [eos]`.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import grain
+import numpy as np
+
+from tessera.data.packing import PackIterDataset
+from tessera.data.sources import make_source
+from tessera.data.tokenizers import Tokenizer
+
+Batch = dict[str, np.ndarray]
+_STATE_VERSION = 1
+
+
+def _encode(tokenizer: Tokenizer, text: str) -> np.ndarray:
+    ids = [tokenizer.bos_id, *tokenizer.encode(text), tokenizer.eos_id]
+    return np.asarray(ids, np.int32)
+
+
+def _features(row: dict[str, np.ndarray]) -> Batch:
+    tokens, segs = row["tokens"], row["segment_ids"]
+    return {
+        "inputs": tokens[:-1],
+        "targets": tokens[1:],
+        "segment_ids": segs[:-1],
+        "positions": row["positions"][:-1],
+        "loss_mask": ((segs[1:] == segs[:-1]) & (segs[1:] != 0)).astype(np.float32),
+    }
+
+
+def _pad_batch(batch: Batch, size: int, pad_id: int) -> Batch:
+    """Pads a short final batch with empty rows (loss_mask 0) so every batch has `size` rows."""
+    missing = size - len(batch["inputs"])
+    if not missing:
+        return batch
+    out = {}
+    for key, value in batch.items():
+        fill = pad_id if key in ("inputs", "targets") else 0
+        pad = np.full((missing, *value.shape[1:]), fill, value.dtype)
+        out[key] = np.concatenate([value, pad])
+    return out
+
+
+class DataIterator(grain.DatasetIterator):
+    """Iterator of batches (see module docstring) with a JSON-serialisable, resumable state.
+
+    `get_state()` returns the pipeline's settings and the grain iterator state; `set_state` refuses
+    a state saved under different settings (batch, seq_len, split, seed, process layout), since
+    the data position would not mean the same thing. Being a `grain.DatasetIterator`, it also
+    works with grain's Orbax checkpoint handler (`grain.checkpoint.CheckpointSave`).
+    """
+
+    def __init__(self, parent: grain.DatasetIterator, settings: dict[str, Any]):
+        super().__init__(parent)
+        self._settings = settings
+
+    def __next__(self) -> Batch:
+        return next(self._parent)
+
+    def get_state(self) -> dict[str, Any]:
+        return {"version": _STATE_VERSION, **self._settings, "grain": self._parent.get_state()}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        expected = {"version": _STATE_VERSION, **self._settings}
+        diff = [
+            f"{k}={state.get(k)!r} (now {v!r})" for k, v in expected.items() if state.get(k) != v
+        ]
+        if diff:
+            raise ValueError(f"data iterator state does not match this pipeline: {', '.join(diff)}")
+        self._parent.set_state(state["grain"])
+
+
+def make_pipeline(
+    data_cfg: Any,
+    *,
+    tokenizer: Tokenizer,
+    global_batch_size: int,
+    seq_len: int,
+    split: str = "train",
+    process_index: int = 0,
+    process_count: int = 1,
+    seed: int = 0,
+) -> DataIterator:
+    """Builds this process's batch iterator for `split`.
+
+    Each process reads the disjoint shard `source[process_index::process_count]` and yields
+    batches of `global_batch_size // process_count` rows. Train shuffles with `seed` (reshuffled
+    every epoch) and repeats forever; eval reads its shard once in order and pads the last batch
+    with empty rows. `data_cfg.seed` picks the synthetic corpus, `seed` the shuffle order.
+    """
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} not in [0, process_count={process_count})")
+    if global_batch_size <= 0 or global_batch_size % process_count:
+        raise ValueError(
+            f"global_batch_size {global_batch_size} must be a positive multiple of "
+            f"process_count {process_count}"
+        )
+    if seq_len < 1:
+        raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+    local_batch = global_batch_size // process_count
+
+    source = make_source(data_cfg, split)
+    ds = grain.MapDataset.source(source)[process_index::process_count]
+    if len(ds) == 0:
+        raise ValueError(
+            f"process {process_index} of {process_count} gets no data: "
+            f"the {split} source has only {len(source)} documents"
+        )
+    if split == "train":
+        ds = ds.shuffle(seed).repeat()
+    ds = ds.map(functools.partial(_encode, tokenizer))
+    rows = PackIterDataset(
+        ds.to_iter_dataset(grain.ReadOptions(num_threads=0)),
+        row_len=seq_len + 1,
+        pad_id=tokenizer.pad_id,
+    )
+    batches = rows.map(_features).batch(local_batch, drop_remainder=False)
+    if split != "train":
+        batches = batches.map(
+            functools.partial(_pad_batch, size=local_batch, pad_id=tokenizer.pad_id)
+        )
+    settings = {
+        "split": split,
+        "global_batch_size": global_batch_size,
+        "seq_len": seq_len,
+        "seed": seed,
+        "process_index": process_index,
+        "process_count": process_count,
+    }
+    return DataIterator(batches.__iter__(), settings)
+
+
+def check_vocab(batch: Batch, vocab_size: int) -> None:
+    """Raises ValueError if any `inputs`/`targets` id of `batch` is outside [0, vocab_size)."""
+    for key in ("inputs", "targets"):
+        ids = np.asarray(batch[key])
+        if not ids.size:
+            continue
+        for bad in (int(ids.max()), int(ids.min())):
+            if not 0 <= bad < vocab_size:
+                raise ValueError(f"token id {bad} out of range for vocab_size {vocab_size}")

@@ -1,0 +1,130 @@
+"""Plain-jnp attention: the XLA path for short sequences and the oracle every other impl must match.
+
+One function serves training (packed sequences), prefill and cached decode: masking is driven by
+absolute positions and segment ids, never by array indices, so keys may come from a cache in any
+slot order. Query heads are grouped onto kv heads (MHA / GQA / MQA) without repeating K and V.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+# Finite stand-in for -inf: masked scores never produce inf - inf = NaN, and a fully masked row
+# stays finite (its probabilities are zeroed explicitly).
+MASK_VALUE = -1e30
+
+
+def make_attention_mask(
+    q_positions: jax.Array,
+    kv_positions: jax.Array,
+    *,
+    q_segment_ids: jax.Array | None = None,
+    kv_segment_ids: jax.Array | None = None,
+    causal: bool = True,
+    sliding_window: int | None = None,
+    kv_valid: jax.Array | None = None,
+) -> jax.Array:
+    """Which keys each query may attend: bool [B, T, S].
+
+    q_positions [B, T], kv_positions [B, S] (int); segment ids int [B, T] / [B, S], 0 = padding,
+    a query sees only keys of its own (non-zero) segment; causal keeps `q_pos >= kv_pos`;
+    `sliding_window=W` also keeps only `q_pos - kv_pos < W`; kv_valid bool [B, S] marks filled
+    cache slots.
+    """
+    if (q_segment_ids is None) != (kv_segment_ids is None):
+        raise ValueError("pass both q_segment_ids and kv_segment_ids, or neither")
+    qp = q_positions[:, :, None]
+    kp = kv_positions[:, None, :]
+    mask = jnp.ones(jnp.broadcast_shapes(qp.shape, kp.shape), dtype=bool)
+    if causal:
+        mask &= qp >= kp
+    if sliding_window is not None:
+        mask &= qp - kp < sliding_window
+    if q_segment_ids is not None:
+        ks = kv_segment_ids[:, None, :]
+        mask &= (q_segment_ids[:, :, None] == ks) & (ks != 0)
+    if kv_valid is not None:
+        mask &= kv_valid[:, None, :]
+    return mask
+
+
+def check_inputs(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    q_positions: jax.Array,
+    kv_positions: jax.Array,
+    q_segment_ids: jax.Array | None,
+    kv_segment_ids: jax.Array | None,
+    sliding_window: int | None,
+    kv_valid: jax.Array | None,
+) -> None:
+    """Raise ValueError naming the first argument whose shape does not fit the others."""
+    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+        raise ValueError(
+            f"q, k, v must be [B, T, H, D]; got shapes {q.shape}, {k.shape}, {v.shape}"
+        )
+    b, t, hq, d = q.shape
+    s, hkv = k.shape[1], k.shape[2]
+    if k.shape != (b, s, hkv, d):
+        raise ValueError(f"k shape {k.shape} does not fit q shape {q.shape}: want [B, S, Hkv, D]")
+    if v.shape[:3] != (b, s, hkv):
+        raise ValueError(f"v shape {v.shape} does not fit k shape {k.shape}: want [B, S, Hkv, Dv]")
+    if hq % hkv:
+        raise ValueError(f"query heads ({hq}) must be a multiple of kv heads ({hkv})")
+    for name, arr, want in (
+        ("q_positions", q_positions, (b, t)),
+        ("kv_positions", kv_positions, (b, s)),
+        ("q_segment_ids", q_segment_ids, (b, t)),
+        ("kv_segment_ids", kv_segment_ids, (b, s)),
+        ("kv_valid", kv_valid, (b, s)),
+    ):
+        if arr is not None and arr.shape != want:
+            raise ValueError(f"{name} shape {arr.shape} should be {want}")
+    if (q_segment_ids is None) != (kv_segment_ids is None):
+        raise ValueError("pass both q_segment_ids and kv_segment_ids, or neither")
+    if sliding_window is not None and sliding_window < 1:
+        raise ValueError(f"sliding_window must be >= 1, got {sliding_window}")
+
+
+def attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    q_positions: jax.Array,
+    kv_positions: jax.Array,
+    q_segment_ids: jax.Array | None = None,
+    kv_segment_ids: jax.Array | None = None,
+    causal: bool = True,
+    sliding_window: int | None = None,
+    scale: float | None = None,
+    kv_valid: jax.Array | None = None,
+) -> jax.Array:
+    """Masked softmax attention: q [B, T, Hq, D], k [B, S, Hkv, D], v [B, S, Hkv, Dv] -> out
+    [B, T, Hq, Dv].
+
+    Hq must be a multiple of Hkv (query head h reads kv head h // (Hq // Hkv)). Scores and softmax
+    are float32; the output has q's dtype. Queries with no visible key get 0 (finite gradients).
+    Materialises the [B, Hq, T, S] scores: use the chunked path for long sequences.
+    """
+    check_inputs(
+        q, k, v, q_positions, kv_positions, q_segment_ids, kv_segment_ids, sliding_window, kv_valid
+    )
+    b, t, hq, d = q.shape
+    hkv = k.shape[2]
+    scale = d**-0.5 if scale is None else scale
+    mask = make_attention_mask(
+        q_positions, kv_positions, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
+        causal=causal, sliding_window=sliding_window, kv_valid=kv_valid,
+    )[:, None, None]  # [B, 1, 1, T, S]
+    qg = q.reshape(b, t, hkv, hq // hkv, d)
+    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
+    scores = jnp.where(mask, scores, MASK_VALUE)
+    m = jax.lax.stop_gradient(scores.max(axis=-1, keepdims=True))
+    p = jnp.where(mask, jnp.exp(scores - m), 0.0)
+    denom = p.sum(axis=-1, keepdims=True)
+    p = p / jnp.where(denom > 0, denom, 1.0)
+    out = jnp.einsum("bkgts,bskd->btkgd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return out.reshape(b, t, hq, v.shape[-1]).astype(q.dtype)

@@ -1,0 +1,61 @@
+"""Token embedding and the LM head (tied to the embedding or separate)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from tessera.layers.base import cast, normal, param
+from tessera.sharding import constrain
+
+
+class Embed(nnx.Module):
+    """Token ids [B, T] -> vectors [B, T, D]; ``attend`` maps [B, T, D] -> logits [B, T, V]."""
+
+    def __init__(
+        self,
+        vocab_size: int,
+        dim: int,
+        *,
+        init_std: float,
+        dtype: str,
+        param_dtype: str,
+        rngs: nnx.Rngs,
+    ):
+        self.vocab_size = vocab_size
+        self.dtype = jnp.dtype(dtype)
+        self.embedding = param(
+            rngs, normal(init_std), (vocab_size, dim), ("vocab", "embed"), param_dtype
+        )
+
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        x = jnp.take(cast(self.embedding, self.dtype), tokens, axis=0)
+        return constrain(x, ("batch", "length", "act_embed"))
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        logits = jnp.einsum("btd,vd->btv", x, cast(self.embedding, self.dtype))
+        return constrain(logits, ("batch", "length", "act_vocab"))
+
+
+class LMHead(nnx.Module):
+    """Untied output projection [B, T, D] -> [B, T, V]."""
+
+    def __init__(
+        self,
+        dim: int,
+        vocab_size: int,
+        *,
+        init_std: float,
+        dtype: str,
+        param_dtype: str,
+        rngs: nnx.Rngs,
+    ):
+        self.dtype = jnp.dtype(dtype)
+        self.kernel = param(
+            rngs, normal(init_std), (dim, vocab_size), ("embed", "vocab"), param_dtype
+        )
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        logits = jnp.einsum("btd,dv->btv", x, cast(self.kernel, self.dtype))
+        return constrain(logits, ("batch", "length", "act_vocab"))

@@ -1,0 +1,10 @@
+"""Sequence mixers and channel mixers by the names config patterns use (``"attention:mlp"``)."""
+
+from tessera.layers.mixers.attention import Attention
+from tessera.layers.mixers.base import SeqInfo, write_cache
+from tessera.layers.mlp import MLP
+
+SEQUENCE_MIXERS = {"attention": Attention}
+CHANNEL_MIXERS = {"mlp": MLP, "none": None}
+
+__all__ = ["CHANNEL_MIXERS", "SEQUENCE_MIXERS", "Attention", "SeqInfo", "write_cache"]

@@ -1,0 +1,120 @@
+"""Multi-head attention with grouped KV heads (MHA / GQA / MQA), RoPE and a KV cache."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
+
+from tessera.configs.base import ConfigDict
+from tessera.kernels.attention import attention
+from tessera.layers.base import cast, normal, param, zeros
+from tessera.layers.mixers.base import SeqInfo, write_cache
+from tessera.layers.norms import RMSNorm
+from tessera.layers.positions import apply_rope, rope_frequencies
+from tessera.sharding import constrain
+
+
+def rope_scaling_dict(cfg: ConfigDict) -> dict:
+    return dict(cfg.rope_scaling)
+
+
+class Attention(nnx.Module):
+    """[B, T, D] -> [B, T, D]. Optional qkv bias (Qwen2), q/k RMSNorm (Qwen3), sliding window."""
+
+    def __init__(self, cfg: ConfigDict, *, rngs: nnx.Rngs):
+        d, h, kvh, hd = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        if h % kvh:
+            raise ValueError(f"num_heads={h} is not a multiple of num_kv_heads={kvh}")
+        self.num_heads, self.num_kv_heads, self.head_dim = h, kvh, hd
+        self.dtype = jnp.dtype(cfg.dtype)
+        self.sliding_window = int(cfg.sliding_window) or None
+        self.impl = cfg.attention_impl
+        self.rope_theta = float(cfg.rope_theta)
+        self.rope_scaling = rope_scaling_dict(cfg)
+        self.max_seq_len = int(cfg.max_seq_len)
+        init, pd = normal(cfg.init_std), cfg.param_dtype
+        self.wq = param(rngs, init, (d, h, hd), ("embed", "heads", "head_dim"), pd)
+        self.wk = param(rngs, init, (d, kvh, hd), ("embed", "kv_heads", "head_dim"), pd)
+        self.wv = param(rngs, init, (d, kvh, hd), ("embed", "kv_heads", "head_dim"), pd)
+        self.wo = param(rngs, init, (h, hd, d), ("heads", "head_dim", "embed"), pd)
+        if cfg.qkv_bias:
+            self.bq = param(rngs, zeros, (h, hd), ("heads", "head_dim"), pd)
+            self.bk = param(rngs, zeros, (kvh, hd), ("kv_heads", "head_dim"), pd)
+            self.bv = param(rngs, zeros, (kvh, hd), ("kv_heads", "head_dim"), pd)
+        else:
+            self.bq = self.bk = self.bv = None
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(hd, eps=cfg.norm_eps, param_dtype=pd, rngs=rngs)
+            self.k_norm = RMSNorm(hd, eps=cfg.norm_eps, param_dtype=pd, rngs=rngs)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def _project(self, x: jax.Array, w: nnx.Param, b: nnx.Param | None) -> jax.Array:
+        y = jnp.einsum("btd,dhk->bthk", x, cast(w, self.dtype))
+        return y if b is None else y + cast(b, self.dtype)
+
+    def __call__(
+        self, x: jax.Array, info: SeqInfo, cache: dict | None = None
+    ) -> tuple[jax.Array, dict | None]:
+        q = self._project(x, self.wq, self.bq)
+        k = self._project(x, self.wk, self.bk)
+        v = self._project(x, self.wv, self.bv)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        inv_freq, factor = rope_frequencies(
+            self.head_dim,
+            theta=self.rope_theta,
+            scaling=self.rope_scaling,
+            max_position=self.max_seq_len,
+        )
+        q = apply_rope(q, info.positions, inv_freq, factor)
+        k = apply_rope(k, info.positions, inv_freq, factor)
+        q = checkpoint_name(constrain(q, ("batch", "length", "act_heads", None)), "query_proj")
+        k = checkpoint_name(constrain(k, ("batch", "length", "act_kv_heads", None)), "key_proj")
+        v = checkpoint_name(constrain(v, ("batch", "length", "act_kv_heads", None)), "value_proj")
+
+        kv_k, kv_v, kv_pos, kv_seg = k, v, info.positions, info.segment_ids
+        new_cache = None
+        if cache is not None:
+            # Keys are the cache as it was plus this call's tokens; then this call's tokens are
+            # written into their slots for the next call.
+            old_seg = (info.cache_positions >= 0).astype(jnp.int32)
+            kv_k = jnp.concatenate([cache["k"].astype(k.dtype), k], axis=1)
+            kv_v = jnp.concatenate([cache["v"].astype(v.dtype), v], axis=1)
+            kv_pos = jnp.concatenate([info.cache_positions, info.positions], axis=1)
+            kv_seg = jnp.concatenate([old_seg, (info.segment_ids > 0).astype(jnp.int32)], axis=1)
+            q_seg = (info.segment_ids > 0).astype(jnp.int32)
+            new_cache = {
+                "k": write_cache(cache["k"], k, info.write_slots),
+                "v": write_cache(cache["v"], v, info.write_slots),
+            }
+        else:
+            q_seg = info.segment_ids
+        out = attention(
+            q,
+            kv_k,
+            kv_v,
+            impl=self.impl,
+            q_positions=info.positions,
+            kv_positions=kv_pos,
+            q_segment_ids=q_seg,
+            kv_segment_ids=kv_seg,
+            causal=True,
+            sliding_window=self.sliding_window,
+        )
+        out = checkpoint_name(constrain(out, ("batch", "length", "act_heads", None)), "attn_out")
+        y = jnp.einsum("bthk,hkd->btd", out, cast(self.wo, self.dtype))
+        return constrain(y, ("batch", "length", "act_embed")), new_cache
+
+    @staticmethod
+    def init_cache(cfg: ConfigDict, batch: int, length: int, dtype: jnp.dtype) -> dict:
+        """KV arrays [B, S, Hkv, Dh]; S is the window for sliding-window models (ring buffer)."""
+        shape = (batch, length, cfg.num_kv_heads, cfg.head_dim)
+        return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+    @staticmethod
+    def cache_axes() -> dict:
+        names = ("cache_batch", "cache_length", "cache_kv_heads", "head_dim")
+        return {"k": names, "v": names}

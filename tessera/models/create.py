@@ -1,0 +1,72 @@
+"""Build a model's parameters directly on the mesh, and move between NNX modules and pure trees.
+
+Training and decoding work on a *pure* parameter tree (nested dicts of arrays): it is what optax,
+orbax and ``jax.jit`` shardings see. ``merge`` turns it back into a module inside jitted code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+
+from tessera.configs.base import ConfigDict
+from tessera.models.registry import build_model
+from tessera.sharding import logical_to_spec, variable_names
+
+PyTree = Any
+
+
+class ModelSpec:
+    """A model's graph definition plus the shape, dtype and logical axes of every parameter."""
+
+    def __init__(self, model_cfg: ConfigDict):
+        self.cfg = model_cfg
+        abstract = nnx.eval_shape(lambda: build_model(model_cfg, rngs=nnx.Rngs(0)))
+        self.graphdef, self.abstract_state = nnx.split(abstract)
+        self.axis_names: PyTree = nnx.to_pure_dict(
+            self.abstract_state, extract_fn=lambda v: variable_names(v)
+        )
+        self.shapes: PyTree = nnx.to_pure_dict(
+            self.abstract_state, extract_fn=lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype)
+        )
+
+    def shardings(self, mesh: Mesh, rules: Mapping[str, tuple[str, ...]]) -> PyTree:
+        """NamedSharding for every parameter, from its logical axes and the rules table."""
+        return jax.tree.map(
+            lambda names, s: NamedSharding(
+                mesh, logical_to_spec(names, rules, dict(mesh.shape), s.shape)
+            ),
+            self.axis_names,
+            self.shapes,
+            is_leaf=lambda x: isinstance(x, tuple),
+        )
+
+    def abstract(self, mesh: Mesh, rules: Mapping[str, tuple[str, ...]]) -> PyTree:
+        """ShapeDtypeStructs with shardings (restore targets, AOT compilation inputs)."""
+        return jax.tree.map(
+            lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+            self.shapes,
+            self.shardings(mesh, rules),
+        )
+
+    def init(self, seed: int, mesh: Mesh, rules: Mapping[str, tuple[str, ...]]) -> PyTree:
+        """Random parameters, created already sharded (never materialised on one device)."""
+
+        def make() -> PyTree:
+            model = build_model(self.cfg, rngs=nnx.Rngs(seed))
+            return nnx.to_pure_dict(nnx.state(model))
+
+        return jax.jit(make, out_shardings=self.shardings(mesh, rules))()
+
+    def merge(self, params: PyTree) -> nnx.Module:
+        """A module whose parameters are ``params`` (a pure tree, possibly of tracers)."""
+        state = jax.tree.map(lambda x: x, self.abstract_state)
+        nnx.replace_by_pure_dict(state, params)
+        return nnx.merge(self.graphdef, state)
+
+    def num_params(self) -> int:
+        return sum(int(s.size) for s in jax.tree.leaves(self.shapes))

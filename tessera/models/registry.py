@@ -1,0 +1,22 @@
+"""``config.model.name`` -> constructor.
+
+Adding a family: a config file, an entry here, and the layers it needs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from flax import nnx
+
+from tessera.configs.base import ConfigDict
+from tessera.models.lm import LM
+
+MODELS: dict[str, Callable[..., nnx.Module]] = {"lm": LM}
+
+
+def build_model(cfg: ConfigDict, *, rngs: nnx.Rngs) -> nnx.Module:
+    """Construct ``cfg.model`` (the model section of a config)."""
+    if cfg.name not in MODELS:
+        raise ValueError(f"model.name: unknown model {cfg.name!r}; known: {sorted(MODELS)}")
+    return MODELS[cfg.name](cfg, rngs=rngs)

@@ -1,0 +1,1 @@
+"""Train loop, tasks, optimizers, checkpoints, metrics and FLOP counters."""

@@ -1,0 +1,110 @@
+"""Orbax checkpoints in ``WORKDIR/checkpoints``: train state (sharded arrays) + data position.
+
+Restoring reads each array straight onto the target mesh's shardings, so a checkpoint written on
+one mesh restores onto another. A checkpoint whose tensors do not fit the model is refused with
+an error naming the first tensor that differs, before anything is loaded.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+PyTree = Any
+
+
+class CheckpointError(RuntimeError):
+    """A missing or incompatible checkpoint."""
+
+
+def _path_str(path: tuple) -> str:
+    return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+
+
+class Checkpointer:
+    """Save / restore ``{"state": train state, "data": iterator state}`` by step."""
+
+    def __init__(
+        self, workdir: str, *, keep: int = 3, async_save: bool = True, create: bool = True
+    ):
+        self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep, enable_async_checkpointing=async_save, create=create
+        )
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self.manager.all_steps())
+
+    def save(self, step: int, state: PyTree, data_state: dict | None = None) -> None:
+        """Save asynchronously (``wait`` makes it durable); a step already saved is skipped."""
+        if step in self.manager.all_steps():
+            return
+        self.manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state),
+                data=ocp.args.JsonSave(data_state or {}),
+            ),
+        )
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def check_compatible(self, step: int, target: PyTree) -> None:
+        """Raise CheckpointError naming the first tensor whose presence or shape differs."""
+        meta = self.manager.item_metadata(step)
+        stored = meta["state"] if meta is not None and "state" in meta else None
+        if stored is None:
+            raise CheckpointError(f"checkpoint step {step} in {self.directory} has no train state")
+        stored_flat = {_path_str(p): v for p, v in jax.tree_util.tree_flatten_with_path(stored)[0]}
+        target_flat = {_path_str(p): v for p, v in jax.tree_util.tree_flatten_with_path(target)[0]}
+        for name, want in target_flat.items():
+            if name not in stored_flat:
+                raise CheckpointError(
+                    f"incompatible checkpoint {self.directory} step {step}: tensor {name} is "
+                    "missing (was it written by another model config?)"
+                )
+            got = tuple(getattr(stored_flat[name], "shape", ()))
+            if got != tuple(want.shape):
+                raise CheckpointError(
+                    f"incompatible checkpoint {self.directory} step {step}: tensor {name} has "
+                    f"shape {got}, the model expects {tuple(want.shape)}"
+                )
+        extra = sorted(set(stored_flat) - set(target_flat))
+        if extra:
+            raise CheckpointError(
+                f"incompatible checkpoint {self.directory} step {step}: unexpected tensor "
+                f"{extra[0]} (was it written by another model config?)"
+            )
+
+    def restore(self, step: int | None, target: PyTree) -> tuple[int, PyTree, dict]:
+        """Restore ``step`` (default latest) onto the shardings of ``target`` (abstract arrays)."""
+        steps = self.all_steps()
+        if step is None:
+            step = self.latest_step()
+            if step is None:
+                raise CheckpointError(f"no checkpoint found in {self.directory}")
+        elif step not in steps:
+            raise CheckpointError(
+                f"no checkpoint for step {step} in {self.directory} (have {sorted(steps)})"
+            )
+        self.check_compatible(step, target)
+        out = self.manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(target),
+                data=ocp.args.JsonRestore(),
+            ),
+        )
+        return step, out["state"], dict(out["data"] or {})
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()

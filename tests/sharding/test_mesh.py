@@ -1,0 +1,59 @@
+import jax
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from tessera.configs import load_config
+from tessera.sharding import MESH_AXES, logical_to_spec, make_mesh, make_rules, mesh_shape
+
+
+def mesh_cfg(**sizes):
+    cfg = load_config("llama:tiny").mesh
+    cfg.update(data=1)
+    cfg.update(**sizes)
+    return cfg
+
+
+def test_auto_fill_and_axis_order():
+    mesh = make_mesh(mesh_cfg(data=-1, tensor=2))
+    assert mesh.axis_names == MESH_AXES
+    assert dict(mesh.shape) == {"data": 4, "fsdp": 1, "expert": 1, "sequence": 1, "tensor": 2}
+    assert mesh.devices.size == jax.device_count() == 8
+
+
+def test_dcn_sizes_multiply_ici():
+    shape = mesh_shape(mesh_cfg(data=-1, dcn_data=2), num_devices=8, num_slices=2)
+    assert shape["data"] == 8
+
+
+@pytest.mark.parametrize(
+    "sizes, message",
+    [
+        (dict(data=3), "multiply to 3, but there are 8 devices"),
+        (dict(data=-1, fsdp=-1), "at most one ICI axis may be -1"),
+        (dict(data=-1, tensor=3), "do not divide 8 devices"),
+        (dict(data=0), "must be positive or -1"),
+    ],
+)
+def test_mesh_errors(sizes, message):
+    with pytest.raises(ValueError, match=message):
+        make_mesh(mesh_cfg(**sizes))
+
+
+def test_logical_to_spec_rules():
+    rules = make_rules()
+    sizes = {"data": 2, "fsdp": 2, "expert": 1, "sequence": 1, "tensor": 2}
+    assert logical_to_spec(("embed", "mlp"), rules, sizes) == P("fsdp", "tensor")
+    assert logical_to_spec(("batch", "length"), rules, sizes) == P(("data", "fsdp"), None)
+    # A mesh axis is used once per array, size-1 axes are dropped.
+    assert logical_to_spec(("heads", "mlp"), rules, sizes) == P("tensor", None)
+    # An axis that does not divide the dimension is dropped rather than failing.
+    assert logical_to_spec(("kv_heads",), rules, {"tensor": 4}, shape=(2,)) == P(None)
+
+
+def test_rule_overrides():
+    rules = make_rules("mlp=tensor+fsdp;vocab=")
+    assert rules["mlp"] == ("tensor", "fsdp") and rules["vocab"] == ()
+    with pytest.raises(ValueError, match="unknown logical axes"):
+        make_rules("mlpp=tensor")
+    with pytest.raises(ValueError, match="not of the form"):
+        make_rules("mlp")
