@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Sequence
 
-from tessera.configs import resolve_config_path
+from tessera.configs import load_config, resolve_config_path
 from tessera.train.checkpoints import CheckpointError
 
 # Errors that come from the user's input: printed as one line, no traceback.
@@ -23,6 +23,20 @@ def rewrite_config_flag(argv: Sequence[str]) -> list[str]:
     return out
 
 
+def check_config_overrides(argv: Sequence[str]) -> None:
+    """Load the ``--config`` and apply its ``--config.a.b=v`` overrides once, so a misspelt key
+    fails with one line naming it (absl would print a traceback)."""
+    spec, overrides = None, {}
+    for arg in argv:
+        if arg.startswith("--config="):
+            spec = arg[len("--config="):]
+        elif arg.startswith("--config.") and "=" in arg:
+            key, value = arg[len("--config."):].split("=", 1)
+            overrides[key] = value
+    if spec is not None and overrides:
+        load_config(spec, overrides)
+
+
 def fail(message: str, code: int = 2) -> None:
     print(f"tessera: error: {message}", file=sys.stderr)
     sys.exit(code)
@@ -35,6 +49,7 @@ def run_main(main: Callable[[list[str]], None], argv: Sequence[str] | None = Non
     argv = list(sys.argv if argv is None else argv)
     try:
         argv = rewrite_config_flag(argv)
+        check_config_overrides(argv)
     except USER_ERRORS as e:
         fail(_message(e))
 

@@ -156,7 +156,7 @@ class Trainer:
             denom = jnp.maximum(weight, 1.0)
             grads = jax.tree.map(lambda g: g / denom, grads)
             loss = total / denom
-            grad_norm = optax.global_norm(grads)
+            grad_norm = optax.tree.norm(grads)
             updates, opt_state = self.tx.update(grads, state["opt_state"], params)
             new_params = optax.apply_updates(params, updates)
             finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -177,6 +177,17 @@ class Trainer:
                 "finite": finite,
             }
             return new_state, metrics
+
+    def grads(self, params: PyTree, batch: dict) -> tuple[jax.Array, PyTree]:
+        """(mean loss, mean gradients) for a batch, without an update (for checks and tools)."""
+
+        def fn(params, batch):
+            with use_mesh(self.mesh, self.rules):
+                total, weight, _, grads = self._loss_and_grads(params, batch)
+            denom = jnp.maximum(weight, 1.0)
+            return total / denom, jax.tree.map(lambda g: g / denom, grads)
+
+        return jax.jit(fn)(params, batch)
 
     def device_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         """Assemble this process's rows into global arrays sharded over the batch axes."""

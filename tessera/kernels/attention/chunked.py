@@ -177,7 +177,7 @@ def _flash_bwd(causal, window, scale, res, dout):
                     preferred_element_type=jnp.float32,
                 )
                 dp = jnp.einsum("bqkgd,bskd->bkgqs", doi, vj, preferred_element_type=jnp.float32)
-                ds = p * (dp - deltai[..., None])
+                ds = p * (dp - deltai[..., None]) * scale
                 dq = jnp.einsum(
                     "bkgqs,bskd->bqkgd", ds.astype(kj.dtype), kj,
                     preferred_element_type=jnp.float32,

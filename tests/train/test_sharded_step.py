@@ -1,0 +1,70 @@
+"""One train step gives the same loss, gradients and parameters on every mesh."""
+
+import jax
+import numpy as np
+import pytest
+
+from tessera.data import get_tokenizer, make_pipeline
+from tessera.train.trainer import Trainer
+
+from .helpers import tiny_config
+
+
+def one_step(cfg, tmp_path, devices=None):
+    trainer = Trainer(cfg, str(tmp_path), devices)
+    state = trainer.init_state()
+    init_params = jax.device_get(state["params"])
+    data = make_pipeline(cfg.data, tokenizer=get_tokenizer("byte"),
+                         global_batch_size=cfg.data.global_batch_size, seq_len=cfg.data.seq_len)
+    batch = trainer.device_batch(next(data))
+    loss, grads = jax.device_get(trainer.grads(state["params"], batch))
+    state, metrics = trainer.step(state, batch)
+    metrics = dict(jax.device_get(metrics), grad_loss=loss, grads=grads)
+    return trainer, init_params, jax.device_get(state["params"]), metrics
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    return one_step(_single_cfg(), tmp_path_factory.mktemp("single"), jax.devices()[:1])
+
+
+def _single_cfg():
+    cfg = tiny_config()
+    cfg.mesh.update(data=1)
+    return cfg
+
+
+@pytest.mark.parametrize("mesh", [dict(data=2, fsdp=2, tensor=2), dict(fsdp=8)])
+def test_sharded_step_matches_single_device(mesh, single, tmp_path):
+    _, init_1, params_1, metrics_1 = single
+    trainer, init_n, params_n, metrics_n = one_step(tiny_config(**mesh), tmp_path)
+    assert trainer.mesh.devices.size == 8
+    # Parameters are created sharded, with the same values whatever the mesh.
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=0), init_1, init_n)
+    np.testing.assert_allclose(metrics_n["loss"], metrics_1["loss"], rtol=1e-5)
+    np.testing.assert_allclose(metrics_n["grad_norm"], metrics_1["grad_norm"], rtol=1e-4)
+    np.testing.assert_allclose(metrics_n["grad_loss"], metrics_1["loss"], rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7),
+                 metrics_1["grads"], metrics_n["grads"])
+    moved = jax.tree.leaves(jax.tree.map(lambda a, b: np.abs(a - b).max(), init_1, params_1))
+    assert max(moved) > 1e-4
+
+
+def test_params_are_sharded_on_the_mesh(tmp_path):
+    trainer = Trainer(tiny_config(data=2, fsdp=2, tensor=2), str(tmp_path))
+    params = trainer.init_state()["params"]
+    wq = params["units"]["blocks"][0]["mixer"]["wq"]
+    spec = wq.sharding.spec
+    assert tuple(spec) == (None, "fsdp", "tensor", None)  # [layers, embed, heads, head_dim]
+    assert len(wq.addressable_shards) == 8
+    assert wq.addressable_shards[0].data.shape == (2, 64, 2, 32)
+
+
+def test_grad_accumulation_matches_full_batch(tmp_path):
+    one = jax.devices()[:1]
+    _, _, p_full, m_full = one_step(_single_cfg(), tmp_path / "full", one)
+    cfg = _single_cfg()
+    cfg.optim.grad_accum_steps = 4
+    _, _, p_acc, m_acc = one_step(cfg, tmp_path / "acc", one)
+    np.testing.assert_allclose(m_acc["loss"], m_full["loss"], rtol=1e-5)
+    np.testing.assert_allclose(m_acc["grad_norm"], m_full["grad_norm"], rtol=1e-4)
