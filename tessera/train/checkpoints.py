@@ -21,7 +21,7 @@ class CheckpointError(RuntimeError):
 
 
 def _path_str(path: tuple) -> str:
-    return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+    return "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
 
 
 class Checkpointer:
@@ -34,7 +34,9 @@ class Checkpointer:
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, enable_async_checkpointing=async_save, create=create
         )
-        self.manager = ocp.CheckpointManager(self.directory, options=options)
+        handlers = {"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler()}
+        self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                             item_handlers=handlers)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -61,8 +63,10 @@ class Checkpointer:
         """Raise CheckpointError naming the first tensor whose presence or shape differs."""
         meta = self.manager.item_metadata(step)
         stored = meta["state"] if meta is not None and "state" in meta else None
-        if stored is None:
+        if stored is None or "params" not in stored:
             raise CheckpointError(f"checkpoint step {step} in {self.directory} has no train state")
+        # The parameters decide compatibility; optimizer state follows from them.
+        stored, target = stored["params"], target["params"]
         stored_flat = {_path_str(p): v for p, v in jax.tree_util.tree_flatten_with_path(stored)[0]}
         target_flat = {_path_str(p): v for p, v in jax.tree_util.tree_flatten_with_path(target)[0]}
         for name, want in target_flat.items():

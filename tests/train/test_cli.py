@@ -1,0 +1,63 @@
+"""``python -m tessera.train``: a short run end to end, and one-line errors for bad input."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from tessera.configs import config_names, load_config
+from tessera.train.trainer import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+QUIET = ["--config.train.tensorboard=False"]
+
+
+def run_train(*args, cwd=ROOT):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    return subprocess.run([sys.executable, "-m", "tessera.train", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_cli_trains_and_writes_metrics(tmp_path):
+    proc = run_train("--config=llama:tiny", f"--workdir={tmp_path}", "--config.train.steps=4",
+                     "--config.train.log_every=2", *QUIET)
+    assert proc.returncode == 0, proc.stderr
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == [1, 2, 4]
+    assert all({"loss", "learning_rate", "grad_norm"} <= set(r) for r in rows)
+    assert {"tokens_per_s", "tflops_per_device", "mfu"} <= set(rows[-1])
+    assert (tmp_path / "checkpoints" / "4").is_dir()
+    assert json.load(open(tmp_path / "config.json"))["model"]["family"] == "llama"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--config.model.num_layer=3"], "unknown config key 'model.num_layer'"),
+    (["--config.mesh.data=3"], "multiply to 3, but there are 1 devices"),
+    (["--config.data.source=text", "--config.data.path={empty}"], "contains no documents"),
+    (["--config.data.source=text", "--config.data.path={missing}"], "missing.txt"),
+    (["--config.model.vocab_size=100"], "token id .* out of range for vocab_size 100"),
+    (["--config=llama:huge"], "unknown preset 'huge'"),
+])
+def test_bad_input_is_one_clear_line(tmp_path, args, message):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    args = [a.format(empty=empty, missing=tmp_path / "missing.txt") for a in args]
+    config = [a for a in args if a.startswith("--config=")] or ["--config=llama:tiny"]
+    rest = [a for a in args if not a.startswith("--config=")]
+    proc = run_train(*config, f"--workdir={tmp_path / 'w'}", "--config.train.steps=2", *rest)
+    assert proc.returncode == 2
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("tessera: error:")]
+    assert len(errors) == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert re.search(message, errors[0]), errors[0]
+
+
+@pytest.mark.parametrize("name", config_names())
+def test_every_config_runs_one_step_at_tiny(name, tmp_path):
+    cfg = load_config(f"{name}:tiny,train.steps=1,train.progress=False,train.tensorboard=False")
+    result = train(cfg, str(tmp_path), devices=jax.devices()[:1])
+    assert result.step == 1 and result.losses[1] > 0
