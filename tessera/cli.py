@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -37,6 +38,14 @@ def check_config_overrides(argv: Sequence[str]) -> None:
         load_config(spec, overrides)
 
 
+def maybe_initialize_distributed() -> None:
+    """Multi-host runs (``TESSERA_DISTRIBUTED=1``): join the other processes before any jax use."""
+    if os.environ.get("TESSERA_DISTRIBUTED", "") not in ("", "0"):
+        import jax
+
+        jax.distributed.initialize()
+
+
 def fail(message: str, code: int = 2) -> None:
     print(f"tessera: error: {message}", file=sys.stderr)
     sys.exit(code)
@@ -58,6 +67,7 @@ def run_main(main: Callable[[list[str]], None], argv: Sequence[str] | None = Non
 
         logging.set_verbosity(logging.WARNING)  # orbax logs every save step at INFO
         try:
+            maybe_initialize_distributed()
             main(args)
         except USER_ERRORS as e:
             fail(_message(e))

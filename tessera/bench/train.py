@@ -1,0 +1,63 @@
+"""Training throughput: tokens/s, TFLOP/s per device and MFU against the peak of this device.
+
+On CPU the peak is a float32 matmul probe measured in the same run, so the ratio is meaningful
+on a shared, noisy machine.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+
+from tessera.bench.table import print_table
+from tessera.configs import load_config
+from tessera.data import get_tokenizer, make_pipeline
+from tessera.train import flops as flops_lib
+from tessera.train.trainer import Trainer
+
+
+def run_train_bench(config_spec: str, overrides: Mapping[str, Any] | None = None,
+                    steps: int = 5) -> list[dict]:
+    """Time ``steps`` train steps after one compile step; print and return one table row."""
+    cfg = load_config(config_spec, overrides)
+    with tempfile.TemporaryDirectory() as workdir:
+        trainer = Trainer(cfg, workdir)
+        state = trainer.init_state()
+        data = make_pipeline(cfg.data, tokenizer=get_tokenizer(cfg.data.tokenizer),
+                             global_batch_size=cfg.data.global_batch_size,
+                             seq_len=cfg.data.seq_len, seed=cfg.data.seed)
+        batches = [trainer.device_batch(next(data)) for _ in range(steps + 1)]
+        t0 = time.perf_counter()
+        state, metrics = trainer.step(state, batches[0])
+        jax.block_until_ready(metrics)
+        compile_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        for batch in batches[1:]:
+            state, metrics = trainer.step(state, batch)
+        jax.block_until_ready((state, metrics))
+        step_s = (time.perf_counter() - t0) / steps
+    peak, source = flops_lib.peak_flops_per_device()
+    n_dev = trainer.mesh.devices.size
+    flops = flops_lib.train_flops_per_step(cfg)
+    tokens = cfg.data.global_batch_size * cfg.data.seq_len
+    tflops = flops / step_s / n_dev / 1e12
+    row = {
+        "config": config_spec,
+        "params (M)": trainer.spec.num_params() / 1e6,
+        "devices": f"{n_dev}x {jax.devices()[0].device_kind}",
+        "dtype": cfg.model.dtype,
+        "tokens/step": tokens,
+        "compile+1st (s)": compile_s,
+        "step (s)": step_s,
+        "tokens/s": tokens / step_s,
+        "TFLOP/s/dev": tflops,
+        "peak TFLOP/s/dev": peak / 1e12,
+        "peak from": source,
+        "MFU": f"{100 * tflops * 1e12 / peak:.1f}%",
+    }
+    print_table([row], title=f"train throughput ({steps} steps after compile)")
+    return [row]
