@@ -58,6 +58,26 @@ def base_config() -> ConfigDict:
             remat="none",  # none | minimal | save_dots | full
             scan_layers=True,
             attention_impl="auto",
+            # State-space mixers (mamba, mamba2); ignored by attention-only patterns.
+            ssm=ConfigDict(
+                dict(
+                    state_dim=16,  # N: SSM state size per channel (mamba) / per head (mamba2)
+                    conv_width=4,  # causal depthwise conv kernel size
+                    expand=2,  # d_inner = expand * d_model
+                    dt_rank=0,  # mamba: rank of the dt projection; 0 = ceil(d_model / 16)
+                    head_dim=64,  # mamba2: channels per head (num_heads = d_inner / head_dim)
+                    num_groups=1,  # mamba2: B/C groups shared by heads
+                    chunk_size=64,  # chunked scan / SSD chunk length
+                    dt_min=0.001,
+                    dt_max=0.1,
+                    dt_init_floor=1e-4,
+                    dt_limit_min=0.0,  # mamba2: clamp of softplus(dt)
+                    dt_limit_max=float("inf"),
+                    conv_bias=True,
+                    bias=False,  # in/out projection biases
+                    impl="auto",  # auto | chunked | associative | sequential
+                )
+            ),
         )
     )
 

@@ -24,7 +24,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from tessera.configs.base import ConfigDict
-from tessera.data import check_vocab, get_tokenizer, make_pipeline
+from tessera.data import check_vocab, get_tokenizer, make_pipeline, unigram_entropy
 from tessera.models.create import ModelSpec
 from tessera.sharding import logical_sharding, make_mesh, make_rules, use_mesh
 from tessera.train import flops as flops_lib
@@ -325,9 +325,16 @@ class Trainer:
             ckpt.close()
             writer.close()
         if is_main and not stop.requested:
+            loss = last.get("loss", float("nan"))
+            note = ""
+            if cfg.data.source == "synthetic":
+                entropy = unigram_entropy(
+                    tokenizer=tokenizer, seed=cfg.data.seed, tasks=cfg.data.synthetic_tasks or None
+                )
+                note = f" (the corpus's unigram entropy is {entropy:.4f} nats/token)"
             progress.write(
-                f"tessera: finished {step} steps; loss {last.get('loss', float('nan')):.4f}"
-                f" (peak FLOP/s from {peak_source})"
+                f"tessera: finished {step} steps; loss {loss:.4f}{note}; MFU is against peak "
+                f"FLOP/s from {peak_source}"
             )
         return TrainResult(
             step=step,
