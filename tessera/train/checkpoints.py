@@ -7,13 +7,27 @@ an error naming the first tensor that differs, before anything is loaded.
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from absl import logging
 
 PyTree = Any
+
+
+@contextlib.contextmanager
+def _quiet_orbax() -> Iterator[None]:
+    """Orbax warns at every read-only open and partial restore; keep CLI output clean."""
+    old = logging.get_verbosity()
+    logging.set_verbosity(logging.ERROR)
+    try:
+        yield
+    finally:
+        logging.set_verbosity(old)
 
 
 class CheckpointError(RuntimeError):
@@ -28,15 +42,22 @@ class Checkpointer:
     """Save / restore ``{"state": train state, "data": iterator state}`` by step."""
 
     def __init__(
-        self, workdir: str, *, keep: int = 3, async_save: bool = True, create: bool = True
+        self, workdir: str, *, keep: int = 3, async_save: bool = True, read_only: bool = False
     ):
         self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+        if read_only and not os.path.isdir(self.directory):
+            raise CheckpointError(
+                f"no checkpoint found in {self.directory} (has {workdir} been trained?)"
+            )
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, enable_async_checkpointing=async_save, create=create
+            max_to_keep=keep, enable_async_checkpointing=async_save, read_only=read_only,
+            create=not read_only,
         )
-        handlers = {"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler()}
-        self.manager = ocp.CheckpointManager(self.directory, options=options,
-                                             item_handlers=handlers)
+        handlers = {"state": ocp.PyTreeCheckpointHandler(), "data": ocp.JsonCheckpointHandler()}
+        with _quiet_orbax():
+            self.manager = ocp.CheckpointManager(
+                self.directory, options=options, item_handlers=handlers
+            )
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -51,7 +72,7 @@ class Checkpointer:
         self.manager.save(
             step,
             args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state),
+                state=ocp.args.PyTreeSave(state),
                 data=ocp.args.JsonSave(data_state or {}),
             ),
         )
@@ -88,26 +109,51 @@ class Checkpointer:
                 f"{extra[0]} (was it written by another model config?)"
             )
 
+    def resolve_step(self, step: int | None) -> int:
+        """``step`` if it was saved, else the latest when ``step`` is None; errors name the dir."""
+        steps = sorted(self.all_steps())
+        if step is None:
+            if not steps:
+                raise CheckpointError(f"no checkpoint found in {self.directory}")
+            return steps[-1]
+        if step not in steps:
+            raise CheckpointError(
+                f"no checkpoint for step {step} in {self.directory} (have {steps})"
+            )
+        return step
+
     def restore(self, step: int | None, target: PyTree) -> tuple[int, PyTree, dict]:
         """Restore ``step`` (default latest) onto the shardings of ``target`` (abstract arrays)."""
-        steps = self.all_steps()
-        if step is None:
-            step = self.latest_step()
-            if step is None:
-                raise CheckpointError(f"no checkpoint found in {self.directory}")
-        elif step not in steps:
-            raise CheckpointError(
-                f"no checkpoint for step {step} in {self.directory} (have {sorted(steps)})"
-            )
+        step = self.resolve_step(step)
         self.check_compatible(step, target)
         out = self.manager.restore(
             step,
             args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(target),
+                state=ocp.args.PyTreeRestore(
+                    item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target)
+                ),
                 data=ocp.args.JsonRestore(),
             ),
         )
         return step, out["state"], dict(out["data"] or {})
+
+    def restore_params(self, step: int | None, target: PyTree) -> tuple[int, PyTree]:
+        """Only the parameters (no optimizer state is read) onto the shardings of ``target``."""
+        step = self.resolve_step(step)
+        self.check_compatible(step, {"params": target})
+        item = {"params": target}
+        with _quiet_orbax():
+            out = self.manager.restore(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.PyTreeRestore(
+                        item=item,
+                        restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+                        partial_restore=True,
+                    )
+                ),
+            )
+        return step, out["state"]["params"]
 
     def close(self) -> None:
         self.manager.wait_until_finished()

@@ -1,0 +1,134 @@
+"""Decode throughput of a config's model (random weights): prefill and decode tokens/s at batch 1
+and 16, and the time of one decode step with 256 vs 2048 tokens already in the cache.
+
+``python -m tessera.bench decode --config=llama:small [--config.model.dtype=float32 ...]``
+(or ``python -m tessera.bench.decode ...``). Compilation is ahead of time and not in the figures.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+from tessera.configs import load_config
+from tessera.models.create import ModelSpec
+from tessera.serve.engine import Decoder
+from tessera.serve.outputs import DecodeStats
+from tessera.serve.sampling import SamplingParams
+from tessera.sharding import make_mesh, make_rules
+
+COLUMNS = (  # name, width, format
+    ("case", 13, "s"),
+    ("batch", 5, "d"),
+    ("context", 7, "d"),
+    ("prefill_tok_s", 13, ".1f"),
+    ("decode_tok_s", 12, ".1f"),
+    ("ms_per_step", 11, ".2f"),
+)
+
+
+def _random_prompts(rng: np.random.Generator, batch: int, length: int, vocab: int) -> list:
+    return [[1, *rng.integers(3, vocab, length - 1).tolist()] for _ in range(batch)]
+
+
+def _row(case: str, batch: int, context: int, stats: DecodeStats) -> dict:
+    return {
+        "case": case,
+        "batch": batch,
+        "context": context,
+        "prefill_tok_s": stats.prefill_tokens / stats.prefill_s,
+        "decode_tok_s": stats.decode_tokens / stats.decode_s,
+        "ms_per_step": 1e3 * stats.decode_s / max(stats.decode_steps, 1),
+        "compile_s": stats.compile_s,
+        "cache_bytes_per_token": stats.cache.bytes_per_token,
+    }
+
+
+def format_table(rows: Sequence[dict]) -> str:
+    """The rows as a text table, one line each under a header."""
+    align = lambda name: "<" if name == "case" else ">"
+    lines = ["  ".join(f"{name:{align(name)}{width}}" for name, width, _ in COLUMNS)]
+    for row in rows:
+        lines.append(
+            "  ".join(f"{row[name]:{align(name)}{width}{fmt}}" for name, width, fmt in COLUMNS)
+        )
+    return "\n".join(lines)
+
+
+def run_decode_bench(
+    config_spec: str,
+    overrides: dict[str, Any] | None = None,
+    *,
+    prompt_len: int = 128,
+    new_tokens: int = 32,
+    batches: Sequence[int] = (1, 16),
+    contexts: Sequence[int] = (256, 2048),
+    context_steps: int = 16,
+    devices: Sequence[jax.Device] | None = None,
+) -> list[dict]:
+    """Print the decode table for ``config_spec`` (+ dotted ``overrides``) and return its rows.
+
+    Throughput rows: ``batch`` random prompts of ``prompt_len`` tokens, ``new_tokens`` each.
+    Context rows (batch 1): a prompt of ``context`` tokens, then ``context_steps`` decode steps;
+    ``ms_per_step`` is the per-token decode time at that context. ``model.max_seq_len`` is raised
+    if the longest context needs it (weights are random, positions are all that changes).
+    """
+    config = load_config(config_spec, overrides)
+    need = max([*contexts, prompt_len]) + max(new_tokens, context_steps + 1)
+    if config.model.max_seq_len < need:
+        print(f"decode bench: model.max_seq_len raised {config.model.max_seq_len} -> {need}")
+        config.model.max_seq_len = need
+    mesh = make_mesh(config.mesh, devices)
+    rules = make_rules(config.mesh.rules)
+    spec = ModelSpec(config.model)
+    decoder = Decoder(spec, spec.init(0, mesh, rules), mesh, rules)
+    print(
+        f"decode bench: {config_spec} ({spec.num_params() / 1e6:.1f}M params, "
+        f"{config.model.dtype}) on {mesh.devices.size} {jax.devices()[0].platform} device(s), "
+        f"mesh {dict((k, v) for k, v in mesh.shape.items() if v > 1) or '1 device'}",
+        flush=True,
+    )
+    rng = np.random.default_rng(0)
+    vocab = int(config.model.vocab_size)
+    greedy = SamplingParams()
+    rows = []
+
+    def case(name: str, batch: int, length: int, steps: int) -> None:
+        stats = DecodeStats()
+        prompts = _random_prompts(rng, batch, length, vocab)
+        decoder.generate(prompts, greedy, steps, stop_tokens=(), stats=stats)
+        rows.append(_row(name, batch, length, stats))
+
+    for batch in batches:
+        case(f"batch {batch}", batch, prompt_len, new_tokens)
+    for context in contexts:
+        case(f"context {context}", 1, context, context_steps + 1)
+    print(format_table(rows), flush=True)
+    return rows
+
+
+def main(argv: Sequence[str]) -> None:
+    """``--config=NAME[:ARG]`` plus ``--config.a.b=value`` overrides."""
+    spec, overrides = "llama:small", {}
+    for arg in argv:
+        if arg.startswith("--config."):
+            key, _, value = arg[len("--config.") :].partition("=")
+            overrides[key] = value
+        elif arg.startswith("--config="):
+            spec = arg[len("--config=") :]
+        else:
+            raise ValueError(f"decode bench: unexpected argument {arg!r}")
+    run_decode_bench(spec, overrides)
+
+
+if __name__ == "__main__":
+    from tessera.cli import USER_ERRORS, fail
+
+    try:
+        main(sys.argv[1:])
+    except USER_ERRORS as e:
+        fail(str(e))

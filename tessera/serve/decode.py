@@ -1,0 +1,282 @@
+"""``python -m tessera.serve.decode --config=llama:tiny --workdir=DIR`` plus one of:
+
+  --prompt="417+38="        stream one completion to stdout
+  --prompts_file=F.jsonl    one {"prompt": ...} (or a plain text line) per line; batches of
+                            --batch_size, a progress bar, rows {"prompt", "completion", "tokens",
+                            "finish_reason"} to --output (default stdout)
+  --eval_synthetic=N        greedy-decode N held-out prompts of the embedded synthetic corpus and
+                            print the accuracy that ``tessera.data.synthetic.check`` measures
+
+Loads the latest checkpoint of the workdir (or ``--step``) onto the mesh of ``config.mesh``.
+Sampling defaults come from ``config.decode``; the flags override them. Prefill / decode tokens/s
+and the cache's bytes/token are printed to stderr at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Sequence
+from typing import TextIO
+
+from absl import flags
+from ml_collections import config_flags
+
+from tessera.cli import fail, run_main
+from tessera.configs.base import ConfigDict
+from tessera.data.synthetic import SyntheticSource, check, split_prompt
+from tessera.serve.engine import Decoder
+from tessera.serve.outputs import Completion, DecodeStats
+from tessera.serve.sampling import SamplingParams
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config",
+    None,
+    "Config: a packaged name (llama:tiny) or path/to/file.py[:arg].",
+    lock_config=True,
+)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir holding checkpoints/.")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step to load (default: the latest).")
+_PROMPT = flags.DEFINE_string("prompt", None, "One prompt; its completion is streamed.")
+_PROMPTS_FILE = flags.DEFINE_string(
+    "prompts_file", None, 'File of prompts: {"prompt": ...} JSON or plain text, one per line.'
+)
+_OUTPUT = flags.DEFINE_string("output", None, "JSONL file for --prompts_file results.")
+_EVAL = flags.DEFINE_integer(
+    "eval_synthetic", None, "Decode N held-out synthetic prompts and print the accuracy."
+)
+_BATCH = flags.DEFINE_integer("batch_size", 16, "Prompts per batch for files and evals.")
+_MAX_NEW = flags.DEFINE_integer("max_new_tokens", None, "Default: config.decode.max_new_tokens.")
+_TEMPERATURE = flags.DEFINE_float("temperature", None, "0 is greedy. Default: config.decode.")
+_TOP_K = flags.DEFINE_integer("top_k", None, "0 keeps all tokens. Default: config.decode.")
+_TOP_P = flags.DEFINE_float("top_p", None, "In (0, 1]. Default: config.decode.")
+_MIN_P = flags.DEFINE_float("min_p", None, "In [0, 1). Default: config.decode.")
+_SEED = flags.DEFINE_integer("seed", None, "Sampling seed. Default: config.decode.seed.")
+_STOP = flags.DEFINE_multi_string(
+    "stop", [], "Stop string (repeatable; backslash escapes such as \\n are understood)."
+)
+
+EXAMPLES_SHOWN = 5
+
+
+def read_prompts(path: str) -> list[str]:
+    """Prompts of a file: a JSON object with a "prompt" per line, or plain text lines.
+
+    Blank lines are skipped; an object without a string "prompt" is an error naming its line.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"prompts file {path} does not exist")
+    prompts = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            line = line.rstrip("\r\n")
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                row = None
+            if isinstance(row, dict):
+                if not isinstance(row.get("prompt"), str):
+                    raise ValueError(f"{path}:{number}: JSON row has no string 'prompt' field")
+                prompts.append(row["prompt"])
+            else:
+                prompts.append(line)
+    if not prompts:
+        raise ValueError(f"prompts file {path} has no prompts")
+    return prompts
+
+
+def unescape(text: str) -> str:
+    """Backslash escapes (``\\n``, ``\\t``, ``\\u00e9``) of a command-line string; other text
+    is kept as it is."""
+    return text.encode("latin-1", "backslashreplace").decode("unicode_escape")
+
+
+def sampling_from_flags(decode_cfg: ConfigDict) -> SamplingParams:
+    """config.decode with the sampling flags that were given (validated)."""
+    return SamplingParams.from_config(
+        decode_cfg,
+        temperature=_TEMPERATURE.value,
+        top_k=_TOP_K.value,
+        top_p=_TOP_P.value,
+        min_p=_MIN_P.value,
+        seed=_SEED.value,
+    )
+
+
+def stream_one(
+    decoder: Decoder,
+    prompt: str,
+    sampling: SamplingParams,
+    max_new_tokens: int,
+    *,
+    stop: Sequence[str] = (),
+    stats: DecodeStats | None = None,
+    out: TextIO = sys.stdout,
+) -> Completion:
+    """Print ``prompt`` and then its completion as the tokens arrive."""
+    decoder.check_lengths(decoder.encode([prompt]), max_new_tokens)
+    out.write(prompt)
+    out.flush()
+    printed = ""
+
+    def on_update(_: int, partial: Completion) -> None:
+        nonlocal printed
+        if partial.text.startswith(printed) and len(partial.text) > len(printed):
+            out.write(partial.text[len(printed) :])
+            out.flush()
+            printed = partial.text
+
+    (completion,) = decoder.generate(
+        [prompt], sampling, max_new_tokens, stop=stop, on_update=on_update, stats=stats
+    )
+    out.write(completion.text[len(printed) :] + "\n")
+    out.flush()
+    return completion
+
+
+def decode_many(
+    decoder: Decoder,
+    prompts: Sequence[str],
+    sampling: SamplingParams,
+    max_new_tokens: int,
+    *,
+    batch_size: int,
+    stop: Sequence[str] = (),
+    stats: DecodeStats | None = None,
+    progress: bool = True,
+) -> list[Completion]:
+    """Complete ``prompts`` in batches of ``batch_size`` with a progress bar (on a terminal).
+
+    Every prompt is checked before the first batch runs, so bad input fails fast.
+    """
+    from tqdm import tqdm
+
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    decoder.check_lengths(decoder.encode(prompts), max_new_tokens)
+    results: list[Completion] = []
+    with tqdm(
+        total=len(prompts), unit="prompt", disable=None if progress else True, file=sys.stderr
+    ) as bar:
+        for start in range(0, len(prompts), batch_size):
+            batch = prompts[start : start + batch_size]
+            results += decoder.generate(
+                batch, sampling, max_new_tokens, stop=stop, first_row=start, stats=stats,
+                batch_size=batch_size,
+            )
+            bar.update(len(batch))
+    return results
+
+
+def eval_synthetic(
+    decoder: Decoder,
+    config: ConfigDict,
+    num: int,
+    sampling: SamplingParams,
+    max_new_tokens: int,
+    *,
+    batch_size: int = 16,
+    stats: DecodeStats | None = None,
+    out: TextIO = sys.stdout,
+) -> tuple[int, int]:
+    """Decode ``num`` held-out prompts of the synthetic eval split; print examples and accuracy.
+
+    Returns (correct, num).
+    """
+    source = SyntheticSource(
+        seed=config.data.seed, split="eval", tasks=config.data.synthetic_tasks
+    )
+    if not 0 < num <= len(source):
+        raise ValueError(f"eval_synthetic must be in [1, {len(source)}], got {num}")
+    examples = [split_prompt(source[i]) for i in range(num)]
+    prompts = [p for p, _ in examples]
+    completions = decode_many(
+        decoder, prompts, sampling, max_new_tokens, batch_size=batch_size, stats=stats
+    )
+    correct = 0
+    for i, ((prompt, answer), completion) in enumerate(zip(examples, completions)):
+        ok = check(prompt, completion.text)
+        correct += ok
+        if i < EXAMPLES_SHOWN:
+            verdict = "ok" if ok else f"wrong (want {answer})"
+            shown = repr(completion.text)[1:-1]
+            out.write(f"  {prompt}{shown}  [{verdict}]\n")
+    out.write(f"synthetic eval: {correct}/{num} correct ({100 * correct / num:.1f}%)\n")
+    out.flush()
+    return correct, num
+
+
+def _write_rows(completions: Sequence[Completion], out: TextIO) -> None:
+    for c in completions:
+        row = {
+            "prompt": c.prompt,
+            "completion": c.text,
+            "tokens": c.tokens,
+            "finish_reason": c.finish_reason,
+        }
+        out.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        fail(f"unexpected arguments: {' '.join(argv[1:])}")
+    config = _CONFIG.value
+    if config is None:
+        fail("--config is required (e.g. --config=llama:tiny)")
+    if not _WORKDIR.value:
+        fail("--workdir is required")
+    modes = [
+        name
+        for name, value in (
+            ("--prompt", _PROMPT.value),
+            ("--prompts_file", _PROMPTS_FILE.value),
+            ("--eval_synthetic", _EVAL.value),
+        )
+        if value is not None
+    ]
+    if len(modes) != 1:
+        fail("give exactly one of --prompt, --prompts_file, --eval_synthetic")
+    if _PROMPT.value is not None and not _PROMPT.value:
+        raise ValueError("prompt 0 is empty")
+    sampling = sampling_from_flags(config.decode)
+    max_new = _MAX_NEW.value if _MAX_NEW.value is not None else int(config.decode.max_new_tokens)
+    stop = [unescape(s) for s in _STOP.value]
+    prompts = read_prompts(_PROMPTS_FILE.value) if _PROMPTS_FILE.value else None
+
+    import jax
+
+    from tessera.serve.loading import load_decoder
+
+    decoder, step = load_decoder(config, _WORKDIR.value, step=_STEP.value)
+    log = lambda text: print(f"tessera: {text}", file=sys.stderr, flush=True)
+    log(
+        f"decoding with step {step} of {_WORKDIR.value} ({config.model.family}, "
+        f"{decoder.spec.num_params() / 1e6:.2f}M params) on {decoder.mesh.devices.size} "
+        f"{jax.devices()[0].platform} devices, mesh {dict(decoder.mesh.shape)}"
+    )
+    stats = DecodeStats()
+    if _PROMPT.value is not None:
+        stream_one(decoder, _PROMPT.value, sampling, max_new, stop=stop, stats=stats)
+    elif prompts is not None:
+        completions = decode_many(
+            decoder, prompts, sampling, max_new, batch_size=_BATCH.value, stop=stop, stats=stats
+        )
+        if _OUTPUT.value:
+            with open(_OUTPUT.value, "w", encoding="utf-8") as f:
+                _write_rows(completions, f)
+            log(f"wrote {len(completions)} completions to {_OUTPUT.value}")
+        else:
+            _write_rows(completions, sys.stdout)
+    else:
+        eval_synthetic(
+            decoder, config, _EVAL.value, sampling, max_new, batch_size=_BATCH.value, stats=stats
+        )
+    for line in stats.lines():
+        log(line)
+
+
+if __name__ == "__main__":
+    run_main(main)

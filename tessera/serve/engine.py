@@ -1,0 +1,428 @@
+"""The decode engine: bucketed prefill into the model's cache, then a jitted step loop.
+
+One engine serves every family through the model call and its cache (DESIGN.md, Caches):
+``model(tokens, positions=, segment_ids=, cache=) -> ModelOutput`` with a cache from
+``model.init_cache(batch, max_len, dtype)``. The engine never looks inside ``cache["layers"]``.
+
+A request of B prompts runs as:
+
+* **prefill**: prompts right-padded to a length bucket T (powers of two), padding marked by
+  ``segment_ids`` 0 so it is never written to the cache; long buckets run as a ``scan`` over
+  chunks of ``prefill_chunk`` tokens. The first new token of row b is sampled from the logits at
+  ``len_b - 1``.
+* **decode**: a ``while_loop`` of up to ``decode_chunk`` one-token steps per call, each row at its
+  own position, rows that finished (stop token, token budget) fed as padding. Between calls the
+  host streams the new tokens and checks stop strings.
+
+Batches are padded to a power of two with empty rows and the cache length is derived from the
+buckets, so each (batch, bucket) shape compiles once; executables are compiled ahead of time,
+which keeps compile time out of the tokens/s figures.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from tessera.data.tokenizers import ByteTokenizer, Tokenizer
+from tessera.models.create import ModelSpec
+from tessera.serve.outputs import CacheInfo, Completion, DecodeStats, HostRow
+from tessera.serve.sampling import SamplingParams, sample
+from tessera.sharding import MESH_AXES, logical_sharding, make_rules, use_mesh
+
+PyTree = Any
+Prompt = str | Sequence[int]
+
+# The cache holds the prompt bucket plus the token budget rounded up to this many slots.
+CACHE_MULTIPLE = 64
+
+
+def length_bucket(n: int, minimum: int = 16) -> int:
+    """The padded length for a prompt of ``n`` tokens: the next power of two >= max(n, minimum)."""
+    return 1 << (max(n, minimum, 1) - 1).bit_length()
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def _is_names(x: Any) -> bool:
+    return isinstance(x, tuple) and all(isinstance(n, str | None) for n in x)
+
+
+def single_device_mesh(device: jax.Device | None = None) -> Mesh:
+    """A mesh of one device with the standard axis names."""
+    device = device or jax.devices()[0]
+    return Mesh(np.asarray([device]).reshape((1,) * len(MESH_AXES)), MESH_AXES)
+
+
+class Decoder:
+    """A model's parameters on a mesh plus compiled prefill / decode executables.
+
+    ``spec.merge(params)`` gives the model inside jitted code; ``params`` are moved onto the
+    shardings ``spec`` derives from ``mesh`` and ``rules``. Keep one Decoder for repeated calls:
+    it caches an executable per (batch, length bucket, cache length, sampling) shape.
+    """
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        params: PyTree,
+        mesh: Mesh | None = None,
+        rules: str | Mapping[str, tuple[str, ...]] = "",
+        *,
+        tokenizer: Tokenizer | None = None,
+        cache_dtype: Any = None,
+        prefill_chunk: int = 512,
+        decode_chunk: int = 16,
+        min_bucket: int = 16,
+    ):
+        if prefill_chunk < 1 or decode_chunk < 1:
+            raise ValueError(
+                f"prefill_chunk ({prefill_chunk}) and decode_chunk ({decode_chunk}) must be >= 1"
+            )
+        self.spec = spec
+        self.mesh = mesh if mesh is not None else single_device_mesh()
+        self.rules = make_rules(rules)
+        self.tokenizer = tokenizer or ByteTokenizer()
+        self.cache_dtype = jnp.dtype(cache_dtype or spec.cfg.dtype)
+        self.prefill_chunk, self.decode_chunk, self.min_bucket = (
+            prefill_chunk, decode_chunk, min_bucket,
+        )
+        self.max_seq_len = int(spec.cfg.max_seq_len)
+        self.vocab_size = int(spec.cfg.vocab_size)
+        self.param_shardings = spec.shardings(self.mesh, self.rules)
+        self.params = jax.device_put(params, self.param_shardings)
+        self._model = spec.merge(spec.shapes)  # abstract: init_cache / cache_axes only
+        self._executables: dict[tuple, Any] = {}
+        self.compile_s = 0.0
+
+    @classmethod
+    def from_module(cls, model: nnx.Module, mesh: Mesh | None = None, **kwargs: Any) -> Decoder:
+        """A Decoder for a live NNX model (built from a config, it keeps it as ``model.cfg``)."""
+        spec = ModelSpec(model.cfg)
+        return cls(spec, nnx.to_pure_dict(nnx.state(model)), mesh, **kwargs)
+
+    @property
+    def executables(self) -> list[tuple]:
+        """Keys of the compiled executables: ("prefill" | "decode", shapes..., sampling...)."""
+        return list(self._executables)
+
+    # -- input checks ----------------------------------------------------------------------
+    def encode(self, prompts: Sequence[Prompt]) -> list[list[int]]:
+        """Text prompts -> ``[bos] + tokenizer.encode(text)``; token-id prompts are taken as
+        they are. Empty prompts, text the tokenizer cannot encode and ids outside the model's
+        vocabulary are errors naming the prompt."""
+        if isinstance(prompts, str):
+            raise ValueError("prompts must be a list of prompts, not one string")
+        out = []
+        for i, prompt in enumerate(prompts):
+            if isinstance(prompt, str):
+                if not prompt:
+                    raise ValueError(f"prompt {i} is empty")
+                try:
+                    ids = [self.tokenizer.bos_id, *self.tokenizer.encode(prompt)]
+                except Exception as e:
+                    raise ValueError(
+                        f"prompt {i}: the tokenizer cannot encode {prompt[:40]!r}: {e}"
+                    ) from e
+            else:
+                ids = [int(t) for t in prompt]
+                if not ids:
+                    raise ValueError(f"prompt {i} is empty")
+            bad = [t for t in ids if not 0 <= t < self.vocab_size]
+            if bad:
+                raise ValueError(
+                    f"prompt {i}: token id {bad[0]} is outside the model's vocabulary "
+                    f"[0, {self.vocab_size})"
+                )
+            out.append(ids)
+        if not out:
+            raise ValueError("no prompts given")
+        return out
+
+    def check_lengths(self, ids: Sequence[Sequence[int]], max_new_tokens: int) -> None:
+        """Every prompt plus ``max_new_tokens`` must fit in ``model.max_seq_len`` positions."""
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        for i, p in enumerate(ids):
+            if len(p) >= self.max_seq_len:
+                raise ValueError(
+                    f"prompt {i} has {len(p)} tokens, longer than the context "
+                    f"(model.max_seq_len={self.max_seq_len}, which must also fit new tokens)"
+                )
+            if len(p) + max_new_tokens > self.max_seq_len:
+                raise ValueError(
+                    f"prompt {i} has {len(p)} tokens; with max_new_tokens={max_new_tokens} it "
+                    f"needs {len(p) + max_new_tokens} positions, more than "
+                    f"model.max_seq_len={self.max_seq_len}"
+                )
+
+    # -- shapes, shardings, compiled functions ---------------------------------------------
+    def _abstract_cache(self, batch: int, max_len: int) -> PyTree:
+        return jax.eval_shape(lambda: self._model.init_cache(batch, max_len, self.cache_dtype))
+
+    def cache_info(self, batch: int, max_len: int) -> CacheInfo:
+        """Bytes of the cache ``init_cache(batch, max_len)`` (bytes/token = bytes / (B * S))."""
+        cache = self._abstract_cache(batch, max_len)
+        total = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(cache))
+        mixers = sorted({entry.partition(":")[0] for entry in self.spec.cfg.pattern})
+        kinds = f"{'+'.join(mixers)}, {self.spec.cfg.num_layers} layers"
+        return CacheInfo(batch, int(cache["positions"].shape[1]), int(total), kinds)
+
+    def _abstract_state(self, batch: int, max_len: int) -> dict:
+        row = lambda dtype: jax.ShapeDtypeStruct((batch,), dtype)
+        return {
+            "cache": self._abstract_cache(batch, max_len),
+            **{k: row(jnp.int32) for k in ("token", "pos", "count", "budget", "row")},
+            "done": row(jnp.bool_),
+        }
+
+    def _shardings(self, batch: int, length: int, max_len: int) -> dict[str, Any]:
+        with use_mesh(self.mesh, self.rules):
+            cache = jax.tree.map(
+                lambda names, a: logical_sharding(names, a.shape),
+                self._model.cache_axes(),
+                self._abstract_cache(batch, max_len),
+                is_leaf=_is_names,
+            )
+            row = logical_sharding(("batch",), (batch,))
+            return {
+                "tokens": logical_sharding(("batch", "length"), (batch, length)),
+                "row": row,
+                "out": logical_sharding(("batch", None), (batch, self.decode_chunk)),
+                "state": {
+                    "cache": cache,
+                    **{k: row for k in ("token", "pos", "count", "budget", "done", "row")},
+                },
+                "replicated": NamedSharding(self.mesh, PartitionSpec()),
+            }
+
+    def _compile(self, key: tuple, fn: Callable, in_sh: tuple, out_sh: Any, args: tuple,
+                 donate: tuple[int, ...] = ()) -> Any:
+        if key not in self._executables:
+            t0 = time.perf_counter()
+            jitted = jax.jit(fn, in_shardings=in_sh, out_shardings=out_sh, donate_argnums=donate)
+            abstract = jax.tree.map(
+                lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), args, in_sh
+            )
+            self._executables[key] = jitted.lower(*abstract).compile()
+            self.compile_s += time.perf_counter() - t0
+        return self._executables[key]
+
+    def _prefill(
+        self, processing: tuple, stop_tokens: tuple[int, ...], max_len: int, chunk: int,
+        params: PyTree, tokens: jax.Array, lengths: jax.Array, rows: jax.Array,
+        budget: jax.Array, key: jax.Array,
+    ) -> dict:
+        """tokens [B, T] right-padded, lengths [B] -> decode state with the first new token."""
+        with use_mesh(self.mesh, self.rules):
+            b, t = tokens.shape
+            cache = self.spec.merge(params).init_cache(b, max_len, self.cache_dtype)
+            chunks = tokens.reshape(b, t // chunk, chunk).transpose(1, 0, 2)
+            starts = jnp.arange(t // chunk, dtype=jnp.int32) * chunk
+
+            def body(carry, xs):
+                cache, last = carry
+                toks, start = xs
+                pos = jnp.broadcast_to(start + jnp.arange(chunk, dtype=jnp.int32), (b, chunk))
+                seg = (pos < lengths[:, None]).astype(jnp.int32)
+                out = self.spec.merge(params)(toks, positions=pos, segment_ids=seg, cache=cache)
+                idx = lengths - 1 - start
+                hit = (idx >= 0) & (idx < chunk)
+                at = jnp.clip(idx, 0, chunk - 1)[:, None, None]
+                picked = jnp.take_along_axis(out.logits, at, axis=1)[:, 0].astype(jnp.float32)
+                return (out.cache, jnp.where(hit[:, None], picked, last)), None
+
+            last = jnp.zeros((b, self.vocab_size), jnp.float32)
+            (cache, last), _ = jax.lax.scan(body, (cache, last), (chunks, starts))
+            first = sample(last, processing, key, rows, lengths)
+            count = jnp.ones_like(lengths)
+            done = jnp.isin(first, jnp.asarray(stop_tokens, jnp.int32)) | (count >= budget)
+            return {
+                "cache": cache, "token": first, "pos": lengths, "count": count,
+                "budget": budget, "done": done, "row": rows,
+            }
+
+    def _decode(
+        self, processing: tuple, stop_tokens: tuple[int, ...], params: PyTree, state: dict,
+        force_done: jax.Array, key: jax.Array,
+    ) -> tuple[dict, jax.Array, jax.Array]:
+        """Up to ``decode_chunk`` steps; returns the state, new tokens [B, N] (-1: none) and the
+        number of steps run (stops early once every row is done)."""
+        with use_mesh(self.mesh, self.rules):
+            b, n = state["token"].shape[0], self.decode_chunk
+            stops = jnp.asarray(stop_tokens, jnp.int32)
+            state = {**state, "done": state["done"] | force_done}
+
+            def cond(carry):
+                i, st, _ = carry
+                return (i < n) & ~jnp.all(st["done"])
+
+            def body(carry):
+                i, st, out = carry
+                active = ~st["done"]
+                model = self.spec.merge(params)
+                o = model(
+                    st["token"][:, None],
+                    positions=st["pos"][:, None],
+                    segment_ids=active[:, None].astype(jnp.int32),  # done rows are not written
+                    cache=st["cache"],
+                )
+                pos = st["pos"] + 1
+                nxt = sample(o.logits[:, 0], processing, key, st["row"], pos)
+                nxt = jnp.where(active, nxt, -1)
+                count = st["count"] + active
+                stopped = jnp.isin(nxt, stops) | (count >= st["budget"])
+                st = {
+                    **st,
+                    "cache": o.cache,
+                    "token": jnp.where(active, nxt, st["token"]),
+                    "pos": jnp.where(active, pos, st["pos"]),
+                    "count": count,
+                    "done": st["done"] | (active & stopped),
+                }
+                return i + 1, st, out.at[:, i].set(nxt)
+
+            out = jnp.full((b, n), -1, jnp.int32)
+            steps, state, out = jax.lax.while_loop(cond, body, (jnp.int32(0), state, out))
+            return state, out, steps
+
+    # -- generation ------------------------------------------------------------------------
+    def generate(
+        self,
+        prompts: Sequence[Prompt],
+        sampling: SamplingParams | None = None,
+        max_new_tokens: int = 32,
+        *,
+        stop: Sequence[str] = (),
+        stop_tokens: Sequence[int] | None = None,
+        first_row: int = 0,
+        batch_size: int | None = None,
+        on_update: Callable[[int, Completion], None] | None = None,
+        stats: DecodeStats | None = None,
+    ) -> list[Completion]:
+        """Complete every prompt (text, or token ids taken as they are) in one batch.
+
+        Rows stop at a stop token (default the tokenizer's EOS; ``()`` for none), a stop string
+        (checked on the host after each decode chunk) or after ``max_new_tokens``. ``first_row``
+        is prompts[0]'s index in a larger request: it seeds each row's sampling, so results do not
+        depend on how a request is split into batches. The batch is padded with empty rows to
+        the next power of two of ``max(len(prompts), batch_size)``, so a last, short batch of a
+        file reuses the executables of the full ones. ``on_update(i, partial_completion)`` is
+        called as tokens arrive (streaming); ``stats`` accumulates counts and timings.
+        """
+        sampling = sampling or SamplingParams()
+        ids = self.encode(prompts)
+        self.check_lengths(ids, max_new_tokens)
+        stop = tuple(stop)
+        if any(not s for s in stop):
+            raise ValueError("stop strings must be non-empty")
+        stop_tokens = tuple(
+            int(t) for t in ((self.tokenizer.eos_id,) if stop_tokens is None else stop_tokens)
+        )
+        texts = [p if isinstance(p, str) else None for p in prompts]
+        rows = [
+            HostRow(t, p, self.tokenizer, stop, stop_tokens, max_new_tokens)
+            for t, p in zip(texts, ids)
+        ]
+        n = len(ids)
+        batch = 1 << (max(n, batch_size or 1) - 1).bit_length()
+        length = length_bucket(max(map(len, ids)), self.min_bucket)
+        chunk = min(length, self.prefill_chunk)
+        length = _round_up(length, chunk)
+        max_len = min(self.max_seq_len, length + _round_up(max_new_tokens, CACHE_MULTIPLE))
+
+        tokens = np.full((batch, length), self.tokenizer.pad_id, np.int32)
+        lengths = np.ones((batch,), np.int32)  # padding rows: one pad token, budget 0
+        for i, p in enumerate(ids):
+            tokens[i, : len(p)] = p
+            lengths[i] = len(p)
+        budget = np.zeros((batch,), np.int32)
+        budget[:n] = max_new_tokens
+        row_ids = np.arange(first_row, first_row + batch, dtype=np.int32)
+        key = np.asarray(jax.random.key_data(jax.random.key(sampling.seed)))
+
+        sh = self._shardings(batch, length, max_len)
+        proc = sampling.processing()
+        compile_before = self.compile_s
+        prefill = self._compile(
+            ("prefill", batch, length, max_len, chunk, proc, stop_tokens),
+            functools.partial(self._prefill, proc, stop_tokens, max_len, chunk),
+            (self.param_shardings, sh["tokens"], sh["row"], sh["row"], sh["row"],
+             sh["replicated"]),
+            sh["state"],
+            (self.spec.shapes, tokens, lengths, row_ids, budget, key),
+        )
+        decode = self._compile(
+            ("decode", batch, max_len, self.decode_chunk, proc, stop_tokens),
+            functools.partial(self._decode, proc, stop_tokens),
+            (self.param_shardings, sh["state"], sh["row"], sh["replicated"]),
+            (sh["state"], sh["out"], sh["replicated"]),
+            (self.spec.shapes, self._abstract_state(batch, max_len), budget.astype(bool), key),
+            donate=(1,),
+        )
+        put = lambda x, s: jax.device_put(x, s)
+        key_dev = put(key, sh["replicated"])
+
+        t0 = time.perf_counter()
+        state = prefill(
+            self.params, put(tokens, sh["tokens"]), put(lengths, sh["row"]),
+            put(row_ids, sh["row"]), put(budget, sh["row"]), key_dev,
+        )
+        first = np.asarray(state["token"])
+        t1 = time.perf_counter()
+
+        def take(new_tokens: np.ndarray) -> None:
+            for i, row in enumerate(rows):
+                if row.feed([int(t) for t in new_tokens[i] if t >= 0]) and on_update:
+                    on_update(i, row.completion())
+
+        take(first[:, None])
+        decode_tokens = decode_steps = 0
+        device_done = np.asarray(state["done"])
+        while not all(device_done[i] or row.finish for i, row in enumerate(rows)):
+            force = np.zeros((batch,), bool)
+            force[:n] = [row.finish is not None for row in rows]
+            state, out, steps = decode(self.params, state, put(force, sh["row"]), key_dev)
+            out, device_done = np.asarray(out), np.asarray(state["done"])
+            decode_steps += int(steps)
+            decode_tokens += int((out[:n] >= 0).sum())
+            take(out)
+        t2 = time.perf_counter()
+
+        if stats is not None:
+            stats.prompts += n
+            stats.prefill_tokens += int(sum(map(len, ids)))
+            stats.prefill_s += t1 - t0
+            stats.decode_tokens += decode_tokens
+            stats.decode_steps += decode_steps
+            stats.decode_s += t2 - t1
+            stats.compile_s += self.compile_s - compile_before
+            stats.cache = self.cache_info(batch, max_len)
+        return [row.completion() for row in rows]
+
+
+def generate(
+    model: Decoder | nnx.Module,
+    prompts: Sequence[Prompt],
+    sampling: SamplingParams | None = None,
+    max_new_tokens: int = 32,
+    **kwargs: Any,
+) -> list[Completion]:
+    """Complete ``prompts`` with ``model`` (a Decoder, or an NNX LM on one device).
+
+    Keyword arguments go to ``Decoder.generate`` (stop, stop_tokens, on_update, stats, ...).
+    Wrapping an NNX module compiles afresh on every call: keep a ``Decoder`` to reuse.
+    """
+    decoder = model if isinstance(model, Decoder) else Decoder.from_module(model)
+    return decoder.generate(prompts, sampling, max_new_tokens, **kwargs)
+

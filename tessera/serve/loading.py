@@ -1,0 +1,61 @@
+"""Load a trained model for decoding: the parameters of a workdir's checkpoint, on a mesh.
+
+The trainer saves ``{"params", "opt_state", "step"}`` under ``WORKDIR/checkpoints/<step>/state``
+(see ``tessera.train.checkpoints``). Decoding restores only ``params`` (no optimizer state is
+read into memory), each array straight onto the configured mesh's shardings, after checking that
+the stored tensors fit the model.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+
+from tessera.configs.base import ConfigDict
+from tessera.data import get_tokenizer
+from tessera.models.create import ModelSpec
+from tessera.serve.engine import Decoder
+from tessera.sharding import make_mesh, make_rules
+from tessera.train.checkpoints import Checkpointer
+
+PyTree = Any
+
+
+def restore_params(
+    spec: ModelSpec, workdir: str, shardings: PyTree, step: int | None = None
+) -> tuple[int, PyTree]:
+    """(step, params) from ``workdir``'s checkpoint ``step`` (default: the latest), each array
+    placed with ``shardings`` (a tree like ``spec.shapes``)."""
+    if not os.path.isdir(workdir):
+        raise FileNotFoundError(f"workdir {workdir} does not exist")
+    ckpt = Checkpointer(workdir, read_only=True)
+    try:
+        target = jax.tree.map(
+            lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), spec.shapes,
+            shardings,
+        )
+        return ckpt.restore_params(step, target)
+    finally:
+        ckpt.close()
+
+
+def load_decoder(
+    config: ConfigDict,
+    workdir: str,
+    *,
+    step: int | None = None,
+    devices: Sequence[jax.Device] | None = None,
+    **decoder_kwargs: Any,
+) -> tuple[Decoder, int]:
+    """A Decoder for ``config`` with the parameters of ``workdir``'s checkpoint (latest, or
+    ``step``) on the mesh of ``config.mesh``; returns it and the step restored."""
+    mesh = make_mesh(config.mesh, devices)
+    rules = make_rules(config.mesh.rules)
+    spec = ModelSpec(config.model)
+    tokenizer = get_tokenizer(config.data.tokenizer)
+    step, params = restore_params(spec, workdir, spec.shardings(mesh, rules), step)
+    decoder = Decoder(spec, params, mesh, rules, tokenizer=tokenizer, **decoder_kwargs)
+    return decoder, step
