@@ -1,0 +1,77 @@
+"""Mamba-1 selective scan behind one dispatch: `selective_scan(x, dt, A, B, C, D, impl="auto")`.
+
+impls (all in `reference`, plain jnp):
+  sequential   lax.scan over time; the oracle and the decode step.
+  associative  one jax.lax.associative_scan over T; memory [B, T, Di, N].
+  chunked      associative scan within chunks, lax.scan across them, rematerialised chunk body;
+               memory O(chunk) per step. The training and prefill path.
+  pallas_tpu, pallas_gpu  not written yet; naming one raises NotImplementedError.
+  auto         chunked. Never picks Pallas yet.
+"""
+
+from __future__ import annotations
+
+import jax
+
+from tessera.kernels.selective_scan import reference
+
+IMPLS = ("auto", "chunked", "associative", "sequential", "pallas_tpu", "pallas_gpu")
+
+__all__ = ["IMPLS", "selective_scan"]
+
+
+def _check_shapes(x, dt, A, B, C, D, h0, reset) -> None:
+    if x.ndim != 3:
+        raise ValueError(f"selective_scan: x must be [B, T, Di], got shape {x.shape}")
+    b, t, di = x.shape
+    if t == 0:
+        raise ValueError("selective_scan: x has no time steps (T = 0)")
+    if A.ndim != 2 or A.shape[0] != di:
+        raise ValueError(f"selective_scan: A must be [Di={di}, N], got shape {A.shape}")
+    n = A.shape[1]
+    want = {
+        "dt": (dt, (b, t, di)),
+        "B": (B, (b, t, n)),
+        "C": (C, (b, t, n)),
+        "D": (D, (di,)),
+        "h0": (h0, (b, di, n)),
+        "reset": (reset, (b, t)),
+    }
+    for name, (a, shape) in want.items():
+        if a is not None and tuple(a.shape) != shape:
+            raise ValueError(f"selective_scan: {name} must have shape {shape}, got {a.shape}")
+
+
+def selective_scan(
+    x: jax.Array,
+    dt: jax.Array,
+    A: jax.Array,
+    B: jax.Array,
+    C: jax.Array,
+    D: jax.Array,
+    *,
+    h0: jax.Array | None = None,
+    reset: jax.Array | None = None,
+    impl: str = "auto",
+    chunk_size: int = 64,
+) -> tuple[jax.Array, jax.Array]:
+    """``h_t = exp(dt_t A) h_{t-1} + dt_t B_t x_t``, ``y_t = C_t . h_t + D x_t`` in float32.
+
+    x, dt [B, T, Di]; A [Di, N]; B, C [B, T, N]; D [Di]; h0 [B, Di, N] (default zeros); reset
+    bool [B, T] zeroes the state before a token. Returns y [B, T, Di] (x's dtype) and the final
+    state [B, Di, N] float32. ``chunk_size`` only applies to the chunked form.
+    """
+    if impl not in IMPLS:
+        raise ValueError(f"unknown selective_scan impl {impl!r}; valid: {', '.join(IMPLS)}")
+    if impl in ("pallas_tpu", "pallas_gpu"):
+        raise NotImplementedError(
+            f"selective_scan impl {impl!r} is not available yet (no Pallas kernel has been "
+            "written); use 'chunked', 'associative', 'sequential' or 'auto'"
+        )
+    _check_shapes(x, dt, A, B, C, D, h0, reset)
+    kw = dict(h0=h0, reset=reset)
+    if impl == "sequential":
+        return reference.sequential(x, dt, A, B, C, D, **kw)
+    if impl == "associative":
+        return reference.associative(x, dt, A, B, C, D, **kw)
+    return reference.chunked(x, dt, A, B, C, D, **kw, chunk_size=chunk_size)
