@@ -21,6 +21,7 @@ DEFAULT_RULES: dict[str, MeshAxes] = {
     "act_kv_heads": ("tensor",),
     "act_mlp": ("tensor",),
     "act_vocab": ("tensor",),
+    "act_ssm_inner": ("tensor",),
     # parameters
     "embed": ("fsdp", "sequence"),
     "vocab": ("tensor",),
@@ -30,10 +31,22 @@ DEFAULT_RULES: dict[str, MeshAxes] = {
     "mlp": ("tensor",),
     "norm": (),
     "layers": (),
+    # state-space mixers (mamba, mamba2). mamba2's fused in-projection output (z | xBC | dt) and
+    # conv channels (x | B | C) mix pieces of different kinds, so they are not split over tensor.
+    "ssm_proj": (),
+    "ssm_conv": (),
+    "conv_width": (),
+    "ssm_inner": ("tensor",),
+    "ssm_heads": ("tensor",),
+    "ssm_state": (),
+    "ssm_branch": (),  # mamba: in_proj x | z
+    "ssm_rank": (),  # mamba: dt rank
     # caches
     "cache_batch": ("data", "fsdp", "expert"),
     "cache_length": (),
     "cache_kv_heads": ("tensor",),
+    "cache_ssm_heads": ("tensor",),
+    "cache_ssm_inner": ("tensor",),
 }
 
 

@@ -30,7 +30,37 @@ def mlp_flops(m: ConfigDict, seq_len: int) -> float:
     return 2 * 3 * m.d_model * m.mlp_dim
 
 
-SEQUENCE_MIXER_FLOPS: dict[str, Callable[[ConfigDict, int], float]] = {"attention": attention_flops}
+def mamba2_flops(m: ConfigDict, seq_len: int) -> float:
+    """Per token: in/out projections, the depthwise conv, and the chunked SSD: within a chunk of
+    L = min(chunk_size, seq_len) tokens the C.B scores and the weighted sum of values over the
+    whole L x L block (as executed), plus writing the chunk state and reading the incoming one."""
+    s = m.ssm
+    d_inner = s.expand * m.d_model
+    gn = s.num_groups * s.state_dim
+    heads = d_inner // s.head_dim
+    proj = 2 * m.d_model * (2 * d_inner + 2 * gn + heads) + 2 * d_inner * m.d_model
+    conv = 2 * s.conv_width * (d_inner + 2 * gn)
+    chunk = min(s.chunk_size, seq_len)
+    return proj + conv + 2 * chunk * (gn + d_inner) + 2 * 2 * d_inner * s.state_dim
+
+
+def mamba_flops(m: ConfigDict, seq_len: int) -> float:
+    """Per token: in/x/dt/out projections, the depthwise conv, and the selective scan's
+    elementwise work per (d_inner x N) state element: exp(dt A) (2), dt x B (1), the state
+    update (2) and the C readout (2). Independent of ``seq_len`` (a recurrence)."""
+    from tessera.layers.mixers.mamba import mamba_dims
+
+    del seq_len
+    di, n, k, r = mamba_dims(m)
+    proj = 2 * m.d_model * 2 * di + 2 * di * (r + 2 * n) + 2 * r * di + 2 * di * m.d_model
+    return proj + 2 * k * di + 7 * di * n
+
+
+SEQUENCE_MIXER_FLOPS: dict[str, Callable[[ConfigDict, int], float]] = {
+    "attention": attention_flops,
+    "mamba": mamba_flops,
+    "mamba2": mamba2_flops,
+}
 CHANNEL_MIXER_FLOPS: dict[str, Callable[[ConfigDict, int], float]] = {
     "mlp": mlp_flops,
     "none": lambda m, s: 0.0,

@@ -1,0 +1,237 @@
+"""Mamba-2 sequence mixer: in-projection, causal depthwise conv, SSD, gated RMSNorm, out-projection.
+
+Semantics follow Hugging Face ``Mamba2Mixer.torch_forward`` so ``Mamba2ForCausalLM`` weights load
+by renaming and transposing. Sizes: d_inner = expand * d_model, H = d_inner / head_dim heads of
+P = head_dim channels, G groups of B/C with N = state_dim, K = conv_width,
+conv channels Cc = d_inner + 2 G N.
+
+Parameters (ours <- HF ``backbone.layers.{i}.mixer.*``):
+  in_proj        [d_model, 2 d_inner + 2 G N + H]  <- in_proj.weight.T; output order z | xBC | dt
+                 (HF's split also has two d_mlp pieces in front, 0 wide in every Mamba-2 config)
+  in_proj_bias   [2 d_inner + 2 G N + H]           <- in_proj.bias       (model.ssm.bias only)
+  conv1d_weight  [K, Cc]                           <- conv1d.weight[:, 0, :].T  (torch [Cc, 1, K])
+  conv1d_bias    [Cc]                              <- conv1d.bias        (model.ssm.conv_bias only)
+  dt_bias, A_log, D  [H]                           <- dt_bias, A_log, D
+  norm_weight    [d_inner]                         <- norm.weight
+  out_proj       [d_inner, d_model]                <- out_proj.weight.T
+  out_proj_bias  [d_model]                         <- out_proj.bias      (model.ssm.bias only)
+conv1d_weight[k] multiplies the input k - (K - 1) steps away (k = K - 1: the current token), as
+torch's Conv1d with padding K - 1 truncated to the first T outputs does.
+
+Gated norm: y = rmsnorm(y * silu(z)) * norm_weight with the mean of squares taken per group of
+d_inner / G contiguous channels, as mamba_ssm's ``RMSNormGated(group_size=d_inner // ngroups)``
+and HF's Bamba / Zamba2 / NemotronH ``MambaRMSNormGated(group_size=...)`` do. HF's
+``Mamba2Mixer`` itself normalises over all d_inner channels; the two agree for G = 1, which every
+state-spaces/mamba2 checkpoint uses (not Mamba-Codestral, G = 8). eps = model.norm_eps.
+
+Packed rows: a document starts where ``positions == 0`` or (without a cache) the segment id
+changes; there the SSM state is reset and the conv does not reach back. Padding (segment id 0)
+has its conv input zeroed, dt = 0 and x = 0, so it never moves the state.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from tessera.configs.base import ConfigDict
+from tessera.kernels.ssd import ssd
+from tessera.layers.base import Initializer, cast, normal, ones, param, zeros
+from tessera.layers.mixers.base import SeqInfo
+from tessera.sharding import constrain
+
+F32 = jnp.float32
+
+
+def dt_bias_init(dt_min: float, dt_max: float, floor: float) -> Initializer:
+    """softplus^-1 of dt drawn log-uniformly in [dt_min, dt_max] (floored), as Mamba does."""
+
+    def init(key: jax.Array, shape: Sequence[int], dtype: jnp.dtype) -> jax.Array:
+        u = jax.random.uniform(key, shape, F32)
+        dt = jnp.exp(u * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+        dt = jnp.maximum(dt, floor)
+        return (dt + jnp.log(-jnp.expm1(-dt))).astype(dtype)
+
+    return init
+
+
+def a_log_init(key: jax.Array, shape: Sequence[int], dtype: jnp.dtype) -> jax.Array:
+    """A_log = log(1..H), i.e. A_h = -(h + 1), as HF initialises it."""
+    del key
+    return jnp.log(jnp.arange(1, shape[0] + 1, dtype=F32)).astype(dtype)
+
+
+def conv_init(width: int) -> Initializer:
+    """torch's Conv1d default for a depthwise kernel: U(-1/sqrt(K), 1/sqrt(K))."""
+    bound = 1.0 / math.sqrt(width)
+    return lambda key, shape, dtype: jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+def tokens_since_start(info: SeqInfo, cached: bool) -> jax.Array:
+    """int32 [B, T]: how many tokens back the current document began (0 at its first token).
+
+    ``positions`` counts from each document's start; without a cache a segment change also
+    starts one (rows packed without position resets). With a cache every row is one sequence
+    (segment ids only mark padding), so positions alone decide.
+    """
+    positions = info.positions.astype(jnp.int32)
+    if cached:
+        return positions
+    seg = info.segment_ids
+    t = jnp.arange(seg.shape[1], dtype=jnp.int32)
+    change = jnp.concatenate([jnp.ones_like(seg[:, :1], bool), seg[:, 1:] != seg[:, :-1]], axis=1)
+    last = jax.lax.cummax(jnp.where(change, t, 0), axis=1)
+    return jnp.minimum(positions, t - last)
+
+
+class Mamba2(nnx.Module):
+    """[B, T, D] -> [B, T, D]; cache {"conv": [B, K-1, Cc], "ssm": [B, H, P, N] float32}."""
+
+    def __init__(self, cfg: ConfigDict, *, rngs: nnx.Rngs):
+        s = cfg.ssm
+        d = cfg.d_model
+        self.d_inner = int(s.expand * d)
+        if self.d_inner % s.head_dim:
+            raise ValueError(
+                f"model.ssm: d_inner = expand * d_model = {self.d_inner} is not a multiple of "
+                f"head_dim={s.head_dim}"
+            )
+        self.num_heads = self.d_inner // s.head_dim
+        if self.num_heads % s.num_groups:
+            raise ValueError(
+                f"model.ssm: num_heads={self.num_heads} is not a multiple of "
+                f"num_groups={s.num_groups}"
+            )
+        self.head_dim, self.num_groups, self.state_dim = s.head_dim, s.num_groups, s.state_dim
+        self.conv_width, self.chunk_size, self.impl = s.conv_width, s.chunk_size, s.impl
+        self.dt_limit = (float(s.dt_limit_min), float(s.dt_limit_max))
+        self.eps = float(cfg.norm_eps)
+        self.dtype = jnp.dtype(cfg.dtype)
+        gn = self.num_groups * self.state_dim
+        self.conv_channels = self.d_inner + 2 * gn
+        proj = self.d_inner + self.conv_channels + self.num_heads
+        h, pd = self.num_heads, cfg.param_dtype
+        init = normal(cfg.init_std)
+        self.in_proj = param(rngs, init, (d, proj), ("embed", "ssm_proj"), pd)
+        self.in_proj_bias = param(rngs, zeros, (proj,), ("ssm_proj",), pd) if s.bias else None
+        self.conv1d_weight = param(
+            rngs,
+            conv_init(s.conv_width),
+            (s.conv_width, self.conv_channels),
+            ("conv_width", "ssm_conv"),
+            pd,
+        )
+        self.conv1d_bias = (
+            param(rngs, zeros, (self.conv_channels,), ("ssm_conv",), pd) if s.conv_bias else None
+        )
+        self.dt_bias = param(
+            rngs, dt_bias_init(s.dt_min, s.dt_max, s.dt_init_floor), (h,), ("ssm_heads",), pd
+        )
+        self.A_log = param(rngs, a_log_init, (h,), ("ssm_heads",), pd)
+        self.D = param(rngs, ones, (h,), ("ssm_heads",), pd)
+        self.norm_weight = param(rngs, ones, (self.d_inner,), ("ssm_inner",), pd)
+        self.out_proj = param(rngs, init, (self.d_inner, d), ("ssm_inner", "embed"), pd)
+        self.out_proj_bias = param(rngs, zeros, (d,), ("embed",), pd) if s.bias else None
+
+    def _conv(self, window: jax.Array, since_start: jax.Array) -> jax.Array:
+        """silu(causal depthwise conv): window [B, K-1+T, Cc] (K-1 earlier inputs first) ->
+        [B, T, Cc]; a tap never reaches before the token's document start."""
+        k = self.conv_width
+        t = window.shape[1] - (k - 1)
+        w = cast(self.conv1d_weight, self.dtype)
+        out = jnp.zeros((window.shape[0], t, window.shape[2]), self.dtype)
+        for i in range(k):
+            back = k - 1 - i
+            tap = window[:, i : i + t] * w[i]
+            out = out + (tap if back == 0 else jnp.where((since_start >= back)[..., None], tap, 0))
+        if self.conv1d_bias is not None:
+            out = out + cast(self.conv1d_bias, self.dtype)
+        return jax.nn.silu(out)
+
+    def _gated_norm(self, y: jax.Array, z: jax.Array) -> jax.Array:
+        """rmsnorm(y * silu(z)) per group of d_inner / G channels, times norm_weight; float32
+        math, result in the compute dtype. y [B, T, H, P] float32, z [B, T, d_inner]."""
+        b, t = z.shape[:2]
+        g = y.reshape(b, t, self.d_inner) * jax.nn.silu(z.astype(F32))
+        g = g.reshape(b, t, self.num_groups, -1)
+        g = g * jax.lax.rsqrt(jnp.mean(g * g, axis=-1, keepdims=True) + self.eps)
+        g = g.reshape(b, t, self.d_inner) * self.norm_weight[...].astype(F32)
+        return g.astype(self.dtype)
+
+    def __call__(
+        self, x: jax.Array, info: SeqInfo, cache: dict | None = None
+    ) -> tuple[jax.Array, dict | None]:
+        b, t, _ = x.shape
+        h, p, gn = self.num_heads, self.head_dim, self.num_groups * self.state_dim
+        proj = jnp.einsum("btd,df->btf", x, cast(self.in_proj, self.dtype))
+        if self.in_proj_bias is not None:
+            proj = proj + cast(self.in_proj_bias, self.dtype)
+        z, xbc, dt = jnp.split(proj, [self.d_inner, self.d_inner + self.conv_channels], axis=-1)
+
+        real = info.segment_ids > 0
+        since_start = tokens_since_start(info, cached=cache is not None)
+        xbc = jnp.where(real[..., None], xbc, 0)
+        if cache is None:
+            earlier = jnp.zeros((b, self.conv_width - 1, self.conv_channels), xbc.dtype)
+        else:
+            earlier = cache["conv"].astype(xbc.dtype)
+        window = jnp.concatenate([earlier, xbc], axis=1)
+        xs, bs, cs = jnp.split(
+            self._conv(window, since_start), [self.d_inner, self.d_inner + gn], axis=-1
+        )
+
+        xs = jnp.where(real[..., None], xs, 0).reshape(b, t, h, p).astype(F32)
+        xs = constrain(xs, ("batch", "length", "act_heads", None))
+        bs = bs.reshape(b, t, self.num_groups, self.state_dim).astype(F32)
+        cs = cs.reshape(b, t, self.num_groups, self.state_dim).astype(F32)
+        dt = jax.nn.softplus(dt.astype(F32) + self.dt_bias[...].astype(F32))
+        dt = jnp.where(real[..., None], jnp.clip(dt, *self.dt_limit), 0.0)
+        y, state = ssd(
+            xs,
+            dt,
+            -jnp.exp(self.A_log[...].astype(F32)),
+            bs,
+            cs,
+            self.D[...].astype(F32),
+            h0=None if cache is None else cache["ssm"],
+            reset=real & (since_start == 0),
+            impl=self.impl,
+            chunk_size=self.chunk_size,
+        )
+        y = constrain(y, ("batch", "length", "act_heads", None))
+        out = jnp.einsum("bte,ed->btd", self._gated_norm(y, z), cast(self.out_proj, self.dtype))
+        if self.out_proj_bias is not None:
+            out = out + cast(self.out_proj_bias, self.dtype)
+        out = constrain(out, ("batch", "length", "act_embed"))
+        if cache is None:
+            return out, None
+        # Conv state: the K-1 inputs ending at each row's last real token (padding is on the
+        # right); the SSM state already stopped there (padding has dt = 0).
+        last = jnp.max(jnp.where(real, jnp.arange(t), -1), axis=1)
+        idx = last[:, None] + 1 + jnp.arange(self.conv_width - 1)
+        conv = jnp.take_along_axis(window, idx[..., None], axis=1)
+        return out, {"conv": conv.astype(cache["conv"].dtype), "ssm": state}
+
+    @staticmethod
+    def init_cache(cfg: ConfigDict, batch: int, length: int, dtype: jnp.dtype) -> dict:
+        """Recurrent state, the same size for any ``length``: conv [B, K-1, Cc] (``dtype``, the
+        last K-1 conv inputs) and ssm [B, H, P, N] (float32)."""
+        del length
+        s = cfg.ssm
+        d_inner = int(s.expand * cfg.d_model)
+        channels = d_inner + 2 * s.num_groups * s.state_dim
+        return {
+            "conv": jnp.zeros((batch, s.conv_width - 1, channels), dtype),
+            "ssm": jnp.zeros((batch, d_inner // s.head_dim, s.head_dim, s.state_dim), F32),
+        }
+
+    @staticmethod
+    def cache_axes() -> dict:
+        return {
+            "conv": ("cache_batch", "conv_width", "ssm_conv"),
+            "ssm": ("cache_batch", "cache_ssm_heads", "head_dim", "ssm_state"),
+        }
