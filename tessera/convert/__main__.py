@@ -1,0 +1,89 @@
+"""Hugging Face import / export.
+
+  python -m tessera.convert import --hf_dir=DIR --workdir=OUT [--mesh=fsdp=2,tensor=2]
+      [--dtype=float32] [--set=model.dtype=float32 ...]
+  python -m tessera.convert export --workdir=OUT --hf_dir=DIR [--step=N] [--dtype=float32]
+      [--max_shard_size=5GB]
+
+``import`` writes OUT/checkpoints/0, OUT/config.json and OUT/config.py, so that
+``python -m tessera.train --config=OUT/config.py --workdir=OUT`` fine-tunes the model and
+``python -m tessera.serve.decode --config=OUT/config.py --workdir=OUT`` decodes with it.
+"""
+
+from __future__ import annotations
+
+import re
+
+from absl import flags
+
+from tessera.cli import fail, run_main
+
+_HF_DIR = flags.DEFINE_string("hf_dir", None, "Hugging Face model directory (read or written).")
+_WORKDIR = flags.DEFINE_string("workdir", None, "tessera workdir (written or read).")
+_MESH = flags.DEFINE_string(
+    "mesh", "", "import: mesh sizes for the config, e.g. 'fsdp=2,tensor=2' (data fills the rest)."
+)
+_DTYPE = flags.DEFINE_string(
+    "dtype", "float32", "import: parameter dtype; export: dtype of the safetensors."
+)
+_SET = flags.DEFINE_multi_string(
+    "set", [], "import: config override key=value (repeatable), e.g. model.dtype=float32."
+)
+_STEP = flags.DEFINE_integer("step", None, "export: checkpoint step (default: the latest).")
+_MAX_SHARD = flags.DEFINE_string(
+    "max_shard_size", "5GB", "export: largest safetensors shard (bytes, or with KB/MB/GB)."
+)
+
+USAGE = "usage: python -m tessera.convert {import,export} --hf_dir=DIR --workdir=DIR"
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
+
+
+def parse_size(text: str) -> int:
+    """``"5GB"`` -> 5_000_000_000 (decimal units, as transformers' ``max_shard_size``)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?B?)\s*", text.upper())
+    if not match or int(float(match.group(1)) * _UNITS[match.group(2)]) <= 0:
+        raise ValueError(f"--max_shard_size={text!r} is not a size such as 5GB or 500MB")
+    return int(float(match.group(1)) * _UNITS[match.group(2)])
+
+
+def parse_pairs(items: list[str], what: str, prefix: str = "") -> dict[str, str]:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"{what}: {item!r} is not key=value")
+        out[prefix + key.strip()] = value.strip()
+    return out
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) != 2 or argv[1] not in ("import", "export"):
+        fail(USAGE)
+    if not _HF_DIR.value or not _WORKDIR.value:
+        fail(f"--hf_dir and --workdir are required ({USAGE})")
+    from tessera.convert import export_hf, import_hf
+
+    if argv[1] == "import":
+        overrides = parse_pairs([p for p in _MESH.value.split(",") if p], "--mesh", "mesh.")
+        overrides.update(parse_pairs(_SET.value, "--set"))
+        config = import_hf(_HF_DIR.value, _WORKDIR.value, dtype=_DTYPE.value, overrides=overrides)
+        print(
+            f"tessera: imported {config.model.family} from {_HF_DIR.value} into "
+            f"{_WORKDIR.value} (checkpoint step 0, config {_WORKDIR.value}/config.py)"
+        )
+    else:
+        step, files = export_hf(
+            _WORKDIR.value,
+            _HF_DIR.value,
+            step=_STEP.value,
+            dtype=_DTYPE.value,
+            max_shard_bytes=parse_size(_MAX_SHARD.value),
+        )
+        print(
+            f"tessera: exported step {step} of {_WORKDIR.value} to {_HF_DIR.value}: "
+            f"{', '.join(files)}"
+        )
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,144 @@
+"""Configs on both sides: HF ``config.json`` <-> tessera config, and a workdir's own config.
+
+An imported workdir holds ``imported_config.json`` (the full tessera config of the imported model)
+and ``config.py``, a config file whose ``get_config(arg)`` returns that JSON as a locked
+ConfigDict, so ``--config=WORKDIR/config.py`` works with ``tessera.train`` and
+``tessera.serve.decode``. ``config.json`` is the same config at import; the trainer rewrites it
+with each run's overrides, which therefore do not leak into ``config.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import jax.numpy as jnp
+
+from tessera.configs.base import ConfigDict, apply_overrides, base_config
+from tessera.convert.errors import ConversionError
+from tessera.convert.families import family_for
+from tessera.layers.base import dtype_of
+
+HF_CONFIG = "config.json"
+SOURCE_CONFIG = "hf_config.json"  # the imported model's HF config, kept for export
+
+IMPORTED_CONFIG = "imported_config.json"
+
+CONFIG_PY = '''"""Config of a model imported by tessera.convert: the locked ConfigDict in
+imported_config.json beside this file. ``arg``: ``key=value,...`` overrides, as for packaged
+configs."""
+
+import os
+
+from tessera.convert.configs import config_from_json
+
+
+def get_config(arg=None):
+    here = os.path.dirname(os.path.abspath(__file__))
+    return config_from_json(os.path.join(here, "imported_config.json"), arg)
+'''
+
+
+def _special_floats(obj: dict) -> Any:
+    """transformers 5 writes inf / nan as {"__float__": "Infinity"}."""
+    if set(obj) == {"__float__"}:
+        return float(obj["__float__"])
+    return obj
+
+
+def read_hf_config(hf_dir: str) -> dict[str, Any]:
+    path = os.path.join(hf_dir, HF_CONFIG)
+    if not os.path.isdir(hf_dir):
+        raise FileNotFoundError(f"Hugging Face model directory {hf_dir} does not exist")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{hf_dir} has no {HF_CONFIG}")
+    try:
+        with open(path) as f:
+            hf = json.load(f, object_hook=_special_floats)
+    except json.JSONDecodeError as e:
+        raise ConversionError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(hf, dict):
+        raise ConversionError(f"{path} does not hold a JSON object")
+    return hf
+
+
+def _flat_items(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            out.update(_flat_items(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
+def float_dtype(name: str) -> str:
+    """The canonical name of a floating-point dtype (ValueError for anything else)."""
+    dtype = dtype_of(name)
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(f"dtype {name!r} is not a floating-point dtype")
+    return dtype.name
+
+
+def tessera_config(
+    hf: Mapping[str, Any], *, dtype: str = "float32", overrides: Mapping[str, Any] | None = None
+) -> ConfigDict:
+    """The full tessera config (base defaults + the family's model fields) of an HF config.
+
+    ``dtype``: the parameter dtype (``model.param_dtype``); ``overrides``: dotted keys applied
+    last (``{"model.dtype": "float32", "mesh.fsdp": 2}``).
+    """
+    family = family_for(hf.get("model_type"))
+    config = base_config()
+    config.lock()
+    fields = {f"model.{k}": v for k, v in family.model_fields(hf).items()}
+    apply_overrides(config, {**fields, "model.param_dtype": float_dtype(dtype)})
+    config.data.seq_len = min(config.data.seq_len, config.model.max_seq_len)
+    apply_overrides(config, dict(overrides or {}))
+    return config
+
+
+def hf_config(
+    config: ConfigDict, *, dtype: str, source: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """HF ``config.json`` for a tessera config: ``source`` (the imported HF config, for keys
+    tessera does not model such as token ids) overlaid with the family's mapped keys."""
+    family = family_for(config.model.family)
+    out = dict(source or {})
+    out.update(family.hf_config(config.model))
+    out["dtype"] = out["torch_dtype"] = float_dtype(dtype)
+    out.pop("transformers_version", None)
+    return dict(sorted(out.items()))
+
+
+def config_from_json(path: str, arg: str | None = None) -> ConfigDict:
+    """The locked config stored at ``path`` (written by ``write_workdir_config`` or the
+    trainer), with ``arg`` = ``"key=value,..."`` overrides; keys the base config lacks are
+    errors, keys it gained since take their defaults."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config file {path} does not exist")
+    with open(path) as f:
+        stored = json.load(f)
+    config = base_config()
+    config.lock()
+    apply_overrides(config, _flat_items(stored))
+    overrides = {}
+    for item in filter(None, (s.strip() for s in (arg or "").split(","))):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"config argument {item!r} is not key=value")
+        overrides[key.strip()] = value.strip()
+    apply_overrides(config, overrides)
+    return config
+
+
+def write_workdir_config(config: ConfigDict, workdir: str) -> None:
+    """``workdir/{config.json, imported_config.json, config.py}`` (see the module doc)."""
+    for name in ("config.json", IMPORTED_CONFIG):
+        with open(os.path.join(workdir, name), "w") as f:
+            f.write(config.to_json_best_effort(indent=2))
+            f.write("\n")
+    with open(os.path.join(workdir, "config.py"), "w") as f:
+        f.write(CONFIG_PY)

@@ -1,0 +1,170 @@
+"""Llama-style GQA decoders: Llama 1/2/3, Mistral (sliding window), Qwen2 (qkv bias), Qwen3
+(q/k norm). One tensor table serves all four: a rule applies when the config has its parameter.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from tessera.configs.base import ConfigDict
+from tessera.convert.errors import ConversionError
+from tessera.convert.families.rope import Rope
+from tessera.convert.mapping import (
+    FLAT,
+    LINEAR,
+    Family,
+    Field,
+    Linear,
+    Require,
+    Rule,
+    Set,
+    register,
+)
+
+_LAYER = "model.layers.{layer}."
+
+RULES = (
+    Rule("model.embed_tokens.weight", "embed/embedding"),
+    Rule("model.norm.weight", "final_norm/scale"),
+    Rule("lm_head.weight", "head/kernel", LINEAR),
+    Rule(_LAYER + "input_layernorm.weight", "norm1/scale"),
+    Rule(_LAYER + "self_attn.q_proj.weight", "mixer/wq", LINEAR),
+    Rule(_LAYER + "self_attn.k_proj.weight", "mixer/wk", LINEAR),
+    Rule(_LAYER + "self_attn.v_proj.weight", "mixer/wv", LINEAR),
+    Rule(_LAYER + "self_attn.o_proj.weight", "mixer/wo", Linear(in_dims=2)),
+    Rule(_LAYER + "self_attn.q_proj.bias", "mixer/bq", FLAT),
+    Rule(_LAYER + "self_attn.k_proj.bias", "mixer/bk", FLAT),
+    Rule(_LAYER + "self_attn.v_proj.bias", "mixer/bv", FLAT),
+    Rule(_LAYER + "self_attn.q_norm.weight", "mixer/q_norm/scale"),
+    Rule(_LAYER + "self_attn.k_norm.weight", "mixer/k_norm/scale"),
+    Rule(_LAYER + "post_attention_layernorm.weight", "norm2/scale"),
+    Rule(_LAYER + "mlp.gate_proj.weight", "channel/wi_gate", LINEAR),
+    Rule(_LAYER + "mlp.up_proj.weight", "channel/wi_up", LINEAR),
+    Rule(_LAYER + "mlp.down_proj.weight", "channel/wo", LINEAR),
+)
+
+# Tied checkpoints may still store lm_head (transformers ties it to the embedding on load).
+IGNORE = ("lm_head.weight", "*.rotary_emb.inv_freq")
+
+
+def _decoder(*, max_position: int, head_dim: Any = None) -> tuple:
+    """Config parts every family here shares; defaults are the HF config classes' own."""
+    return (
+        Field("vocab_size", "vocab_size"),
+        Field("hidden_size", "d_model"),
+        Field("num_hidden_layers", "num_layers"),
+        Field("num_attention_heads", "num_heads"),
+        Field("num_key_value_heads", "num_kv_heads", lambda hf: hf["num_attention_heads"]),
+        Field(
+            "head_dim",
+            "head_dim",
+            head_dim or (lambda hf: hf["hidden_size"] // hf["num_attention_heads"]),
+        ),
+        Field("intermediate_size", "mlp_dim"),
+        Field("max_position_embeddings", "max_seq_len", max_position),
+        Field("rms_norm_eps", "norm_eps", 1e-6),
+        Field("tie_word_embeddings", "tie_embeddings", False),
+        Require("hidden_act", "silu"),
+        Rope(),
+        Set(pattern=("attention:mlp",)),
+    )
+
+
+class QwenWindow:
+    """Qwen2/3 sliding window: ``use_sliding_window``, ``sliding_window``, ``max_window_layers``
+    or transformers 5's ``layer_types``. Tessera has one window for all layers, so a mix of
+    full and sliding layers is refused."""
+
+    def from_hf(self, hf: Mapping[str, Any]) -> dict[str, Any]:
+        layers = int(hf["num_hidden_layers"])
+        window = hf.get("sliding_window") if hf.get("use_sliding_window") else None
+        types = hf.get("layer_types") or [
+            "sliding_attention"
+            if window is not None and i >= hf.get("max_window_layers", 28)
+            else "full_attention"
+            for i in range(layers)
+        ]
+        windows = {int(window or 0) if t == "sliding_attention" else 0 for t in types}
+        if len(windows) > 1:
+            raise ConversionError(
+                f"layer_types {types} mix full and sliding-window attention, which is not "
+                "supported (tessera uses one attention window for every layer)"
+            )
+        return {"sliding_window": windows.pop()}
+
+    def to_hf(self, model: ConfigDict) -> dict[str, Any]:
+        window = int(model.sliding_window)
+        kind = "sliding_attention" if window else "full_attention"
+        return {
+            "use_sliding_window": bool(window),
+            "sliding_window": window or None,
+            "max_window_layers": 0 if window else int(model.num_layers),
+            "layer_types": [kind] * int(model.num_layers),
+        }
+
+
+register(
+    Family(
+        model_type="llama",
+        architecture="LlamaForCausalLM",
+        config=(
+            *_decoder(max_position=2048),
+            Require("attention_bias", False),
+            Require("mlp_bias", False),
+            Set(qkv_bias=False, qk_norm=False, sliding_window=0),
+        ),
+        rules=RULES,
+        ignore=IGNORE,
+    )
+)
+
+register(
+    Family(
+        model_type="mistral",
+        architecture="MistralForCausalLM",
+        config=(
+            *_decoder(max_position=4096 * 32),
+            Field(
+                "sliding_window",
+                "sliding_window",
+                4096,
+                to_ours=lambda v: int(v or 0),
+                to_theirs=lambda v: int(v) or None,
+                keep_null=True,
+            ),
+            Set(qkv_bias=False, qk_norm=False),
+        ),
+        rules=RULES,
+        ignore=IGNORE,
+    )
+)
+
+register(
+    Family(
+        model_type="qwen2",
+        architecture="Qwen2ForCausalLM",
+        config=(
+            *_decoder(max_position=32768),
+            QwenWindow(),
+            Set(qkv_bias=True, qk_norm=False),
+        ),
+        rules=RULES,
+        ignore=IGNORE,
+    )
+)
+
+register(
+    Family(
+        model_type="qwen3",
+        architecture="Qwen3ForCausalLM",
+        config=(
+            *_decoder(max_position=32768, head_dim=128),
+            Require("attention_bias", False),
+            QwenWindow(),
+            Set(qkv_bias=False, qk_norm=True),
+        ),
+        rules=RULES,
+        ignore=IGNORE,
+    )
+)

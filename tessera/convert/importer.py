@@ -1,0 +1,147 @@
+"""Hugging Face model directory -> tessera model on a mesh, or -> a tessera workdir.
+
+``read_hf`` / ``load_hf`` give the model in memory; ``import_hf`` writes a workdir that
+``tessera.train`` fine-tunes from and ``tessera.serve.decode`` decodes from:
+
+  WORKDIR/checkpoints/0      params + a fresh optimizer state (train resumes at step 0)
+  WORKDIR/config.json        the full tessera config;  WORKDIR/config.py  reads it (--config=)
+  WORKDIR/hf_config.json     the source config.json (export keeps the keys tessera does not use)
+  WORKDIR/tokenizer/         the tokenizer files, copied (tessera does not load them yet)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import Mesh
+
+from tessera.configs.base import ConfigDict
+from tessera.convert.configs import (
+    SOURCE_CONFIG,
+    read_hf_config,
+    tessera_config,
+    write_workdir_config,
+)
+from tessera.convert.errors import ConversionError
+from tessera.convert.families import family_for
+from tessera.convert.params import read_params
+from tessera.convert.safetensors_io import SafetensorsReader
+from tessera.models.create import ModelSpec
+from tessera.sharding import make_mesh, make_rules
+from tessera.train.checkpoints import Checkpointer
+from tessera.train.trainer import Trainer
+
+PyTree = Any
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+)
+TOKENIZER_DIR = "tokenizer"
+
+
+@dataclasses.dataclass
+class Imported:
+    """A model read from HF: its config, param spec, params (sharded on ``mesh``) and rules."""
+
+    config: ConfigDict
+    spec: ModelSpec
+    params: PyTree
+    mesh: Mesh
+    rules: dict
+
+
+def read_hf(
+    hf_dir: str,
+    *,
+    dtype: str = "float32",
+    overrides: Mapping[str, Any] | None = None,
+    devices: Sequence[jax.Device] | None = None,
+) -> Imported:
+    """Read an HF model directory onto the mesh of its config (``overrides`` such as
+    ``{"mesh.fsdp": 2, "model.dtype": "float32"}``); ``dtype`` is the parameter dtype."""
+    config = tessera_config(read_hf_config(hf_dir), dtype=dtype, overrides=overrides)
+    reader = SafetensorsReader(hf_dir)
+    mesh = make_mesh(config.mesh, devices)
+    rules = make_rules(config.mesh.rules)
+    spec = ModelSpec(config.model)
+    family = family_for(config.model.family)
+    params = read_params(reader, family, config.model, spec.shapes, spec.shardings(mesh, rules))
+    return Imported(config, spec, params, mesh, rules)
+
+
+def load_hf(
+    path: str,
+    *,
+    dtype: str = "float32",
+    overrides: Mapping[str, Any] | None = None,
+    devices: Sequence[jax.Device] | None = None,
+) -> tuple[ConfigDict, nnx.Module]:
+    """(config, model): the tessera model of an HF directory, parameters on the config's mesh.
+
+    Call the model inside ``tessera.sharding.use_mesh(mesh, config.mesh.rules)`` for sharded
+    activations; ``read_hf`` gives the pure parameter tree instead (for ``jax.jit``)."""
+    imported = read_hf(path, dtype=dtype, overrides=overrides, devices=devices)
+    return imported.config, imported.spec.merge(imported.params)
+
+
+def import_hf(
+    hf_dir: str,
+    workdir: str,
+    *,
+    dtype: str = "float32",
+    overrides: Mapping[str, Any] | None = None,
+    devices: Sequence[jax.Device] | None = None,
+) -> ConfigDict:
+    """Write the workdir described in the module doc; returns its config. Everything is read
+    and checked before anything is written, and a workdir that has checkpoints is refused."""
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    if os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):
+        raise ConversionError(f"{workdir} already has checkpoints; import into a new workdir")
+    hf = read_hf_config(hf_dir)
+    config = tessera_config(hf, dtype=dtype, overrides=overrides)
+    reader = SafetensorsReader(hf_dir)
+    # The trainer's own shardings and optimizer, so `tessera.train` restores this state as is.
+    trainer = Trainer(config, workdir, devices)
+    shardings = trainer.state_shardings
+    params = read_params(
+        reader, family_for(config.model.family), config.model, trainer.spec.shapes,
+        shardings["params"],
+    )
+    state = {
+        "params": params,
+        "opt_state": jax.jit(trainer.tx.init, out_shardings=shardings["opt_state"])(params),
+        "step": jax.device_put(jnp.zeros((), jnp.int32), shardings["step"]),
+    }
+    os.makedirs(workdir, exist_ok=True)
+    ckpt = Checkpointer(workdir, keep=config.checkpoint.keep, async_save=False)
+    try:
+        ckpt.save(0, state, {})
+    finally:
+        ckpt.close()
+    write_workdir_config(config, workdir)
+    with open(os.path.join(workdir, SOURCE_CONFIG), "w") as f:
+        json.dump(hf, f, indent=2)
+        f.write("\n")
+    copy_tokenizer(hf_dir, os.path.join(workdir, TOKENIZER_DIR))
+    return config
+
+
+def copy_tokenizer(src: str, dst: str) -> list[str]:
+    """Copy the tokenizer files of ``src`` present there into ``dst``; returns their names."""
+    names = [n for n in TOKENIZER_FILES if os.path.isfile(os.path.join(src, n))]
+    if names:
+        os.makedirs(dst, exist_ok=True)
+        for name in names:
+            shutil.copyfile(os.path.join(src, name), os.path.join(dst, name))
+    return names

@@ -1,0 +1,340 @@
+"""The declarative mapping between Hugging Face checkpoints and tessera models.
+
+A ``Family`` (keyed by HF ``model_type``) is two tables and nothing else:
+
+  config  parts that map HF ``config.json`` keys to tessera ``model`` fields and back: ``Field``
+          (one key <-> one field, with the HF default), ``Require`` (an HF value the tessera
+          layers implement; anything else changes the math and is refused), ``Set`` (tessera
+          fields the family always has; a config without them cannot be exported as it),
+          ``Initial`` (tessera fields HF has no key for), and multi-key parts such as
+          ``families.rope.Rope``. Every part has ``from_hf`` and ``to_hf``.
+  rules   one ``Rule`` per HF tensor: its name (``{layer}`` for per-layer tensors), the tessera
+          parameter(s) it fills (per-layer ones relative to the block: ``mixer/wq``) and a
+          ``Transform`` that works both ways (``Identity``, ``Flat``, ``Linear``,
+          ``DepthwiseConv``, ``Concat``).
+
+A rule applies when the model built from the config has its parameters, so one table serves every
+variant of a family (biases, q/k norms and the untied head exist only when the config says so).
+Per-layer tensors are stacked over the scanned layer axis by ``tessera.convert.params``.
+Adding a family: a module in ``families/`` that calls ``register(Family(...))``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol
+
+import numpy as np
+
+from tessera.configs.base import ConfigDict
+from tessera.convert.errors import ConversionError
+
+Shape = tuple[int, ...]
+
+# -- tensors -------------------------------------------------------------------------------
+
+
+class Transform(Protocol):
+    """One HF tensor <-> one or more tessera parameters (per layer: without the stacked axis)."""
+
+    def hf_shape(self, shapes: Sequence[Shape]) -> Shape:
+        """The HF tensor's shape given the shapes of the tessera parameters it fills."""
+
+    def to_ours(self, x: np.ndarray, shapes: Sequence[Shape]) -> list[np.ndarray]:
+        """HF tensor -> tessera parameter values (of ``shapes``)."""
+
+    def to_hf(self, xs: Sequence[np.ndarray]) -> np.ndarray:
+        """Tessera parameter values -> the HF tensor (exact inverse of ``to_ours``)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Identity:
+    """Same layout on both sides (embeddings, norm scales)."""
+
+    def hf_shape(self, shapes: Sequence[Shape]) -> Shape:
+        return tuple(shapes[0])
+
+    def to_ours(self, x: np.ndarray, shapes: Sequence[Shape]) -> list[np.ndarray]:
+        return [x]
+
+    def to_hf(self, xs: Sequence[np.ndarray]) -> np.ndarray:
+        return xs[0]
+
+
+@dataclasses.dataclass(frozen=True)
+class Flat:
+    """HF keeps a flat vector that tessera splits into axes (qkv bias [H*Dh] <-> [H, Dh])."""
+
+    def hf_shape(self, shapes: Sequence[Shape]) -> Shape:
+        return (math.prod(shapes[0]),)
+
+    def to_ours(self, x: np.ndarray, shapes: Sequence[Shape]) -> list[np.ndarray]:
+        return [x.reshape(shapes[0])]
+
+    def to_hf(self, xs: Sequence[np.ndarray]) -> np.ndarray:
+        return xs[0].reshape(-1)
+
+
+@dataclasses.dataclass(frozen=True)
+class Linear:
+    """``torch.nn.Linear`` weight [out, in] <-> tessera kernel [*in_axes, *out_axes].
+
+    ``in_dims``: how many leading tessera axes are the input (wq [D, H, Dh]: 1; wo [H, Dh, D]: 2).
+    """
+
+    in_dims: int = 1
+
+    def _split(self, shape: Shape) -> tuple[int, int]:
+        return math.prod(shape[: self.in_dims]), math.prod(shape[self.in_dims :])
+
+    def hf_shape(self, shapes: Sequence[Shape]) -> Shape:
+        fan_in, fan_out = self._split(shapes[0])
+        return (fan_out, fan_in)
+
+    def to_ours(self, x: np.ndarray, shapes: Sequence[Shape]) -> list[np.ndarray]:
+        return [x.T.reshape(shapes[0])]
+
+    def to_hf(self, xs: Sequence[np.ndarray]) -> np.ndarray:
+        return xs[0].reshape(self._split(xs[0].shape)).T
+
+
+@dataclasses.dataclass(frozen=True)
+class DepthwiseConv:
+    """``torch.nn.Conv1d(groups=channels)`` weight [C, 1, K] <-> tessera kernel [K, C]."""
+
+    def hf_shape(self, shapes: Sequence[Shape]) -> Shape:
+        width, channels = shapes[0]
+        return (channels, 1, width)
+
+    def to_ours(self, x: np.ndarray, shapes: Sequence[Shape]) -> list[np.ndarray]:
+        return [x[:, 0, :].T]
+
+    def to_hf(self, xs: Sequence[np.ndarray]) -> np.ndarray:
+        return xs[0].T[:, None, :]
+
+
+@dataclasses.dataclass(frozen=True)
+class Concat:
+    """One fused HF tensor <-> several tessera parameters, each through ``part``, concatenated
+    along HF ``axis`` (e.g. a fused gate/up projection, Mamba's in_proj)."""
+
+    part: Transform = Identity()
+    axis: int = 0
+
+    def hf_shape(self, shapes: Sequence[Shape]) -> Shape:
+        pieces = [self.part.hf_shape([s]) for s in shapes]
+        total = sum(p[self.axis] for p in pieces)
+        return (*pieces[0][: self.axis], total, *pieces[0][self.axis + 1 :])
+
+    def to_ours(self, x: np.ndarray, shapes: Sequence[Shape]) -> list[np.ndarray]:
+        sizes = [self.part.hf_shape([s])[self.axis] for s in shapes]
+        pieces = np.split(x, np.cumsum(sizes)[:-1], axis=self.axis)
+        return [self.part.to_ours(p, [s])[0] for p, s in zip(pieces, shapes)]
+
+    def to_hf(self, xs: Sequence[np.ndarray]) -> np.ndarray:
+        return np.concatenate([self.part.to_hf([x]) for x in xs], axis=self.axis)
+
+
+IDENTITY, FLAT, LINEAR, DEPTHWISE_CONV = Identity(), Flat(), Linear(), DepthwiseConv()
+
+
+@dataclasses.dataclass(frozen=True, init=False)
+class Rule:
+    """HF tensor ``hf`` <-> tessera parameter(s) ``ours`` through ``transform``.
+
+    ``hf`` containing ``{layer}`` makes a per-layer rule: ``ours`` is then relative to the block
+    (``mixer/wq``) and ``mixer`` (optional) limits it to blocks with that sequence mixer, for
+    hybrid stacks. Otherwise ``ours`` is a path from the root (``embed/embedding``).
+    """
+
+    hf: str
+    ours: tuple[str, ...]
+    transform: Transform
+    mixer: str | None
+
+    def __init__(
+        self,
+        hf: str,
+        ours: str | Sequence[str],
+        transform: Transform = IDENTITY,
+        *,
+        mixer: str | None = None,
+    ):
+        object.__setattr__(self, "hf", hf)
+        object.__setattr__(self, "ours", (ours,) if isinstance(ours, str) else tuple(ours))
+        object.__setattr__(self, "transform", transform)
+        object.__setattr__(self, "mixer", mixer)
+
+    @property
+    def per_layer(self) -> bool:
+        return "{layer}" in self.hf
+
+
+# -- config --------------------------------------------------------------------------------
+
+_REQUIRED = object()
+
+
+class ConfigPart(Protocol):
+    """Some HF config keys <-> some tessera model fields (dotted: ``rope_scaling.type``)."""
+
+    def from_hf(self, hf: Mapping[str, Any]) -> dict[str, Any]:
+        """Tessera model fields from the HF config (ConversionError if unsupported)."""
+
+    def to_hf(self, model: ConfigDict) -> dict[str, Any]:
+        """HF config keys from the tessera model config (ConversionError if inexpressible)."""
+
+
+def model_field(model: ConfigDict, dotted: str) -> Any:
+    node = model
+    for part in dotted.split("."):
+        node = node[part]
+    return node
+
+
+def hf_value(
+    hf: Mapping[str, Any], key: str, default: Any = _REQUIRED, keep_null: bool = False
+) -> Any:
+    """``hf[key]``; a missing (or, unless ``keep_null``, null) key takes ``default``: a value or
+    a function of ``hf``."""
+    value = hf.get(key)
+    if value is not None or (keep_null and key in hf):
+        return value
+    if default is _REQUIRED:
+        raise ConversionError(f"config.json has no {key!r}")
+    try:
+        return default(hf) if callable(default) else default
+    except KeyError as e:
+        raise ConversionError(f"config.json has no {e.args[0]!r}") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class Field:
+    """One HF key <-> one tessera field. ``default`` is HF's for a missing key, and for a null
+    one unless ``keep_null`` (null then reaches ``to_ours``: Mistral's "no window")."""
+
+    hf: str
+    ours: str
+    default: Any = _REQUIRED
+    to_ours: Callable[[Any], Any] = lambda v: v
+    to_theirs: Callable[[Any], Any] = lambda v: v
+    keep_null: bool = False
+
+    def from_hf(self, hf: Mapping[str, Any]) -> dict[str, Any]:
+        return {self.ours: self.to_ours(hf_value(hf, self.hf, self.default, self.keep_null))}
+
+    def to_hf(self, model: ConfigDict) -> dict[str, Any]:
+        return {self.hf: self.to_theirs(model_field(model, self.ours))}
+
+
+@dataclasses.dataclass(frozen=True)
+class Require:
+    """An HF key whose value must be ``value`` (missing: HF's default, taken to be it)."""
+
+    hf: str
+    value: Any
+
+    def from_hf(self, hf: Mapping[str, Any]) -> dict[str, Any]:
+        got = hf.get(self.hf, self.value)
+        if got != self.value:
+            raise ConversionError(
+                f"config.json {self.hf}={got!r} is not supported (tessera implements "
+                f"{self.hf}={self.value!r})"
+            )
+        return {}
+
+    def to_hf(self, model: ConfigDict) -> dict[str, Any]:
+        return {self.hf: self.value}
+
+
+class Set:
+    """Tessera model fields this family always has (``Set(qkv_bias=True)``)."""
+
+    def __init__(self, **fields: Any):
+        self.fields = fields
+
+    def from_hf(self, hf: Mapping[str, Any]) -> dict[str, Any]:
+        return dict(self.fields)
+
+    def to_hf(self, model: ConfigDict) -> dict[str, Any]:
+        for name, want in self.fields.items():
+            got = model_field(model, name)
+            if (tuple(got) if isinstance(want, tuple) else got) != want:
+                raise ConversionError(
+                    f"model.{name}={got!r} has no equivalent in this Hugging Face family "
+                    f"(it needs {want!r})"
+                )
+        return {}
+
+
+class Initial:
+    """Tessera fields an import starts from where HF has no key (Mamba's ``max_seq_len``);
+    export writes nothing for them."""
+
+    def __init__(self, **fields: Any):
+        self.fields = fields
+
+    def from_hf(self, hf: Mapping[str, Any]) -> dict[str, Any]:
+        return dict(self.fields)
+
+    def to_hf(self, model: ConfigDict) -> dict[str, Any]:
+        return {}
+
+
+# -- families ------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """How one HF ``model_type`` maps to tessera: config parts and tensor rules.
+
+    ``ignore``: fnmatch patterns of HF tensors that may be present without a rule using them
+    (rotary caches of old checkpoints, an ``lm_head`` stored next to tied embeddings).
+    """
+
+    model_type: str
+    architecture: str
+    config: tuple[ConfigPart, ...]
+    rules: tuple[Rule, ...]
+    ignore: tuple[str, ...] = ()
+
+    def model_fields(self, hf: Mapping[str, Any]) -> dict[str, Any]:
+        """Tessera ``model`` fields (dotted names) for an HF config of this family."""
+        fields: dict[str, Any] = {"family": self.model_type}
+        for part in self.config:
+            try:
+                fields.update(part.from_hf(hf))
+            except ConversionError as e:
+                raise ConversionError(f"model_type {self.model_type}: {e}") from None
+        return fields
+
+    def hf_config(self, model: ConfigDict) -> dict[str, Any]:
+        """The HF ``config.json`` keys for a tessera model config of this family."""
+        out: dict[str, Any] = {"model_type": self.model_type, "architectures": [self.architecture]}
+        for part in self.config:
+            try:
+                out.update(part.to_hf(model))
+            except ConversionError as e:
+                raise ConversionError(f"export as {self.model_type}: {e}") from None
+        return out
+
+
+FAMILIES: dict[str, Family] = {}
+
+
+def register(family: Family) -> Family:
+    if family.model_type in FAMILIES:
+        raise ValueError(f"family {family.model_type!r} is registered twice")
+    FAMILIES[family.model_type] = family
+    return family
+
+
+def family_for(model_type: Any) -> Family:
+    """The family of an HF ``model_type`` (ConversionError listing the supported ones)."""
+    if model_type not in FAMILIES:
+        raise ConversionError(
+            f"unsupported model_type {model_type!r}; supported: {', '.join(sorted(FAMILIES))}"
+        )
+    return FAMILIES[model_type]

@@ -1,0 +1,104 @@
+"""The mapping layer on its own: transforms invert exactly, config parts read both HF layouts,
+and a family whose rules do not cover the model is refused before any tensor is read."""
+
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+
+from tessera.configs.base import apply_overrides, base_config
+from tessera.convert import FAMILIES, ConversionError
+from tessera.convert.families.llama import QwenWindow
+from tessera.convert.families.rope import Rope
+from tessera.convert.mapping import FLAT, Concat, DepthwiseConv, Linear, Rule
+from tessera.convert.params import flatten, plan
+from tessera.models.create import ModelSpec
+from tests.convert.helpers import fixture, read
+
+
+@pytest.mark.parametrize("transform, ours, hf", [
+    (Linear(in_dims=1), [(4, 2, 3)], (6, 4)),
+    (Linear(in_dims=2), [(2, 3, 4)], (4, 6)),
+    (FLAT, [(2, 3)], (6,)),
+    (DepthwiseConv(), [(4, 5)], (5, 1, 4)),
+    (Concat(Linear(), axis=0), [(4, 2, 3), (4, 5)], (11, 4)),
+])
+def test_transforms_invert_exactly(transform, ours, hf):
+    rng = np.random.default_rng(0)
+    assert transform.hf_shape(ours) == hf
+    x = rng.standard_normal(hf).astype(np.float32)
+    parts = transform.to_ours(x, ours)
+    assert [p.shape for p in parts] == ours
+    np.testing.assert_array_equal(transform.to_hf(parts), x)
+
+
+def test_linear_matches_torch_semantics():
+    """y = x W^T in torch; tessera contracts x with the kernel's input axes."""
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((6, 4))  # o_proj-like: [d_out, heads * head_dim]
+    (kernel,) = Linear(in_dims=2).to_ours(w, [(2, 2, 6)])
+    x = rng.standard_normal((2, 2))
+    np.testing.assert_allclose(np.einsum("hk,hkd->d", x, kernel), w @ x.reshape(-1))
+
+
+def test_rope_reads_both_transformers_layouts_and_round_trips():
+    legacy = {"rope_theta": 5e5, "max_position_embeddings": 4096,
+              "rope_scaling": {"type": "linear", "factor": 2.0}}
+    assert Rope().from_hf(legacy) == {"rope_theta": 5e5, "rope_scaling.type": "linear",
+                                      "rope_scaling.factor": 2.0}
+    v5 = {"max_position_embeddings": 256,
+          "rope_parameters": {"rope_type": "yarn", "factor": None, "rope_theta": 1e4,
+                              "original_max_position_embeddings": 64}}
+    fields = Rope().from_hf(v5)
+    assert fields["rope_scaling.factor"] == 4.0 and fields["rope_scaling.beta_fast"] == 32.0
+    for kind, hf in [("none", {}), ("linear", legacy), ("yarn", v5)]:
+        fields = Rope().from_hf({**hf, "max_position_embeddings": 256})
+        config = base_config()
+        apply_overrides(config, {f"model.{k}": v for k, v in fields.items()})
+        assert config.model.rope_scaling.type == kind
+        exported = Rope().to_hf(config.model)
+        assert Rope().from_hf({**exported, "max_position_embeddings": 256}) == fields
+    with pytest.raises(ConversionError, match="per layer type"):
+        Rope().from_hf({"layer_types": ["full_attention"],
+                        "rope_parameters": {"full_attention": {"rope_type": "default"}}})
+
+
+def test_sliding_window_parts():
+    mistral = next(p for p in FAMILIES["mistral"].config if getattr(p, "hf", "") ==
+                   "sliding_window")
+    assert mistral.from_hf({"sliding_window": None}) == {"sliding_window": 0}
+    assert mistral.from_hf({}) == {"sliding_window": 4096}  # MistralConfig's default
+    qwen = QwenWindow()
+    base = {"num_hidden_layers": 2, "sliding_window": 16}
+    assert qwen.from_hf(base) == {"sliding_window": 0}  # use_sliding_window defaults to False
+    assert qwen.from_hf({**base, "use_sliding_window": True, "max_window_layers": 0}) == {
+        "sliding_window": 16}
+    assert qwen.from_hf({**base, "use_sliding_window": True, "max_window_layers": 2}) == {
+        "sliding_window": 0}
+    with pytest.raises(ConversionError, match="mix full and sliding"):
+        qwen.from_hf({**base, "use_sliding_window": True, "max_window_layers": 1})
+
+
+def test_rules_must_cover_every_parameter():
+    config = read(fixture("qwen2")).config
+    shapes = flatten(ModelSpec(config.model).shapes)
+    family = FAMILIES["qwen2"]
+    partial = dataclasses.replace(family, rules=family.rules[:-1])
+    with pytest.raises(ConversionError, match="no rule fills tessera parameter "
+                       "units/blocks/0/channel/wo"):
+        plan(partial, config.model, shapes)
+    twice = dataclasses.replace(family, rules=(*family.rules,
+                                               Rule("extra.{layer}", "channel/wo", Linear())))
+    with pytest.raises(ConversionError, match="filled by both"):
+        plan(twice, config.model, shapes)
+
+
+def test_unscanned_layers_get_the_same_values():
+    scanned = read(fixture("qwen3")).params
+    unrolled = read(fixture("qwen3"), **{"model.scan_layers": False}).params
+    for r in range(2):
+        jax.tree.map(
+            lambda a, b, r=r: np.testing.assert_array_equal(np.asarray(a)[r], np.asarray(b)),
+            scanned["units"]["blocks"], unrolled["units"][r]["blocks"],
+        )
