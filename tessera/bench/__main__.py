@@ -1,6 +1,7 @@
-"""``python -m tessera.bench {train,decode} --config=llama:small [--steps N] [--config.a.b=v]``.
+"""``python -m tessera.bench {train,decode} --config=llama:small [--config=...] [--config.a.b=v]``.
 
-Benchmarks print tables; they are never timed assertions in tests.
+``--config`` may repeat: each config is benchmarked with the same overrides, e.g. two families at
+the same width. Benchmarks print tables; they are never timed assertions in tests.
 """
 
 from __future__ import annotations
@@ -14,8 +15,11 @@ from tessera.cli import USER_ERRORS, fail
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m tessera.bench")
     parser.add_argument("bench", choices=["train", "decode"])
-    parser.add_argument("--config", required=True, help="e.g. llama:small or path.py:arg")
+    parser.add_argument("--config", required=True, action="append",
+                        help="e.g. llama:small or path.py:arg; repeat to compare configs")
     parser.add_argument("--steps", type=int, default=5, help="timed steps (train)")
+    parser.add_argument("--contexts", default="256,2048",
+                        help="decode: cache contexts for the per-token decode time")
     args, rest = parser.parse_known_args(argv)
     overrides = {}
     for item in rest:
@@ -24,14 +28,16 @@ def main(argv: list[str] | None = None) -> None:
         key, value = item[len("--config."):].split("=", 1)
         overrides[key] = value
     try:
-        if args.bench == "train":
-            from tessera.bench.train import run_train_bench
+        contexts = [int(c) for c in args.contexts.split(",") if c]
+        for spec in args.config:
+            if args.bench == "train":
+                from tessera.bench.train import run_train_bench
 
-            run_train_bench(args.config, overrides, steps=args.steps)
-        else:
-            from tessera.bench.decode import run_decode_bench
+                run_train_bench(spec, overrides, steps=args.steps)
+            else:
+                from tessera.bench.decode import run_decode_bench
 
-            run_decode_bench(args.config, overrides)
+                run_decode_bench(spec, overrides, contexts=contexts)
     except USER_ERRORS as e:
         fail(str(e))
 

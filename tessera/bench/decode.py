@@ -1,34 +1,25 @@
 """Decode throughput of a config's model (random weights): prefill and decode tokens/s at batch 1
 and 16, and the time of one decode step with 256 vs 2048 tokens already in the cache.
 
-``python -m tessera.bench decode --config=llama:small [--config.model.dtype=float32 ...]``
-(or ``python -m tessera.bench.decode ...``). Compilation is ahead of time and not in the figures.
+``python -m tessera.bench decode --config=llama:small [--contexts=256,8192] [--config.a.b=v]``.
+Compilation is ahead of time and not in the figures.
 """
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
 from typing import Any
 
 import jax
 import numpy as np
 
+from tessera.bench.table import print_table
 from tessera.configs import load_config
 from tessera.models.create import ModelSpec
 from tessera.serve.engine import Decoder
 from tessera.serve.outputs import DecodeStats
 from tessera.serve.sampling import SamplingParams
 from tessera.sharding import make_mesh, make_rules
-
-COLUMNS = (  # name, width, format
-    ("case", 13, "s"),
-    ("batch", 5, "d"),
-    ("context", 7, "d"),
-    ("prefill_tok_s", 13, ".1f"),
-    ("decode_tok_s", 12, ".1f"),
-    ("ms_per_step", 11, ".2f"),
-)
 
 
 def _random_prompts(rng: np.random.Generator, batch: int, length: int, vocab: int) -> list:
@@ -46,17 +37,6 @@ def _row(case: str, batch: int, context: int, stats: DecodeStats) -> dict:
         "compile_s": stats.compile_s,
         "cache_bytes_per_token": stats.cache.bytes_per_token,
     }
-
-
-def format_table(rows: Sequence[dict]) -> str:
-    """The rows as a text table, one line each under a header."""
-    align = lambda name: "<" if name == "case" else ">"
-    lines = ["  ".join(f"{name:{align(name)}{width}}" for name, width, _ in COLUMNS)]
-    for row in rows:
-        lines.append(
-            "  ".join(f"{row[name]:{align(name)}{width}{fmt}}" for name, width, fmt in COLUMNS)
-        )
-    return "\n".join(lines)
 
 
 def run_decode_bench(
@@ -107,28 +87,9 @@ def run_decode_bench(
         case(f"batch {batch}", batch, prompt_len, new_tokens)
     for context in contexts:
         case(f"context {context}", 1, context, context_steps + 1)
-    print(format_table(rows), flush=True)
+    print_table(
+        [{k: r[k] for k in ("case", "batch", "context", "prefill_tok_s", "decode_tok_s",
+                            "ms_per_step")} for r in rows],
+        title=f"decode: {config_spec}",
+    )
     return rows
-
-
-def main(argv: Sequence[str]) -> None:
-    """``--config=NAME[:ARG]`` plus ``--config.a.b=value`` overrides."""
-    spec, overrides = "llama:small", {}
-    for arg in argv:
-        if arg.startswith("--config."):
-            key, _, value = arg[len("--config.") :].partition("=")
-            overrides[key] = value
-        elif arg.startswith("--config="):
-            spec = arg[len("--config=") :]
-        else:
-            raise ValueError(f"decode bench: unexpected argument {arg!r}")
-    run_decode_bench(spec, overrides)
-
-
-if __name__ == "__main__":
-    from tessera.cli import USER_ERRORS, fail
-
-    try:
-        main(sys.argv[1:])
-    except USER_ERRORS as e:
-        fail(str(e))

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 def _fmt(v: object) -> str:
     if isinstance(v, float):
-        return f"{v:.4g}" if abs(v) < 1e5 else f"{v:,.0f}"
+        return f"{v:.4g}" if abs(v) < 1e3 else f"{v:,.0f}"
     return str(v)
 
 

@@ -133,7 +133,7 @@ def base_config() -> ConfigDict:
     c.train = ConfigDict(
         dict(
             task="lm",
-            steps=300,
+            steps=1200,
             log_every=10,
             seed=0,
             z_loss=0.0,

@@ -49,12 +49,12 @@ class Checkpointer:
             raise CheckpointError(
                 f"no checkpoint found in {self.directory} (has {workdir} been trained?)"
             )
-        options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, enable_async_checkpointing=async_save, read_only=read_only,
-            create=not read_only,
-        )
         handlers = {"state": ocp.PyTreeCheckpointHandler(), "data": ocp.JsonCheckpointHandler()}
         with _quiet_orbax():
+            options = ocp.CheckpointManagerOptions(
+                max_to_keep=keep, enable_async_checkpointing=async_save, read_only=read_only,
+                create=not read_only,
+            )
             self.manager = ocp.CheckpointManager(
                 self.directory, options=options, item_handlers=handlers
             )
