@@ -36,6 +36,7 @@ def _row(case: str, batch: int, context: int, stats: DecodeStats) -> dict:
         "ms_per_step": 1e3 * stats.decode_s / max(stats.decode_steps, 1),
         "compile_s": stats.compile_s,
         "cache_bytes_per_token": stats.cache.bytes_per_token,
+        "cache_bytes_per_sequence": stats.cache.bytes_per_sequence,
     }
 
 

@@ -55,6 +55,12 @@ def parse_pattern(cfg: ConfigDict) -> list[tuple[str, str]]:
     return blocks
 
 
+def _has_token_axis(axes: Any) -> bool:
+    """Whether a mixer's cache (its logical axis names) has a per-token ``cache_length`` axis."""
+    leaves = jax.tree.leaves(axes, is_leaf=lambda x: isinstance(x, tuple))
+    return any("cache_length" in names for names in leaves)
+
+
 class Block(nnx.Module):
     def __init__(self, cfg: ConfigDict, mixer: str, channel: str, *, rngs: nnx.Rngs):
         pd = cfg.param_dtype
@@ -133,6 +139,10 @@ class LM(nnx.Module):
 
     # -- cache -----------------------------------------------------------------------------
     def cache_length(self, max_len: int) -> int:
+        """Token slots S of the cache: ``max_len``, the window for sliding-window attention, and 1
+        when no mixer keeps per-token state (pure recurrent stacks: constant memory)."""
+        if not any(_has_token_axis(SEQUENCE_MIXERS[m].cache_axes()) for m, _ in self.pattern):
+            return 1
         window = int(self.cfg.sliding_window)
         return min(max_len, window) if window else max_len
 

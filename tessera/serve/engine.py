@@ -171,12 +171,20 @@ class Decoder:
         return jax.eval_shape(lambda: self._model.init_cache(batch, max_len, self.cache_dtype))
 
     def cache_info(self, batch: int, max_len: int) -> CacheInfo:
-        """Bytes of the cache ``init_cache(batch, max_len)`` (bytes/token = bytes / (B * S))."""
+        """Bytes of the cache ``init_cache(batch, max_len)``, split by the logical axes: arrays
+        with a ``cache_length`` axis are per token, the rest fixed per sequence."""
         cache = self._abstract_cache(batch, max_len)
-        total = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(cache))
+        names = jax.tree.leaves(self._model.cache_axes(), is_leaf=_is_names)
+        token = state = 0
+        for axes, a in zip(names, jax.tree.leaves(cache), strict=True):
+            nbytes = a.size * a.dtype.itemsize
+            if "cache_length" in axes:
+                token += nbytes
+            else:
+                state += nbytes
         mixers = sorted({entry.partition(":")[0] for entry in self.spec.cfg.pattern})
         kinds = f"{'+'.join(mixers)}, {self.spec.cfg.num_layers} layers"
-        return CacheInfo(batch, int(cache["positions"].shape[1]), int(total), kinds)
+        return CacheInfo(batch, int(cache["positions"].shape[1]), int(token), int(state), kinds)
 
     def _abstract_state(self, batch: int, max_len: int) -> dict:
         row = lambda dtype: jax.ShapeDtypeStruct((batch,), dtype)

@@ -24,25 +24,34 @@ class Completion:
 
 @dataclasses.dataclass
 class CacheInfo:
-    """Size of one request's cache: ``batch`` rows of ``slots`` token slots, ``bytes`` in all."""
+    """Size of one request's cache: ``batch`` rows of ``slots`` token slots. ``token_bytes``:
+    arrays that grow with the slots (KV caches); ``state_bytes``: per-sequence state of a fixed
+    size (recurrent state, bookkeeping)."""
 
     batch: int
     slots: int
-    bytes: int
+    token_bytes: int
+    state_bytes: int
     kinds: str
 
     @property
+    def bytes(self) -> int:
+        return self.token_bytes + self.state_bytes
+
+    @property
     def bytes_per_token(self) -> float:
-        return self.bytes / (self.batch * self.slots)
+        return self.token_bytes / (self.batch * self.slots)
 
     @property
     def bytes_per_sequence(self) -> float:
-        return self.bytes / self.batch
+        """Fixed-size state per sequence (not counting per-token slots)."""
+        return self.state_bytes / self.batch
 
     def describe(self) -> str:
         return (
-            f"cache: {self.bytes_per_token:.0f} bytes/token, "
-            f"{self.bytes_per_sequence / 1024:.1f} KiB/sequence ({self.kinds}; {self.slots} slots)"
+            f"cache: {self.bytes_per_token:.0f} bytes/token + "
+            f"{self.bytes_per_sequence / 1024:.1f} KiB/sequence of fixed state "
+            f"({self.kinds}; {self.slots} slots)"
         )
 
 

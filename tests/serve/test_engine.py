@@ -4,9 +4,12 @@ data x tensor mesh, sliding window with chunked prefill), stops, bucketing, seed
 import jax
 import pytest
 
+from tessera.configs import load_config
 from tessera.data import ByteTokenizer
+from tessera.models.create import ModelSpec
 from tessera.serve import Decoder, DecodeStats, SamplingParams, generate, length_bucket
-from tessera.sharding import make_mesh
+from tessera.serve.engine import single_device_mesh
+from tessera.sharding import make_mesh, make_rules
 
 from .conftest import TINY, make_model, reference_greedy
 
@@ -33,9 +36,10 @@ def test_greedy_matches_uncached_forward(tiny_decoder, greedy_ref):
     assert [c.prompt_tokens for c in out] == PROMPTS
     assert stats.prefill_tokens == sum(map(len, PROMPTS))
     assert stats.decode_tokens == len(PROMPTS) * (STEPS - 1)  # the first comes from prefill
-    # K and V: 2 layers x 2 kv heads x 32 dims x 4 bytes each, plus the int32 slot position
-    # (and the per-row lengths, a fraction of a byte per token).
-    assert round(stats.cache.bytes_per_token) == 2 * 2 * 2 * 32 * 4 + 4
+    # K and V: 2 layers x 2 kv heads x 32 dims x 4 bytes each, plus the int32 slot position;
+    # the per-row length is the fixed per-sequence part.
+    assert stats.cache.bytes_per_token == 2 * 2 * 2 * 32 * 4 + 4
+    assert stats.cache.bytes_per_sequence == 4
 
 
 def test_sharded_data_tensor_mesh(tiny, greedy_ref):
@@ -156,3 +160,18 @@ def test_generate_on_a_module_and_text_prompts(tiny):
 def test_bad_input(tiny_decoder, prompts, max_new, message):
     with pytest.raises(ValueError, match=message):
         tiny_decoder.generate(prompts, None, max_new)
+
+
+def test_recurrent_cache_is_constant_size():
+    """A pure Mamba-2 stack keeps one slot and fixed state, whatever the context length."""
+    cfg = load_config("mamba2:tiny,model.dtype=float32")
+    spec = ModelSpec(cfg.model)
+    decoder = Decoder(spec, spec.init(0, single_device_mesh(), make_rules()))
+    short, long = decoder.cache_info(2, 64), decoder.cache_info(2, 8192)
+    assert short.slots == long.slots == 1
+    assert short.bytes == long.bytes
+    m = cfg.model
+    heads = m.ssm.expand * m.d_model // m.ssm.head_dim
+    ssm = heads * m.ssm.head_dim * m.ssm.state_dim * 4
+    conv = (m.ssm.conv_width - 1) * (m.ssm.expand * m.d_model + 2 * m.ssm.state_dim) * 4
+    assert long.bytes_per_sequence == m.num_layers * (ssm + conv) + 4
