@@ -7,10 +7,10 @@ from tessera.configs import load_config
 QUIET = "train.progress=False,train.tensorboard=False"
 
 
-def tiny_config(extra: str = "", **mesh):
+def tiny_config(extra: str = "", family: str = "llama", **mesh):
     """A float32 tiny LM with short rows, so steps are fast and comparisons tight."""
     cfg = load_config(
-        f"llama:tiny,model.dtype=float32,data.seq_len=32,data.global_batch_size=8,optim.warmup_steps=0,"
+        f"{family}:tiny,model.dtype=float32,data.seq_len=32,data.global_batch_size=8,optim.warmup_steps=0,"
         f"checkpoint.async_save=False,{QUIET}{',' + extra if extra else ''}"
     )
     if mesh:

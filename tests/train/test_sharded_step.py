@@ -68,3 +68,13 @@ def test_grad_accumulation_matches_full_batch(tmp_path):
     _, _, p_acc, m_acc = one_step(cfg, tmp_path / "acc", one)
     np.testing.assert_allclose(m_acc["loss"], m_full["loss"], rtol=1e-5)
     np.testing.assert_allclose(m_acc["grad_norm"], m_full["grad_norm"], rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["mamba", "mamba2", "hybrid"])
+def test_recurrent_families_sharded_step_matches_single_device(family, tmp_path):
+    _, _, _, m_1 = one_step(tiny_config(family=family, data=1), tmp_path / "one",
+                            jax.devices()[:1])
+    _, _, _, m_n = one_step(tiny_config(family=family, fsdp=4, tensor=2), tmp_path / "mesh")
+    np.testing.assert_allclose(m_n["loss"], m_1["loss"], rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7),
+                 m_1["grads"], m_n["grads"])
