@@ -66,11 +66,17 @@ def main(argv: list[str]) -> None:
     if argv[1] == "import":
         overrides = parse_pairs([p for p in _MESH.value.split(",") if p], "--mesh", "mesh.")
         overrides.update(parse_pairs(_SET.value, "--set"))
-        config = import_hf(_HF_DIR.value, _WORKDIR.value, dtype=_DTYPE.value, overrides=overrides)
+        notes: list[str] = []
+        config = import_hf(
+            _HF_DIR.value, _WORKDIR.value, dtype=_DTYPE.value, overrides=overrides,
+            log=notes.append,
+        )
         print(
             f"tessera: imported {config.model.family} from {_HF_DIR.value} into "
             f"{_WORKDIR.value} (checkpoint step 0, config {_WORKDIR.value}/config.py)"
         )
+        for note in notes:
+            print(f"tessera: {note}")
     else:
         step, files = export_hf(
             _WORKDIR.value,

@@ -6,7 +6,9 @@
   WORKDIR/checkpoints/0      params + a fresh optimizer state (train resumes at step 0)
   WORKDIR/config.json        the full tessera config;  WORKDIR/config.py  reads it (--config=)
   WORKDIR/hf_config.json     the source config.json (export keeps the keys tessera does not use)
-  WORKDIR/tokenizer/         the tokenizer files, copied (tessera does not load them yet)
+  WORKDIR/tokenizer/         the tokenizer files, copied; with a tokenizer.json the config's
+                             data.tokenizer is "hf:tokenizer" (loaded relative to the
+                             workdir), else it stays "byte"
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import dataclasses
 import json
 import os
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -34,6 +36,7 @@ from tessera.convert.errors import ConversionError
 from tessera.convert.families import family_for
 from tessera.convert.params import read_params
 from tessera.convert.safetensors_io import SafetensorsReader
+from tessera.data.tokenizers import HF_PREFIX, HF_TOKENIZER_FILE, HFTokenizer
 from tessera.models.create import ModelSpec
 from tessera.sharding import make_mesh, make_rules
 from tessera.train.checkpoints import Checkpointer
@@ -48,6 +51,7 @@ TOKENIZER_FILES = (
     "special_tokens_map.json",
 )
 TOKENIZER_DIR = "tokenizer"
+TOKENIZER_NAME = HF_PREFIX + TOKENIZER_DIR  # data.tokenizer of an import with a tokenizer.json
 
 
 @dataclasses.dataclass
@@ -102,14 +106,20 @@ def import_hf(
     dtype: str = "float32",
     overrides: Mapping[str, Any] | None = None,
     devices: Sequence[jax.Device] | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> ConfigDict:
     """Write the workdir described in the module doc; returns its config. Everything is read
-    and checked before anything is written, and a workdir that has checkpoints is refused."""
+    and checked before anything is written, and a workdir that has checkpoints is refused.
+    ``log`` receives a line saying which tokenizer the config uses and why."""
     ckpt_dir = os.path.join(workdir, "checkpoints")
     if os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):
         raise ConversionError(f"{workdir} already has checkpoints; import into a new workdir")
     hf = read_hf_config(hf_dir)
     config = tessera_config(hf, dtype=dtype, overrides=overrides)
+    if "data.tokenizer" in (overrides or {}):
+        note = f"data.tokenizer={config.data.tokenizer!r}, as overridden"
+    else:
+        config.data.tokenizer, note = tokenizer_for_import(hf_dir, config.model.vocab_size)
     reader = SafetensorsReader(hf_dir)
     # The trainer's own shardings and optimizer, so `tessera.train` restores this state as is.
     trainer = Trainer(config, workdir, devices)
@@ -134,7 +144,28 @@ def import_hf(
         json.dump(hf, f, indent=2)
         f.write("\n")
     copy_tokenizer(hf_dir, os.path.join(workdir, TOKENIZER_DIR))
+    if log is not None:
+        log(f"tokenizer: {note}")
     return config
+
+
+def tokenizer_for_import(hf_dir: str, vocab_size: int) -> tuple[str, str]:
+    """(data.tokenizer, a note saying why) for an import of ``hf_dir``: ``"hf:tokenizer"`` when
+    its tokenizer.json loads (the files are copied to WORKDIR/tokenizer), else ``"byte"``."""
+    path = os.path.join(hf_dir, HF_TOKENIZER_FILE)
+    if not os.path.isfile(path):
+        return "byte", (
+            f"{hf_dir} has no {HF_TOKENIZER_FILE}; data.tokenizer stays 'byte', which is not "
+            "the model's tokenizer (--set=data.tokenizer=hf:PATH names another)"
+        )
+    try:
+        tokenizer = HFTokenizer(path)
+    except (ValueError, OSError) as e:
+        return "byte", f"{e}; data.tokenizer stays 'byte'"
+    note = f"data.tokenizer={TOKENIZER_NAME!r} ({tokenizer.vocab_size} ids"
+    if tokenizer.vocab_size > vocab_size:
+        note += f", more than the model's vocab_size {vocab_size}: those ids are rejected"
+    return TOKENIZER_NAME, note + ")"
 
 
 def copy_tokenizer(src: str, dst: str) -> list[str]:

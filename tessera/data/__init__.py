@@ -11,12 +11,13 @@ from tessera.data.synthetic import (
     split_prompt,
     unigram_entropy,
 )
-from tessera.data.tokenizers import ByteTokenizer, Tokenizer, get_tokenizer
+from tessera.data.tokenizers import ByteTokenizer, HFTokenizer, Tokenizer, get_tokenizer
 
 __all__ = [
     "Batch",
     "ByteTokenizer",
     "DataIterator",
+    "HFTokenizer",
     "PackIterDataset",
     "Source",
     "SyntheticSource",

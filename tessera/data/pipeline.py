@@ -10,7 +10,8 @@ tokens:
     loss_mask    float32 [B, T]  1 where input and target are in the same piece, else 0
                                  (document boundaries and padding)
 
-Each document is `[bos] + tokenizer.encode(text) + [eos]`.
+Each document is `[bos] + tokenizer.encode(text) + [eos]` (no bos when `tokenizer.bos_id` is
+None).
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ _STATE_VERSION = 1
 
 
 def _encode(tokenizer: Tokenizer, text: str) -> np.ndarray:
-    ids = [tokenizer.bos_id, *tokenizer.encode(text), tokenizer.eos_id]
+    bos = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
+    ids = [*bos, *tokenizer.encode(text), tokenizer.eos_id]
     return np.asarray(ids, np.int32)
 
 

@@ -255,7 +255,8 @@ def main(argv: list[str]) -> None:
     log(
         f"decoding with step {step} of {_WORKDIR.value} ({config.model.family}, "
         f"{decoder.spec.num_params() / 1e6:.2f}M params) on {decoder.mesh.devices.size} "
-        f"{jax.devices()[0].platform} devices, mesh {dict(decoder.mesh.shape)}"
+        f"{jax.devices()[0].platform} devices, mesh {dict(decoder.mesh.shape)}, tokenizer "
+        f"{config.data.tokenizer}"
     )
     stats = DecodeStats()
     if _PROMPT.value is not None:

@@ -118,9 +118,10 @@ class Decoder:
 
     # -- input checks ----------------------------------------------------------------------
     def encode(self, prompts: Sequence[Prompt]) -> list[list[int]]:
-        """Text prompts -> ``[bos] + tokenizer.encode(text)``; token-id prompts are taken as
-        they are. Empty prompts, text the tokenizer cannot encode and ids outside the model's
-        vocabulary are errors naming the prompt."""
+        """Text prompts -> ``[bos] + tokenizer.encode(text)`` (no bos when the tokenizer's
+        ``bos_id`` is None); token-id prompts are taken as they are. Empty prompts, text the
+        tokenizer cannot encode and ids outside the model's vocabulary are errors naming the
+        prompt."""
         if isinstance(prompts, str):
             raise ValueError("prompts must be a list of prompts, not one string")
         out = []
@@ -128,12 +129,15 @@ class Decoder:
             if isinstance(prompt, str):
                 if not prompt:
                     raise ValueError(f"prompt {i} is empty")
+                bos = self.tokenizer.bos_id
                 try:
-                    ids = [self.tokenizer.bos_id, *self.tokenizer.encode(prompt)]
+                    ids = [*([] if bos is None else [bos]), *self.tokenizer.encode(prompt)]
                 except Exception as e:
                     raise ValueError(
                         f"prompt {i}: the tokenizer cannot encode {prompt[:40]!r}: {e}"
                     ) from e
+                if not ids:
+                    raise ValueError(f"prompt {i}: {prompt[:40]!r} encodes to no tokens")
             else:
                 ids = [int(t) for t in prompt]
                 if not ids:

@@ -51,11 +51,12 @@ def load_decoder(
     **decoder_kwargs: Any,
 ) -> tuple[Decoder, int]:
     """A Decoder for ``config`` with the parameters of ``workdir``'s checkpoint (latest, or
-    ``step``) on the mesh of ``config.mesh``; returns it and the step restored."""
+    ``step``) on the mesh of ``config.mesh``; returns it and the step restored. The tokenizer is
+    ``config.data.tokenizer``, a relative ``hf:`` path taken relative to ``workdir``."""
     mesh = make_mesh(config.mesh, devices)
     rules = make_rules(config.mesh.rules)
     spec = ModelSpec(config.model)
-    tokenizer = get_tokenizer(config.data.tokenizer)
+    tokenizer = get_tokenizer(config.data.tokenizer, base_dir=workdir)
     step, params = restore_params(spec, workdir, spec.shardings(mesh, rules), step)
     decoder = Decoder(spec, params, mesh, rules, tokenizer=tokenizer, **decoder_kwargs)
     return decoder, step

@@ -210,7 +210,7 @@ class Trainer:
         ckpt = Checkpointer(
             self.workdir, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save
         )
-        tokenizer = get_tokenizer(cfg.data.tokenizer)
+        tokenizer = get_tokenizer(cfg.data.tokenizer, base_dir=self.workdir)
         data = make_pipeline(
             cfg.data,
             tokenizer=tokenizer,
