@@ -21,11 +21,11 @@ from tessera.train.trainer import Trainer
 
 
 def run_train_bench(config_spec: str, overrides: Mapping[str, Any] | None = None,
-                    steps: int = 5) -> list[dict]:
+                    steps: int = 5, devices: list | None = None) -> list[dict]:
     """Time ``steps`` train steps after one compile step; print and return one table row."""
     cfg = load_config(config_spec, overrides)
     with tempfile.TemporaryDirectory() as workdir:
-        trainer = Trainer(cfg, workdir)
+        trainer = Trainer(cfg, workdir, devices)
         state = trainer.init_state()
         data = make_pipeline(cfg.data, tokenizer=get_tokenizer(cfg.data.tokenizer),
                              global_batch_size=cfg.data.global_batch_size,

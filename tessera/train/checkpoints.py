@@ -66,7 +66,7 @@ class Checkpointer:
         return list(self.manager.all_steps())
 
     def save(self, step: int, state: PyTree, data_state: dict | None = None) -> None:
-        """Save asynchronously (``wait`` makes it durable); a step already saved is skipped."""
+        """Save asynchronously (``close`` waits for it); a step already saved is skipped."""
         if step in self.manager.all_steps():
             return
         self.manager.save(
@@ -76,9 +76,6 @@ class Checkpointer:
                 data=ocp.args.JsonSave(data_state or {}),
             ),
         )
-
-    def wait(self) -> None:
-        self.manager.wait_until_finished()
 
     def check_compatible(self, step: int, target: PyTree) -> None:
         """Raise CheckpointError naming the first tensor whose presence or shape differs."""

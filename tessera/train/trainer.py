@@ -196,9 +196,6 @@ class Trainer:
             for k, v in batch.items()
         }
 
-    def compiled_step(self, state: PyTree, batch: dict):
-        return self._step.lower(state, batch).compile()
-
     def step(self, state: PyTree, batch: dict) -> tuple[PyTree, dict]:
         return self._step(state, batch)
 
