@@ -25,7 +25,7 @@ from tessera.convert.params import hf_tensors
 from tessera.convert.safetensors_io import write_safetensors
 from tessera.models.create import ModelSpec
 from tessera.sharding import make_mesh, make_rules
-from tessera.train.checkpoints import Checkpointer
+from tessera.train.checkpoints import load_params
 
 PyTree = Any
 
@@ -90,11 +90,7 @@ def export_hf(
     config.mesh.update(dcn_data=1, dcn_fsdp=1, dcn_expert=1, dcn_sequence=1, dcn_tensor=1)
     mesh = make_mesh(config.mesh, devices)
     spec = ModelSpec(config.model)
-    ckpt = Checkpointer(workdir, read_only=True)
-    try:
-        step, params = ckpt.restore_params(step, spec.abstract(mesh, make_rules(config.mesh.rules)))
-    finally:
-        ckpt.close()
+    step, params = load_params(workdir, spec.abstract(mesh, make_rules(config.mesh.rules)), step)
     files = save_hf(
         params, config, hf_dir, dtype=dtype, source=source, max_shard_bytes=max_shard_bytes
     )

@@ -20,6 +20,13 @@ from tessera.sharding import logical_to_spec, variable_names
 PyTree = Any
 
 
+def abstract_arrays(shapes: PyTree, shardings: PyTree) -> PyTree:
+    """ShapeDtypeStructs carrying shardings: restore targets and AOT compilation inputs."""
+    return jax.tree.map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings
+    )
+
+
 class ModelSpec:
     """A model's graph definition plus the shape, dtype and logical axes of every parameter."""
 
@@ -47,11 +54,7 @@ class ModelSpec:
 
     def abstract(self, mesh: Mesh, rules: Mapping[str, tuple[str, ...]]) -> PyTree:
         """ShapeDtypeStructs with shardings (restore targets, AOT compilation inputs)."""
-        return jax.tree.map(
-            lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-            self.shapes,
-            self.shardings(mesh, rules),
-        )
+        return abstract_arrays(self.shapes, self.shardings(mesh, rules))
 
     def init(self, seed: int, mesh: Mesh, rules: Mapping[str, tuple[str, ...]]) -> PyTree:
         """Random parameters, created already sharded (never materialised on one device)."""

@@ -8,7 +8,6 @@ the stored tensors fit the model.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -16,10 +15,10 @@ import jax
 
 from tessera.configs.base import ConfigDict
 from tessera.data import get_tokenizer
-from tessera.models.create import ModelSpec
+from tessera.models.create import ModelSpec, abstract_arrays
 from tessera.serve.engine import Decoder
 from tessera.sharding import make_mesh, make_rules
-from tessera.train.checkpoints import Checkpointer
+from tessera.train.checkpoints import load_params
 
 PyTree = Any
 
@@ -29,17 +28,7 @@ def restore_params(
 ) -> tuple[int, PyTree]:
     """(step, params) from ``workdir``'s checkpoint ``step`` (default: the latest), each array
     placed with ``shardings`` (a tree like ``spec.shapes``)."""
-    if not os.path.isdir(workdir):
-        raise FileNotFoundError(f"workdir {workdir} does not exist")
-    ckpt = Checkpointer(workdir, read_only=True)
-    try:
-        target = jax.tree.map(
-            lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), spec.shapes,
-            shardings,
-        )
-        return ckpt.restore_params(step, target)
-    finally:
-        ckpt.close()
+    return load_params(workdir, abstract_arrays(spec.shapes, shardings), step)
 
 
 def load_decoder(

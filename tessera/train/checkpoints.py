@@ -155,3 +155,15 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def load_params(workdir: str, target: PyTree, step: int | None = None) -> tuple[int, PyTree]:
+    """(step, params) of ``workdir``'s checkpoint ``step`` (default: the latest), read-only, each
+    array placed on the sharding of ``target`` (abstract arrays); no optimizer state is read."""
+    if not os.path.isdir(workdir):
+        raise FileNotFoundError(f"workdir {workdir} does not exist")
+    ckpt = Checkpointer(workdir, read_only=True)
+    try:
+        return ckpt.restore_params(step, target)
+    finally:
+        ckpt.close()

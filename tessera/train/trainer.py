@@ -25,7 +25,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from tessera.configs.base import ConfigDict
 from tessera.data import check_vocab, get_tokenizer, make_pipeline, unigram_entropy
-from tessera.models.create import ModelSpec
+from tessera.models.create import ModelSpec, abstract_arrays
 from tessera.sharding import logical_sharding, make_mesh, make_rules, use_mesh
 from tessera.train import flops as flops_lib
 from tessera.train.checkpoints import Checkpointer
@@ -114,11 +114,7 @@ class Trainer:
         return {"params": params, "opt_state": opt_state, "step": step}
 
     def abstract_state(self) -> PyTree:
-        return jax.tree.map(
-            lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-            self.state_shapes,
-            self.state_shardings,
-        )
+        return abstract_arrays(self.state_shapes, self.state_shardings)
 
     # -- step ------------------------------------------------------------------------------
     def _loss_and_grads(self, params: PyTree, batch: dict):

@@ -17,6 +17,7 @@ from tessera.models.create import ModelSpec
 from tessera.sharding import DEFAULT_RULES, make_mesh, make_rules, use_mesh
 from tessera.train.flops import forward_flops_per_token, mamba_flops
 from tessera.train.trainer import train
+from tests.cached_decode import check_cached_decode
 
 # Small enough to compile fast; chunks of 4 so prefills span several chunks and a padded one.
 SMALL = dict(d_model=32, vocab_size=61, num_layers=2, init_std=0.2)
@@ -259,17 +260,8 @@ def test_cached_decode_matches_full_forward(lm):
     tokens = random_tokens((2, length), spec.cfg.vocab_size, seed=3)
     full = apply(params, tokens).logits
 
-    out = apply(params, tokens[:, :prefill], cache=model.init_cache(2, length))
-    np.testing.assert_allclose(out.logits, full[:, :prefill], **TOL)
-    np.testing.assert_array_equal(out.cache["lengths"], [prefill, prefill])
-    out = apply(params, tokens[:, prefill : prefill + chunk], cache=out.cache)
-    np.testing.assert_allclose(out.logits, full[:, prefill : prefill + chunk], **TOL)
-    cache = out.cache
-    for t in range(prefill + chunk, length):
-        out = apply(params, tokens[:, t : t + 1], cache=cache)
-        np.testing.assert_allclose(out.logits[:, 0], full[:, t], **TOL, err_msg=f"step {t}")
-        cache = out.cache
-    np.testing.assert_array_equal(cache["lengths"], [length, length])
+    cache = check_cached_decode(apply, params, tokens, full, model.init_cache(2, length),
+                                (prefill, chunk), TOL)
 
     positions = jnp.broadcast_to(jnp.arange(prefill, dtype=jnp.int32), (2, prefill))
     again = apply(params, tokens[:, :prefill], positions=positions, cache=cache)

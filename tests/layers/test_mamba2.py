@@ -18,6 +18,7 @@ from tessera.models.registry import build_model
 from tessera.sharding import make_mesh, make_rules, use_mesh
 from tessera.train.flops import forward_flops_per_token
 from tessera.train.trainer import train
+from tests.cached_decode import check_cached_decode
 
 TOL = dict(rtol=2e-5, atol=2e-5)
 MAMBA2 = "mamba2:tiny,model.dtype=float32"
@@ -230,16 +231,8 @@ def test_cached_decode_matches_full_forward(spec_text):
     tol = TOL if spec_text == MAMBA2 else dict(rtol=1e-4, atol=1e-4)
     tokens = random_tokens((2, length), cfg.vocab_size, seed=10)
     full = apply(params, tokens).logits
-    cache = model.init_cache(2, length)
-    for start in (0, prefill):
-        out = apply(params, tokens[:, start : start + prefill], cache=cache)
-        np.testing.assert_allclose(out.logits, full[:, start : start + prefill], **tol)
-        cache = out.cache
-    for t in range(2 * prefill, length):
-        out = apply(params, tokens[:, t : t + 1], cache=cache)
-        np.testing.assert_allclose(out.logits[:, 0], full[:, t], **tol, err_msg=f"step {t}")
-        cache = out.cache
-    np.testing.assert_array_equal(cache["lengths"], [length, length])
+    check_cached_decode(apply, params, tokens, full, model.init_cache(2, length),
+                        (prefill, prefill), tol)
 
 
 def test_right_padded_prefill_then_decode():

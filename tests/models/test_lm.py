@@ -14,6 +14,7 @@ from tessera.models.create import ModelSpec
 from tessera.models.registry import build_model
 from tessera.models.remat import REMAT_POLICIES
 from tessera.sharding import make_mesh, make_rules, use_mesh
+from tests.cached_decode import check_cached_decode
 
 # Small enough to compile fast; init_std large enough that attention is far from uniform, so a
 # wrong mask or a misplaced cache entry moves the logits well past the tolerances below.
@@ -269,17 +270,7 @@ def test_cached_decode_matches_full_forward(overrides):
     assert len(cache["layers"]) == len(cfg.pattern)
     assert cache["layers"][-1]["k"].shape == (repeats, 2, slots, cfg.num_kv_heads, 8)
 
-    out = apply(params, tokens[:, :prefill], cache=cache)
-    np.testing.assert_allclose(out.logits, full[:, :prefill], **TOL)
-    np.testing.assert_array_equal(out.cache["lengths"], [prefill, prefill])
-    out = apply(params, tokens[:, prefill : prefill + chunk], cache=out.cache)
-    np.testing.assert_allclose(out.logits, full[:, prefill : prefill + chunk], **TOL)
-    cache = out.cache
-    for t in range(prefill + chunk, length):
-        out = apply(params, tokens[:, t : t + 1], cache=cache)
-        np.testing.assert_allclose(out.logits[:, 0], full[:, t], **TOL, err_msg=f"step {t}")
-        cache = out.cache
-    np.testing.assert_array_equal(cache["lengths"], [length, length])
+    cache = check_cached_decode(apply, params, tokens, full, cache, (prefill, chunk), TOL)
     # Every slot holds one of the last `slots` positions.
     held = np.sort(np.asarray(cache["positions"]), axis=1)
     np.testing.assert_array_equal(held, np.tile(np.arange(length - slots, length), (2, 1)))

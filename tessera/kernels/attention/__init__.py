@@ -14,6 +14,7 @@ import jax
 
 from tessera.kernels.attention import chunked, reference
 from tessera.kernels.attention.reference import make_attention_mask
+from tessera.kernels.dispatch import check_impl
 
 IMPLS = ("auto", "xla", "xla_chunked", "pallas_tpu", "pallas_gpu")
 
@@ -46,13 +47,7 @@ def attention(
     Masking contract in `reference.attention`. block_q / block_kv tune xla_chunked (defaults from
     `chunked`); `auto` ignores them when it picks xla, impl='xla' rejects them.
     """
-    if impl not in IMPLS:
-        raise ValueError(f"unknown attention impl {impl!r}; valid: {', '.join(IMPLS)}")
-    if impl in ("pallas_tpu", "pallas_gpu"):
-        raise NotImplementedError(
-            f"attention impl {impl!r} is not available yet (no Pallas attention kernel has been "
-            "written); use 'xla', 'xla_chunked' or 'auto'"
-        )
+    check_impl("attention", impl, IMPLS)
     chosen = impl
     if impl == "auto":
         chosen = "xla_chunked" if q.shape[1] * k.shape[1] >= CHUNKED_MIN_SCORES else "xla"

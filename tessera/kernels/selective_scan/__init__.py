@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import jax
 
+from tessera.kernels.dispatch import check_impl
 from tessera.kernels.selective_scan import reference
 
 IMPLS = ("auto", "chunked", "associative", "sequential", "pallas_tpu", "pallas_gpu")
@@ -61,13 +62,7 @@ def selective_scan(
     bool [B, T] zeroes the state before a token. Returns y [B, T, Di] (x's dtype) and the final
     state [B, Di, N] float32. ``chunk_size`` only applies to the chunked form.
     """
-    if impl not in IMPLS:
-        raise ValueError(f"unknown selective_scan impl {impl!r}; valid: {', '.join(IMPLS)}")
-    if impl in ("pallas_tpu", "pallas_gpu"):
-        raise NotImplementedError(
-            f"selective_scan impl {impl!r} is not available yet (no Pallas kernel has been "
-            "written); use 'chunked', 'associative', 'sequential' or 'auto'"
-        )
+    check_impl("selective_scan", impl, IMPLS)
     _check_shapes(x, dt, A, B, C, D, h0, reset)
     kw = dict(h0=h0, reset=reset)
     if impl == "sequential":

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import jax
 
+from tessera.kernels.dispatch import check_impl
 from tessera.kernels.ssd import reference
 
 IMPLS = ("auto", "xla", "chunked", "associative", "sequential", "pallas_tpu", "pallas_gpu")
@@ -39,13 +40,7 @@ def ssd(
 
     ``chunk_size`` only applies to the chunked form.
     """
-    if impl not in IMPLS:
-        raise ValueError(f"unknown ssd impl {impl!r}; valid: {', '.join(IMPLS)}")
-    if impl in ("pallas_tpu", "pallas_gpu"):
-        raise NotImplementedError(
-            f"ssd impl {impl!r} is not available yet (no Pallas SSD kernel has been written); "
-            "use 'auto', 'chunked', 'associative' or 'sequential'"
-        )
+    check_impl("ssd", impl, IMPLS)
     if impl == "auto":
         impl = "sequential" if x.shape[1] == 1 else "chunked"
     if impl in ("chunked", "xla"):

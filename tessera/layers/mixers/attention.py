@@ -16,10 +16,6 @@ from tessera.layers.positions import apply_rope, rope_frequencies
 from tessera.sharding import constrain
 
 
-def rope_scaling_dict(cfg: ConfigDict) -> dict:
-    return dict(cfg.rope_scaling)
-
-
 class Attention(nnx.Module):
     """[B, T, D] -> [B, T, D]. Optional qkv bias (Qwen2), q/k RMSNorm (Qwen3), sliding window."""
 
@@ -32,7 +28,7 @@ class Attention(nnx.Module):
         self.sliding_window = int(cfg.sliding_window) or None
         self.impl = cfg.attention_impl
         self.rope_theta = float(cfg.rope_theta)
-        self.rope_scaling = rope_scaling_dict(cfg)
+        self.rope_scaling = dict(cfg.rope_scaling)
         self.max_seq_len = int(cfg.max_seq_len)
         init, pd = normal(cfg.init_std), cfg.param_dtype
         self.wq = param(rngs, init, (d, h, hd), ("embed", "heads", "head_dim"), pd)
