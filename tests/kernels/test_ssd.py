@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tessera.kernels.ssd import IMPLS, reference, ssd
+from tessera.kernels.ssd import IMPLS, OP, reference, ssd
 
 FORMS = {
     "sequential": jax.jit(reference.sequential),
@@ -154,12 +154,14 @@ def test_dispatch():
         *[a[:, :1] for a in (x, dt)], A, B[:, :1], C[:, :1], D
     )
     assert "scan" in str(step) and "cumsum" not in str(step)
-    assert set(IMPLS) >= {"auto", "chunked", "associative", "sequential", "pallas_tpu"}
-    with pytest.raises(ValueError, match="unknown ssd impl 'fast'"):
-        ssd(x, dt, A, B, C, D, impl="fast")
-    for impl in ("pallas_tpu", "pallas_gpu"):
-        with pytest.raises(NotImplementedError, match=impl):
+    assert IMPLS == ("auto", "sequential", "chunked", "associative", "xla")
+    for impl in ("fast", "pallas_tpu"):
+        with pytest.raises(ValueError, match=f"unknown ssd impl '{impl}'; valid: auto, sequential"):
             ssd(x, dt, A, B, C, D, impl=impl)
+    assert [reason for _, reason in OP.explain(x, dt, A, B, C, D, h0=None, reset=None,
+                                                 chunk_size=4)] == [
+        "auto skips it: T = 9 > 1 (it is the decode step)", None, "auto skips it: only when named"
+    ]
 
 
 @pytest.mark.parametrize(

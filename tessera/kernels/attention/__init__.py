@@ -1,11 +1,12 @@
 """Attention kernels behind one dispatch: `attention(q, k, v, ..., impl="auto")`.
 
-impls:
-  xla          `reference.attention`, plain jnp; builds the [T, S] scores. CPU path and oracle.
+impls, in the order auto tries them (`OP`, a `tessera.kernels.registry.Op`):
   xla_chunked  `chunked.attention`, online softmax over blocks with a blockwise custom backward;
-               memory O(T + S) per head.
-  pallas_tpu, pallas_gpu  not written yet; naming one raises NotImplementedError.
-  auto         xla while T * S < CHUNKED_MIN_SCORES, xla_chunked above. Never picks Pallas yet.
+               memory O(T + S) per head. Auto picks it once T * S >= CHUNKED_MIN_SCORES.
+  xla          `reference.attention`, plain jnp; builds the [T, S] scores. CPU path and oracle;
+               runs anything.
+  auto         the first of these that accepts the inputs: xla while T * S < CHUNKED_MIN_SCORES,
+               xla_chunked above. Pallas kernels join with `OP.register(impl, before=...)`.
 """
 
 from __future__ import annotations
@@ -14,15 +15,45 @@ import jax
 
 from tessera.kernels.attention import chunked, reference
 from tessera.kernels.attention.reference import make_attention_mask
-from tessera.kernels.dispatch import check_impl
-
-IMPLS = ("auto", "xla", "xla_chunked", "pallas_tpu", "pallas_gpu")
+from tessera.kernels.registry import Impl, Op, drop_kwargs, impls_getattr
 
 # Score entries per (batch, head) from which `auto` stops building the full [T, S] matrix:
 # 2048 x 2048 float32 scores are 16 MiB per head, before the copies the backward keeps.
 CHUNKED_MIN_SCORES = 2048 * 2048
 
-__all__ = ["CHUNKED_MIN_SCORES", "IMPLS", "attention", "make_attention_mask"]
+__all__ = ["CHUNKED_MIN_SCORES", "IMPLS", "OP", "attention", "make_attention_mask"]
+
+
+# Every impl and check takes `attention`'s arguments (less `impl`); `attention` rejects
+# block sizes for a named xla, auto ignores them there.
+
+
+def _chunked(
+    q: jax.Array, k: jax.Array, v: jax.Array, *, block_q: int | None, block_kv: int | None, **kw
+) -> jax.Array:
+    return chunked.attention(
+        q, k, v, **kw,
+        block_q=chunked.DEFAULT_BLOCK_Q if block_q is None else block_q,
+        block_kv=chunked.DEFAULT_BLOCK_KV if block_kv is None else block_kv,
+    )
+
+
+def _chunked_pays(q: jax.Array, k: jax.Array, *args, **kw) -> str | None:
+    scores = q.shape[1] * k.shape[1]
+    if scores < CHUNKED_MIN_SCORES:
+        return f"T * S = {scores} < CHUNKED_MIN_SCORES = {CHUNKED_MIN_SCORES}"
+    return None
+
+
+OP = Op(
+    "attention",
+    [
+        Impl("xla_chunked", _chunked, auto=_chunked_pays),
+        Impl("xla", drop_kwargs(reference.attention, "block_q", "block_kv")),
+    ],
+)
+
+__getattr__ = impls_getattr(OP)  # IMPLS = ("auto", *OP.names)
 
 
 def attention(
@@ -47,21 +78,11 @@ def attention(
     Masking contract in `reference.attention`. block_q / block_kv tune xla_chunked (defaults from
     `chunked`); `auto` ignores them when it picks xla, impl='xla' rejects them.
     """
-    check_impl("attention", impl, IMPLS)
-    chosen = impl
-    if impl == "auto":
-        chosen = "xla_chunked" if q.shape[1] * k.shape[1] >= CHUNKED_MIN_SCORES else "xla"
-    kw = dict(
-        q_positions=q_positions, kv_positions=kv_positions, q_segment_ids=q_segment_ids,
+    if impl == "xla" and (block_q is not None or block_kv is not None):
+        given = [n for n, s in (("block_q", block_q), ("block_kv", block_kv)) if s is not None]
+        raise ValueError(f"{', '.join(given)} only apply to impl='xla_chunked', not 'xla'")
+    return OP(
+        q, k, v, q_positions=q_positions, kv_positions=kv_positions, q_segment_ids=q_segment_ids,
         kv_segment_ids=kv_segment_ids, causal=causal, sliding_window=sliding_window, scale=scale,
-        kv_valid=kv_valid,
+        kv_valid=kv_valid, block_q=block_q, block_kv=block_kv, impl=impl,
     )
-    blocks = {
-        name: size for name, size in (("block_q", block_q), ("block_kv", block_kv))
-        if size is not None
-    }
-    if chosen == "xla_chunked":
-        return chunked.attention(q, k, v, **kw, **blocks)
-    if blocks and impl == "xla":
-        raise ValueError(f"{', '.join(blocks)} only apply to impl='xla_chunked', not 'xla'")
-    return reference.attention(q, k, v, **kw)

@@ -1,24 +1,22 @@
 """Mamba-1 selective scan behind one dispatch: `selective_scan(x, dt, A, B, C, D, impl="auto")`.
 
-impls (all in `reference`, plain jnp):
-  sequential   lax.scan over time; the oracle and the decode step.
-  associative  one jax.lax.associative_scan over T; memory [B, T, Di, N].
+impls, in the order auto tries them (`OP`, a `tessera.kernels.registry.Op`; all in `reference`,
+plain jnp):
   chunked      associative scan within chunks, lax.scan across them, rematerialised chunk body;
                memory O(chunk) per step. The training and prefill path.
-  pallas_tpu, pallas_gpu  not written yet; naming one raises NotImplementedError.
-  auto         chunked. Never picks Pallas yet.
+  associative  one jax.lax.associative_scan over T; memory [B, T, Di, N]. Only when named.
+  sequential   lax.scan over time; the oracle and the decode step. Only when named.
+  auto         chunked. Pallas kernels join with `OP.register(impl, before=...)`.
 """
 
 from __future__ import annotations
 
 import jax
 
-from tessera.kernels.dispatch import check_impl
+from tessera.kernels.registry import Impl, Op, drop_kwargs, impls_getattr
 from tessera.kernels.selective_scan import reference
 
-IMPLS = ("auto", "chunked", "associative", "sequential", "pallas_tpu", "pallas_gpu")
-
-__all__ = ["IMPLS", "selective_scan"]
+__all__ = ["IMPLS", "OP", "selective_scan"]
 
 
 def _check_shapes(x, dt, A, B, C, D, h0, reset) -> None:
@@ -43,6 +41,18 @@ def _check_shapes(x, dt, A, B, C, D, h0, reset) -> None:
             raise ValueError(f"selective_scan: {name} must have shape {shape}, got {a.shape}")
 
 
+OP = Op(
+    "selective_scan",
+    [
+        Impl("chunked", reference.chunked),
+        Impl("associative", drop_kwargs(reference.associative, "chunk_size"), auto=False),
+        Impl("sequential", drop_kwargs(reference.sequential, "chunk_size"), auto=False),
+    ],
+)
+
+__getattr__ = impls_getattr(OP)  # IMPLS = ("auto", *OP.names)
+
+
 def selective_scan(
     x: jax.Array,
     dt: jax.Array,
@@ -62,11 +72,5 @@ def selective_scan(
     bool [B, T] zeroes the state before a token. Returns y [B, T, Di] (x's dtype) and the final
     state [B, Di, N] float32. ``chunk_size`` only applies to the chunked form.
     """
-    check_impl("selective_scan", impl, IMPLS)
     _check_shapes(x, dt, A, B, C, D, h0, reset)
-    kw = dict(h0=h0, reset=reset)
-    if impl == "sequential":
-        return reference.sequential(x, dt, A, B, C, D, **kw)
-    if impl == "associative":
-        return reference.associative(x, dt, A, B, C, D, **kw)
-    return reference.chunked(x, dt, A, B, C, D, **kw, chunk_size=chunk_size)
+    return OP(x, dt, A, B, C, D, h0=h0, reset=reset, chunk_size=chunk_size, impl=impl)

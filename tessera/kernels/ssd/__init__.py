@@ -1,25 +1,41 @@
 """Mamba-2 state-space duality (SSD) behind one dispatch: ``ssd(x, dt, A, B, C, D, impl=...)``.
 
-impls (the recurrence and shapes are in `reference`):
+impls, in the order auto tries them (`OP`, a `tessera.kernels.registry.Op`; the recurrence and
+shapes are in `reference`):
+  sequential   lax.scan over time: the oracle and the decode step. Auto picks it for a single
+               token (T = 1), where both forms are exact and the step skips the chunk bookkeeping.
   chunked      the SSD algorithm: quadratic form inside chunks, recurrence between them. Training
-               and prefill path. ``xla`` names the same path.
-  associative  lax.associative_scan over time.
-  sequential   lax.scan over time: the oracle and the decode step.
-  pallas_tpu, pallas_gpu  not written yet; naming one raises NotImplementedError.
-  auto         chunked; sequential for a single token (T = 1, a decode step), where both are
-               exact and the step skips the chunk bookkeeping.
+               and prefill path; auto's pick for T > 1. ``xla`` is an alias.
+  associative  lax.associative_scan over time. Only when named.
+  auto         sequential for T = 1, chunked otherwise. Pallas kernels join with
+               `OP.register(impl, before=...)`.
 """
 
 from __future__ import annotations
 
 import jax
 
-from tessera.kernels.dispatch import check_impl
+from tessera.kernels.registry import Impl, Op, drop_kwargs, impls_getattr
 from tessera.kernels.ssd import reference
 
-IMPLS = ("auto", "xla", "chunked", "associative", "sequential", "pallas_tpu", "pallas_gpu")
+__all__ = ["IMPLS", "OP", "ssd"]
 
-__all__ = ["IMPLS", "ssd"]
+
+def _single_token(x: jax.Array, *args, **kw) -> str | None:
+    return None if x.shape[1] == 1 else f"T = {x.shape[1]} > 1 (it is the decode step)"
+
+
+OP = Op(
+    "ssd",
+    [
+        Impl("sequential", drop_kwargs(reference.sequential, "chunk_size"), auto=_single_token),
+        Impl("chunked", reference.chunked),
+        Impl("associative", drop_kwargs(reference.associative, "chunk_size"), auto=False),
+    ],
+    aliases={"xla": "chunked"},
+)
+
+__getattr__ = impls_getattr(OP)  # IMPLS = ("auto", *OP.names)
 
 
 def ssd(
@@ -40,10 +56,4 @@ def ssd(
 
     ``chunk_size`` only applies to the chunked form.
     """
-    check_impl("ssd", impl, IMPLS)
-    if impl == "auto":
-        impl = "sequential" if x.shape[1] == 1 else "chunked"
-    if impl in ("chunked", "xla"):
-        return reference.chunked(x, dt, A, B, C, D, h0=h0, reset=reset, chunk_size=chunk_size)
-    form = reference.sequential if impl == "sequential" else reference.associative
-    return form(x, dt, A, B, C, D, h0=h0, reset=reset)
+    return OP(x, dt, A, B, C, D, h0=h0, reset=reset, chunk_size=chunk_size, impl=impl)
