@@ -15,7 +15,7 @@ rerun with the same versions writes the same bytes.
 Set up a side virtualenv (not the project's):
 
   PYENV_VERSION=3.11.7 python3 -m venv /tmp/hfvenv
-  /tmp/hfvenv/bin/pip install torch==2.13.0 transformers safetensors numpy
+  /tmp/hfvenv/bin/pip install torch==2.13.0 transformers==5.23.0 safetensors numpy
 
 then ``/tmp/hfvenv/bin/python tools/make_golden.py`` (all fixtures, or ``--only llama,qwen3``).
 
@@ -95,6 +95,20 @@ MODELS: dict[str, tuple[str, dict, str | None]] = {
     ),
     "mistral": ("MistralConfig", dict(_ATTENTION, sliding_window=8), None),
     "qwen2": ("Qwen2Config", dict(_ATTENTION, rope_theta=1000000.0), None),
+    # Qwen2 with mixed layers: layer_types [full, full, sliding, sliding] (layers with index >=
+    # max_window_layers slide); a window of 4 is much shorter than SEQ_LEN.
+    "qwen2_window": (
+        "Qwen2Config",
+        dict(
+            _ATTENTION,
+            rope_theta=1000000.0,
+            num_hidden_layers=4,
+            use_sliding_window=True,
+            sliding_window=4,
+            max_window_layers=2,
+        ),
+        None,
+    ),
     "qwen3": ("Qwen3Config", dict(_ATTENTION, head_dim=16, rope_theta=1000000.0), None),
     "mamba": (
         "MambaConfig",
@@ -186,6 +200,30 @@ def greedy(model: torch.nn.Module, prompt: np.ndarray) -> tuple[np.ndarray, floa
     return cont, margin
 
 
+@torch.no_grad()
+def window_effect(name: str, model: torch.nn.Module, tokens: np.ndarray) -> None:
+    """For a config that mixes full and sliding layers: the same weights with every layer full
+    must give different logits past the window, or the fixture would not test the window."""
+    layer_types = getattr(model.config, "layer_types", None) or []
+    if "sliding_attention" not in layer_types:
+        return
+    config_cls, kwargs, _ = MODELS[name]
+    config = getattr(transformers, config_cls)(**dict(kwargs, use_sliding_window=False))
+    full = transformers.AutoModelForCausalLM.from_config(
+        config, attn_implementation="eager", dtype=torch.float32
+    )
+    full.load_state_dict(model.state_dict())
+    diff = np.abs(logits_of(full.eval(), tokens) - logits_of(model, tokens))
+    window = model.config.sliding_window
+    inside, past = float(diff[:, :window].max()), float(diff[:, window:].max())
+    print(
+        f"{name}: layer_types {layer_types}; all-full logits differ by {inside:.2e} at positions "
+        f"< {window}, {past:.2e} after"
+    )
+    if past <= 1e-3:
+        raise RuntimeError(f"{name}: logits hardly depend on the sliding window ({past:.2e})")
+
+
 def make(name: str) -> None:
     """Write tests/fixtures/hf/<name>/; retries seeds until the greedy path has clear margins."""
     for seed in range(20):
@@ -200,6 +238,7 @@ def make(name: str) -> None:
         raise RuntimeError(
             f"{name}: no seed gives a varied greedy path with margin >= {MIN_MARGIN}"
         )
+    window_effect(name, model, tokens)
     out = os.path.join(FIXTURES, name)
     shutil.rmtree(out, ignore_errors=True)
     shard = MODELS[name][2]

@@ -1,4 +1,5 @@
-"""Training throughput: tokens/s, TFLOP/s per device and MFU against the peak of this device.
+"""Training throughput: tokens/s (the task's unit), TFLOP/s per device and MFU against the peak of
+this device (n/a for a model that cannot count its FLOPs).
 
 On CPU the peak is a float32 matmul probe measured in the same run, so the ratio is meaningful
 on a shared, noisy machine.
@@ -15,7 +16,6 @@ import jax
 
 from tessera.bench.table import print_table
 from tessera.configs import load_config
-from tessera.data import get_tokenizer, make_pipeline
 from tessera.train import flops as flops_lib
 from tessera.train.trainer import Trainer
 
@@ -27,9 +27,7 @@ def run_train_bench(config_spec: str, overrides: Mapping[str, Any] | None = None
     with tempfile.TemporaryDirectory() as workdir:
         trainer = Trainer(cfg, workdir, devices)
         state = trainer.init_state()
-        data = make_pipeline(cfg.data, tokenizer=get_tokenizer(cfg.data.tokenizer),
-                             global_batch_size=cfg.data.global_batch_size,
-                             seq_len=cfg.data.seq_len, seed=cfg.data.seed)
+        data = trainer.task.make_data("train")
         batches = [trainer.device_batch(next(data)) for _ in range(steps + 1)]
         t0 = time.perf_counter()
         state, metrics = trainer.step(state, batches[0])
@@ -42,22 +40,22 @@ def run_train_bench(config_spec: str, overrides: Mapping[str, Any] | None = None
         step_s = (time.perf_counter() - t0) / steps
     peak, source = flops_lib.peak_flops_per_device()
     n_dev = trainer.mesh.devices.size
-    flops = flops_lib.train_flops_per_step(cfg)
-    tokens = cfg.data.global_batch_size * cfg.data.seq_len
-    tflops = flops / step_s / n_dev / 1e12
+    unit, per_step = trainer.throughput
+    flops = trainer.flops_per_step
+    tflops = float("nan") if flops is None else flops / step_s / n_dev / 1e12
     row = {
         "config": config_spec,
         "params (M)": trainer.spec.num_params() / 1e6,
         "devices": f"{n_dev}x {jax.devices()[0].device_kind}",
         "dtype": cfg.model.dtype,
-        "tokens/step": tokens,
+        f"{unit}/step": per_step,
         "compile+1st (s)": compile_s,
         "step (s)": step_s,
-        "tokens/s": tokens / step_s,
+        f"{unit}/s": per_step / step_s,
         "TFLOP/s/dev": tflops,
         "peak TFLOP/s/dev": peak / 1e12,
         "peak from": source,
-        "MFU": f"{100 * tflops * 1e12 / peak:.1f}%",
+        "MFU": "n/a" if flops is None else f"{100 * tflops * 1e12 / peak:.1f}%",
     }
     print_table([row], title=f"train throughput ({steps} steps after compile)")
     return [row]

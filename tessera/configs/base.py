@@ -33,7 +33,12 @@ def base_config() -> ConfigDict:
             head_dim=32,
             mlp_dim=384,
             max_seq_len=256,
-            # One block per entry, "mixer:channel"; repeated num_layers / len(pattern) times.
+            # Blocks before the scanned unit, unrepeated (DeepSeek: dense layers first); entries
+            # as in pattern.
+            prefix=(),
+            # One block per entry, "mixer:channel [key=value ...]"; repeated
+            # (num_layers - len(prefix)) / len(pattern) times. Per-block settings after the
+            # block name, e.g. "attention:mlp sliding_window=4096 rope_theta=10000".
             pattern=("attention:mlp",),
             tie_embeddings=False,
             norm_eps=1e-5,
@@ -52,6 +57,7 @@ def base_config() -> ConfigDict:
                     beta_slow=1.0,
                 )
             ),
+            num_classes=0,  # classifier models: number of classes
             init_std=0.02,
             dtype="bfloat16",
             param_dtype="float32",
@@ -97,6 +103,9 @@ def base_config() -> ConfigDict:
             dcn_tensor=1,
             # Logical-axis rule overrides, "logical=axis+axis;logical=" (empty: replicate).
             rules="",
+            # A parameter dimension that a rule's mesh axes do not divide is replicated over them
+            # with a warning naming it; strict=True makes that an error.
+            strict=False,
         )
     )
 
@@ -140,6 +149,15 @@ def base_config() -> ConfigDict:
             nan_policy="stop",  # stop | skip
             progress=True,
             tensorboard=True,
+            ema_decay=0.0,  # > 0: keep an exponential moving average of the parameters
+        )
+    )
+
+    c.eval = ConfigDict(
+        dict(
+            every=100,  # run the task's evaluation every N steps and at the end; 0: never
+            batches=4,  # batches per evaluation (fewer if the eval split ends first)
+            source="",  # "": the held-out split of data.source (data.eval_path for files)
         )
     )
 

@@ -80,7 +80,8 @@ def read_hf(
     rules = make_rules(config.mesh.rules)
     spec = ModelSpec(config.model)
     family = family_for(config.model.family)
-    params = read_params(reader, family, config.model, spec.shapes, spec.shardings(mesh, rules))
+    shardings = spec.shardings(mesh, rules, strict=bool(config.mesh.strict))
+    params = read_params(reader, family, config.model, spec.shapes, shardings)
     return Imported(config, spec, params, mesh, rules)
 
 

@@ -1,8 +1,9 @@
 """Apply a family's rules to whole parameter trees: HF tensors -> sharded tessera params -> HF.
 
 ``plan`` expands the rules over the model's layers into ``Placement``s: each fills one or more
-tessera parameters, from one HF tensor per stacked layer (scanned stacks hold the repeats of the
-block pattern on a leading axis: HF layer ``r * len(pattern) + j`` is slice ``r`` of block ``j``).
+tessera parameters, from one HF tensor per stacked layer (prefix blocks are HF layers
+``0..P-1``; scanned stacks hold the repeats of the block pattern on a leading axis: HF layer
+``P + r * len(pattern) + j`` is slice ``r`` of block ``j``).
 Every parameter of the model must be filled exactly once; that is checked before any tensor is
 read, and so are the names and shapes of the HF tensors.
 """
@@ -22,7 +23,7 @@ from tessera.configs.base import ConfigDict
 from tessera.convert.errors import ConversionError
 from tessera.convert.mapping import Family, Rule, Shape
 from tessera.convert.safetensors_io import SafetensorsReader
-from tessera.models.lm import parse_pattern
+from tessera.models.layout import parse_layout
 
 PyTree = Any
 Path = tuple[str | int, ...]
@@ -72,19 +73,24 @@ def _split(path: str) -> Path:
 
 def plan(family: Family, model: ConfigDict, shapes: Mapping[Path, Any]) -> list[Placement]:
     """The placements of ``family``'s rules for ``model`` (config) with flat param ``shapes``."""
-    pattern = parse_pattern(model)
-    period, repeats = len(pattern), model.num_layers // len(pattern)
+    layout = parse_layout(model)
     placements, filled = [], {}
     for rule in family.rules:
         targets = [_split(o) for o in rule.ours]
         if not rule.per_layer:
             groups = [((), (rule.hf,), False)]
         else:
-            groups = []
-            for j, (mixer, _) in enumerate(pattern):
-                if rule.mixer not in (None, mixer):
+            groups = [
+                (("prefix", i), (rule.hf.format(layer=i),), False)
+                for i, spec in enumerate(layout.prefix)
+                if rule.mixer in (None, spec.mixer)
+            ]
+            for j, spec in enumerate(layout.pattern):
+                if rule.mixer not in (None, spec.mixer):
                     continue
-                names = [rule.hf.format(layer=r * period + j) for r in range(repeats)]
+                names = [
+                    rule.hf.format(layer=layout.layer_index(j, r)) for r in range(layout.repeats)
+                ]
                 if model.scan_layers:
                     groups.append((("units", "blocks", j), tuple(names), True))
                 else:

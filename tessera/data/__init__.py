@@ -1,5 +1,7 @@
-"""Data: sources -> tokenize -> pack -> batch -> shard per process, with resumable iterators."""
+"""Data: sources -> tokenize -> pack (LM) or label (classify) -> batch -> shard per process, with
+resumable iterators."""
 
+from tessera.data.classify import make_rule_pipeline
 from tessera.data.packing import PackIterDataset
 from tessera.data.pipeline import Batch, DataIterator, check_vocab, make_pipeline
 from tessera.data.sources import Source, TextFileSource, make_source
@@ -9,6 +11,7 @@ from tessera.data.synthetic import (
     is_eval_prompt,
     parse_tasks,
     split_prompt,
+    strip_rule,
     unigram_entropy,
 )
 from tessera.data.tokenizers import ByteTokenizer, HFTokenizer, Tokenizer, get_tokenizer
@@ -28,8 +31,10 @@ __all__ = [
     "get_tokenizer",
     "is_eval_prompt",
     "make_pipeline",
+    "make_rule_pipeline",
     "make_source",
     "parse_tasks",
     "split_prompt",
+    "strip_rule",
     "unigram_entropy",
 ]

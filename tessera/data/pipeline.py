@@ -11,12 +11,15 @@ tokens:
                                  (document boundaries and padding)
 
 Each document is `[bos] + tokenizer.encode(text) + [eos]` (no bos when `tokenizer.bos_id` is
-None).
+None). `shard_documents` (source -> shard -> shuffle/repeat) and `batch_rows` (batch, pad, wrap
+as a resumable iterator) are the stages every row layout shares (`data/classify.py` too).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+from collections.abc import Mapping
 from typing import Any
 
 import grain
@@ -30,10 +33,23 @@ Batch = dict[str, np.ndarray]
 _STATE_VERSION = 1
 
 
-def _encode(tokenizer: Tokenizer, text: str) -> np.ndarray:
+def check_ids(ids: np.ndarray, vocab_size: int) -> None:
+    """Raises ValueError naming an id of `ids` outside [0, vocab_size)."""
+    if not ids.size:
+        return
+    for bad in (int(ids.max()), int(ids.min())):
+        if not 0 <= bad < vocab_size:
+            raise ValueError(f"token id {bad} out of range for vocab_size {vocab_size}")
+
+
+def encode_document(tokenizer: Tokenizer, text: str, vocab_size: int | None = None) -> np.ndarray:
+    """`[bos] + tokenizer.encode(text) + [eos]` (no bos when `tokenizer.bos_id` is None), int32;
+    with `vocab_size`, an id the model cannot embed is an error."""
     bos = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
-    ids = [*bos, *tokenizer.encode(text), tokenizer.eos_id]
-    return np.asarray(ids, np.int32)
+    ids = np.asarray([*bos, *tokenizer.encode(text), tokenizer.eos_id], np.int32)
+    if vocab_size is not None and tokenizer.vocab_size > vocab_size:
+        check_ids(ids, vocab_size)
+    return ids
 
 
 def _features(row: dict[str, np.ndarray]) -> Batch:
@@ -47,15 +63,15 @@ def _features(row: dict[str, np.ndarray]) -> Batch:
     }
 
 
-def _pad_batch(batch: Batch, size: int, pad_id: int) -> Batch:
-    """Pads a short final batch with empty rows (loss_mask 0) so every batch has `size` rows."""
-    missing = size - len(batch["inputs"])
+def _pad_batch(batch: Batch, size: int, fill: Mapping[str, int]) -> Batch:
+    """Pads a short final batch with empty rows (`fill[key]`, default 0) so every batch has `size`
+    rows."""
+    missing = size - len(next(iter(batch.values())))
     if not missing:
         return batch
     out = {}
     for key, value in batch.items():
-        fill = pad_id if key in ("inputs", "targets") else 0
-        pad = np.full((missing, *value.shape[1:]), fill, value.dtype)
+        pad = np.full((missing, *value.shape[1:]), fill.get(key, 0), value.dtype)
         out[key] = np.concatenate([value, pad])
     return out
 
@@ -89,6 +105,66 @@ class DataIterator(grain.DatasetIterator):
         self._parent.set_state(state["grain"])
 
 
+@dataclasses.dataclass(frozen=True)
+class Shard:
+    """This process's documents of a split (a grain MapDataset), its batch size, and the
+    pipeline settings that guard `DataIterator.set_state`."""
+
+    docs: grain.MapDataset
+    local_batch: int
+    settings: dict[str, Any]
+
+
+def shard_documents(
+    data_cfg: Any,
+    *,
+    split: str,
+    global_batch_size: int,
+    seq_len: int,
+    process_index: int,
+    process_count: int,
+    seed: int,
+) -> Shard:
+    """The disjoint shard `source[process_index::process_count]` of `split`, shuffled with `seed`
+    (reshuffled every epoch) and repeated forever for train, read once in order for eval."""
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} not in [0, process_count={process_count})")
+    if global_batch_size <= 0 or global_batch_size % process_count:
+        raise ValueError(
+            f"global_batch_size {global_batch_size} must be a positive multiple of "
+            f"process_count {process_count}"
+        )
+    if seq_len < 1:
+        raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+    source = make_source(data_cfg, split)
+    ds = grain.MapDataset.source(source)[process_index::process_count]
+    if len(ds) == 0:
+        raise ValueError(
+            f"process {process_index} of {process_count} gets no data: "
+            f"the {split} source has only {len(source)} documents"
+        )
+    if split == "train":
+        ds = ds.shuffle(seed).repeat()
+    settings = {
+        "split": split,
+        "global_batch_size": global_batch_size,
+        "seq_len": seq_len,
+        "seed": seed,
+        "process_index": process_index,
+        "process_count": process_count,
+    }
+    return Shard(ds, global_batch_size // process_count, settings)
+
+
+def batch_rows(rows: grain.IterDataset, shard: Shard, fill: Mapping[str, int]) -> DataIterator:
+    """Batches of `shard.local_batch` rows; an eval split's short last batch is padded with rows
+    of `fill` (see `_pad_batch`)."""
+    batches = rows.batch(shard.local_batch, drop_remainder=False)
+    if shard.settings["split"] != "train":
+        batches = batches.map(functools.partial(_pad_batch, size=shard.local_batch, fill=fill))
+    return DataIterator(batches.__iter__(), shard.settings)
+
+
 def make_pipeline(
     data_cfg: Any,
     *,
@@ -99,62 +175,36 @@ def make_pipeline(
     process_index: int = 0,
     process_count: int = 1,
     seed: int = 0,
+    vocab_size: int | None = None,
 ) -> DataIterator:
-    """Builds this process's batch iterator for `split`.
+    """Builds this process's batch iterator of packed LM rows for `split`.
 
     Each process reads the disjoint shard `source[process_index::process_count]` and yields
     batches of `global_batch_size // process_count` rows. Train shuffles with `seed` (reshuffled
     every epoch) and repeats forever; eval reads its shard once in order and pads the last batch
-    with empty rows. `data_cfg.seed` picks the synthetic corpus, `seed` the shuffle order.
+    with empty rows. `data_cfg.seed` picks the synthetic corpus, `seed` the shuffle order. With
+    `vocab_size`, a token id the model cannot embed is an error.
     """
-    if not 0 <= process_index < process_count:
-        raise ValueError(f"process_index {process_index} not in [0, process_count={process_count})")
-    if global_batch_size <= 0 or global_batch_size % process_count:
-        raise ValueError(
-            f"global_batch_size {global_batch_size} must be a positive multiple of "
-            f"process_count {process_count}"
-        )
-    if seq_len < 1:
-        raise ValueError(f"seq_len must be >= 1, got {seq_len}")
-    local_batch = global_batch_size // process_count
-
-    source = make_source(data_cfg, split)
-    ds = grain.MapDataset.source(source)[process_index::process_count]
-    if len(ds) == 0:
-        raise ValueError(
-            f"process {process_index} of {process_count} gets no data: "
-            f"the {split} source has only {len(source)} documents"
-        )
-    if split == "train":
-        ds = ds.shuffle(seed).repeat()
-    ds = ds.map(functools.partial(_encode, tokenizer))
+    shard = shard_documents(
+        data_cfg,
+        split=split,
+        global_batch_size=global_batch_size,
+        seq_len=seq_len,
+        process_index=process_index,
+        process_count=process_count,
+        seed=seed,
+    )
+    docs = shard.docs.map(functools.partial(encode_document, tokenizer, vocab_size=vocab_size))
     rows = PackIterDataset(
-        ds.to_iter_dataset(grain.ReadOptions(num_threads=0)),
+        docs.to_iter_dataset(grain.ReadOptions(num_threads=0)),
         row_len=seq_len + 1,
         pad_id=tokenizer.pad_id,
     )
-    batches = rows.map(_features).batch(local_batch, drop_remainder=False)
-    if split != "train":
-        batches = batches.map(
-            functools.partial(_pad_batch, size=local_batch, pad_id=tokenizer.pad_id)
-        )
-    settings = {
-        "split": split,
-        "global_batch_size": global_batch_size,
-        "seq_len": seq_len,
-        "seed": seed,
-        "process_index": process_index,
-        "process_count": process_count,
-    }
-    return DataIterator(batches.__iter__(), settings)
+    fill = {"inputs": tokenizer.pad_id, "targets": tokenizer.pad_id}
+    return batch_rows(rows.map(_features), shard, fill)
 
 
 def check_vocab(batch: Batch, vocab_size: int) -> None:
     """Raises ValueError if any `inputs`/`targets` id of `batch` is outside [0, vocab_size)."""
     for key in ("inputs", "targets"):
-        ids = np.asarray(batch[key])
-        if not ids.size:
-            continue
-        for bad in (int(ids.max()), int(ids.min())):
-            if not 0 <= bad < vocab_size:
-                raise ValueError(f"token id {bad} out of range for vocab_size {vocab_size}")
+        check_ids(np.asarray(batch[key]), vocab_size)

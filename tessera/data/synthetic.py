@@ -99,11 +99,12 @@ def is_eval_prompt(prompt: str) -> bool:
     return zlib.crc32(prompt.encode("utf-8")) % _EVAL_EVERY == 0
 
 
-def _match(prompt: str) -> tuple[_Task, re.Match[str]]:
-    for task in TASKS.values():
+def _match(prompt: str) -> tuple[str, re.Match[str]]:
+    """(task name, match) of the task whose pattern full-matches `prompt`."""
+    for name, task in TASKS.items():
         m = task.pattern.fullmatch(prompt)
         if m:
-            return task, m
+            return name, m
     raise ValueError(f"not a synthetic task prompt: {prompt!r}")
 
 
@@ -115,10 +116,17 @@ def split_prompt(example: str) -> tuple[str, str]:
     return prompt + sep, answer
 
 
+def strip_rule(example: str) -> tuple[str, str]:
+    """(rule name, the example without its `name:` prefix): `rev:hello=olleh` -> ("rev",
+    "hello=olleh"), `417+38=455` -> ("add", "417+38=455")."""
+    name, _ = _match(split_prompt(example)[0])
+    return name, example.removeprefix(f"{name}:")
+
+
 def check(prompt: str, completion: str) -> bool:
     """True iff `completion` (up to its first newline) is the right answer to `prompt`."""
-    task, m = _match(prompt)
-    return completion.split("\n", 1)[0] == task.solve(m)
+    name, m = _match(prompt)
+    return completion.split("\n", 1)[0] == TASKS[name].solve(m)
 
 
 class SyntheticSource:

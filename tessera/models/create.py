@@ -6,6 +6,8 @@ orbax and ``jax.jit`` shardings see. ``merge`` turns it back into a module insid
 
 from __future__ import annotations
 
+import math
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -18,6 +20,7 @@ from tessera.models.registry import build_model
 from tessera.sharding import logical_to_spec, variable_names
 
 PyTree = Any
+_WARNED: set[str] = set()  # warnings given once per process
 
 
 def abstract_arrays(shapes: PyTree, shardings: PyTree) -> PyTree:
@@ -41,16 +44,43 @@ class ModelSpec:
             self.abstract_state, extract_fn=lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype)
         )
 
-    def shardings(self, mesh: Mesh, rules: Mapping[str, tuple[str, ...]]) -> PyTree:
-        """NamedSharding for every parameter, from its logical axes and the rules table."""
-        return jax.tree.map(
-            lambda names, s: NamedSharding(
-                mesh, logical_to_spec(names, rules, dict(mesh.shape), s.shape)
-            ),
-            self.axis_names,
-            self.shapes,
-            is_leaf=lambda x: isinstance(x, tuple),
-        )
+    def shardings(
+        self, mesh: Mesh, rules: Mapping[str, tuple[str, ...]], *, strict: bool = False
+    ) -> PyTree:
+        """NamedSharding for every parameter, from its logical axes and the rules table.
+
+        A rule whose mesh axes do not divide a parameter's dimension leaves that dimension
+        replicated over them: a warning names the parameter, logical axis, mesh axes and size
+        (once per process); ``strict`` (``config.mesh.strict``) makes it a ValueError.
+        """
+        sizes = dict(mesh.shape)
+        flat = jax.tree_util.tree_flatten_with_path(
+            self.axis_names, is_leaf=lambda x: isinstance(x, tuple)
+        )[0]
+        shapes = jax.tree.leaves(self.shapes)
+        out, problems = [], []
+        for (path, names), shape in zip(flat, shapes, strict=True):
+            dropped: list = []
+            spec = logical_to_spec(names, rules, sizes, shape.shape, dropped)
+            out.append(NamedSharding(mesh, spec))
+            name = "/".join(str(getattr(k, "key", k)) for k in path)
+            problems += [
+                f"parameter {name} axis {logical!r} (size {size}) is not divisible by mesh "
+                f"axes {'x'.join(axes)} = {math.prod(sizes[a] for a in axes)}"
+                for logical, axes, size in dropped
+            ]
+        if problems:
+            if strict:
+                raise ValueError(f"mesh.strict: {problems[0]}" + (
+                    f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
+            for problem in problems:
+                if problem not in _WARNED:
+                    _WARNED.add(problem)
+                    warnings.warn(
+                        f"{problem}: replicated over them (mesh.strict=True makes this an error)",
+                        stacklevel=2,
+                    )
+        return jax.tree.unflatten(jax.tree.structure(self.shapes), out)
 
     def abstract(self, mesh: Mesh, rules: Mapping[str, tuple[str, ...]]) -> PyTree:
         """ShapeDtypeStructs with shardings (restore targets, AOT compilation inputs)."""

@@ -10,9 +10,10 @@ from collections.abc import Callable
 from flax import nnx
 
 from tessera.configs.base import ConfigDict
+from tessera.models.classifier import SequenceClassifier
 from tessera.models.lm import LM
 
-MODELS: dict[str, Callable[..., nnx.Module]] = {"lm": LM}
+MODELS: dict[str, Callable[..., nnx.Module]] = {"lm": LM, "sequence_classifier": SequenceClassifier}
 
 
 def build_model(cfg: ConfigDict, *, rngs: nnx.Rngs) -> nnx.Module:

@@ -1,23 +1,46 @@
-"""Named rematerialisation policies keyed on the ``checkpoint_name`` tags layers put on tensors."""
+"""Named rematerialisation policies keyed on the ``checkpoint_name`` tags layers put on tensors.
+
+``minimal`` keeps the tensors every registered mixer lists in its ``REMAT_SAVED`` (projection
+outputs: attention q/k/v and output, MLP output, state-space in/out projections) and recomputes
+the rest; a new mixer declares its own tags next to its code.
+"""
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
 
-_SAVED_BY_MINIMAL = ("query_proj", "key_proj", "value_proj", "attn_out", "mlp_out")
 
-REMAT_POLICIES = {
-    "none": None,  # no rematerialisation: keep every activation
-    "minimal": jax.checkpoint_policies.save_only_these_names(*_SAVED_BY_MINIMAL),
-    "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    "full": jax.checkpoint_policies.nothing_saveable,  # recompute the whole block
-}
+@functools.cache
+def minimal_saved_names() -> tuple[str, ...]:
+    """Every ``REMAT_SAVED`` tag of the registered sequence and channel mixers."""
+    from tessera.layers.mixers import CHANNEL_MIXERS, SEQUENCE_MIXERS
+
+    names: list[str] = []
+    for cls in (*SEQUENCE_MIXERS.values(), *CHANNEL_MIXERS.values()):
+        names += [n for n in getattr(cls, "REMAT_SAVED", ()) if n not in names]
+    return tuple(names)
 
 
+POLICY_NAMES = ("none", "minimal", "save_dots", "full")
+
+
+@functools.cache
 def remat_policy(name: str) -> Any:
-    """Policy for ``nnx.remat`` (None: do not remat). Unknown names are an error."""
-    if name not in REMAT_POLICIES:
-        raise ValueError(f"model.remat: unknown policy {name!r}; known: {sorted(REMAT_POLICIES)}")
-    return REMAT_POLICIES[name]
+    """Policy for ``nnx.remat`` (None: do not remat; one object per name). Unknown names are an
+    error.
+
+    none: keep every activation; minimal: keep the tagged projection outputs; save_dots: keep
+    matmul outputs without batch dimensions; full: recompute the whole block.
+    """
+    if name == "none":
+        return None
+    if name == "minimal":
+        return jax.checkpoint_policies.save_only_these_names(*minimal_saved_names())
+    if name == "save_dots":
+        return jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+    if name == "full":
+        return jax.checkpoint_policies.nothing_saveable
+    raise ValueError(f"model.remat: unknown policy {name!r}; known: {sorted(POLICY_NAMES)}")

@@ -34,9 +34,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from tessera.data.tokenizers import ByteTokenizer, Tokenizer
 from tessera.models.create import ModelSpec
+from tessera.models.layout import parse_layout
 from tessera.serve.outputs import CacheInfo, Completion, DecodeStats, HostRow
 from tessera.serve.sampling import SamplingParams, sample
-from tessera.sharding import MESH_AXES, logical_sharding, make_rules, use_mesh
+from tessera.sharding import MESH_AXES, is_axis_names, logical_sharding, make_rules, use_mesh
 
 PyTree = Any
 Prompt = str | Sequence[int]
@@ -52,10 +53,6 @@ def length_bucket(n: int, minimum: int = 16) -> int:
 
 def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
-
-
-def _is_names(x: Any) -> bool:
-    return isinstance(x, tuple) and all(isinstance(n, str | None) for n in x)
 
 
 def single_device_mesh(device: jax.Device | None = None) -> Mesh:
@@ -178,7 +175,7 @@ class Decoder:
         """Bytes of the cache ``init_cache(batch, max_len)``, split by the logical axes: arrays
         with a ``cache_length`` axis are per token, the rest fixed per sequence."""
         cache = self._abstract_cache(batch, max_len)
-        names = jax.tree.leaves(self._model.cache_axes(), is_leaf=_is_names)
+        names = jax.tree.leaves(self._model.cache_axes(), is_leaf=is_axis_names)
         token = state = 0
         for axes, a in zip(names, jax.tree.leaves(cache), strict=True):
             nbytes = a.size * a.dtype.itemsize
@@ -186,7 +183,7 @@ class Decoder:
                 token += nbytes
             else:
                 state += nbytes
-        mixers = sorted({entry.partition(":")[0] for entry in self.spec.cfg.pattern})
+        mixers = sorted({spec.mixer for spec in parse_layout(self.spec.cfg).layers()})
         kinds = f"{'+'.join(mixers)}, {self.spec.cfg.num_layers} layers"
         return CacheInfo(batch, int(cache["positions"].shape[1]), int(token), int(state), kinds)
 
@@ -204,7 +201,7 @@ class Decoder:
                 lambda names, a: logical_sharding(names, a.shape),
                 self._model.cache_axes(),
                 self._abstract_cache(batch, max_len),
-                is_leaf=_is_names,
+                is_leaf=is_axis_names,
             )
             row = logical_sharding(("batch",), (batch,))
             return {

@@ -42,10 +42,15 @@ def load_decoder(
     """A Decoder for ``config`` with the parameters of ``workdir``'s checkpoint (latest, or
     ``step``) on the mesh of ``config.mesh``; returns it and the step restored. The tokenizer is
     ``config.data.tokenizer``, a relative ``hf:`` path taken relative to ``workdir``."""
+    if config.model.name != "lm":
+        raise ValueError(
+            f"model.name={config.model.name!r} is not a decoder LM: decode needs model.name='lm'"
+        )
     mesh = make_mesh(config.mesh, devices)
     rules = make_rules(config.mesh.rules)
     spec = ModelSpec(config.model)
     tokenizer = get_tokenizer(config.data.tokenizer, base_dir=workdir)
-    step, params = restore_params(spec, workdir, spec.shardings(mesh, rules), step)
+    shardings = spec.shardings(mesh, rules, strict=bool(config.mesh.get("strict", False)))
+    step, params = restore_params(spec, workdir, shardings, step)
     decoder = Decoder(spec, params, mesh, rules, tokenizer=tokenizer, **decoder_kwargs)
     return decoder, step

@@ -49,6 +49,12 @@ def logical_sharding(
     return NamedSharding(mesh, spec)
 
 
+def is_axis_names(x: Any) -> bool:
+    """Whether ``x`` is one array's logical axis names (a non-empty tuple of str / None): the
+    ``is_leaf`` of trees of names, whose containers may themselves be (empty) tuples."""
+    return isinstance(x, tuple) and bool(x) and all(n is None or isinstance(n, str) for n in x)
+
+
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     """Constrain an activation's sharding by logical axis names (no-op without a mesh)."""
     if not _ACTIVE:

@@ -21,7 +21,6 @@ DEFAULT_RULES: dict[str, MeshAxes] = {
     "act_kv_heads": ("tensor",),
     "act_mlp": ("tensor",),
     "act_vocab": ("tensor",),
-    "act_ssm_inner": ("tensor",),
     # parameters
     "embed": ("fsdp", "sequence"),
     "vocab": ("tensor",),
@@ -31,23 +30,39 @@ DEFAULT_RULES: dict[str, MeshAxes] = {
     "mlp": ("tensor",),
     "norm": (),
     "layers": (),
-    # state-space mixers (mamba, mamba2). mamba2's fused in-projection output (z | xBC | dt) and
-    # conv channels (x | B | C) mix pieces of different kinds, so they are not split over tensor.
-    "ssm_proj": (),
-    "ssm_conv": (),
-    "conv_width": (),
-    "ssm_inner": ("tensor",),
-    "ssm_heads": ("tensor",),
-    "ssm_state": (),
-    "ssm_branch": (),  # mamba: in_proj x | z
-    "ssm_rank": (),  # mamba: dt rank
     # caches
     "cache_batch": ("data", "fsdp", "expert"),
     "cache_length": (),
     "cache_kv_heads": ("tensor",),
-    "cache_ssm_heads": ("tensor",),
-    "cache_ssm_inner": ("tensor",),
 }
+
+# Rules of the logical names only one family uses, declared next to its code
+# (``LOGICAL_RULES`` of a mixer class) and registered by ``layers/mixers/__init__.py``.
+_REGISTERED: dict[str, MeshAxes] = {}
+_OWNERS: dict[str, str] = {}
+
+
+def register_logical_rules(owner: str, rules: Mapping[str, Sequence[str]]) -> None:
+    """Add ``owner``'s default rules; two owners may share a name only with the same mesh axes."""
+    for name, axes in rules.items():
+        axes = tuple(axes)
+        if name in DEFAULT_RULES and DEFAULT_RULES[name] != axes:
+            raise ValueError(
+                f"{owner}: logical axis {name!r} is a shared name with rule {DEFAULT_RULES[name]}"
+            )
+        if name in _REGISTERED and _REGISTERED[name] != axes:
+            raise ValueError(
+                f"{owner}: logical axis {name!r} -> {axes} conflicts with {_OWNERS[name]}'s "
+                f"{_REGISTERED[name]}"
+            )
+        _REGISTERED[name], _OWNERS[name] = axes, owner
+
+
+def default_rules() -> dict[str, MeshAxes]:
+    """The shared table plus every registered family's rules."""
+    import tessera.layers.mixers  # noqa: F401  (registers the mixers' rules)
+
+    return {**DEFAULT_RULES, **_REGISTERED}
 
 
 def parse_rules(text: str) -> dict[str, MeshAxes]:
@@ -64,10 +79,15 @@ def parse_rules(text: str) -> dict[str, MeshAxes]:
 def make_rules(overrides: str | Mapping[str, MeshAxes] = "") -> dict[str, MeshAxes]:
     """The default table with overrides applied; unknown logical names are an error."""
     extra = parse_rules(overrides) if isinstance(overrides, str) else dict(overrides)
-    unknown = set(extra) - set(DEFAULT_RULES)
+    table = default_rules()
+    unknown = set(extra) - set(table)
     if unknown:
         raise ValueError(f"mesh.rules: unknown logical axes {sorted(unknown)}")
-    return {**DEFAULT_RULES, **extra}
+    return {**table, **extra}
+
+
+# (logical name, mesh axes it could not use, dimension size) for each dropped rule
+Dropped = tuple[str, MeshAxes, int]
 
 
 def logical_to_spec(
@@ -75,17 +95,19 @@ def logical_to_spec(
     rules: Mapping[str, MeshAxes],
     mesh_sizes: Mapping[str, int] | None = None,
     shape: Sequence[int] | None = None,
+    dropped: list[Dropped] | None = None,
 ) -> PartitionSpec:
     """Map logical axis names to a PartitionSpec.
 
     A mesh axis is used at most once per array (first come, first served), axes of size 1 are
     dropped, and with ``shape`` given an axis that does not divide its dimension is dropped too, so
-    small models (4 kv heads on tensor=8) still shard what they can instead of failing.
+    small models (4 kv heads on tensor=8) still shard what they can instead of failing. Each such
+    divisibility drop is appended to ``dropped`` (when given) so callers can report it.
     """
     used: set[str] = set()
     spec = []
     for i, name in enumerate(names):
-        axes = []
+        axes, skipped = [], []
         dim_left = None if shape is None else shape[i]
         for ax in rules.get(name, ()) if name else ():
             size = 1 if mesh_sizes is None else mesh_sizes.get(ax, 1)
@@ -93,9 +115,12 @@ def logical_to_spec(
                 continue
             if dim_left is not None:
                 if dim_left % size:
+                    skipped.append(ax)
                     continue
                 dim_left //= size
             axes.append(ax)
             used.add(ax)
+        if skipped and dropped is not None:
+            dropped.append((name, tuple(skipped), int(shape[i])))
         spec.append(tuple(axes) if len(axes) > 1 else (axes[0] if axes else None))
     return PartitionSpec(*spec)

@@ -123,6 +123,14 @@ class Checkpointer:
         """Restore ``step`` (default latest) onto the shardings of ``target`` (abstract arrays)."""
         step = self.resolve_step(step)
         self.check_compatible(step, target)
+        differ = sorted(set(target) ^ set(self.manager.item_metadata(step)["state"]))
+        if differ:
+            key = differ[0]
+            has = "has no" if key in target else "has an unexpected"
+            raise CheckpointError(
+                f"incompatible checkpoint {self.directory} step {step}: it {has} {key!r} state "
+                "(was it written with other train settings, such as train.ema_decay?)"
+            )
         out = self.manager.restore(
             step,
             args=ocp.args.Composite(

@@ -1,89 +1,64 @@
-"""Analytic FLOP counters (per family mixer) and peak FLOP/s per device kind, for MFU.
+"""Analytic FLOP counts (summed from each mixer's own ``flops_per_token``) and peak FLOP/s per
+device kind, for MFU.
 
 Counts are matmul FLOPs as executed (2 per multiply-add), attention scores over the full T x T
 block (what XLA's dense attention computes); training = 3 x forward (forward + two backward
-matmuls).
+matmuls). A mixer without a count makes the total None: no MFU, a warning, never a crash.
 """
 
 from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Callable
+import warnings
 
 import jax
 import jax.numpy as jnp
 
 from tessera.configs.base import ConfigDict
 
-
-def attention_flops(m: ConfigDict, seq_len: int) -> float:
-    """Per token: q/k/v/o projections plus scores and weighted values over ``seq_len`` keys."""
-    q, kv = m.num_heads * m.head_dim, m.num_kv_heads * m.head_dim
-    proj = 2 * m.d_model * (q + 2 * kv) + 2 * q * m.d_model
-    # Dense attention computes the whole T x T block, also under a causal or window mask.
-    return proj + 2 * 2 * seq_len * q
+_warned: set[str] = set()
 
 
-def mlp_flops(m: ConfigDict, seq_len: int) -> float:
-    del seq_len
-    return 2 * 3 * m.d_model * m.mlp_dim
+def _mixer_flops(cls: type | None, name: str, cfg: ConfigDict, seq_len: int) -> float | None:
+    """A mixer's own ``flops_per_token``; None (and a warning, once per mixer) when it has none."""
+    if cls is None:
+        return 0.0
+    count = getattr(cls, "flops_per_token", None)
+    if count is None:
+        if name not in _warned:
+            _warned.add(name)
+            warnings.warn(
+                f"mixer {name!r} declares no flops_per_token: no FLOP count, TFLOP/s or MFU is "
+                "reported for models that use it",
+                stacklevel=3,
+            )
+        return None
+    return float(count(cfg, seq_len))
 
 
-def mamba2_flops(m: ConfigDict, seq_len: int) -> float:
-    """Per token: in/out projections, the depthwise conv, and the chunked SSD: within a chunk of
-    L = min(chunk_size, seq_len) tokens the C.B scores and the weighted sum of values over the
-    whole L x L block (as executed), plus writing the chunk state and reading the incoming one."""
-    s = m.ssm
-    d_inner = s.expand * m.d_model
-    gn = s.num_groups * s.state_dim
-    heads = d_inner // s.head_dim
-    proj = 2 * m.d_model * (2 * d_inner + 2 * gn + heads) + 2 * d_inner * m.d_model
-    conv = 2 * s.conv_width * (d_inner + 2 * gn)
-    chunk = min(s.chunk_size, seq_len)
-    return proj + conv + 2 * chunk * (gn + d_inner) + 2 * 2 * d_inner * s.state_dim
+def stack_flops_per_token(m: ConfigDict, seq_len: int) -> float | None:
+    """Forward FLOPs per token of every block of the layout (each mixer counts its own, with its
+    block's settings); None if some mixer cannot count them."""
+    from tessera.layers.mixers import CHANNEL_MIXERS, SEQUENCE_MIXERS
+    from tessera.models.layout import parse_layout
+
+    total = 0.0
+    for spec in parse_layout(m).layers():
+        cfg = spec.config(m)
+        for table, name in ((SEQUENCE_MIXERS, spec.mixer), (CHANNEL_MIXERS, spec.channel)):
+            flops = _mixer_flops(table[name], name, cfg, seq_len)
+            if flops is None:
+                return None
+            total += flops
+    return total
 
 
-def mamba_flops(m: ConfigDict, seq_len: int) -> float:
-    """Per token: in/x/dt/out projections, the depthwise conv, and the selective scan's
-    elementwise work per (d_inner x N) state element: exp(dt A) (2), dt x B (1), the state
-    update (2) and the C readout (2). Independent of ``seq_len`` (a recurrence)."""
-    from tessera.layers.mixers.mamba import mamba_dims
-
-    del seq_len
-    di, n, k, r = mamba_dims(m)
-    proj = 2 * m.d_model * 2 * di + 2 * di * (r + 2 * n) + 2 * r * di + 2 * di * m.d_model
-    return proj + 2 * k * di + 7 * di * n
-
-
-SEQUENCE_MIXER_FLOPS: dict[str, Callable[[ConfigDict, int], float]] = {
-    "attention": attention_flops,
-    "mamba": mamba_flops,
-    "mamba2": mamba2_flops,
-}
-CHANNEL_MIXER_FLOPS: dict[str, Callable[[ConfigDict, int], float]] = {
-    "mlp": mlp_flops,
-    "none": lambda m, s: 0.0,
-}
-
-
-def forward_flops_per_token(m: ConfigDict, seq_len: int) -> float:
-    """Forward FLOPs per token of an LM (``config.model``) at training length ``seq_len``."""
-    from tessera.models.lm import parse_pattern
-
-    pattern = parse_pattern(m)
-    repeats = m.num_layers // len(pattern)
-    per_unit = sum(
-        SEQUENCE_MIXER_FLOPS[mx](m, seq_len) + CHANNEL_MIXER_FLOPS[ch](m, seq_len)
-        for mx, ch in pattern
-    )
-    return repeats * per_unit + 2 * m.d_model * m.vocab_size
-
-
-def train_flops_per_step(config: ConfigDict) -> float:
-    """FLOPs of one optimizer step (all devices): 3 x forward over the global batch."""
-    tokens = config.data.global_batch_size * config.data.seq_len
-    return 3.0 * forward_flops_per_token(config.model, config.data.seq_len) * tokens
+def forward_flops_per_token(m: ConfigDict, seq_len: int) -> float | None:
+    """Forward FLOPs per token of an LM (``config.model``) at training length ``seq_len``: the
+    blocks plus the vocabulary projection. None when a mixer cannot count its FLOPs."""
+    stack = stack_flops_per_token(m, seq_len)
+    return None if stack is None else stack + 2 * m.d_model * m.vocab_size
 
 
 # Dense bf16 peak FLOP/s per chip, by the prefix of jax's ``device_kind``.

@@ -1,9 +1,16 @@
-"""Metric sinks: ``WORKDIR/metrics.jsonl`` (one JSON object per log step) and TensorBoard."""
+"""Metric sinks: ``WORKDIR/metrics.jsonl`` (one JSON object a line) and TensorBoard.
+
+Train rows are ``{"step": s, "loss": ..., ...}`` (TensorBoard tags ``train/<key>``); eval rows are
+separate, ``{"step": s, "eval/loss": ..., "eval/<metric>": ...}`` (tags as written), told apart
+by their ``eval/loss``.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+
+EVAL_KEY = "eval/loss"  # every eval row has it, no train row does
 
 
 class MetricsWriter:
@@ -39,20 +46,35 @@ class MetricsWriter:
         os.replace(tmp, self.path)
 
     def write(self, step: int, row: dict[str, float]) -> None:
+        """A train row."""
+        self._append(step, row, {f"train/{k}": v for k, v in row.items()})
+
+    def write_eval(self, step: int, row: dict[str, float]) -> None:
+        """An eval row: keys ``eval/...`` (and ``eval_<state>/...``), one of them ``eval/loss``."""
+        if EVAL_KEY not in row:
+            raise ValueError(f"an eval row needs {EVAL_KEY!r}, got keys {sorted(row)}")
+        self._append(step, row, row)
+
+    def _append(self, step: int, row: dict[str, float], tags: dict[str, float]) -> None:
         if not self.enabled:
             return
         with open(self.path, "a") as f:
             f.write(json.dumps({"step": step, **row}) + "\n")
         if self.tb is not None:
-            for k, v in row.items():
-                self.tb.add_scalar(f"train/{k}", v, step)
+            for tag, v in tags.items():
+                self.tb.add_scalar(tag, v, step)
 
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
 
 
-def read_metrics(workdir: str) -> list[dict]:
-    """Rows of ``WORKDIR/metrics.jsonl``."""
+def read_metrics(workdir: str, kind: str | None = None) -> list[dict]:
+    """Rows of ``WORKDIR/metrics.jsonl``: all, or only the ``"train"`` or ``"eval"`` ones."""
+    if kind not in (None, "train", "eval"):
+        raise ValueError(f"unknown kind of metrics row {kind!r}; known: train, eval")
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        rows = [json.loads(line) for line in f if line.strip()]
+    if kind is None:
+        return rows
+    return [r for r in rows if (EVAL_KEY in r) == (kind == "eval")]

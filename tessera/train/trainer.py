@@ -1,9 +1,12 @@
-"""The one train loop shared by every family.
+"""The one train loop shared by every family and task.
 
 ``train(config, workdir)`` builds the mesh, the model (parameters created sharded), the optimizer
-and the data pipeline; resumes from the latest checkpoint in ``workdir`` if there is one; runs
-jitted steps; logs to the console, ``metrics.jsonl`` and TensorBoard; saves checkpoints every
-``checkpoint.every`` steps, at the end, and on SIGTERM / SIGINT.
+and the task (``train.task``: its data pipeline, batch layout, loss, metrics, FLOPs and extra
+state such as an EMA); resumes from the latest checkpoint in ``workdir`` if there is one; runs
+jitted steps, each with an RNG folded from ``train.seed`` and the step; evaluates every
+``eval.every`` steps and at the end; logs to the console, ``metrics.jsonl`` and TensorBoard;
+saves checkpoints every ``checkpoint.every`` steps, at the end, and on SIGTERM / SIGINT. Nothing
+here is specific to a task.
 """
 
 from __future__ import annotations
@@ -12,7 +15,6 @@ import contextlib
 import dataclasses
 import os
 import signal
-import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -24,13 +26,14 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from tessera.configs.base import ConfigDict
-from tessera.data import check_vocab, get_tokenizer, make_pipeline, unigram_entropy
 from tessera.models.create import ModelSpec, abstract_arrays
 from tessera.sharding import logical_sharding, make_mesh, make_rules, use_mesh
 from tessera.train import flops as flops_lib
 from tessera.train.checkpoints import Checkpointer
 from tessera.train.metrics import MetricsWriter
 from tessera.train.optimizers import decay_mask, make_optimizer
+from tessera.train.progress import Progress
+from tessera.train.rng import eval_rng, step_rng
 from tessera.train.tasks import get_task
 
 PyTree = Any
@@ -44,9 +47,14 @@ class NonFiniteLossError(RuntimeError):
 class TrainResult:
     step: int  # last completed step
     losses: dict[int, float]  # per step, for the steps this run executed
-    last_metrics: dict[str, float]
+    last_metrics: dict[str, float]  # the last train row
     interrupted: bool = False
     resumed_from: int | None = None
+    evals: dict[int, dict[str, float]] = dataclasses.field(default_factory=dict)  # eval rows
+
+
+# Train metrics the Trainer computes itself; a task's metrics may not use these names.
+_TRAINER_METRICS = ("loss", "grad_norm", "learning_rate", "loss_weight", "finite")
 
 
 def _validate(config: ConfigDict) -> None:
@@ -67,23 +75,32 @@ def _validate(config: ConfigDict) -> None:
             f"data.seq_len={config.data.seq_len} exceeds model.max_seq_len="
             f"{config.model.max_seq_len}"
         )
+    if config.eval.every < 0:
+        raise ValueError(f"eval.every must be >= 0 (0: never), got {config.eval.every}")
+    if config.eval.every and config.eval.batches < 1:
+        raise ValueError(f"eval.batches must be positive, got {config.eval.batches}")
 
 
 class Trainer:
-    """Holds the compiled step and everything it needs; ``run()`` is the loop."""
+    """Holds the compiled step and everything it needs; ``run()`` is the loop.
+
+    The train state is ``{"params", "opt_state", "step"}`` plus the task's parameter-shaped
+    states by name (``"ema"``), sharded like the parameters.
+    """
 
     def __init__(self, config: ConfigDict, workdir: str, devices: list | None = None):
         _validate(config)
         self.config, self.workdir = config, workdir
+        self.task = get_task(config, workdir)
         self.mesh = make_mesh(config.mesh, devices)
         self.rules = make_rules(config.mesh.rules)
         self.spec = ModelSpec(config.model)
         self.tx, self.schedule = make_optimizer(
             config.optim, config.train.steps, decay_mask(self.spec.axis_names)
         )
-        self.task = get_task(config.train.task)
+        self.param_states = self.task.param_states()
         replicated = NamedSharding(self.mesh, PartitionSpec())
-        param_sh = self.spec.shardings(self.mesh, self.rules)
+        param_sh = self.spec.shardings(self.mesh, self.rules, strict=bool(config.mesh.strict))
         opt_shapes = jax.eval_shape(self.tx.init, self.spec.shapes)
         opt_sh = optax.tree_map_params(
             self.tx,
@@ -98,57 +115,71 @@ class Trainer:
             "opt_state": opt_shapes,
             "step": jax.ShapeDtypeStruct((), jnp.int32),
         }
+        for name in self.param_states:
+            self.state_shardings[name] = param_sh
+            self.state_shapes[name] = self.spec.shapes
+        batch = config.data.global_batch_size
+        self.features = self.task.features()
         with use_mesh(self.mesh, self.rules):
-            self.batch_sharding = logical_sharding(
-                ("batch", "length"), (config.data.global_batch_size, config.data.seq_len)
-            )
+            self.batch_shardings = {
+                k: logical_sharding(f.axes, (batch, *f.shape)) for k, f in self.features.items()
+            }
+        per_example = self.task.flops_per_example()
+        # FLOPs of one optimizer step on all devices (forward + backward = 3x forward); None:
+        # the model cannot count them.
+        self.flops_per_step = None if per_example is None else 3.0 * per_example * batch
+        unit, per_example = self.task.throughput_unit()
+        self.throughput = (unit, per_example * batch)  # (unit, units per step)
         self._step = jax.jit(
             self._train_step, out_shardings=(self.state_shardings, replicated), donate_argnums=0
         )
+        self._eval_step = jax.jit(self._eval_batch, out_shardings=replicated)
 
     # -- state -----------------------------------------------------------------------------
     def init_state(self) -> PyTree:
         params = self.spec.init(self.config.train.seed, self.mesh, self.rules)
         opt_state = jax.jit(self.tx.init, out_shardings=self.state_shardings["opt_state"])(params)
         step = jax.device_put(jnp.zeros((), jnp.int32), self.state_shardings["step"])
-        return {"params": params, "opt_state": opt_state, "step": step}
+        state = {"params": params, "opt_state": opt_state, "step": step}
+        for name, extra in self.param_states.items():
+            state[name] = jax.jit(extra.init, out_shardings=self.state_shardings[name])(params)
+        return state
 
     def abstract_state(self) -> PyTree:
         return abstract_arrays(self.state_shapes, self.state_shardings)
 
     # -- step ------------------------------------------------------------------------------
-    def _loss_and_grads(self, params: PyTree, batch: dict):
-        z_loss = float(self.config.train.z_loss)
-
+    def _loss_and_grads(self, params: PyTree, batch: dict, rng: jax.Array):
         def loss_fn(p):
-            total, weight, stats = self.task(self.spec.merge(p), batch, z_loss=z_loss)
-            return total, (weight, stats)
+            total, weight, sums = self.task.loss(self.spec.merge(p), batch, rng)
+            return total, (weight, sums)
 
-        (total, (weight, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-        return total, weight, stats, grads
+        (total, (weight, sums)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        return total, weight, sums, grads
+
+    def _accumulated(self, params: PyTree, batch: dict, step: jax.Array):
+        """(loss sum, weight, metric sums, gradient sums) over ``optim.grad_accum_steps``
+        micro-batches, each with its own RNG."""
+        seed, accum = self.config.train.seed, self.config.optim.grad_accum_steps
+        if accum == 1:
+            return self._loss_and_grads(params, batch, step_rng(seed, step))
+        micro = jax.tree.map(lambda x: x.reshape(accum, x.shape[0] // accum, *x.shape[1:]), batch)
+
+        def body(carry, xs):
+            mb, i = xs
+            out = self._loss_and_grads(params, mb, step_rng(seed, step, i))
+            return jax.tree.map(jnp.add, carry, out), None
+
+        first = jax.tree.map(lambda x: x[0], micro)
+        shapes = jax.eval_shape(self._loss_and_grads, params, first, step_rng(seed, step, 0))
+        zero = jax.tree.map(jnp.zeros_like, shapes)
+        out, _ = jax.lax.scan(body, zero, (micro, jnp.arange(accum)))
+        return out
 
     def _train_step(self, state: PyTree, batch: dict) -> tuple[PyTree, dict]:
         with use_mesh(self.mesh, self.rules):
             params = state["params"]
-            accum = self.config.optim.grad_accum_steps
-            if accum == 1:
-                total, weight, stats, grads = self._loss_and_grads(params, batch)
-            else:
-                micro = jax.tree.map(
-                    lambda x: x.reshape(accum, x.shape[0] // accum, *x.shape[1:]), batch
-                )
-
-                def body(carry, mb):
-                    out = self._loss_and_grads(params, mb)
-                    return jax.tree.map(jnp.add, carry, out), None
-
-                zero = jax.tree.map(
-                    jnp.zeros_like,
-                    jax.eval_shape(
-                        self._loss_and_grads, params, jax.tree.map(lambda x: x[0], micro)
-                    ),
-                )
-                (total, weight, stats, grads), _ = jax.lax.scan(body, zero, micro)
+            total, weight, sums, grads = self._accumulated(params, batch, state["step"] + 1)
             denom = jnp.maximum(weight, 1.0)
             grads = jax.tree.map(lambda g: g / denom, grads)
             loss = total / denom
@@ -163,37 +194,85 @@ class Trainer:
                 "opt_state": keep(opt_state, state["opt_state"]),
                 "step": state["step"] + 1,
             }
+            for name, extra in self.param_states.items():
+                new_state[name] = keep(extra.update(state[name], new_params), state[name])
+            task_metrics = self.task.metrics(sums, denom)
+            clash = set(task_metrics) & set(_TRAINER_METRICS)
+            if clash:
+                raise ValueError(
+                    f"task {self.task.name} reports metrics {sorted(clash)}, which the trainer "
+                    "logs itself"
+                )
             metrics = {
                 "loss": loss,
-                "nll": stats["nll_sum"] / denom,
-                "accuracy": stats["correct"] / denom,
+                **task_metrics,
                 "grad_norm": grad_norm,
                 "learning_rate": self.schedule(state["step"]),
-                "loss_tokens": weight,
+                "loss_weight": weight,
                 "finite": finite,
             }
             return new_state, metrics
 
-    def grads(self, params: PyTree, batch: dict) -> tuple[jax.Array, PyTree]:
-        """(mean loss, mean gradients) for a batch, without an update (for checks and tools)."""
+    def _eval_batch(self, params: PyTree, batch: dict, index: jax.Array):
+        with use_mesh(self.mesh, self.rules):
+            seed = self.config.train.seed
+            return self.task.loss(self.spec.merge(params), batch, eval_rng(seed, index))
+
+    def grads(self, params: PyTree, batch: dict, step: int = 1) -> tuple[jax.Array, PyTree]:
+        """(mean loss, mean gradients) of train step ``step`` on a batch, without an update (for
+        checks and tools)."""
 
         def fn(params, batch):
             with use_mesh(self.mesh, self.rules):
-                total, weight, _, grads = self._loss_and_grads(params, batch)
+                total, weight, _, grads = self._accumulated(params, batch, jnp.int32(step))
             denom = jnp.maximum(weight, 1.0)
             return total / denom, jax.tree.map(lambda g: g / denom, grads)
 
         return jax.jit(fn)(params, batch)
 
     def device_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-        """Assemble this process's rows into global arrays sharded over the batch axes."""
-        return {
-            k: jax.make_array_from_process_local_data(self.batch_sharding, v)
-            for k, v in batch.items()
-        }
+        """Assemble this process's rows into global arrays sharded by the task's feature axes."""
+        if set(batch) != set(self.features):
+            raise ValueError(
+                f"task {self.task.name}: the pipeline yields batch keys {sorted(batch)}, its "
+                f"features are {sorted(self.features)}"
+            )
+        out = {}
+        for key, value in batch.items():
+            feature = self.features[key]
+            if value.shape[1:] != feature.shape or value.dtype != np.dtype(feature.dtype):
+                raise ValueError(
+                    f"task {self.task.name}: batch key {key!r} is {value.dtype} "
+                    f"{list(value.shape)}, its feature is {feature.dtype} [batch, *{feature.shape}]"
+                )
+            out[key] = jax.make_array_from_process_local_data(self.batch_shardings[key], value)
+        return out
 
     def step(self, state: PyTree, batch: dict) -> tuple[PyTree, dict]:
         return self._step(state, batch)
+
+    def evaluate(self, state: PyTree) -> dict[str, float]:
+        """Held-out metrics over the first ``eval.batches`` batches of the task's eval split (a
+        fresh iterator: the same batches every time): ``eval/loss`` and ``eval/<metric>`` of the
+        parameters, ``eval_<name>/...`` of each parameter-shaped state (the EMA)."""
+        trees = {"eval": state["params"], **{f"eval_{n}": state[n] for n in self.param_states}}
+        data = self.task.make_data(
+            "eval", process_index=jax.process_index(), process_count=jax.process_count()
+        )
+        results: dict[str, list] = {prefix: [] for prefix in trees}
+        for i, batch in zip(range(self.config.eval.batches), data):
+            batch = self.device_batch(batch)
+            for prefix, params in trees.items():
+                results[prefix].append(self._eval_step(params, batch, np.int32(i)))
+        row = {}
+        for prefix, outs in jax.device_get(results).items():
+            total = sum(float(t) for t, _, _ in outs)
+            denom = max(sum(float(w) for _, w, _ in outs), 1.0)
+            sums = {k: sum(float(s[k]) for _, _, s in outs) for k in outs[0][2]}
+            row[f"{prefix}/loss"] = total / denom
+            for k, v in self.task.eval_metrics(sums, denom).items():
+                row[f"{prefix}/{k}"] = float(v)
+        return row
 
     # -- loop ------------------------------------------------------------------------------
     def run(self, on_step: Callable[[int, dict], None] | None = None) -> TrainResult:
@@ -203,16 +282,8 @@ class Trainer:
         ckpt = Checkpointer(
             self.workdir, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save
         )
-        tokenizer = get_tokenizer(cfg.data.tokenizer, base_dir=self.workdir)
-        data = make_pipeline(
-            cfg.data,
-            tokenizer=tokenizer,
-            global_batch_size=cfg.data.global_batch_size,
-            seq_len=cfg.data.seq_len,
-            split="train",
-            process_index=jax.process_index(),
-            process_count=jax.process_count(),
-            seed=cfg.data.seed,
+        data = self.task.make_data(
+            "train", process_index=jax.process_index(), process_count=jax.process_count()
         )
         resumed_from = ckpt.latest_step()
         if resumed_from is not None:
@@ -228,25 +299,26 @@ class Trainer:
         writer = MetricsWriter(
             self.workdir, enabled=is_main, tensorboard=cfg.train.tensorboard, truncate_after=start
         )
-        check_ids = tokenizer.vocab_size > cfg.model.vocab_size
 
-        flops_per_step = flops_lib.train_flops_per_step(cfg)
         peak, peak_source = flops_lib.peak_flops_per_device()
-        tokens_per_step = cfg.data.global_batch_size * cfg.data.seq_len
+        unit, units_per_step = self.throughput
         total = cfg.train.steps
         log_every = max(1, int(cfg.train.log_every))
-        progress = _Progress(start, total, enabled=is_main and cfg.train.progress)
+        eval_every = int(cfg.eval.every)
+        progress = Progress(start, total, unit, enabled=is_main and cfg.train.progress)
         if is_main:
             where = f"resuming from step {start}" if resumed_from is not None else "from scratch"
             progress.write(
                 f"tessera: training {cfg.model.family} ({self.spec.num_params() / 1e6:.2f}M "
-                f"params) on {self.mesh.devices.size} {jax.devices()[0].platform} devices, "
-                f"mesh {dict(self.mesh.shape)}, {where}; workdir {self.workdir}"
+                f"params, task {self.task.name}) on {self.mesh.devices.size} "
+                f"{jax.devices()[0].platform} devices, mesh {dict(self.mesh.shape)}, {where}; "
+                f"workdir {self.workdir}"
             )
 
         stop = _StopFlag()
         pending: list[tuple[int, dict]] = []
         losses: dict[int, float] = {}
+        evals: dict[int, dict[str, float]] = {}
         last: dict[str, float] = {}
         t_mark, steps_since = None, 0
         step = start
@@ -275,22 +347,30 @@ class Trainer:
             if t_mark is not None and steps_since:
                 dt = (now - t_mark) / steps_since
                 row["step_time_s"] = dt
-                row["tokens_per_s"] = tokens_per_step / dt
-                row["tflops_per_device"] = flops_per_step / dt / self.mesh.devices.size / 1e12
-                row["mfu"] = row["tflops_per_device"] * 1e12 / peak
+                row[f"{unit}_per_s"] = units_per_step / dt
+                if self.flops_per_step is not None:
+                    tflops = self.flops_per_step / dt / self.mesh.devices.size / 1e12
+                    row["tflops_per_device"] = tflops
+                    row["mfu"] = tflops * 1e12 / peak
             t_mark, steps_since = now, 0
             row.pop("finite")
             last = {"step": steps[-1], **row}
             writer.write(steps[-1], row)
             progress.log(steps[-1], row)
 
+        def evaluate() -> None:
+            """An eval row for ``step``; its time is kept out of the next ``step_time_s``."""
+            nonlocal t_mark
+            flush()
+            evals[step] = row = self.evaluate(state)
+            writer.write_eval(step, row)
+            progress.log_eval(step, row)
+            t_mark = time.perf_counter()
+
         try:
             with stop.installed():
                 while step < total and not stop.requested:
-                    batch = next(data)
-                    if check_ids:
-                        check_vocab(batch, cfg.model.vocab_size)
-                    state, metrics = self.step(state, self.device_batch(batch))
+                    state, metrics = self.step(state, self.device_batch(next(data)))
                     step += 1
                     pending.append((step, metrics))
                     if t_mark is None:  # the first step compiles: time from its end
@@ -303,6 +383,8 @@ class Trainer:
                         flush()
                     if on_step is not None:
                         on_step(step, metrics)
+                    if eval_every and (step % eval_every == 0 or step == total):
+                        evaluate()
                     if step % cfg.checkpoint.every == 0 or step == total:
                         flush()
                         ckpt.save(step, state, data.get_state())
@@ -318,23 +400,24 @@ class Trainer:
             ckpt.close()
             writer.close()
         if is_main and not stop.requested:
-            loss = last.get("loss", float("nan"))
-            note = ""
-            if cfg.data.source == "synthetic":
-                entropy = unigram_entropy(
-                    tokenizer=tokenizer, seed=cfg.data.seed, tasks=cfg.data.synthetic_tasks or None
-                )
-                note = f" (the corpus's unigram entropy is {entropy:.4f} nats/token)"
-            progress.write(
-                f"tessera: finished {step} steps; loss {loss:.4f}{note}; MFU is against peak "
-                f"FLOP/s from {peak_source}"
-            )
+            parts = [f"loss {last.get('loss', float('nan')):.4f}"]
+            if step in evals:
+                parts.append(f"eval/loss {evals[step]['eval/loss']:.4f}")
+            note = self.task.summary()
+            if note:
+                parts.append(note)
+            if self.flops_per_step is None:
+                parts.append("no FLOP count for this model, so no MFU")
+            else:
+                parts.append(f"MFU is against peak FLOP/s from {peak_source}")
+            progress.write(f"tessera: finished {step} steps; " + "; ".join(parts))
         return TrainResult(
             step=step,
             losses=losses,
             last_metrics=last,
             interrupted=stop.requested,
             resumed_from=resumed_from,
+            evals=evals,
         )
 
 
@@ -360,49 +443,6 @@ class _StopFlag:
         finally:
             for s, h in old.items():
                 signal.signal(s, h)
-
-
-class _Progress:
-    """A tqdm bar on a terminal; one printed line per log step otherwise."""
-
-    def __init__(self, start: int, total: int, enabled: bool):
-        self.enabled = enabled
-        self.bar = None
-        if enabled and sys.stderr.isatty():
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
-
-    def update(self, step: int) -> None:
-        if self.bar is not None:
-            self.bar.update(step - self.bar.n)
-
-    def log(self, step: int, row: dict) -> None:
-        if not self.enabled:
-            return
-        parts = [
-            f"loss {row['loss']:.4f}",
-            f"lr {row['learning_rate']:.2e}",
-            f"gnorm {row['grad_norm']:.3f}",
-        ]
-        if "tokens_per_s" in row:
-            parts += [f"{row['tokens_per_s']:.0f} tok/s", f"MFU {100 * row['mfu']:.1f}%"]
-        if self.bar is not None:
-            self.bar.set_postfix_str(", ".join(parts))
-        else:
-            print(f"step {step}: " + ", ".join(parts), flush=True)
-
-    def write(self, text: str) -> None:
-        if not self.enabled:
-            return
-        if self.bar is not None:
-            self.bar.write(text)
-        else:
-            print(text, flush=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
 
 
 def train(

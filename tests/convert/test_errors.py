@@ -80,11 +80,6 @@ CASES = {
                                       "attention_factor": 0.5}}),
         "RoPE parameter attention_factor=0.5 is not supported",
     ),
-    "mixed layer types": (
-        dict(config={"use_sliding_window": True, "sliding_window": 4,
-                     "layer_types": ["full_attention", "sliding_attention"]}),
-        "mix full and sliding-window attention",
-    ),
     "missing key": (dict(config={"hidden_size": None}), "config.json has no 'hidden_size'"),
 }
 

@@ -7,6 +7,7 @@ import jax
 import numpy as np
 import pytest
 
+from tessera.configs import load_config
 from tessera.configs.base import apply_overrides, base_config
 from tessera.convert import FAMILIES, ConversionError
 from tessera.convert.families.llama import QwenWindow
@@ -70,14 +71,42 @@ def test_sliding_window_parts():
     assert mistral.from_hf({"sliding_window": None}) == {"sliding_window": 0}
     assert mistral.from_hf({}) == {"sliding_window": 4096}  # MistralConfig's default
     qwen = QwenWindow()
+    one = {"prefix": (), "pattern": ("attention:mlp",)}
     base = {"num_hidden_layers": 2, "sliding_window": 16}
-    assert qwen.from_hf(base) == {"sliding_window": 0}  # use_sliding_window defaults to False
+    assert qwen.from_hf(base) == {"sliding_window": 0, **one}  # use_sliding_window: False
     assert qwen.from_hf({**base, "use_sliding_window": True, "max_window_layers": 0}) == {
-        "sliding_window": 16}
+        "sliding_window": 16, **one}
     assert qwen.from_hf({**base, "use_sliding_window": True, "max_window_layers": 2}) == {
-        "sliding_window": 0}
-    with pytest.raises(ConversionError, match="mix full and sliding"):
-        qwen.from_hf({**base, "use_sliding_window": True, "max_window_layers": 1})
+        "sliding_window": 0, **one}
+
+
+def test_qwen_mixed_windows_become_a_layout_and_export_back():
+    """Qwen2's first max_window_layers full layers, then sliding ones: a prefix plus a scanned
+    unit with a per-block window; transformers 5's layer_types alternations become a unit."""
+    qwen = QwenWindow()
+    hf = {"num_hidden_layers": 5, "sliding_window": 16, "use_sliding_window": True,
+          "max_window_layers": 2}
+    fields = qwen.from_hf(hf)
+    assert fields == {"sliding_window": 0, "prefix": ("attention:mlp",) * 2,
+                      "pattern": ("attention:mlp sliding_window=16",)}
+    config = load_config("llama:tiny,model.num_layers=5")
+    config.model.update(fields)
+    exported = qwen.to_hf(config.model)
+    assert exported["max_window_layers"] == 2 and exported["sliding_window"] == 16
+    assert exported["layer_types"] == ["full_attention"] * 2 + ["sliding_attention"] * 3
+    alternating = ["sliding_attention", "full_attention"] * 3
+    fields = qwen.from_hf({**hf, "num_hidden_layers": 6, "layer_types": alternating})
+    assert fields["prefix"] == () and fields["pattern"] == (
+        "attention:mlp sliding_window=16", "attention:mlp")
+    with pytest.raises(ConversionError, match="layer_types has 3 entries"):
+        qwen.from_hf({**hf, "layer_types": alternating[:3]})
+    config.model.update(prefix=(), pattern=("attention:mlp sliding_window=8",
+                                            "attention:mlp sliding_window=16"), num_layers=4)
+    with pytest.raises(ConversionError, match=r"sliding windows \[8, 16\]"):
+        qwen.to_hf(config.model)
+    config.model.update(pattern=("attention:mlp rope_theta=100",))
+    with pytest.raises(ConversionError, match="one RoPE theta"):
+        qwen.to_hf(config.model)
 
 
 def test_rules_must_cover_every_parameter():

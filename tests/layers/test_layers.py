@@ -78,7 +78,8 @@ def small_model_cfg(dtype="float32"):
 def test_swiglu_mlp_matches_numpy():
     mlp = MLP(small_model_cfg(), rngs=nnx.Rngs(3))
     x = np.random.default_rng(2).normal(size=(2, 7, 16)).astype(np.float32)
-    y = mlp(jnp.asarray(x))
+    y, aux = mlp(jnp.asarray(x))
+    assert aux == {}
     gate, up, wo = (np.asarray(w[...], np.float64) for w in (mlp.wi_gate, mlp.wi_up, mlp.wo))
     want = (np_silu(x @ gate) * (x @ up)) @ wo
     assert y.shape == (2, 7, 16) and y.dtype == jnp.float32
@@ -91,7 +92,7 @@ def test_swiglu_mlp_matches_numpy():
 def test_mlp_computes_in_dtype_with_float32_params():
     mlp = MLP(small_model_cfg("bfloat16"), rngs=nnx.Rngs(3))
     assert mlp.wi_gate[...].dtype == jnp.float32
-    y = mlp(jnp.ones((1, 2, 16), jnp.bfloat16))
+    y, _ = mlp(jnp.ones((1, 2, 16), jnp.bfloat16))
     assert y.dtype == jnp.bfloat16
 
 

@@ -14,8 +14,8 @@ from tessera.configs import load_config
 from tessera.layers.mixers import SeqInfo
 from tessera.layers.mixers.mamba import Mamba, mamba_dims
 from tessera.models.create import ModelSpec
-from tessera.sharding import DEFAULT_RULES, make_mesh, make_rules, use_mesh
-from tessera.train.flops import forward_flops_per_token, mamba_flops
+from tessera.sharding import make_mesh, make_rules, use_mesh
+from tessera.train.flops import forward_flops_per_token
 from tessera.train.trainer import train
 from tests.cached_decode import check_cached_decode
 
@@ -109,7 +109,7 @@ def test_parameters_shapes_axes_and_init():
     # Every parameter names all of its axes, with names the rules table knows.
     for name, var in nnx.to_flat_state(nnx.state(mixer)):
         axes = var.get_metadata()["logical_axes"]
-        assert len(axes) == len(var.shape) and all(a in DEFAULT_RULES for a in axes), name
+        assert len(axes) == len(var.shape) and all(a in make_rules() for a in axes), name
     np.testing.assert_allclose(params["A_log"], np.log(np.tile(np.arange(1, n + 1), (di, 1))))
     np.testing.assert_array_equal(params["D"], np.ones(di))
     dt = np.asarray(jax.nn.softplus(params["dt_proj_bias"]))
@@ -248,7 +248,7 @@ def test_cache_is_constant_size(lm):
     axes = model.cache_axes()["layers"][0]
     for name in ("conv", "ssm"):
         assert len(axes[name]) == layers[name].ndim
-        assert all(a in DEFAULT_RULES for a in axes[name])
+        assert all(a in make_rules() for a in axes[name])
 
 
 def test_cached_decode_matches_full_forward(lm):
@@ -360,7 +360,7 @@ def test_flops_match_cost_analysis():
     # The projections are 2 FLOPs per weight per token.
     di, n, k, r = mamba_dims(cfg)
     weights = 64 * 2 * di + di * (r + 2 * n) + r * di + di * 64
-    assert mamba_flops(cfg, t) == 2 * weights + 2 * k * di + 7 * di * n
+    assert Mamba.flops_per_token(cfg, t) == 2 * weights + 2 * k * di + 7 * di * n
 
 
 def test_tiny_config_trains(tmp_path):

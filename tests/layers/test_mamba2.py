@@ -152,8 +152,8 @@ def test_mixer_matches_hf_semantics():
     )
     positions = jnp.broadcast_to(jnp.arange(11, dtype=jnp.int32), (2, 11))
     info = SeqInfo(positions, jnp.ones((2, 11), jnp.int32))
-    got, cache = jax.jit(lambda m, x: m(x, info))(mixer, jnp.asarray(x, jnp.float32))
-    assert cache is None
+    got, cache, aux = jax.jit(lambda m, x: m(x, info))(mixer, jnp.asarray(x, jnp.float32))
+    assert cache is None and aux == {}
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
@@ -202,8 +202,8 @@ def test_mixer_padding_and_packed_gradients():
     cache = Mamba2.init_cache(cfg, 2, 8, jnp.float32)
     call = jax.jit(lambda m, x, info, cache: m(x, info, cache))
     padded = jnp.array([[1] * 8, [1] * 5 + [0] * 3], jnp.int32)
-    _, got = call(mixer, x, SeqInfo(positions, padded), cache)
-    _, want = call(mixer, x[:, :5], SeqInfo(positions[:, :5], padded[:, :5]), cache)
+    _, got, _ = call(mixer, x, SeqInfo(positions, padded), cache)
+    _, want, _ = call(mixer, x[:, :5], SeqInfo(positions[:, :5], padded[:, :5]), cache)
     for name in ("conv", "ssm"):
         np.testing.assert_allclose(got[name][1], want[name][1], **TOL, err_msg=name)
         assert not np.allclose(got[name][0], want[name][0]), name
@@ -212,7 +212,7 @@ def test_mixer_padding_and_packed_gradients():
     graphdef, state = nnx.split(mixer)
 
     def loss(state, x):
-        y, _ = nnx.merge(graphdef, state)(x, SeqInfo(positions, packed))
+        y, _, _ = nnx.merge(graphdef, state)(x, SeqInfo(positions, packed))
         return jnp.sum(y**2)
 
     grads = jax.jit(jax.grad(loss, argnums=(0, 1)))(state, x)

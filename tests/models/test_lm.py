@@ -12,7 +12,7 @@ from jax.sharding import PartitionSpec as P
 from tessera.configs import load_config
 from tessera.models.create import ModelSpec
 from tessera.models.registry import build_model
-from tessera.models.remat import REMAT_POLICIES
+from tessera.models.remat import POLICY_NAMES, minimal_saved_names, remat_policy
 from tessera.sharding import make_mesh, make_rules, use_mesh
 from tests.cached_decode import check_cached_decode
 
@@ -212,7 +212,7 @@ def test_remat_policies_agree():
 
         # The named policy really wraps the scanned unit (and nothing is remat'd for "none").
         found = list(remat_policies_in(jax.make_jaxpr(loss)(params).jaxpr))
-        want = [] if policy == "none" else [REMAT_POLICIES[policy]]
+        want = [] if policy == "none" else [remat_policy(policy)]
         assert found == want, (policy, found)
         results[policy] = jax.jit(jax.value_and_grad(loss))(params)
     loss_ref, grads_ref = results.pop("none")
@@ -228,7 +228,9 @@ def test_remat_policies_agree():
 
 
 def test_unknown_remat_policy():
-    assert set(REMAT_POLICIES) >= {"none", "minimal", "save_dots", "full"}
+    assert set(POLICY_NAMES) >= {"none", "minimal", "save_dots", "full"}
+    # minimal keeps the tags every registered mixer declares, the state-space ones included
+    assert {"query_proj", "mlp_out", "ssm_in", "ssm_out"} <= set(minimal_saved_names())
     _, params, apply = build(model_cfg(remat="everything"))
     with pytest.raises(ValueError, match="unknown policy 'everything'"):
         apply(params, jnp.zeros((1, 4), jnp.int32))
@@ -379,8 +381,8 @@ def test_sharded_forward_matches_unsharded():
         (dict(pattern=("attention:mlp", "mamba9:mlp")), "unknown mixer 'mamba9'"),
         (dict(pattern=("attention:moo",)), "unknown channel mixer 'moo'"),
         (dict(pattern=("attention:mlp", "attention:none"), num_layers=3),
-         "num_layers=3 is not a multiple of the pattern length 2"),
-        (dict(pattern=()), "not a multiple of the pattern length 0"),
+         "num_layers=3 is not a positive multiple of the pattern length 2"),
+        (dict(pattern=()), "model.pattern is empty"),
         (dict(num_heads=4, num_kv_heads=3), "num_heads=4 is not a multiple of num_kv_heads=3"),
     ],
 )

@@ -64,6 +64,8 @@ def test_restore_errors(workdir, tmp_path):
     other = ModelSpec(load_config("llama:tiny,model.mlp_dim=64").model)
     with pytest.raises(CheckpointError, match=r"tensor units/blocks/0/channel/wi_gate has"):
         restore_params(other, workdir, other.shardings(single_device_mesh(), make_rules()))
+    with pytest.raises(ValueError, match="model.name='sequence_classifier' is not a decoder LM"):
+        load_decoder(load_config("classify:tiny"), workdir)
 
 
 def test_stream_eval_and_batches(loaded):

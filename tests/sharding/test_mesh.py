@@ -57,3 +57,33 @@ def test_rule_overrides():
         make_rules("mlpp=tensor")
     with pytest.raises(ValueError, match="not of the form"):
         make_rules("mlp")
+
+
+def test_unshardable_parameter_warns_once_and_strict_refuses():
+    """2 kv heads cannot split over tensor=4: the warning names the parameter, logical axis,
+    mesh axes and size; mesh.strict makes it an error."""
+    import warnings
+
+    from tessera.models import create
+    from tessera.models.create import ModelSpec
+
+    create._WARNED.clear()  # other tests in this process may have seen the same warning
+
+    cfg = load_config("llama:tiny")
+    cfg.mesh.update(data=2, tensor=4)
+    spec, mesh, rules = ModelSpec(cfg.model), make_mesh(cfg.mesh), make_rules()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        shardings = spec.shardings(mesh, rules)
+        spec.shardings(mesh, rules)  # said once per process, not per call
+    messages = [str(w.message) for w in caught]
+    wk = [m for m in messages if "mixer/wk" in m]
+    assert len(wk) == 1, messages
+    assert "parameter units/blocks/0/mixer/wk axis 'kv_heads' (size 2)" in wk[0]
+    assert "mesh axes tensor = 4" in wk[0] and "replicated" in wk[0]
+    assert shardings["units"]["blocks"][0]["mixer"]["wk"].spec == P(None, None, None, None)
+    # the query heads (4) do split
+    assert shardings["units"]["blocks"][0]["mixer"]["wq"].spec == P(None, None, "tensor", None)
+    with pytest.raises(ValueError, match=r"mesh.strict: parameter embed/embedding axis 'vocab' "
+                                         r"\(size 259\) .* \(and 3 more\)"):
+        spec.shardings(mesh, rules, strict=True)

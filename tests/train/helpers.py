@@ -8,10 +8,11 @@ QUIET = "train.progress=False,train.tensorboard=False"
 
 
 def tiny_config(extra: str = "", family: str = "llama", **mesh):
-    """A float32 tiny LM with short rows, so steps are fast and comparisons tight."""
+    """A float32 tiny LM with short rows, so steps are fast and comparisons tight; no evaluation
+    unless ``extra`` sets ``eval.every``."""
     cfg = load_config(
         f"{family}:tiny,model.dtype=float32,data.seq_len=32,data.global_batch_size=8,optim.warmup_steps=0,"
-        f"checkpoint.async_save=False,{QUIET}{',' + extra if extra else ''}"
+        f"checkpoint.async_save=False,eval.every=0,{QUIET}{',' + extra if extra else ''}"
     )
     if mesh:
         cfg.mesh.update(data=1)

@@ -10,6 +10,7 @@ import jax
 import pytest
 
 from tessera.configs import config_names, load_config
+from tessera.train.metrics import read_metrics
 from tessera.train.trainer import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -26,10 +27,13 @@ def test_cli_trains_and_writes_metrics(tmp_path):
     proc = run_train("--config=llama:tiny", f"--workdir={tmp_path}", "--config.train.steps=4",
                      "--config.train.log_every=2", *QUIET)
     assert proc.returncode == 0, proc.stderr
-    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    rows = read_metrics(str(tmp_path), "train")
     assert [r["step"] for r in rows] == [1, 2, 4]
-    assert all({"loss", "learning_rate", "grad_norm"} <= set(r) for r in rows)
+    assert all({"loss", "nll", "accuracy", "learning_rate", "grad_norm"} <= set(r) for r in rows)
     assert {"tokens_per_s", "tflops_per_device", "mfu"} <= set(rows[-1])
+    [evaluation] = read_metrics(str(tmp_path), "eval")  # at the end (eval.every=100)
+    assert evaluation["step"] == 4 and {"eval/loss", "eval/perplexity"} <= set(evaluation)
+    assert "eval/loss" in proc.stdout and "unigram entropy" in proc.stdout
     assert (tmp_path / "checkpoints" / "4").is_dir()
     assert json.load(open(tmp_path / "config.json"))["model"]["family"] == "llama"
 
@@ -41,6 +45,9 @@ def test_cli_trains_and_writes_metrics(tmp_path):
     (["--config.data.source=text", "--config.data.path={missing}"], "missing.txt"),
     (["--config.model.vocab_size=100"], "token id .* out of range for vocab_size 100"),
     (["--config=llama:huge"], "unknown preset 'huge'"),
+    (["--config.train.task=nope"], r"unknown task 'nope'; known: \['classify', 'lm'\]"),
+    (["--config=classify:tiny", "--config.model.num_classes=0"],
+     "task classify needs model.num_classes > 0"),
 ])
 def test_bad_input_is_one_clear_line(tmp_path, args, message):
     empty = tmp_path / "empty.txt"

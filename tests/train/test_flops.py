@@ -7,7 +7,8 @@ from flax import nnx
 
 from tessera.configs import load_config
 from tessera.models.registry import build_model
-from tessera.train.flops import forward_flops_per_token, peak_flops_per_device, train_flops_per_step
+from tessera.train.flops import forward_flops_per_token, peak_flops_per_device
+from tessera.train.tasks import get_task
 
 
 @pytest.mark.parametrize("extra", ["", ",model.num_kv_heads=1,model.tie_embeddings=True"])
@@ -31,7 +32,6 @@ def test_forward_flops_match_cost_analysis(extra):
 def test_train_flops_and_peak():
     cfg = load_config("llama:tiny")
     per_token = forward_flops_per_token(cfg.model, cfg.data.seq_len)
-    tokens = cfg.data.global_batch_size * cfg.data.seq_len
-    assert train_flops_per_step(cfg) == 3 * per_token * tokens
+    assert get_task(cfg).flops_per_example() == per_token * cfg.data.seq_len
     peak, source = peak_flops_per_device()
     assert peak > 0 and source == "cpu matmul probe"

@@ -13,9 +13,10 @@ from tessera.train.trainer import NonFiniteLossError, Trainer, train
 from .helpers import tiny_config
 
 
-def nan_loss(model, batch, *, z_loss=0.0):
-    total, weight, stats = tasks.lm_loss(model, batch, z_loss=z_loss)
-    return total * jnp.nan, weight, stats
+class NanLM(tasks.LMTask):
+    def loss(self, model, batch, rng):
+        total, weight, sums = super().loss(model, batch, rng)
+        return total * jnp.nan, weight, sums
 
 
 def test_nan_stops_and_keeps_the_good_checkpoint(tmp_path, monkeypatch):
@@ -25,7 +26,7 @@ def test_nan_stops_and_keeps_the_good_checkpoint(tmp_path, monkeypatch):
     trainer = Trainer(tiny_config(data=1), workdir, one)
     _, good, _ = Checkpointer(workdir).restore(4, trainer.abstract_state())
 
-    monkeypatch.setitem(tasks.TASKS, "lm", nan_loss)
+    monkeypatch.setitem(tasks.TASKS, "lm", NanLM)
     with pytest.raises(NonFiniteLossError, match="non-finite loss at step 5.*last good checkpoint "
                                                  "is step 4"):
         train(tiny_config("train.steps=8,checkpoint.every=1", data=1), workdir, devices=one)
@@ -37,7 +38,7 @@ def test_nan_stops_and_keeps_the_good_checkpoint(tmp_path, monkeypatch):
 
 def test_nan_skip_policy_leaves_params_unchanged(tmp_path, monkeypatch):
     one = jax.devices()[:1]
-    monkeypatch.setitem(tasks.TASKS, "lm", nan_loss)
+    monkeypatch.setitem(tasks.TASKS, "lm", NanLM)
     cfg = tiny_config("train.steps=3,checkpoint.every=3,train.nan_policy=skip", data=1)
     result = train(cfg, str(tmp_path), devices=one)
     assert result.step == 3 and result.last_metrics["skipped_steps"] >= 1

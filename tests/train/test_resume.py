@@ -13,7 +13,7 @@ from tessera.train.trainer import Trainer, train
 
 from .helpers import tiny_config
 
-STEPS = "train.steps=8,checkpoint.every=3,train.log_every=1"
+STEPS = "train.steps=8,checkpoint.every=3,train.log_every=1,eval.every=4,eval.batches=1"
 
 
 def test_sigterm_saves_and_rerun_resumes_exactly(tmp_path):
@@ -36,7 +36,13 @@ def test_sigterm_saves_and_rerun_resumes_exactly(tmp_path):
     for step in range(6, 9):
         assert second.losses[step] == pytest.approx(full.losses[step], rel=1e-6)
     # metrics.jsonl reads as one run: one row per step, no duplicates from the restart.
-    assert [r["step"] for r in read_metrics(workdir)] == list(range(1, 9))
+    assert [r["step"] for r in read_metrics(workdir, "train")] == list(range(1, 9))
+    # Evaluations (at 4 before the interruption, at 8 after it) match the uninterrupted run's.
+    assert first.evals.keys() == {4} and second.evals.keys() == {8}
+    evals = read_metrics(workdir, "eval")
+    assert [row.pop("step") for row in evals] == [4, 8]
+    for step, row in zip((4, 8), evals):
+        assert row == pytest.approx(full.evals[step], rel=1e-6)
 
 
 def test_restore_onto_a_different_mesh(tmp_path):

@@ -4,7 +4,6 @@ import jax
 import numpy as np
 import pytest
 
-from tessera.data import get_tokenizer, make_pipeline
 from tessera.train.trainer import Trainer
 
 from .helpers import tiny_config
@@ -14,9 +13,7 @@ def one_step(cfg, tmp_path, devices=None):
     trainer = Trainer(cfg, str(tmp_path), devices)
     state = trainer.init_state()
     init_params = jax.device_get(state["params"])
-    data = make_pipeline(cfg.data, tokenizer=get_tokenizer("byte"),
-                         global_batch_size=cfg.data.global_batch_size, seq_len=cfg.data.seq_len)
-    batch = trainer.device_batch(next(data))
+    batch = trainer.device_batch(next(trainer.task.make_data("train")))
     loss, grads = jax.device_get(trainer.grads(state["params"], batch))
     state, metrics = trainer.step(state, batch)
     metrics = dict(jax.device_get(metrics), grad_loss=loss, grads=grads)

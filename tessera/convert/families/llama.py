@@ -21,6 +21,7 @@ from tessera.convert.mapping import (
     Set,
     register,
 )
+from tessera.models.layout import compress_layers, parse_layout
 
 _LAYER = "model.layers.{layer}."
 
@@ -48,7 +49,7 @@ RULES = (
 IGNORE = ("lm_head.weight", "*.rotary_emb.inv_freq")
 
 
-def _decoder(*, max_position: int, head_dim: Any = None) -> tuple:
+def _decoder(*, max_position: int, head_dim: Any = None, layout: bool = True) -> tuple:
     """Config parts every family here shares; defaults are the HF config classes' own."""
     return (
         Field("vocab_size", "vocab_size"),
@@ -67,14 +68,15 @@ def _decoder(*, max_position: int, head_dim: Any = None) -> tuple:
         Field("tie_word_embeddings", "tie_embeddings", False),
         Require("hidden_act", "silu"),
         Rope(),
-        Set(pattern=("attention:mlp",)),
+        *((Set(pattern=("attention:mlp",), prefix=()),) if layout else ()),
     )
 
 
 class QwenWindow:
     """Qwen2/3 sliding window: ``use_sliding_window``, ``sliding_window``, ``max_window_layers``
-    or transformers 5's ``layer_types``. Tessera has one window for all layers, so a mix of
-    full and sliding layers is refused."""
+    or transformers 5's ``layer_types``. One window for every layer is ``model.sliding_window``;
+    a mix of full and sliding layers becomes per-block settings in the layout (the first
+    ``max_window_layers`` full layers as a prefix, the sliding ones as the scanned unit)."""
 
     def from_hf(self, hf: Mapping[str, Any]) -> dict[str, Any]:
         layers = int(hf["num_hidden_layers"])
@@ -85,22 +87,45 @@ class QwenWindow:
             else "full_attention"
             for i in range(layers)
         ]
-        windows = {int(window or 0) if t == "sliding_attention" else 0 for t in types}
-        if len(windows) > 1:
+        if len(types) != layers:
             raise ConversionError(
-                f"layer_types {types} mix full and sliding-window attention, which is not "
-                "supported (tessera uses one attention window for every layer)"
+                f"layer_types has {len(types)} entries for num_hidden_layers={layers}"
             )
-        return {"sliding_window": windows.pop()}
+        windows = [int(window or 0) if t == "sliding_attention" else 0 for t in types]
+        if len(set(windows)) == 1:
+            return {"sliding_window": windows[0], "prefix": (), "pattern": ("attention:mlp",)}
+        entries = [
+            "attention:mlp" + (f" sliding_window={w}" if w else "") for w in windows
+        ]
+        prefix, pattern = compress_layers(entries)
+        return {"sliding_window": 0, "prefix": prefix, "pattern": pattern}
 
     def to_hf(self, model: ConfigDict) -> dict[str, Any]:
-        window = int(model.sliding_window)
-        kind = "sliding_attention" if window else "full_attention"
+        windows = []
+        for i, spec in enumerate(parse_layout(model).layers()):
+            block = spec.config(model)
+            if (spec.mixer, spec.channel) != ("attention", "mlp"):
+                raise ConversionError(
+                    f"layer {i} is {spec}; this Hugging Face family has only attention:mlp blocks"
+                )
+            if float(block.rope_theta) != float(model.rope_theta):
+                raise ConversionError(
+                    f"layer {i} sets rope_theta={block.rope_theta}; this Hugging Face family has "
+                    "one RoPE theta for every layer"
+                )
+            windows.append(int(block.sliding_window))
+        sizes = sorted(set(windows) - {0})
+        if len(sizes) > 1:
+            raise ConversionError(
+                f"layers use sliding windows {sizes}; this Hugging Face family has one window size"
+            )
+        window = sizes[0] if sizes else 0
+        leading_full = next((i for i, w in enumerate(windows) if w), len(windows))
         return {
             "use_sliding_window": bool(window),
             "sliding_window": window or None,
-            "max_window_layers": 0 if window else int(model.num_layers),
-            "layer_types": [kind] * int(model.num_layers),
+            "max_window_layers": leading_full,
+            "layer_types": ["sliding_attention" if w else "full_attention" for w in windows],
         }
 
 
@@ -145,7 +170,7 @@ register(
         model_type="qwen2",
         architecture="Qwen2ForCausalLM",
         config=(
-            *_decoder(max_position=32768),
+            *_decoder(max_position=32768, layout=False),
             QwenWindow(),
             Set(qkv_bias=True, qk_norm=False),
         ),
@@ -159,7 +184,7 @@ register(
         model_type="qwen3",
         architecture="Qwen3ForCausalLM",
         config=(
-            *_decoder(max_position=32768, head_dim=128),
+            *_decoder(max_position=32768, head_dim=128, layout=False),
             Require("attention_bias", False),
             QwenWindow(),
             Set(qkv_bias=False, qk_norm=True),

@@ -64,7 +64,7 @@ register(
                 to_ours=lambda v: 0 if v == "auto" else int(v),  # 0: ceil(d_model / 16), = auto
                 to_theirs=lambda v: int(v) or "auto",
             ),
-            Set(pattern=("mamba:none",)),
+            Set(pattern=("mamba:none",), prefix=()),
         ),
         rules=(
             *_COMMON_RULES,
@@ -118,7 +118,7 @@ register(
             Mamba2Heads(),
             Field("n_groups", "ssm.num_groups", 8),
             Field("chunk_size", "ssm.chunk_size", 256),
-            Set(pattern=("mamba2:none",)),
+            Set(pattern=("mamba2:none",), prefix=()),
         ),
         rules=(
             *_COMMON_RULES,

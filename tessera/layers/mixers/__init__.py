@@ -1,12 +1,32 @@
-"""Sequence mixers and channel mixers by the names config patterns use (``"attention:mlp"``)."""
+"""Sequence mixers and channel mixers by the names config patterns use (``"attention:mlp"``).
+
+Adding a mixer: write its module (with the declarations listed in ``base.py``) and add one entry
+here; its logical-axis rules are registered with the sharding table from this registry, and its
+FLOP count and remat tags are read from its class. No other table changes.
+"""
 
 from tessera.layers.mixers.attention import Attention
-from tessera.layers.mixers.base import SeqInfo, write_cache
+from tessera.layers.mixers.base import Aux, SeqInfo, merge_aux, write_cache
 from tessera.layers.mixers.mamba import Mamba
 from tessera.layers.mixers.mamba2 import Mamba2
 from tessera.layers.mlp import MLP
+from tessera.sharding.rules import register_logical_rules
 
-SEQUENCE_MIXERS = {"attention": Attention, "mamba": Mamba, "mamba2": Mamba2}
-CHANNEL_MIXERS = {"mlp": MLP, "none": None}
+SEQUENCE_MIXERS: dict[str, type] = {"attention": Attention, "mamba": Mamba, "mamba2": Mamba2}
+CHANNEL_MIXERS: dict[str, type | None] = {"mlp": MLP, "none": None}
 
-__all__ = ["CHANNEL_MIXERS", "SEQUENCE_MIXERS", "Attention", "Mamba2", "SeqInfo", "write_cache"]
+for _name, _cls in (*SEQUENCE_MIXERS.items(), *CHANNEL_MIXERS.items()):
+    if _cls is not None:
+        register_logical_rules(_name, getattr(_cls, "LOGICAL_RULES", {}))
+
+__all__ = [
+    "CHANNEL_MIXERS",
+    "SEQUENCE_MIXERS",
+    "Attention",
+    "Aux",
+    "Mamba",
+    "Mamba2",
+    "SeqInfo",
+    "merge_aux",
+    "write_cache",
+]

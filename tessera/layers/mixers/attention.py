@@ -10,7 +10,7 @@ from jax.ad_checkpoint import checkpoint_name
 from tessera.configs.base import ConfigDict
 from tessera.kernels.attention import attention
 from tessera.layers.base import cast, normal, param, zeros
-from tessera.layers.mixers.base import SeqInfo, write_cache
+from tessera.layers.mixers.base import Aux, SeqInfo, write_cache
 from tessera.layers.norms import RMSNorm
 from tessera.layers.positions import apply_rope, rope_frequencies
 from tessera.sharding import constrain
@@ -18,6 +18,9 @@ from tessera.sharding import constrain
 
 class Attention(nnx.Module):
     """[B, T, D] -> [B, T, D]. Optional qkv bias (Qwen2), q/k RMSNorm (Qwen3), sliding window."""
+
+    REMAT_SAVED = ("query_proj", "key_proj", "value_proj", "attn_out")
+    LOGICAL_RULES: dict[str, tuple[str, ...]] = {}  # uses the shared names only
 
     def __init__(self, cfg: ConfigDict, *, rngs: nnx.Rngs):
         d, h, kvh, hd = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -53,7 +56,7 @@ class Attention(nnx.Module):
 
     def __call__(
         self, x: jax.Array, info: SeqInfo, cache: dict | None = None
-    ) -> tuple[jax.Array, dict | None]:
+    ) -> tuple[jax.Array, dict | None, Aux]:
         q = self._project(x, self.wq, self.bq)
         k = self._project(x, self.wk, self.bk)
         v = self._project(x, self.wv, self.bv)
@@ -102,7 +105,15 @@ class Attention(nnx.Module):
         )
         out = checkpoint_name(constrain(out, ("batch", "length", "act_heads", None)), "attn_out")
         y = jnp.einsum("bthk,hkd->btd", out, cast(self.wo, self.dtype))
-        return constrain(y, ("batch", "length", "act_embed")), new_cache
+        return constrain(y, ("batch", "length", "act_embed")), new_cache, {}
+
+    @staticmethod
+    def flops_per_token(cfg: ConfigDict, seq_len: int) -> float:
+        """q/k/v/o projections plus scores and weighted values over ``seq_len`` keys: dense
+        attention computes the whole T x T block, also under a causal or window mask."""
+        q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        proj = 2 * cfg.d_model * (q + 2 * kv) + 2 * q * cfg.d_model
+        return proj + 2 * 2 * seq_len * q
 
     @staticmethod
     def init_cache(cfg: ConfigDict, batch: int, length: int, dtype: jnp.dtype) -> dict:

@@ -1,10 +1,31 @@
-"""What every sequence mixer receives besides its input: positions, segments, cache slots."""
+"""What every mixer receives besides its input (positions, segments, cache slots), what it may
+return besides its output (auxiliary losses and statistics), and what it declares about itself.
+
+A sequence mixer is an ``nnx.Module`` built as ``cls(cfg, rngs=...)`` from the (per-block) model
+config, called as ``mixer(x, info, cache) -> (y, new_cache, aux)``; a channel mixer is called as
+``mixer(x, info) -> (y, aux)``. Next to its code each mixer class declares:
+
+  init_cache(cfg, batch, length, dtype) / cache_axes()   sequence mixers: its decode state
+  flops_per_token(cfg, seq_len) -> float                 forward FLOPs per token (for MFU); a
+                                                         mixer without it gets a warning, no MFU
+  REMAT_SAVED: tuple[str, ...]                           ``checkpoint_name`` tags the ``minimal``
+                                                         remat policy keeps
+  LOGICAL_RULES: dict[str, tuple[str, ...]]              default mesh axes of the logical axis
+                                                         names only this mixer uses
+
+Auxiliary outputs (``Aux``): a flat dict of arrays. Keys ending in ``_loss`` are scalar losses,
+already multiplied by the weight the layer's config gives them; the model sums them over layers
+and the task adds them to the training loss. Other keys are statistics (e.g. per-expert load),
+stacked over the layers that emit them.
+"""
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 from flax import struct
+
+Aux = dict[str, jax.Array]
 
 
 @struct.dataclass
@@ -28,3 +49,14 @@ def write_cache(cache: jax.Array, new: jax.Array, slots: jax.Array) -> jax.Array
     """Scatter ``new`` [B, T, ...] into ``cache`` [B, S, ...] at ``slots`` [B, T] (S: dropped)."""
     b = jnp.arange(cache.shape[0])[:, None]
     return cache.at[b, slots].set(new.astype(cache.dtype), mode="drop")
+
+
+def merge_aux(*parts: Aux) -> Aux:
+    """One block's aux from its mixers'; a key emitted twice is an error (names must differ)."""
+    out: Aux = {}
+    for part in parts:
+        for key, value in part.items():
+            if key in out:
+                raise ValueError(f"auxiliary output {key!r} is emitted twice in one block")
+            out[key] = value
+    return out

@@ -40,7 +40,7 @@ from jax.ad_checkpoint import checkpoint_name
 from tessera.configs.base import ConfigDict
 from tessera.kernels.selective_scan import selective_scan
 from tessera.layers.base import Initializer, cast, normal, ones, param, zeros
-from tessera.layers.mixers.base import SeqInfo
+from tessera.layers.mixers.base import Aux, SeqInfo
 from tessera.sharding import constrain
 
 
@@ -95,7 +95,19 @@ def document_starts(info: SeqInfo, cached: bool) -> jax.Array:
 
 
 class Mamba(nnx.Module):
-    """[B, T, D] -> [B, T, D]; ``__call__(x, info, cache) -> (y, new_cache)``."""
+    """[B, T, D] -> [B, T, D]; ``__call__(x, info, cache) -> (y, new_cache, aux)``."""
+
+    REMAT_SAVED = ("ssm_in", "ssm_out")
+    LOGICAL_RULES = {
+        "act_ssm_inner": ("tensor",),
+        "ssm_inner": ("tensor",),
+        "ssm_state": (),
+        "ssm_proj": (),
+        "conv_width": (),
+        "ssm_branch": (),  # in_proj x | z
+        "ssm_rank": (),  # dt rank
+        "cache_ssm_inner": ("tensor",),
+    }
 
     def __init__(self, cfg: ConfigDict, *, rngs: nnx.Rngs):
         s = cfg.ssm
@@ -156,8 +168,8 @@ class Mamba(nnx.Module):
 
     def __call__(
         self, x: jax.Array, info: SeqInfo, cache: dict | None = None
-    ) -> tuple[jax.Array, dict | None]:
-        """x [B, T, D] -> (y [B, T, D], the cache after each row's last real token, or None).
+    ) -> tuple[jax.Array, dict | None, Aux]:
+        """x [B, T, D] -> (y [B, T, D], the cache after each row's last real token or None, {}).
 
         Without a cache, rows may pack documents (segment ids, positions restarting at 0);
         with one, each row continues its cached sequence and may be right-padded."""
@@ -206,7 +218,18 @@ class Mamba(nnx.Module):
         if cache is not None:
             conv = self._conv_state(xc, cache["conv"], last_start, real)
             new_cache = {"conv": conv, "ssm": h.astype(cache["ssm"].dtype)}
-        return out, new_cache
+        return out, new_cache, {}
+
+    @staticmethod
+    def flops_per_token(cfg: ConfigDict, seq_len: int) -> float:
+        """In/x/dt/out projections, the depthwise conv, and the selective scan's elementwise work
+        per (d_inner x N) state element: exp(dt A) (2), dt x B (1), the state update (2) and the
+        C readout (2). Independent of ``seq_len`` (a recurrence)."""
+        del seq_len
+        di, n, k, r = mamba_dims(cfg)
+        d = cfg.d_model
+        proj = 2 * d * 2 * di + 2 * di * (r + 2 * n) + 2 * r * di + 2 * di * d
+        return proj + 2 * k * di + 7 * di * n
 
     @staticmethod
     def init_cache(cfg: ConfigDict, batch: int, length: int, dtype: jnp.dtype) -> dict:

@@ -37,11 +37,12 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from tessera.configs.base import ConfigDict
 from tessera.kernels.ssd import ssd
 from tessera.layers.base import Initializer, cast, normal, ones, param, zeros
-from tessera.layers.mixers.base import SeqInfo
+from tessera.layers.mixers.base import Aux, SeqInfo
 from tessera.sharding import constrain
 
 F32 = jnp.float32
@@ -90,6 +91,19 @@ def tokens_since_start(info: SeqInfo, cached: bool) -> jax.Array:
 
 class Mamba2(nnx.Module):
     """[B, T, D] -> [B, T, D]; cache {"conv": [B, K-1, Cc], "ssm": [B, H, P, N] float32}."""
+
+    REMAT_SAVED = ("ssm_in", "ssm_out")
+    # The fused in-projection output (z | xBC | dt) and the conv channels (x | B | C) mix pieces
+    # of different kinds, so they are not split over tensor.
+    LOGICAL_RULES = {
+        "ssm_proj": (),
+        "ssm_conv": (),
+        "conv_width": (),
+        "ssm_inner": ("tensor",),
+        "ssm_heads": ("tensor",),
+        "ssm_state": (),
+        "cache_ssm_heads": ("tensor",),
+    }
 
     def __init__(self, cfg: ConfigDict, *, rngs: nnx.Rngs):
         s = cfg.ssm
@@ -164,12 +178,13 @@ class Mamba2(nnx.Module):
 
     def __call__(
         self, x: jax.Array, info: SeqInfo, cache: dict | None = None
-    ) -> tuple[jax.Array, dict | None]:
+    ) -> tuple[jax.Array, dict | None, Aux]:
         b, t, _ = x.shape
         h, p, gn = self.num_heads, self.head_dim, self.num_groups * self.state_dim
         proj = jnp.einsum("btd,df->btf", x, cast(self.in_proj, self.dtype))
         if self.in_proj_bias is not None:
             proj = proj + cast(self.in_proj_bias, self.dtype)
+        proj = checkpoint_name(proj, "ssm_in")
         z, xbc, dt = jnp.split(proj, [self.d_inner, self.d_inner + self.conv_channels], axis=-1)
 
         real = info.segment_ids > 0
@@ -206,15 +221,30 @@ class Mamba2(nnx.Module):
         out = jnp.einsum("bte,ed->btd", self._gated_norm(y, z), cast(self.out_proj, self.dtype))
         if self.out_proj_bias is not None:
             out = out + cast(self.out_proj_bias, self.dtype)
-        out = constrain(out, ("batch", "length", "act_embed"))
+        out = checkpoint_name(constrain(out, ("batch", "length", "act_embed")), "ssm_out")
         if cache is None:
-            return out, None
+            return out, None, {}
         # Conv state: the K-1 inputs ending at each row's last real token (padding is on the
         # right); the SSM state already stopped there (padding has dt = 0).
         last = jnp.max(jnp.where(real, jnp.arange(t), -1), axis=1)
         idx = last[:, None] + 1 + jnp.arange(self.conv_width - 1)
         conv = jnp.take_along_axis(window, idx[..., None], axis=1)
-        return out, {"conv": conv.astype(cache["conv"].dtype), "ssm": state}
+        return out, {"conv": conv.astype(cache["conv"].dtype), "ssm": state}, {}
+
+    @staticmethod
+    def flops_per_token(cfg: ConfigDict, seq_len: int) -> float:
+        """In/out projections, the depthwise conv, and the chunked SSD: within a chunk of
+        L = min(chunk_size, seq_len) tokens the C.B scores and the weighted sum of values over the
+        whole L x L block (as executed), plus writing the chunk state and reading the incoming
+        one."""
+        s = cfg.ssm
+        d_inner = s.expand * cfg.d_model
+        gn = s.num_groups * s.state_dim
+        heads = d_inner // s.head_dim
+        proj = 2 * cfg.d_model * (2 * d_inner + 2 * gn + heads) + 2 * d_inner * cfg.d_model
+        conv = 2 * s.conv_width * (d_inner + 2 * gn)
+        chunk = min(s.chunk_size, seq_len)
+        return proj + conv + 2 * chunk * (gn + d_inner) + 2 * 2 * d_inner * s.state_dim
 
     @staticmethod
     def init_cache(cfg: ConfigDict, batch: int, length: int, dtype: jnp.dtype) -> dict:

@@ -1,0 +1,103 @@
+"""``lm``: next-token cross-entropy over packed rows of the text pipeline."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from tessera.data import DataIterator, make_pipeline, unigram_entropy
+from tessera.train.flops import forward_flops_per_token
+from tessera.train.tasks.base import Batch, Feature, Sums, Task, add_aux_losses
+
+
+def cross_entropy(
+    logits: jax.Array, targets: jax.Array, mask: jax.Array, z_loss: float = 0.0
+) -> tuple[jax.Array, jax.Array, Sums]:
+    """Summed masked cross-entropy (float32), the token count, and sums for metrics.
+
+    logits [B, T, V]; targets int [B, T]; mask float [B, T]. Returns (loss_sum, weight,
+    {"nll", "accuracy"} sums) so micro-batches can be summed before normalising; ``z_loss`` adds
+    ``z_loss * logsumexp**2`` per token.
+    """
+    logits = logits.astype(jnp.float32)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    nll = jnp.sum((lse - target_logit) * mask)
+    total = nll
+    if z_loss:
+        total = total + z_loss * jnp.sum(jnp.square(lse) * mask)
+    correct = jnp.sum((jnp.argmax(logits, -1) == targets) * mask)
+    return total, jnp.sum(mask), {"nll": nll, "accuracy": correct}
+
+
+class LMTask(Task):
+    """Language modelling on the packed text pipeline (``data.*``); metrics ``nll`` and token
+    ``accuracy``, plus ``perplexity`` in evaluation; ``train.z_loss`` optional."""
+
+    name = "lm"
+
+    def features(self) -> dict[str, Feature]:
+        tokens = Feature((self.config.data.seq_len,), "int32", ("batch", "length"))
+        return {
+            "inputs": tokens,
+            "targets": tokens,
+            "segment_ids": tokens,
+            "positions": tokens,
+            "loss_mask": Feature((self.config.data.seq_len,), "float32", ("batch", "length")),
+        }
+
+    def make_data(
+        self, split: str, *, process_index: int = 0, process_count: int = 1
+    ) -> DataIterator:
+        data = self.config.data
+        return make_pipeline(
+            self.data_config(split),
+            tokenizer=self.tokenizer,
+            global_batch_size=data.global_batch_size,
+            seq_len=data.seq_len,
+            split=split,
+            process_index=process_index,
+            process_count=process_count,
+            seed=data.seed,
+            vocab_size=self.config.model.vocab_size,
+        )
+
+    def loss(self, model: Any, batch: Batch, rng: jax.Array) -> tuple[jax.Array, jax.Array, Sums]:
+        del rng  # deterministic
+        out = model(batch["inputs"], positions=batch["positions"], segment_ids=batch["segment_ids"])
+        if out.logits.ndim != 3:
+            raise ValueError(
+                f"task lm needs a model with vocabulary logits [batch, length, vocab]; "
+                f"model.name={self.config.model.name!r} gives shape {out.logits.shape}"
+            )
+        total, weight, sums = cross_entropy(
+            out.logits, batch["targets"], batch["loss_mask"], float(self.config.train.z_loss)
+        )
+        total, aux_sums = add_aux_losses(total, weight, out.aux)
+        return total, weight, {**sums, **aux_sums}
+
+    def eval_metrics(
+        self, sums: Mapping[str, jax.Array], weight: jax.Array
+    ) -> dict[str, jax.Array]:
+        metrics = self.metrics(sums, weight)
+        return {**metrics, "perplexity": jnp.exp(metrics["nll"])}
+
+    def flops_per_example(self) -> float | None:
+        seq_len = self.config.data.seq_len
+        per_token = forward_flops_per_token(self.config.model, seq_len)
+        return None if per_token is None else per_token * seq_len
+
+    def throughput_unit(self) -> tuple[str, int]:
+        return "tokens", self.config.data.seq_len
+
+    def summary(self) -> str | None:
+        data = self.config.data
+        if data.source != "synthetic":
+            return None
+        entropy = unigram_entropy(
+            tokenizer=self.tokenizer, seed=data.seed, tasks=data.synthetic_tasks or None
+        )
+        return f"the corpus's unigram entropy is {entropy:.4f} nats/token"
