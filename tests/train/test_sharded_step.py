@@ -73,5 +73,9 @@ def test_recurrent_families_sharded_step_matches_single_device(family, tmp_path)
                             jax.devices()[:1])
     _, _, _, m_n = one_step(tiny_config(family=family, fsdp=4, tensor=2), tmp_path / "mesh")
     np.testing.assert_allclose(m_n["loss"], m_1["loss"], rtol=1e-5)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7),
-                 m_1["grads"], m_n["grads"])
+    # float32 sums in another order: an absolute floor of 1e-5 of each tensor's largest gradient
+    # (elements far below it differ by a larger relative amount, e.g. 1.4e-7 on a 4e-4 entry).
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * np.abs(a).max()),
+        m_1["grads"], m_n["grads"],
+    )
