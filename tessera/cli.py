@@ -3,39 +3,88 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 
-from tessera.configs import load_config, resolve_config_path
+from tessera.configs import (
+    format_override,
+    load_config,
+    lookup,
+    parse_override,
+    resolve_config_path,
+)
 from tessera.train.checkpoints import CheckpointError
 
 # Errors that come from the user's input: printed as one line, no traceback.
 USER_ERRORS = (ValueError, KeyError, FileNotFoundError, CheckpointError)
 
 
-def rewrite_config_flag(argv: Sequence[str]) -> list[str]:
-    """Turn ``--config=llama:tiny`` into ``--config=/.../configs/llama.py:tiny`` for absl."""
-    out = list(argv)
-    for i, arg in enumerate(out):
-        if arg.startswith("--config="):
-            out[i] = "--config=" + resolve_config_path(arg[len("--config=") :])
-        elif arg == "--config" and i + 1 < len(out):
-            out[i + 1] = resolve_config_path(out[i + 1])
-    return out
+_OVERRIDE = re.compile(r"--?(no)?config\.([^=]+)(=.*)?", re.DOTALL)
+_SPEC = ("--config", "-config")
+_SPEC_EQ = ("--config=", "-config=")
 
 
-def check_config_overrides(argv: Sequence[str]) -> None:
-    """Load the ``--config`` and apply its ``--config.a.b=v`` overrides once, so a misspelt key
-    fails with one line naming it (absl would print a traceback)."""
-    spec, overrides = None, {}
-    for arg in argv:
-        if arg.startswith("--config="):
-            spec = arg[len("--config="):]
-        elif arg.startswith("--config.") and "=" in arg:
-            key, value = arg[len("--config."):].split("=", 1)
-            overrides[key] = value
-    if spec is not None and overrides:
-        load_config(spec, overrides)
+def config_args(argv: Sequence[str]) -> list[str]:
+    """Check ``--config`` and its overrides before absl sees them; return the argv for absl.
+
+    The config is loaded and each ``--config.a.b=v`` (also ``--config.a.b v``, and
+    ``--config.flag`` / ``--noconfig.flag`` for bools) is parsed by ``parse_override``, the
+    parser of the ``name:preset,a.b=v`` form, so a bad file, preset, key or value fails here as
+    one line. absl gets ``--config=/path/file.py:arg`` first, then each override once (the last
+    given wins) as the text of the value we parsed, so its config equals ``load_config``'s.
+    """
+    argv = list(argv)
+    end = argv.index("--") if "--" in argv else len(argv)
+    head, tail = argv[:end], argv[end:]
+    spec = None
+    for i, arg in enumerate(head):
+        if arg in _SPEC and i + 1 < len(head):
+            spec = head[i + 1]
+        elif arg.startswith(_SPEC_EQ):
+            spec = arg.split("=", 1)[1]
+    if spec is None:
+        return argv
+    config = load_config(spec)
+    rest, overrides = head[:1], {}
+    args = iter(head[1:])
+    for arg in args:
+        if arg in _SPEC:
+            next(args, None)
+        elif not arg.startswith(_SPEC_EQ):
+            if not (match := _OVERRIDE.fullmatch(arg)):
+                rest.append(arg)
+                continue
+            negated, key, value = match.groups()
+            if negated:
+                value = "false"
+            elif value is not None:
+                value = value[1:]
+            elif isinstance(lookup(config, key), bool):
+                value = "true"
+            elif (value := next(args, None)) is None:
+                raise ValueError(f"--config.{key} needs a value")
+            overrides.pop(key, None)
+            overrides[key] = parse_override(config, key, value)
+    absl_overrides = [f"--config.{key}={format_override(v)}" for key, v in overrides.items()]
+    return [*rest[:1], f"--config={resolve_config_path(spec)}", *absl_overrides, *rest[1:], *tail]
+
+
+def check_workdir(path: str, *, write: bool) -> None:
+    """Raise a one-line error unless ``path`` is a directory: one that training can create and
+    write (``write``), or an existing one to read."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"workdir {path} is not a directory")
+    if not write:
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"workdir {path} does not exist")
+        return
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"cannot create workdir {path}: {e.strerror}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ValueError(f"workdir {path} is not writable")
 
 
 def maybe_initialize_distributed() -> None:
@@ -57,10 +106,10 @@ def run_main(main: Callable[[list[str]], None], argv: Sequence[str] | None = Non
 
     argv = list(sys.argv if argv is None else argv)
     try:
-        argv = rewrite_config_flag(argv)
-        check_config_overrides(argv)
+        argv = config_args(argv)
     except USER_ERRORS as e:
         fail(_message(e))
+    sys.argv = argv  # config_flags reads the override names from sys.argv, not app.run's argv
 
     def wrapped(args: list[str]) -> None:
         from absl import logging

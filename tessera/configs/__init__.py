@@ -8,15 +8,27 @@ import pkgutil
 from collections.abc import Mapping
 from typing import Any
 
-from tessera.configs.base import ConfigDict, apply_overrides, base_config
+from tessera.configs.base import (
+    ConfigDict,
+    apply_overrides,
+    base_config,
+    format_override,
+    lookup,
+    parse_override,
+    split_config_arg,
+)
 
 __all__ = [
     "ConfigDict",
     "apply_overrides",
     "base_config",
     "config_names",
+    "format_override",
     "load_config",
+    "lookup",
+    "parse_override",
     "resolve_config_path",
+    "split_config_arg",
 ]
 
 _HERE = os.path.dirname(__file__)
@@ -44,7 +56,12 @@ def load_config(spec: str, overrides: Mapping[str, Any] | None = None) -> Config
     path, _, arg = resolve_config_path(spec).partition(":")
     module_spec = importlib.util.spec_from_file_location(f"_tessera_config_{abs(hash(path))}", path)
     module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
+    try:
+        module_spec.loader.exec_module(module)
+    except SyntaxError as e:
+        raise ValueError(f"config file {path}, line {e.lineno}: {e.msg}") from None
+    if not callable(getattr(module, "get_config", None)):
+        raise ValueError(f"config file {path} defines no get_config(arg)")
     config = module.get_config(arg or None)
     if overrides:
         apply_overrides(config, overrides)

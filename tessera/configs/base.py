@@ -176,35 +176,113 @@ def base_config() -> ConfigDict:
     return c
 
 
-def _parse_value(text: str) -> Any:
+_TRUE, _FALSE = ("true", "t", "1"), ("false", "f", "0")  # absl's BooleanParser spellings
+
+
+def split_config_arg(arg: str | None) -> tuple[list[str], dict[str, str]]:
+    """``"tiny,train.steps=5,model.pattern=('a', 'b')"`` -> ``(["tiny"], {key: text})``.
+
+    Items are split on commas outside brackets and quotes, so tuple values keep theirs.
+    """
+    items, depth, quote, start = [], 0, "", 0
+    text = arg or ""
+    for i, ch in enumerate(text):
+        if quote:
+            quote = "" if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch in "([{":
+            depth += 1
+        elif ch in ")]}":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            items.append(text[start:i])
+            start = i + 1
+    items.append(text[start:])
+    names, overrides = [], {}
+    for item in filter(None, (s.strip() for s in items)):
+        key, sep, value = item.partition("=")
+        if sep:
+            overrides[key.strip()] = value.strip()
+        else:
+            names.append(item)
+    return names, overrides
+
+
+def lookup(config: ConfigDict, dotted: str) -> Any:
+    """The value (or section) at ``dotted``; an unknown key raises ``KeyError`` naming it."""
+    node, parts = config, dotted.split(".")
+    for i, part in enumerate(parts):
+        where = ".".join(parts[:i]) or "config"
+        if not isinstance(node, ConfigDict):
+            raise KeyError(f"unknown config key {dotted!r}: {where} is a value, not a section")
+        if part not in node:
+            known = ", ".join(sorted(node.keys()))
+            raise KeyError(f"unknown config key {dotted!r}: {where} has no {part!r} (has {known})")
+        node = node[part]
+    return node
+
+
+def parse_override(config: ConfigDict, dotted: str, value: Any) -> Any:
+    """The value of ``dotted`` given as ``value``: text is coerced to the field's type (int,
+    float, bool, str, tuple); other values must have it. Unknown key: ``KeyError``; a value of
+    the wrong type: ``ValueError``, e.g. ``model.d_model: 'abc' is not an int``."""
+    node = lookup(config, dotted)
+    if isinstance(node, ConfigDict):
+        example = f"{dotted}.{next(iter(node))}"
+        raise ValueError(f"{dotted} is a section, not a value; set its fields ({example}=...)")
+    kind = type(node)
     try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
+        if isinstance(value, str):
+            return _from_text(kind, value)
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            return float(value)
+        if kind is tuple and isinstance(value, list):
+            return tuple(value)
+        if type(value) is kind:
+            return value
+    except ValueError:
+        pass
+    article = "an" if kind.__name__[0] in "aeiou" else "a"
+    raise ValueError(f"{dotted}: {value!r} is not {article} {kind.__name__}")
+
+
+def _from_text(kind: type, text: str) -> Any:
+    if kind is str:
         return text
+    if kind is bool:
+        if text.lower() in _TRUE + _FALSE:
+            return text.lower() in _TRUE
+        raise ValueError(text)
+    if kind in (int, float):
+        return kind(text.strip())
+    if kind is tuple:
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            return (text,)  # one unquoted string, e.g. "attention:mlp sliding_window=4096"
+        return tuple(value) if isinstance(value, list | tuple) else (value,)
+    raise ValueError(text)
+
+
+def format_override(value: Any) -> str:
+    """Text that absl's ``config_flags`` parses back to ``value`` (a ``parse_override`` result)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return value
+    return repr(value)
 
 
 def apply_overrides(config: ConfigDict, overrides: Mapping[str, Any]) -> None:
-    """Set dotted ``key=value`` overrides; an unknown key raises ``KeyError`` naming it."""
+    """Set dotted ``key=value`` overrides, parsed by ``parse_override`` (errors name the key)."""
     for dotted, value in overrides.items():
+        parsed = parse_override(config, dotted, value)
+        *path, last = dotted.split(".")
         node = config
-        parts = dotted.split(".")
-        for i, part in enumerate(parts):
-            if part not in node:
-                known = ", ".join(sorted(node.keys()))
-                where = ".".join(parts[:i]) or "config"
-                raise KeyError(
-                    f"unknown config key {dotted!r}: {where} has no {part!r} (has {known})"
-                )
-            if i < len(parts) - 1:
-                node = node[part]
-        old = node[parts[-1]]
-        if isinstance(value, str) and not isinstance(old, str):
-            value = _parse_value(value)
-        if isinstance(old, tuple) and isinstance(value, list | str):
-            value = tuple(value) if isinstance(value, list) else (value,)
-        if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        node[parts[-1]] = value
+        for part in path:
+            node = node[part]
+        node[last] = parsed
 
 
 def make_get_config(
@@ -216,13 +294,10 @@ def make_get_config(
     """
 
     def get_config(arg: str | None = None) -> ConfigDict:
-        preset, overrides = default, {}
-        for item in filter(None, (s.strip() for s in (arg or "").split(","))):
-            if "=" in item:
-                key, value = item.split("=", 1)
-                overrides[key.strip()] = value.strip()
-            else:
-                preset = item
+        names, overrides = split_config_arg(arg)
+        if len(names) > 1:
+            raise ValueError(f"more than one preset in {arg!r}: {', '.join(names)}")
+        preset = names[0] if names else default
         if preset not in presets:
             raise ValueError(f"unknown preset {preset!r}; known: {', '.join(presets)}")
         config = base_config()

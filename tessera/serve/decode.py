@@ -23,7 +23,7 @@ from typing import TextIO
 from absl import flags
 from ml_collections import config_flags
 
-from tessera.cli import fail, run_main
+from tessera.cli import check_workdir, fail, run_main
 from tessera.configs.base import ConfigDict
 from tessera.data.synthetic import SyntheticSource, check, split_prompt
 from tessera.serve.engine import Decoder
@@ -61,7 +61,8 @@ EXAMPLES_SHOWN = 5
 
 
 def read_prompts(path: str) -> list[str]:
-    """Prompts of a file: a JSON object with a "prompt" per line, or plain text lines.
+    """Prompts of a file: a JSON object with a "prompt" per line, or plain text lines (a line
+    that is not a JSON object, e.g. ``123`` or ``[1]``, is plain text).
 
     Blank lines are skipped; an object without a string "prompt" is an error naming its line.
     """
@@ -75,7 +76,7 @@ def read_prompts(path: str) -> list[str]:
                 continue
             try:
                 row = json.loads(line)
-            except json.JSONDecodeError:
+            except (ValueError, RecursionError):  # not JSON, or digits/nesting past json's limits
                 row = None
             if isinstance(row, dict):
                 if not isinstance(row.get("prompt"), str):
@@ -228,6 +229,7 @@ def main(argv: list[str]) -> None:
         fail("--config is required (e.g. --config=llama:tiny)")
     if not _WORKDIR.value:
         fail("--workdir is required")
+    check_workdir(_WORKDIR.value, write=False)
     modes = [
         name
         for name, value in (

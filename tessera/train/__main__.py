@@ -8,7 +8,7 @@ from __future__ import annotations
 from absl import flags
 from ml_collections import config_flags
 
-from tessera.cli import fail, run_main
+from tessera.cli import check_workdir, fail, run_main
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config",
@@ -26,6 +26,7 @@ def main(argv: list[str]) -> None:
         fail("--config is required (e.g. --config=llama:tiny)")
     if not _WORKDIR.value:
         fail("--workdir is required")
+    check_workdir(_WORKDIR.value, write=True)
     from tessera.train.trainer import NonFiniteLossError, train
 
     try:

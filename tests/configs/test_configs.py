@@ -1,5 +1,8 @@
 import pytest
+from absl import flags
+from ml_collections import config_flags
 
+from tessera.cli import config_args, run_main
 from tessera.configs import config_names, load_config, resolve_config_path
 
 
@@ -35,3 +38,93 @@ def test_unknown_preset_and_config():
         load_config("lama:tiny")
     with pytest.raises(FileNotFoundError):
         load_config("nope/missing.py:tiny")
+
+
+def test_typed_overrides_and_both_forms_agree():
+    given = {"model.d_model": "64", "optim.learning_rate": "1", "train.progress": "False",
+             "model.dtype": "float32", "model.pattern": "attention:mlp sliding_window=8",
+             "model.prefix": "('attention:mlp', 'attention:none')"}
+    cfg = load_config("llama:tiny", given)
+    assert (cfg.model.d_model, cfg.optim.learning_rate, cfg.train.progress) == (64, 1.0, False)
+    assert isinstance(cfg.optim.learning_rate, float) and cfg.model.dtype == "float32"
+    assert cfg.model.pattern == ("attention:mlp sliding_window=8",)
+    assert cfg.model.prefix == ("attention:mlp", "attention:none")
+    preset = load_config("llama:tiny," + ",".join(f"{k}={v}" for k, v in given.items()))
+    assert preset.to_dict() == cfg.to_dict()
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("model.d_model", "abc", r"^model\.d_model: 'abc' is not an int$"),
+    ("model.d_model", "64.5", r"^model\.d_model: '64\.5' is not an int$"),
+    ("optim.learning_rate", "fast", r"^optim\.learning_rate: 'fast' is not a float$"),
+    ("train.progress", "maybe", r"^train\.progress: 'maybe' is not a bool$"),
+    ("model.d_model", 64.0, r"^model\.d_model: '?64\.0'? is not an int$"),  # text: quoted
+    ("model", "1", r"^model is a section, not a value"),
+])
+def test_wrongly_typed_override_is_a_value_error(key, value, message):
+    for load in (lambda: load_config("llama:tiny", {key: value}),
+                 lambda: load_config(f"llama:tiny,{key}={value}")):
+        with pytest.raises(ValueError, match=message):
+            load()
+
+
+def test_unknown_keys_in_both_forms():
+    for spec, overrides in (("llama:tiny,train.step=5", None), ("llama:tiny", {"train.step": 5})):
+        with pytest.raises(KeyError, match="unknown config key 'train.step': train has no 'step'"):
+            load_config(spec, overrides)
+    with pytest.raises(KeyError, match="model.d_model is a value, not a section"):
+        load_config("llama:tiny", {"model.d_model.x": 1})
+    with pytest.raises(ValueError, match="more than one preset"):
+        load_config("llama:tiny,small")
+
+
+def test_bad_config_files_are_value_errors(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text("def get_config(arg=None)\n    return None\n")
+    with pytest.raises(ValueError, match=f"config file {bad}, line 1: expected ':'"):
+        load_config(str(bad))
+    bad.write_text("x = 1\n")
+    with pytest.raises(ValueError, match="defines no get_config"):
+        load_config(str(bad))
+
+
+def test_absl_parses_the_overrides_to_our_values():
+    """absl's config_flags parses what ``config_args`` hands it to the config we loaded."""
+    argv = ["prog", "--config.model.d_model", "64", "--config=llama:tiny,optim.b1=0.8",
+            "--config.optim.learning_rate=1", "--noconfig.train.progress", "--config.train.z_loss",
+            "1e-4", "--config.model.pattern=attention:mlp sliding_window=8", "--other=1",
+            "--config.model.prefix=('attention:mlp',)", "--config.train.steps=3",
+            "--config.train.steps=5", "--config.mesh.strict"]
+    ours = load_config("llama:tiny,optim.b1=0.8", {
+        "model.d_model": 64, "optim.learning_rate": 1.0, "train.progress": False,
+        "train.z_loss": 1e-4, "model.pattern": ("attention:mlp sliding_window=8",),
+        "model.prefix": ("attention:mlp",), "train.steps": 5, "mesh.strict": True})
+    args = config_args(argv)
+    assert args[1].startswith("--config=/") and "--other=1" in args
+    values = flags.FlagValues()
+    flags.DEFINE_string("other", None, "", flag_values=values)
+    config_flags.DEFINE_config_file("config", flag_values=values, sys_argv=args)
+    values(args)
+    assert values.config.to_dict() == ours.to_dict()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--config=CONFIGS/bad.py"], "config file CONFIGS/bad.py, line 1: expected ':'"),
+    (["--config=llama:huge"], "unknown preset 'huge'; known: tiny, small"),
+    (["--config=llama:tiny", "--config.model.d_model=abc"], "model.d_model: 'abc' is not an int"),
+    (["--config=llama:tiny,model.d_model=abc"], "model.d_model: 'abc' is not an int"),
+    (["--config=llama:tiny,train.step=5"], "unknown config key 'train.step'"),
+    (["--config=llama:tiny", "--config.train.step=5"], "unknown config key 'train.step'"),
+    (["--config=llama:tiny", "--config.model.d_model"], "--config.model.d_model needs a value"),
+])
+def test_run_main_config_mistakes_are_one_line(tmp_path, capsys, args, message):
+    """Both CLIs check their config in ``run_main`` before absl parses a flag; the CLI test
+    (tests/train/test_cli.py) runs some of these through a real process."""
+    (tmp_path / "bad.py").write_text("def get_config(arg=None)\n")
+    args = [a.replace("CONFIGS", str(tmp_path)) for a in args]
+    message = message.replace("CONFIGS", str(tmp_path))
+    with pytest.raises(SystemExit) as exit_:
+        run_main(lambda argv: pytest.fail("main ran"), ["prog", *args])
+    assert exit_.value.code == 2
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.startswith("tessera: error: ") and message in line, line

@@ -107,6 +107,9 @@ def test_read_prompts(tmp_path):
     path = tmp_path / "p.jsonl"
     path.write_text('{"prompt": "417+38="}\nplain text\n\n{"prompt": "rev:abc="}\n')
     assert read_prompts(str(path)) == ["417+38=", "plain text", "rev:abc="]
+    lines = ["1" * 5000, "[1, 2]", '"quoted"', "null", "[" * 100_000, "3.5"]
+    path.write_text("\n".join(lines) + "\n")  # JSON that is not an object: plain text
+    assert read_prompts(str(path)) == lines
     path.write_text('{"text": "no prompt"}\n')
     with pytest.raises(ValueError, match=r"p.jsonl:1: JSON row has no string 'prompt'"):
         read_prompts(str(path))

@@ -9,6 +9,7 @@ import sys
 import jax
 import pytest
 
+from tessera.cli import check_workdir
 from tessera.configs import config_names, load_config
 from tessera.train.metrics import read_metrics
 from tessera.train.trainer import train
@@ -61,6 +62,42 @@ def test_bad_input_is_one_clear_line(tmp_path, args, message):
     assert len(errors) == 1, proc.stderr
     assert "Traceback" not in proc.stderr
     assert re.search(message, errors[0]), errors[0]
+
+
+@pytest.mark.parametrize("module, args, message", [
+    ("tessera.train", ["--config={tmp}/bad.py"], "config file {tmp}/bad.py, line 1: expected ':'"),
+    ("tessera.train", ["--config=llama:huge"], "unknown preset 'huge'"),
+    ("tessera.train", ["--config.model.d_model=abc"], "model.d_model: 'abc' is not an int"),
+    ("tessera.train", ["--config=llama:tiny,train.step=5"], "unknown config key 'train.step'"),
+    ("tessera.train", ["--workdir={tmp}/file"], "workdir {tmp}/file is not a directory"),
+    ("tessera.train", ["--workdir={tmp}/file/w"], "cannot create workdir {tmp}/file/w: Not a dir"),
+    ("tessera.serve.decode", ["--config.model.d_model=abc"], "model.d_model: 'abc' is not an"),
+    ("tessera.serve.decode", ["--workdir={tmp}/file"], "workdir {tmp}/file is not a directory"),
+    ("tessera.serve.decode", ["--workdir={tmp}/none"], "workdir {tmp}/none does not exist"),
+])
+def test_config_and_workdir_mistakes_are_one_line(tmp_path, module, args, message):
+    (tmp_path / "bad.py").write_text("def get_config(arg=None)\n")
+    (tmp_path / "file").write_text("")
+    args = [a.format(tmp=tmp_path) for a in ["--config=llama:tiny", f"--workdir={tmp_path}/w",
+                                             "--prompt=1+1=", *args]]
+    if module == "tessera.train":
+        args.remove("--prompt=1+1=")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    proc = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    [line] = proc.stderr.splitlines()  # one line: no traceback, no log
+    assert line.startswith("tessera: error: ") and message.format(tmp=tmp_path) in line, line
+
+
+def test_unwritable_workdir(tmp_path, monkeypatch):
+    workdir = tmp_path / "ro"
+    workdir.mkdir(mode=0o555)
+    if os.geteuid() == 0:  # root writes anyway: make access() answer as for a read-only mount
+        monkeypatch.setattr(os, "access", lambda path, mode: False)
+    with pytest.raises(ValueError, match=f"^workdir {workdir} is not writable$"):
+        check_workdir(str(workdir), write=True)
+    check_workdir(str(workdir), write=False)  # decode only reads
 
 
 @pytest.mark.parametrize("name", config_names())
