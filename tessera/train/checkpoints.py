@@ -3,12 +3,24 @@
 Restoring reads each array straight onto the target mesh's shardings, so a checkpoint written on
 one mesh restores onto another. A checkpoint whose tensors do not fit the model is refused with
 an error naming the first tensor that differs, before anything is loaded.
+
+Integrity: orbax/TensorStore checksum only the shard index (crc32c), not the array bytes, so once a
+step is finalised (after its async save committed, at the next save or at ``close``) process 0
+writes ``<step>/tessera_manifest.json``: the size and sha256 of every file under the step. Restore
+checks the manifest first and names the first missing, truncated or changed file. A step without a
+manifest (killed between commit and manifest, or written by an older tessera) is verified by
+loading: any error while reading it marks it damaged. Either way a damaged step raises
+``DamagedCheckpointError``; ``restore_intact`` then falls back to the newest intact step and moves
+the damaged ones to ``checkpoints/damaged/<step>`` (nothing is deleted or modified).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import os
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -17,6 +29,9 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 PyTree = Any
+
+MANIFEST = "tessera_manifest.json"
+DAMAGED = "damaged"
 
 
 @contextlib.contextmanager
@@ -32,6 +47,65 @@ def _quiet_orbax() -> Iterator[None]:
 
 class CheckpointError(RuntimeError):
     """A missing or incompatible checkpoint."""
+
+
+class DamagedCheckpointError(CheckpointError):
+    """A checkpoint whose files are missing, truncated, changed or unreadable."""
+
+    def __init__(self, directory: str, step: int, reason: str, hint: str = ""):
+        super().__init__(f"checkpoint step {step} in {directory} is damaged ({reason}){hint}")
+        self.step, self.reason = step, reason
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _files(root: str) -> list[str]:
+    """Paths of the files under ``root``, relative to it, sorted; the manifest itself excluded."""
+    out = []
+    for dirpath, _, names in os.walk(root):
+        out += [os.path.relpath(os.path.join(dirpath, n), root) for n in names]
+    return sorted(f for f in out if f != MANIFEST)
+
+
+def write_manifest(step_dir: str) -> None:
+    """Record size and sha256 of every file under a finalised ``step_dir`` (written atomically)."""
+    files = {
+        rel: {"size": os.path.getsize(os.path.join(step_dir, rel)),
+              "sha256": _sha256(os.path.join(step_dir, rel))}
+        for rel in _files(step_dir)
+    }
+    tmp = os.path.join(step_dir, MANIFEST + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump({"version": 1, "files": files}, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, os.path.join(step_dir, MANIFEST))
+
+
+def verify_manifest(step_dir: str) -> str | None:
+    """The first problem found against ``step_dir``'s manifest as ``FILE: what``, None if every
+    file matches; raises FileNotFoundError if the step has no manifest."""
+    with open(os.path.join(step_dir, MANIFEST)) as f:
+        try:
+            files = json.load(f)["files"]
+        except (ValueError, KeyError, TypeError):
+            return f"{MANIFEST}: unreadable"
+    for rel, want in files.items():
+        path = os.path.join(step_dir, rel)
+        if not os.path.isfile(path):
+            return f"{rel}: missing"
+        size = os.path.getsize(path)
+        if size != want["size"]:
+            return f"{rel}: {size} bytes, {want['size']} when saved"
+        if _sha256(path) != want["sha256"]:
+            return f"{rel}: sha256 mismatch"
+    return None
 
 
 def _path_str(path: tuple) -> str:
@@ -58,6 +132,7 @@ class Checkpointer:
             self.manager = ocp.CheckpointManager(
                 self.directory, options=options, item_handlers=handlers
             )
+        self._unsealed: set[int] = set()  # saved by us, manifest not yet written
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -69,6 +144,8 @@ class Checkpointer:
         """Save asynchronously (``close`` waits for it); a step already saved is skipped."""
         if step in self.manager.all_steps():
             return
+        self._seal()
+        self._unsealed.add(step)
         self.manager.save(
             step,
             args=ocp.args.Composite(
@@ -82,7 +159,7 @@ class Checkpointer:
         meta = self.manager.item_metadata(step)
         stored = meta["state"] if meta is not None and "state" in meta else None
         if stored is None or "params" not in stored:
-            raise CheckpointError(f"checkpoint step {step} in {self.directory} has no train state")
+            raise DamagedCheckpointError(self.directory, step, "its train state has no metadata")
         # The parameters decide compatibility; optimizer state follows from them.
         stored, target = stored["params"], target["params"]
         stored_flat = {_path_str(p): v for p, v in jax.tree_util.tree_flatten_with_path(stored)[0]}
@@ -119,9 +196,89 @@ class Checkpointer:
             )
         return step
 
+    def _step_dir(self, step: int) -> str:
+        return os.path.join(self.directory, str(step))
+
+    def _seal(self) -> None:
+        """Wait for in-flight saves, then write the manifests of their steps (process 0)."""
+        if not self._unsealed:
+            return
+        self.manager.wait_until_finished()
+        if jax.process_index() == 0:
+            for step in sorted(self._unsealed):
+                if os.path.isdir(self._step_dir(step)):  # not already garbage-collected
+                    write_manifest(self._step_dir(step))
+        self._unsealed.clear()
+
+    @contextlib.contextmanager
+    def _verified(self, step: int) -> Iterator[None]:
+        """Check ``step`` against its manifest, then run the read; without a manifest, any error
+        but an incompatibility while reading means the step is damaged."""
+        where = os.path.join(os.path.basename(self.directory), str(step))
+        try:
+            problem, sealed = verify_manifest(self._step_dir(step)), True
+        except FileNotFoundError:
+            problem, sealed = None, False
+        if problem is not None:
+            raise DamagedCheckpointError(self.directory, step, f"{where}/{problem}")
+        try:
+            yield
+        except CheckpointError:
+            raise
+        except Exception as e:  # TensorStore/orbax errors on a step no manifest vouches for
+            if sealed:
+                raise
+            first = (str(e).splitlines() or [type(e).__name__])[0][:160]
+            raise DamagedCheckpointError(
+                self.directory, step, f"{where} is unreadable and has no {MANIFEST}: {first}"
+            ) from None
+
     def restore(self, step: int | None, target: PyTree) -> tuple[int, PyTree, dict]:
-        """Restore ``step`` (default latest) onto the shardings of ``target`` (abstract arrays)."""
+        """Restore ``step`` (default latest) onto the shardings of ``target`` (abstract arrays);
+        DamagedCheckpointError if its files fail verification."""
         step = self.resolve_step(step)
+        with self._verified(step):
+            return self._restore(step, target)
+
+    def restore_intact(self, target: PyTree, warn: bool = True) -> tuple[int, PyTree, dict] | None:
+        """Restore the newest intact step (None if there is none saved). Newer damaged steps are
+        moved to ``checkpoints/damaged/<step>`` so the step numbers can be saved again, each
+        reported in one line on stderr if ``warn``; if every step is damaged, CheckpointError and
+        nothing is moved."""
+        damaged: list[DamagedCheckpointError] = []
+        for step in sorted(self.all_steps(), reverse=True):
+            try:
+                restored = self.restore(step, target)
+            except DamagedCheckpointError as e:
+                damaged.append(e)
+                continue
+            for e in damaged:
+                moved = self._move_aside(e.step)
+                if warn:
+                    print(f"tessera: {e}; moved it to {moved}; resuming from step {step}",
+                          file=sys.stderr, flush=True)
+            return restored
+        if damaged:
+            raise CheckpointError(
+                f"no intact checkpoint in {self.directory}: "
+                + "; ".join(f"step {e.step} is damaged ({e.reason})" for e in damaged)
+            )
+        return None
+
+    def _move_aside(self, step: int) -> str:
+        """Move a damaged step to ``damaged/<step>`` (``<step>.1``, … if taken); return where."""
+        base = os.path.join(self.directory, DAMAGED, str(step))
+        dest, n = base, 0
+        while os.path.exists(dest):
+            n += 1
+            dest = f"{base}.{n}"
+        if jax.process_index() == 0:
+            os.makedirs(os.path.dirname(dest), exist_ok=True)
+            os.replace(self._step_dir(step), dest)
+        self.manager.reload()
+        return os.path.relpath(dest, os.path.dirname(self.directory))
+
+    def _restore(self, step: int, target: PyTree) -> tuple[int, PyTree, dict]:
         self.check_compatible(step, target)
         differ = sorted(set(target) ^ set(self.manager.item_metadata(step)["state"]))
         if differ:
@@ -145,9 +302,9 @@ class Checkpointer:
     def restore_params(self, step: int | None, target: PyTree) -> tuple[int, PyTree]:
         """Only the parameters (no optimizer state is read) onto the shardings of ``target``."""
         step = self.resolve_step(step)
-        self.check_compatible(step, {"params": target})
         item = {"params": target}
-        with _quiet_orbax():
+        with self._verified(step), _quiet_orbax():
+            self.check_compatible(step, item)
             out = self.manager.restore(
                 step,
                 args=ocp.args.Composite(
@@ -162,6 +319,7 @@ class Checkpointer:
 
     def close(self) -> None:
         self.manager.wait_until_finished()
+        self._seal()
         self.manager.close()
 
 
@@ -173,5 +331,9 @@ def load_params(workdir: str, target: PyTree, step: int | None = None) -> tuple[
     ckpt = Checkpointer(workdir, read_only=True)
     try:
         return ckpt.restore_params(step, target)
+    except DamagedCheckpointError as e:
+        others = [s for s in ckpt.all_steps() if s != e.step]
+        hint = f"; pick another with --step (saved: {others})" if others else ""
+        raise DamagedCheckpointError(ckpt.directory, e.step, e.reason, hint) from None
     finally:
         ckpt.close()

@@ -285,13 +285,13 @@ class Trainer:
         data = self.task.make_data(
             "train", process_index=jax.process_index(), process_count=jax.process_count()
         )
-        resumed_from = ckpt.latest_step()
-        if resumed_from is not None:
-            _, state, data_state = ckpt.restore(resumed_from, self.abstract_state())
+        restored = ckpt.restore_intact(self.abstract_state(), warn=is_main)
+        if restored is not None:
+            resumed_from, state, data_state = restored
             if data_state:
                 data.set_state(data_state)
         else:
-            state = self.init_state()
+            resumed_from, state = None, self.init_state()
         start = int(jax.device_get(state["step"]))
         if is_main:
             with open(os.path.join(self.workdir, "config.json"), "w") as f:
