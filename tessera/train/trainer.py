@@ -5,8 +5,9 @@ and the task (``train.task``: its data pipeline, batch layout, loss, metrics, FL
 state such as an EMA); resumes from the latest checkpoint in ``workdir`` if there is one; runs
 jitted steps, each with an RNG folded from ``train.seed`` and the step; evaluates every
 ``eval.every`` steps and at the end; logs to the console, ``metrics.jsonl`` and TensorBoard;
-saves checkpoints every ``checkpoint.every`` steps, at the end, and on SIGTERM / SIGINT. Nothing
-here is specific to a task.
+saves checkpoints every ``checkpoint.every`` steps, at the end, and on SIGTERM / SIGINT. It holds
+the workdir's lock while it runs and keeps the history of the configs it was (re)started with
+(``train/workdir.py``). Nothing here is specific to a task.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from tessera.train.optimizers import decay_mask, make_optimizer
 from tessera.train.progress import Progress
 from tessera.train.rng import eval_rng, step_rng
 from tessera.train.tasks import get_task
+from tessera.train.workdir import config_changes, hold_workdir, save_config
 
 PyTree = Any
 
@@ -48,9 +50,13 @@ class TrainResult:
     step: int  # last completed step
     losses: dict[int, float]  # per step, for the steps this run executed
     last_metrics: dict[str, float]  # the last train row
-    interrupted: bool = False
+    stop_signal: int = 0  # the signal (SIGTERM, SIGINT) that interrupted the run; 0: none
     resumed_from: int | None = None
     evals: dict[int, dict[str, float]] = dataclasses.field(default_factory=dict)  # eval rows
+
+    @property
+    def interrupted(self) -> bool:
+        return self.stop_signal != 0
 
 
 # Train metrics the Trainer computes itself; a task's metrics may not use these names.
@@ -276,8 +282,20 @@ class Trainer:
 
     # -- loop ------------------------------------------------------------------------------
     def run(self, on_step: Callable[[int, dict], None] | None = None) -> TrainResult:
-        cfg = self.config
+        """Train to ``train.steps`` holding the workdir's lock (``WorkdirHeldError`` if another
+        trainer holds it); a run already at ``train.steps`` does nothing."""
         os.makedirs(self.workdir, exist_ok=True)
+        is_main = jax.process_index() == 0
+        with hold_workdir(self.workdir, enabled=is_main, note=self._note):
+            return self._run(on_step)
+
+    def _note(self, text: str) -> None:
+        """A console line from process 0 (unless ``train.progress`` is off)."""
+        if jax.process_index() == 0 and self.config.train.progress:
+            print(text, flush=True)
+
+    def _run(self, on_step: Callable[[int, dict], None] | None) -> TrainResult:
+        cfg = self.config
         is_main = jax.process_index() == 0
         ckpt = Checkpointer(
             self.workdir, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save
@@ -293,9 +311,17 @@ class Trainer:
         else:
             resumed_from, state = None, self.init_state()
         start = int(jax.device_get(state["step"]))
+        if start >= cfg.train.steps:
+            ckpt.close()
+            past = f" (past train.steps={cfg.train.steps})" if start > cfg.train.steps else ""
+            self._note(f"tessera: already finished at step {start}{past}; nothing to do")
+            return TrainResult(step=start, losses={}, last_metrics={}, resumed_from=resumed_from)
         if is_main:
-            with open(os.path.join(self.workdir, "config.json"), "w") as f:
-                f.write(cfg.to_json_best_effort(indent=2))
+            config_json = cfg.to_json_best_effort(indent=2)
+            changes = config_changes(self.workdir, config_json) if resumed_from is not None else []
+            if changes:
+                self._note("tessera: resuming with changed config: " + ", ".join(changes))
+            save_config(self.workdir, config_json, start)
         writer = MetricsWriter(
             self.workdir, enabled=is_main, tensorboard=cfg.train.tensorboard, truncate_after=start
         )
@@ -415,7 +441,7 @@ class Trainer:
             step=step,
             losses=losses,
             last_metrics=last,
-            interrupted=stop.requested,
+            stop_signal=stop.signum,
             resumed_from=resumed_from,
             evals=evals,
         )
@@ -425,10 +451,18 @@ class _StopFlag:
     """SIGTERM / SIGINT set a flag; the loop saves a checkpoint after the current step."""
 
     def __init__(self):
-        self.requested, self.name = False, ""
+        self.signum = 0  # the signal received; 0: none
+
+    @property
+    def requested(self) -> bool:
+        return self.signum != 0
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name
 
     def _handle(self, signum, frame) -> None:
-        self.requested, self.name = True, signal.Signals(signum).name
+        self.signum = signum
 
     @contextlib.contextmanager
     def installed(self):
