@@ -3,7 +3,8 @@
   --prompt="417+38="        stream one completion to stdout
   --prompts_file=F.jsonl    one {"prompt": ...} (or a plain text line) per line; batches of
                             --batch_size, a progress bar, rows {"prompt", "completion", "tokens",
-                            "finish_reason"} to --output (default stdout)
+                            "finish_reason"} to --output (default stdout), written and fsynced
+                            as each batch returns; --resume continues a killed run's --output
   --eval_synthetic=N        greedy-decode N held-out prompts of the embedded synthetic corpus and
                             print the accuracy that ``tessera.data.synthetic.check`` measures
 
@@ -14,11 +15,13 @@ and the cache's bytes/token are printed to stderr at the end.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import os
 import sys
-from collections.abc import Sequence
-from typing import TextIO
+from collections.abc import Callable, Sequence
+from typing import BinaryIO, TextIO
 
 from absl import flags
 from ml_collections import config_flags
@@ -42,7 +45,12 @@ _PROMPT = flags.DEFINE_string("prompt", None, "One prompt; its completion is str
 _PROMPTS_FILE = flags.DEFINE_string(
     "prompts_file", None, 'File of prompts: {"prompt": ...} JSON or plain text, one per line.'
 )
-_OUTPUT = flags.DEFINE_string("output", None, "JSONL file for --prompts_file results.")
+_OUTPUT = flags.DEFINE_string(
+    "output", None, "JSONL file for --prompts_file results (must not exist, unless --resume)."
+)
+_RESUME = flags.DEFINE_bool(
+    "resume", False, "Continue --output: keep its complete rows, decode the prompts after them."
+)
 _EVAL = flags.DEFINE_integer(
     "eval_synthetic", None, "Decode N held-out synthetic prompts and print the accuracy."
 )
@@ -148,26 +156,36 @@ def decode_many(
     stop: Sequence[str] = (),
     stats: DecodeStats | None = None,
     progress: bool = True,
+    start: int = 0,
+    on_batch: Callable[[list[Completion]], None] | None = None,
 ) -> list[Completion]:
-    """Complete ``prompts`` in batches of ``batch_size`` with a progress bar (on a terminal).
+    """Complete ``prompts[start:]`` in batches of ``batch_size`` with a progress bar (on a
+    terminal); ``on_batch`` gets each batch's completions, in order, as soon as it returns.
 
-    Every prompt is checked before the first batch runs, so bad input fails fast.
+    Every prompt is checked before the first batch runs, so bad input fails fast. Sampling is
+    seeded by the prompt's index, so a run resumed at ``start`` gives the rows a whole run would.
     """
     from tqdm import tqdm
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    decoder.check_lengths(decoder.encode(prompts), max_new_tokens)
     results: list[Completion] = []
+    if start >= len(prompts):
+        return results
+    decoder.check_lengths(decoder.encode(prompts[start:]), max_new_tokens)
     with tqdm(
-        total=len(prompts), unit="prompt", disable=None if progress else True, file=sys.stderr
+        total=len(prompts), initial=start, unit="prompt", disable=None if progress else True,
+        file=sys.stderr,
     ) as bar:
-        for start in range(0, len(prompts), batch_size):
-            batch = prompts[start : start + batch_size]
-            results += decoder.generate(
-                batch, sampling, max_new_tokens, stop=stop, first_row=start, stats=stats,
+        for first in range(start, len(prompts), batch_size):
+            batch = prompts[first : first + batch_size]
+            done = decoder.generate(
+                batch, sampling, max_new_tokens, stop=stop, first_row=first, stats=stats,
                 batch_size=batch_size,
             )
+            if on_batch is not None:
+                on_batch(done)
+            results += done
             bar.update(len(batch))
     return results
 
@@ -210,15 +228,113 @@ def eval_synthetic(
     return correct, num
 
 
-def _write_rows(completions: Sequence[Completion], out: TextIO) -> None:
-    for c in completions:
-        row = {
-            "prompt": c.prompt,
-            "completion": c.text,
-            "tokens": c.tokens,
-            "finish_reason": c.finish_reason,
-        }
-        out.write(json.dumps(row, ensure_ascii=False) + "\n")
+def row_lines(completions: Sequence[Completion]) -> str:
+    """The output rows of ``completions``: one whole JSON line each."""
+    return "".join(
+        json.dumps(
+            {
+                "prompt": c.prompt,
+                "completion": c.text,
+                "tokens": c.tokens,
+                "finish_reason": c.finish_reason,
+            },
+            ensure_ascii=False,
+        )
+        + "\n"
+        for c in completions
+    )
+
+
+def output_settings(
+    prompts: Sequence[str],
+    sampling: SamplingParams,
+    max_new_tokens: int,
+    stop: Sequence[str],
+    workdir: str,
+    step: int,
+) -> dict:
+    """What an --output file's rows depend on; ``--resume`` refuses to continue with others."""
+    digest = hashlib.sha256(json.dumps(list(prompts), ensure_ascii=False).encode()).hexdigest()
+    return {
+        "prompts": len(prompts),
+        "prompts_sha256": digest,
+        "sampling": dataclasses.asdict(sampling),
+        "max_new_tokens": max_new_tokens,
+        "stop": list(stop),
+        "workdir": os.path.abspath(workdir),
+        "step": step,
+    }
+
+
+def settings_path(output: str) -> str:
+    """The file next to ``output`` that records the settings its rows were decoded with."""
+    return output + ".settings.json"
+
+
+def _fsync_write(f: BinaryIO, text: str) -> None:
+    f.write(text.encode("utf-8"))
+    f.flush()
+    os.fsync(f.fileno())
+
+
+def check_output(output: str, *, resume: bool) -> None:
+    """An existing ``output`` is never overwritten: it is an error unless ``resume``."""
+    if os.path.exists(output) and not resume:
+        raise ValueError(
+            f"output {output} already exists: pass --resume to continue it, or remove it"
+        )
+
+
+def open_output(
+    output: str, prompts: Sequence[str], settings: dict, *, resume: bool
+) -> tuple[BinaryIO, int]:
+    """Open ``output`` for appending rows; returns (binary file, rows already done).
+
+    A new output (and its settings file) is created; an existing one is an error unless
+    ``resume``. Resuming checks the recorded settings, keeps the complete rows (each must be
+    the row of the prompt at its index) and drops a truncated last line, which is redone.
+    """
+    check_output(output, resume=resume)
+    meta = settings_path(output)
+    if not os.path.exists(output):
+        with open(meta + ".tmp", "w", encoding="utf-8") as f:
+            json.dump(settings, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(meta + ".tmp", meta)
+        return open(output, "xb"), 0
+    if not os.path.isfile(meta):
+        raise ValueError(f"cannot resume {output}: {meta} is missing (not a tessera decode output)")
+    with open(meta, encoding="utf-8") as f:
+        saved = json.load(f)
+    differ = [k for k in sorted(set(saved) | set(settings)) if saved.get(k) != settings.get(k)]
+    if differ:
+        shown = ", ".join(
+            "the prompts" if k == "prompts_sha256" else f"{k} (was {saved.get(k)!r}, now "
+            f"{settings.get(k)!r})" for k in differ
+        )
+        raise ValueError(f"cannot resume {output}: decoded with other settings: {shown}")
+    with open(output, "rb") as f:
+        data = f.read()
+    complete = data[: data.rfind(b"\n") + 1]
+    lines = complete.decode("utf-8", "replace").splitlines()
+    if len(lines) > len(prompts):
+        raise ValueError(f"cannot resume {output}: {len(lines)} rows for {len(prompts)} prompts")
+    for i, line in enumerate(lines):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            row = None
+        if not isinstance(row, dict) or row.get("prompt") != prompts[i]:
+            raise ValueError(
+                f"cannot resume {output}: line {i + 1} is not the row of prompt {i} "
+                f"{prompts[i]!r}"
+            )
+    f = open(output, "r+b")
+    f.truncate(len(complete))  # a line cut short by the kill is decoded again
+    f.seek(len(complete))
+    os.fsync(f.fileno())
+    return f, len(lines)
 
 
 def main(argv: list[str]) -> None:
@@ -247,6 +363,10 @@ def main(argv: list[str]) -> None:
     max_new = _MAX_NEW.value if _MAX_NEW.value is not None else int(config.decode.max_new_tokens)
     stop = [unescape(s) for s in _STOP.value]
     prompts = read_prompts(_PROMPTS_FILE.value) if _PROMPTS_FILE.value else None
+    if _RESUME.value and not (prompts is not None and _OUTPUT.value):
+        fail("--resume continues an --output file of --prompts_file")
+    if _OUTPUT.value:
+        check_output(_OUTPUT.value, resume=_RESUME.value)  # before the model loads
 
     import jax
 
@@ -263,16 +383,27 @@ def main(argv: list[str]) -> None:
     stats = DecodeStats()
     if _PROMPT.value is not None:
         stream_one(decoder, _PROMPT.value, sampling, max_new, stop=stop, stats=stats)
+    elif prompts is not None and _OUTPUT.value:
+        settings = output_settings(prompts, sampling, max_new, stop, _WORKDIR.value, step)
+        f, done = open_output(_OUTPUT.value, prompts, settings, resume=_RESUME.value)
+        with f:
+            if done:
+                log(f"resuming {_OUTPUT.value}: {done} of {len(prompts)} rows already there")
+            decode_many(
+                decoder, prompts, sampling, max_new, batch_size=_BATCH.value, stop=stop,
+                stats=stats, start=done, on_batch=lambda batch: _fsync_write(f, row_lines(batch)),
+            )
+        log(f"wrote {len(prompts) - done} completions to {_OUTPUT.value}")
     elif prompts is not None:
-        completions = decode_many(
-            decoder, prompts, sampling, max_new, batch_size=_BATCH.value, stop=stop, stats=stats
+
+        def to_stdout(batch: list[Completion]) -> None:
+            sys.stdout.write(row_lines(batch))
+            sys.stdout.flush()
+
+        decode_many(
+            decoder, prompts, sampling, max_new, batch_size=_BATCH.value, stop=stop,
+            stats=stats, on_batch=to_stdout,
         )
-        if _OUTPUT.value:
-            with open(_OUTPUT.value, "w", encoding="utf-8") as f:
-                _write_rows(completions, f)
-            log(f"wrote {len(completions)} completions to {_OUTPUT.value}")
-        else:
-            _write_rows(completions, sys.stdout)
     else:
         eval_synthetic(
             decoder, config, _EVAL.value, sampling, max_new, batch_size=_BATCH.value, stats=stats
