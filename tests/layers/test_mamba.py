@@ -375,6 +375,7 @@ def test_flops_match_cost_analysis(monkeypatch):
     assert xla - xla_small == pytest.approx(analytic - analytic_small, rel=0.05)
 
 
+@pytest.mark.slow
 def test_tiny_config_trains(tmp_path):
     config = load_config(
         "mamba:tiny,train.steps=30,train.progress=False,train.tensorboard=False,"

@@ -16,6 +16,7 @@ from .helpers import tiny_config
 STEPS = "train.steps=6,checkpoint.every=2,checkpoint.async_save=True"
 
 
+@pytest.mark.slow
 def test_async_saves_resume_exactly(tmp_path):
     one = jax.devices()[:1]
     full = train(tiny_config(STEPS, data=1), str(tmp_path / "full"), devices=one)

@@ -24,6 +24,7 @@ def run_train(*args, cwd=ROOT):
                           capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_cli_trains_and_writes_metrics(tmp_path):
     proc = run_train("--config=llama:tiny", f"--workdir={tmp_path}", "--config.train.steps=4",
                      "--config.train.log_every=2", *QUIET)
@@ -65,6 +66,7 @@ def test_bad_input_is_one_clear_line(tmp_path, args, message):
 
 
 @pytest.mark.parametrize("name", config_names())
+@pytest.mark.slow
 def test_every_config_runs_one_step_at_tiny(name, tmp_path):
     cfg = load_config(f"{name}:tiny,train.steps=1,train.progress=False,train.tensorboard=False")
     result = train(cfg, str(tmp_path), devices=jax.devices()[:1])
