@@ -1,5 +1,6 @@
 # tessera: `make demo` trains a tiny model on the built-in data and decodes from it;
-# `make test` runs the test suite. Both create .venv on first use.
+# `make test` runs the test suite (`make test-fast`: without the `slow` end-to-end tests).
+# Both create .venv on first use.
 
 PYTHON ?= $(shell for p in python3.12 "$$HOME/.pyenv/versions/3.12.1/bin/python3" \
 	$$(ls -d $$HOME/.pyenv/versions/3.12*/bin/python3 2>/dev/null) python3; do \
@@ -11,7 +12,7 @@ STAMP := $(VENV)/.installed
 DEMO_DIR ?= runs/demo
 PYTEST_ARGS ?= -n 2
 
-.PHONY: demo test install lint clean
+.PHONY: demo test test-fast install lint clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,6 +28,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest $(PYTEST_ARGS) -m "not slow"
 
 lint: $(STAMP)
 	$(BIN)/ruff check tessera tests tools

@@ -8,6 +8,7 @@ from tessera.bench.decode import run_decode_bench
 from tessera.bench.train import run_train_bench
 
 
+@pytest.mark.slow
 def test_train_bench_reports_throughput_and_mfu(capsys):
     [row] = run_train_bench("llama:tiny", {"data.global_batch_size": "8"},
                             steps=1, devices=jax.devices()[:1])
@@ -16,6 +17,7 @@ def test_train_bench_reports_throughput_and_mfu(capsys):
     assert "train throughput" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_decode_bench_rows(capsys):
     rows = run_decode_bench("mamba2:tiny", {"model.dtype": "float32"}, prompt_len=16,
                             new_tokens=4, batches=(1, 2), contexts=(32, 64), context_steps=2,

@@ -8,6 +8,7 @@ import sys
 
 import jax
 import numpy as np
+import pytest
 
 from tessera.configs import load_config
 from tessera.convert import import_hf
@@ -38,6 +39,7 @@ def test_tokenizer_choice_without_a_usable_tokenizer_json(tmp_path):
     assert name == "hf:tokenizer" and "more than the model's vocab_size 200" in note
 
 
+@pytest.mark.slow
 def test_import_with_tokenizer_decodes_text(tmp_path):
     src = copy_fixture("llama", str(tmp_path / "hf"))
     tiny_tokenizer.write(src, special_tokens_map={"pad_token": "<pad>"})

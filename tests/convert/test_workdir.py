@@ -8,6 +8,7 @@ import sys
 
 import jax
 import numpy as np
+import pytest
 
 from tessera.configs import load_config
 from tessera.convert import import_hf
@@ -33,6 +34,7 @@ def restore(work: str, step: int, config):
         ckpt.close()
 
 
+@pytest.mark.slow
 def test_import_writes_a_workdir_that_trains_and_decodes(tmp_path):
     src = copy_fixture("mistral", str(tmp_path / "hf"))
     for name in ("tokenizer.json", "tokenizer_config.json"):

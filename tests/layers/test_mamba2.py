@@ -312,6 +312,7 @@ def test_sharded_forward_matches_unsharded():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["mamba2", "hybrid"])
+@pytest.mark.slow
 def test_tiny_config_trains(name, tmp_path):
     """30 steps on the embedded corpus (short rows, one device: the time is the compile)."""
     config = load_config(

@@ -109,6 +109,7 @@ def test_all_local_layers_keep_the_largest_window():
                         model.init_cache(1, 10), (3,), TOL)
 
 
+@pytest.mark.slow
 def test_prefix_layout_trains_a_step(tmp_path):
     from tessera.train.trainer import train
     from tests.train.helpers import tiny_config

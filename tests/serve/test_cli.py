@@ -41,6 +41,7 @@ def loaded(workdir):
     return decoder, step
 
 
+@pytest.mark.slow
 def test_restores_the_saved_parameters(workdir, loaded):
     decoder, step = loaded
     assert step == 3
@@ -52,6 +53,7 @@ def test_restores_the_saved_parameters(workdir, loaded):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+@pytest.mark.slow
 def test_restore_errors(workdir, tmp_path):
     spec = ModelSpec(load_config("llama:tiny").model)
     sh = spec.shardings(single_device_mesh(), make_rules())
@@ -68,6 +70,7 @@ def test_restore_errors(workdir, tmp_path):
         load_decoder(load_config("classify:tiny"), workdir)
 
 
+@pytest.mark.slow
 def test_stream_eval_and_batches(loaded):
     decoder, _ = loaded
     greedy = SamplingParams()
@@ -125,6 +128,7 @@ def _cli(*args):
     )
 
 
+@pytest.mark.slow
 def test_cli_prompts_file(workdir, tmp_path):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"prompt": "417+38="}\nrev:hello=\n')

@@ -36,6 +36,7 @@ def full(tmp_path_factory):
     return workdir, train(config(), workdir, devices=ONE)
 
 
+@pytest.mark.slow
 def test_logs_its_own_metrics_and_learns(full):
     workdir, result = full
     rows = read_metrics(workdir, "train")
@@ -51,6 +52,7 @@ def test_logs_its_own_metrics_and_learns(full):
     assert 0 <= evals[-1]["eval/accuracy"] <= 1
 
 
+@pytest.mark.slow
 def test_resumes_exactly(full, tmp_path):
     _, result = full
 
@@ -68,6 +70,7 @@ def test_resumes_exactly(full, tmp_path):
     assert second.evals[8] == pytest.approx(result.evals[8], rel=1e-6)
 
 
+@pytest.mark.slow
 def test_cli_trains_the_tiny_config(tmp_path):
     proc = run_train("--config=classify:tiny", f"--workdir={tmp_path}", "--config.train.steps=4",
                      "--config.eval.every=2", "--config.eval.batches=1",

@@ -55,6 +55,7 @@ def full(tmp_path_factory):
     return str(workdir), result, draws
 
 
+@pytest.mark.slow
 def test_eval_rows_every_n_steps_and_at_the_end(full):
     workdir, result, _ = full
     evals = read_metrics(workdir, "eval")
@@ -73,6 +74,7 @@ def test_eval_rows_every_n_steps_and_at_the_end(full):
     assert result.evals[5] == {k: v for k, v in evals[-1].items() if k != "step"}
 
 
+@pytest.mark.slow
 def test_step_rng_is_folded_from_seed_and_step(full, tmp_path):
     _, _, draws = full
     assert draws == pytest.approx({s: float(jax.random.uniform(step_rng(7, s))) for s in draws})
@@ -91,6 +93,7 @@ def test_rng_streams_differ():
     assert len({np.asarray(jax.random.key_data(k)).tobytes() for k in keys}) == len(keys)
 
 
+@pytest.mark.slow
 def test_ema_follows_its_formula(full):
     workdir, _, _ = full
     trainer = Trainer(tiny_config(RUN, data=1), workdir, ONE)
@@ -115,6 +118,7 @@ def test_ema_starts_at_the_params():
     jax.tree.map(lambda m, p: np.testing.assert_allclose(m, p + 0.1, rtol=1e-6), moved, params)
 
 
+@pytest.mark.slow
 def test_interrupted_run_resumes_exactly(full, tmp_path):
     workdir, result, _ = full
 
@@ -139,6 +143,7 @@ def test_interrupted_run_resumes_exactly(full, tmp_path):
         run(tmp_path, "train.steps=6,train.ema_decay=0.0")
 
 
+@pytest.mark.slow
 def test_evaluation_reads_the_same_held_out_batches(full):
     workdir, _, _ = full
     trainer = Trainer(tiny_config(RUN, data=1), workdir, ONE)

@@ -19,6 +19,7 @@ class NanLM(tasks.LMTask):
         return total * jnp.nan, weight, sums
 
 
+@pytest.mark.slow
 def test_nan_stops_and_keeps_the_good_checkpoint(tmp_path, monkeypatch):
     one = jax.devices()[:1]
     workdir = str(tmp_path)
@@ -36,6 +37,7 @@ def test_nan_stops_and_keeps_the_good_checkpoint(tmp_path, monkeypatch):
     jax.tree.map(np.testing.assert_array_equal, good, after)
 
 
+@pytest.mark.slow
 def test_nan_skip_policy_leaves_params_unchanged(tmp_path, monkeypatch):
     one = jax.devices()[:1]
     monkeypatch.setitem(tasks.TASKS, "lm", NanLM)

@@ -16,6 +16,7 @@ from .helpers import tiny_config
 STEPS = "train.steps=8,checkpoint.every=3,train.log_every=1,eval.every=4,eval.batches=1"
 
 
+@pytest.mark.slow
 def test_sigterm_saves_and_rerun_resumes_exactly(tmp_path):
     two = jax.devices()[:2]
     full = train(tiny_config(STEPS, data=2), str(tmp_path / "full"), devices=two)
@@ -45,6 +46,7 @@ def test_sigterm_saves_and_rerun_resumes_exactly(tmp_path):
         assert row == pytest.approx(full.evals[step], rel=1e-6)
 
 
+@pytest.mark.slow
 def test_restore_onto_a_different_mesh(tmp_path):
     workdir = str(tmp_path)
     train(tiny_config("train.steps=2,checkpoint.every=2", fsdp=8), workdir)
@@ -60,6 +62,7 @@ def test_restore_onto_a_different_mesh(tmp_path):
     assert data_a == data_b and data_a
 
 
+@pytest.mark.slow
 def test_incompatible_and_missing_checkpoints(tmp_path):
     workdir = str(tmp_path)
     train(tiny_config("train.steps=1,checkpoint.every=1", data=1), workdir,

@@ -224,7 +224,11 @@ class Mamba(nnx.Module):
     def flops_per_token(cfg: ConfigDict, seq_len: int) -> float:
         """In/x/dt/out projections, the depthwise conv, and the selective scan's elementwise work
         per (d_inner x N) state element: exp(dt A) (2), dt x B (1), the state update (2) and the
-        C readout (2). Independent of ``seq_len`` (a recurrence)."""
+        C readout (2). Independent of ``seq_len`` (a recurrence).
+
+        Model FLOPs, not the implementation's: the recurrence's work (the sequential form; XLA
+        counts it within 5%). The chunked form's associative scan does about twice the scan's
+        elementwise work, which MFU does not credit."""
         del seq_len
         di, n, k, r = mamba_dims(cfg)
         d = cfg.d_model
