@@ -103,6 +103,21 @@ class Task(abc.ABC):
         data.source = source
         return data
 
+    def pipeline_args(self, split: str, process_index: int, process_count: int) -> dict[str, Any]:
+        """The keyword arguments every tessera pipeline builder takes for this run and ``split``
+        (``data/pipeline.py: make_pipeline`` and the others)."""
+        data = self.config.data
+        return dict(
+            tokenizer=self.tokenizer,
+            global_batch_size=data.global_batch_size,
+            seq_len=data.seq_len,
+            split=split,
+            process_index=process_index,
+            process_count=process_count,
+            seed=data.seed,
+            vocab_size=self.config.model.vocab_size,
+        )
+
     # -- loss and metrics ------------------------------------------------------------------
     @abc.abstractmethod
     def loss(self, model: Any, batch: Batch, rng: jax.Array) -> tuple[jax.Array, jax.Array, Sums]:

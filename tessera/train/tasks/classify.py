@@ -68,17 +68,8 @@ class ClassifyTask(Task):
     def make_data(
         self, split: str, *, process_index: int = 0, process_count: int = 1
     ) -> DataIterator:
-        data = self.config.data
         return make_rule_pipeline(
-            self.data_config(split),
-            tokenizer=self.tokenizer,
-            global_batch_size=data.global_batch_size,
-            seq_len=data.seq_len,
-            split=split,
-            process_index=process_index,
-            process_count=process_count,
-            seed=data.seed,
-            vocab_size=self.config.model.vocab_size,
+            self.data_config(split), **self.pipeline_args(split, process_index, process_count)
         )
 
     def loss(self, model: Any, batch: Batch, rng: jax.Array) -> tuple[jax.Array, jax.Array, Sums]:
