@@ -274,15 +274,23 @@ def format_override(value: Any) -> str:
     return repr(value)
 
 
+def flat_items(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``: a nested config (as a dict) by dotted key."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            out.update(flat_items(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
 def apply_overrides(config: ConfigDict, overrides: Mapping[str, Any]) -> None:
     """Set dotted ``key=value`` overrides, parsed by ``parse_override`` (errors name the key)."""
     for dotted, value in overrides.items():
         parsed = parse_override(config, dotted, value)
-        *path, last = dotted.split(".")
-        node = config
-        for part in path:
-            node = node[part]
-        node[last] = parsed
+        parent, _, last = dotted.rpartition(".")
+        (lookup(config, parent) if parent else config)[last] = parsed
 
 
 def make_get_config(

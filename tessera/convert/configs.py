@@ -16,7 +16,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from tessera.configs.base import ConfigDict, apply_overrides, base_config
+from tessera.configs.base import ConfigDict, apply_overrides, base_config, flat_items
 from tessera.convert.errors import ConversionError
 from tessera.convert.families import family_for
 from tessera.layers.base import dtype_of
@@ -62,16 +62,6 @@ def read_hf_config(hf_dir: str) -> dict[str, Any]:
     if not isinstance(hf, dict):
         raise ConversionError(f"{path} does not hold a JSON object")
     return hf
-
-
-def _flat_items(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, Mapping):
-            out.update(_flat_items(value, f"{prefix}{key}."))
-        else:
-            out[prefix + key] = value
-    return out
 
 
 def float_dtype(name: str) -> str:
@@ -123,7 +113,7 @@ def config_from_json(path: str, arg: str | None = None) -> ConfigDict:
         stored = json.load(f)
     config = base_config()
     config.lock()
-    apply_overrides(config, _flat_items(stored))
+    apply_overrides(config, flat_items(stored))
     overrides = {}
     for item in filter(None, (s.strip() for s in (arg or "").split(","))):
         key, sep, value = item.partition("=")

@@ -3,7 +3,7 @@ resumable iterators."""
 
 from tessera.data.classify import make_rule_pipeline
 from tessera.data.packing import PackIterDataset
-from tessera.data.pipeline import Batch, DataIterator, check_vocab, make_pipeline
+from tessera.data.pipeline import Batch, DataIterator, check_ids, make_pipeline
 from tessera.data.sources import Source, TextFileSource, make_source
 from tessera.data.synthetic import (
     SyntheticSource,
@@ -27,7 +27,7 @@ __all__ = [
     "TextFileSource",
     "Tokenizer",
     "check",
-    "check_vocab",
+    "check_ids",
     "get_tokenizer",
     "is_eval_prompt",
     "make_pipeline",

@@ -203,8 +203,3 @@ def make_pipeline(
     fill = {"inputs": tokenizer.pad_id, "targets": tokenizer.pad_id}
     return batch_rows(rows.map(_features), shard, fill)
 
-
-def check_vocab(batch: Batch, vocab_size: int) -> None:
-    """Raises ValueError if any `inputs`/`targets` id of `batch` is outside [0, vocab_size)."""
-    for key in ("inputs", "targets"):
-        check_ids(np.asarray(batch[key]), vocab_size)

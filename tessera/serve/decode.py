@@ -29,6 +29,7 @@ from ml_collections import config_flags
 from tessera.cli import check_workdir, fail, run_main
 from tessera.configs.base import ConfigDict
 from tessera.data.synthetic import SyntheticSource, check, split_prompt
+from tessera.files import write_atomic
 from tessera.serve.engine import Decoder
 from tessera.serve.outputs import Completion, DecodeStats
 from tessera.serve.sampling import SamplingParams
@@ -297,11 +298,7 @@ def open_output(
     check_output(output, resume=resume)
     meta = settings_path(output)
     if not os.path.exists(output):
-        with open(meta + ".tmp", "w", encoding="utf-8") as f:
-            json.dump(settings, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(meta + ".tmp", meta)
+        write_atomic(meta, json.dumps(settings, indent=1))
         return open(output, "xb"), 0
     if not os.path.isfile(meta):
         raise ValueError(f"cannot resume {output}: {meta} is missing (not a tessera decode output)")

@@ -28,6 +28,8 @@ import jax
 import orbax.checkpoint as ocp
 from absl import logging
 
+from tessera.files import write_atomic
+
 PyTree = Any
 
 MANIFEST = "tessera_manifest.json"
@@ -80,12 +82,9 @@ def write_manifest(step_dir: str) -> None:
               "sha256": _sha256(os.path.join(step_dir, rel))}
         for rel in _files(step_dir)
     }
-    tmp = os.path.join(step_dir, MANIFEST + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump({"version": 1, "files": files}, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, os.path.join(step_dir, MANIFEST))
+    write_atomic(
+        os.path.join(step_dir, MANIFEST), json.dumps({"version": 1, "files": files}, indent=1)
+    )
 
 
 def verify_manifest(step_dir: str) -> str | None:
@@ -154,16 +153,18 @@ class Checkpointer:
             ),
         )
 
-    def check_compatible(self, step: int, target: PyTree) -> None:
-        """Raise CheckpointError naming the first tensor whose presence or shape differs."""
+    def check_compatible(self, step: int, target: PyTree, *, partial: bool = False) -> None:
+        """Raise CheckpointError naming the first tensor whose presence or shape differs, then
+        (unless ``partial``: a restore of some entries only) the first state entry (``ema``, ...)
+        that only one of the checkpoint and ``target`` has."""
         meta = self.manager.item_metadata(step)
-        stored = meta["state"] if meta is not None and "state" in meta else None
-        if stored is None or "params" not in stored:
+        state = meta["state"] if meta is not None and "state" in meta else None
+        if state is None or "params" not in state:
             raise DamagedCheckpointError(self.directory, step, "its train state has no metadata")
         # The parameters decide compatibility; optimizer state follows from them.
-        stored, target = stored["params"], target["params"]
+        stored, params = state["params"], target["params"]
         stored_flat = {_path_str(p): v for p, v in jax.tree_util.tree_flatten_with_path(stored)[0]}
-        target_flat = {_path_str(p): v for p, v in jax.tree_util.tree_flatten_with_path(target)[0]}
+        target_flat = {_path_str(p): v for p, v in jax.tree_util.tree_flatten_with_path(params)[0]}
         for name, want in target_flat.items():
             if name not in stored_flat:
                 raise CheckpointError(
@@ -181,6 +182,14 @@ class Checkpointer:
             raise CheckpointError(
                 f"incompatible checkpoint {self.directory} step {step}: unexpected tensor "
                 f"{extra[0]} (was it written by another model config?)"
+            )
+        differ = [] if partial else sorted(set(target) ^ set(state))
+        if differ:
+            key = differ[0]
+            has = "has no" if key in target else "has an unexpected"
+            raise CheckpointError(
+                f"incompatible checkpoint {self.directory} step {step}: it {has} {key!r} state "
+                "(was it written with other train settings, such as train.ema_decay?)"
             )
 
     def resolve_step(self, step: int | None) -> int:
@@ -280,14 +289,6 @@ class Checkpointer:
 
     def _restore(self, step: int, target: PyTree) -> tuple[int, PyTree, dict]:
         self.check_compatible(step, target)
-        differ = sorted(set(target) ^ set(self.manager.item_metadata(step)["state"]))
-        if differ:
-            key = differ[0]
-            has = "has no" if key in target else "has an unexpected"
-            raise CheckpointError(
-                f"incompatible checkpoint {self.directory} step {step}: it {has} {key!r} state "
-                "(was it written with other train settings, such as train.ema_decay?)"
-            )
         out = self.manager.restore(
             step,
             args=ocp.args.Composite(
@@ -304,7 +305,7 @@ class Checkpointer:
         step = self.resolve_step(step)
         item = {"params": target}
         with self._verified(step), _quiet_orbax():
-            self.check_compatible(step, item)
+            self.check_compatible(step, item, partial=True)
             out = self.manager.restore(
                 step,
                 args=ocp.args.Composite(

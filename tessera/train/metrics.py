@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import os
 
+from tessera.files import write_atomic
+
 EVAL_KEY = "eval/loss"  # every eval row has it, no train row does
 
 
@@ -40,10 +42,7 @@ class MetricsWriter:
     def _truncate(self, step: int) -> None:
         with open(self.path) as f:
             keep = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
-        tmp = self.path + ".tmp"
-        with open(tmp, "w") as f:
-            f.writelines(keep)
-        os.replace(tmp, self.path)
+        write_atomic(self.path, "".join(keep))
 
     def write(self, step: int, row: dict[str, float]) -> None:
         """A train row."""

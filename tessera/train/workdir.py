@@ -29,6 +29,9 @@ import socket
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from tessera.configs.base import flat_items
+from tessera.files import write_atomic
+
 LOCK_FILE = ".lock"
 CONFIG_FILE = "config.json"
 CONFIG_HISTORY = "configs"
@@ -92,25 +95,15 @@ def hold_workdir(
         os.close(fd)  # drops the flock
 
 
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def config_changes(workdir: str, config_json: str) -> list[str]:
     """``key old -> new`` for each field where ``config_json`` differs from ``WORKDIR/config.json``
     (the config the run last started with); empty when there is no readable saved config."""
     try:
         with open(os.path.join(workdir, CONFIG_FILE)) as f:
-            old = _flatten(json.load(f))
+            old = flat_items(json.load(f))
     except (OSError, ValueError):
         return []
-    new = _flatten(json.loads(config_json))
+    new = flat_items(json.loads(config_json))
     changes = []
     for k in [*new, *(k for k in old if k not in new)]:
         a, b = old.get(k, _ABSENT), new.get(k, _ABSENT)
@@ -130,7 +123,4 @@ def save_config(workdir: str, config_json: str, step: int) -> None:
     """Write ``config.json`` (the latest) and ``configs/config-<step>.json`` atomically."""
     os.makedirs(os.path.join(workdir, CONFIG_HISTORY), exist_ok=True)
     for name in (CONFIG_FILE, os.path.join(CONFIG_HISTORY, f"config-{step}.json")):
-        path = os.path.join(workdir, name)
-        with open(path + ".tmp", "w") as f:
-            f.write(config_json)
-        os.replace(path + ".tmp", path)
+        write_atomic(os.path.join(workdir, name), config_json)

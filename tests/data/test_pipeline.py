@@ -5,7 +5,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from tessera.data import ByteTokenizer, check, check_vocab, make_pipeline, split_prompt
+from tessera.data import ByteTokenizer, check, check_ids, make_pipeline, split_prompt
 
 TOK = ByteTokenizer()
 SEQ = 64
@@ -160,7 +160,12 @@ def test_bad_arguments():
         pipeline(cfg(source="nope"))
 
 
-def test_check_vocab():
+def check_vocab(batch, vocab_size):
+    for key in ("inputs", "targets"):
+        check_ids(batch[key], vocab_size)
+
+
+def test_check_ids():
     b = next(pipeline())
     check_vocab(b, 259)
     with pytest.raises(ValueError, match=r"^token id \d+ out of range for vocab_size 100$"):
