@@ -108,7 +108,7 @@ def run_main(main: Callable[[list[str]], None], argv: Sequence[str] | None = Non
     try:
         argv = config_args(argv)
     except USER_ERRORS as e:
-        fail(_message(e))
+        fail(error_line(e))
     sys.argv = argv  # config_flags reads the override names from sys.argv, not app.run's argv
 
     def wrapped(args: list[str]) -> None:
@@ -119,11 +119,12 @@ def run_main(main: Callable[[list[str]], None], argv: Sequence[str] | None = Non
             maybe_initialize_distributed()
             main(args)
         except USER_ERRORS as e:
-            fail(_message(e))
+            fail(error_line(e))
 
     app.run(wrapped, argv=argv)
 
 
-def _message(e: BaseException) -> str:
+def error_line(e: BaseException) -> str:
+    """The first line of an error, for a one-line message (a KeyError without its quotes)."""
     text = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
     return str(text).splitlines()[0] if str(text) else type(e).__name__

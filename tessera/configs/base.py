@@ -166,6 +166,8 @@ def base_config() -> ConfigDict:
     c.decode = ConfigDict(
         dict(
             max_new_tokens=32,
+            batch_size=16,  # prompts per batch (decode CLI default; tessera.aot --decode)
+            prompt_len=128,  # prompt tokens tessera.aot --decode compiles for
             temperature=0.0,
             top_k=0,
             top_p=1.0,

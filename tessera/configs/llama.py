@@ -71,4 +71,38 @@ def _70b(c: ConfigDict) -> None:
     _llama3(c, d_model=8192, num_layers=80, num_heads=64, mlp_dim=28672, tie=False, rope_factor=8.0)
 
 
-get_config = make_get_config({"tiny": _tiny, "small": _small, "1b": _1b, "8b": _8b, "70b": _70b})
+def _llama2(c: ConfigDict, *, d_model: int, num_layers: int, num_heads: int, num_kv_heads: int,
+            mlp_dim: int) -> None:
+    c.model.update(
+        vocab_size=32000,
+        d_model=d_model,
+        num_layers=num_layers,
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+        head_dim=d_model // num_heads,
+        mlp_dim=mlp_dim,
+        max_seq_len=4096,
+        rope_theta=10000.0,
+        remat="full",
+    )
+    c.data.update(seq_len=4096, global_batch_size=512)
+    c.optim.update(learning_rate=3e-4, warmup_steps=2000)
+    c.mesh.update(data=1, fsdp=-1)
+
+
+def _llama2_7b(c: ConfigDict) -> None:
+    """Llama-2-7B (the shape MaxText's published tables use)."""
+    _llama2(c, d_model=4096, num_layers=32, num_heads=32, num_kv_heads=32, mlp_dim=11008)
+
+
+def _llama2_70b(c: ConfigDict) -> None:
+    """Llama-2-70B."""
+    _llama2(c, d_model=8192, num_layers=80, num_heads=64, num_kv_heads=8, mlp_dim=28672)
+
+
+get_config = make_get_config(
+    {
+        "tiny": _tiny, "small": _small, "1b": _1b, "8b": _8b, "70b": _70b,
+        "llama2-7b": _llama2_7b, "llama2-70b": _llama2_70b,
+    }
+)

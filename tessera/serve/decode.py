@@ -55,7 +55,9 @@ _RESUME = flags.DEFINE_bool(
 _EVAL = flags.DEFINE_integer(
     "eval_synthetic", None, "Decode N held-out synthetic prompts and print the accuracy."
 )
-_BATCH = flags.DEFINE_integer("batch_size", 16, "Prompts per batch for files and evals.")
+_BATCH = flags.DEFINE_integer(
+    "batch_size", None, "Prompts per batch for files and evals. Default: config.decode."
+)
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", None, "Default: config.decode.max_new_tokens.")
 _TEMPERATURE = flags.DEFINE_float("temperature", None, "0 is greedy. Default: config.decode.")
 _TOP_K = flags.DEFINE_integer("top_k", None, "0 keeps all tokens. Default: config.decode.")
@@ -378,6 +380,9 @@ def main(argv: list[str]) -> None:
         f"{config.data.tokenizer}"
     )
     stats = DecodeStats()
+    batch_size = config.decode.batch_size if _BATCH.value is None else _BATCH.value
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if _PROMPT.value is not None:
         stream_one(decoder, _PROMPT.value, sampling, max_new, stop=stop, stats=stats)
     elif prompts is not None and _OUTPUT.value:
@@ -387,7 +392,7 @@ def main(argv: list[str]) -> None:
             if done:
                 log(f"resuming {_OUTPUT.value}: {done} of {len(prompts)} rows already there")
             decode_many(
-                decoder, prompts, sampling, max_new, batch_size=_BATCH.value, stop=stop,
+                decoder, prompts, sampling, max_new, batch_size=batch_size, stop=stop,
                 stats=stats, start=done, on_batch=lambda batch: _fsync_write(f, row_lines(batch)),
             )
         log(f"wrote {len(prompts) - done} completions to {_OUTPUT.value}")
@@ -398,12 +403,12 @@ def main(argv: list[str]) -> None:
             sys.stdout.flush()
 
         decode_many(
-            decoder, prompts, sampling, max_new, batch_size=_BATCH.value, stop=stop,
+            decoder, prompts, sampling, max_new, batch_size=batch_size, stop=stop,
             stats=stats, on_batch=to_stdout,
         )
     else:
         eval_synthetic(
-            decoder, config, _EVAL.value, sampling, max_new, batch_size=_BATCH.value, stats=stats
+            decoder, config, _EVAL.value, sampling, max_new, batch_size=batch_size, stats=stats
         )
     for line in stats.lines():
         log(line)

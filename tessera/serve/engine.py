@@ -67,12 +67,14 @@ class Decoder:
     ``spec.merge(params)`` gives the model inside jitted code; ``params`` are moved onto the
     shardings ``spec`` derives from ``mesh`` and ``rules``. Keep one Decoder for repeated calls:
     it caches an executable per (batch, length bucket, cache length, sampling) shape.
+    ``params=None`` makes an abstract Decoder: ``lower`` works (ahead-of-time compiles for
+    another machine's devices, ``tessera.aot``), ``generate`` does not.
     """
 
     def __init__(
         self,
         spec: ModelSpec,
-        params: PyTree,
+        params: PyTree | None,
         mesh: Mesh | None = None,
         rules: str | Mapping[str, tuple[str, ...]] = "",
         *,
@@ -97,7 +99,7 @@ class Decoder:
         self.max_seq_len = int(spec.cfg.max_seq_len)
         self.vocab_size = int(spec.cfg.vocab_size)
         self.param_shardings = spec.shardings(self.mesh, self.rules)
-        self.params = jax.device_put(params, self.param_shardings)
+        self.params = None if params is None else jax.device_put(params, self.param_shardings)
         self._model = spec.merge(spec.shapes)  # abstract: init_cache / cache_axes only
         self._executables: dict[tuple, Any] = {}
         self.compile_s = 0.0
@@ -215,17 +217,80 @@ class Decoder:
                 "replicated": NamedSharding(self.mesh, PartitionSpec()),
             }
 
-    def _compile(self, key: tuple, fn: Callable, in_sh: tuple, out_sh: Any, args: tuple,
-                 donate: tuple[int, ...] = ()) -> Any:
+    def _programs(
+        self, batch: int, length: int, max_len: int, chunk: int, proc: tuple,
+        stop_tokens: tuple[int, ...],
+    ) -> dict[str, tuple]:
+        """The prefill and decode programs of one request shape: name -> (cache key, function,
+        input shardings, output shardings, abstract arguments, donated arguments)."""
+        sh = self._shardings(batch, length, max_len)
+        row = lambda dtype: jax.ShapeDtypeStruct((batch,), dtype)
+        key = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0)))
+        return {
+            "prefill": (
+                ("prefill", batch, length, max_len, chunk, proc, stop_tokens),
+                functools.partial(self._prefill, proc, stop_tokens, max_len, chunk),
+                (self.param_shardings, sh["tokens"], sh["row"], sh["row"], sh["row"],
+                 sh["replicated"]),
+                sh["state"],
+                (self.spec.shapes, jax.ShapeDtypeStruct((batch, length), jnp.int32),
+                 row(jnp.int32), row(jnp.int32), row(jnp.int32), key),
+                (),
+            ),
+            "decode": (
+                ("decode", batch, max_len, self.decode_chunk, proc, stop_tokens),
+                functools.partial(self._decode, proc, stop_tokens),
+                (self.param_shardings, sh["state"], sh["row"], sh["replicated"]),
+                (sh["state"], sh["out"], sh["replicated"]),
+                (self.spec.shapes, self._abstract_state(batch, max_len), row(jnp.bool_), key),
+                (1,),
+            ),
+        }
+
+    @staticmethod
+    def _lower(program: tuple) -> jax.stages.Lowered:
+        _, fn, in_sh, out_sh, args, donate = program
+        jitted = jax.jit(fn, in_shardings=in_sh, out_shardings=out_sh, donate_argnums=donate)
+        abstract = jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), args, in_sh
+        )
+        return jitted.lower(*abstract)
+
+    def _compile(self, program: tuple) -> Any:
+        key = program[0]
         if key not in self._executables:
             t0 = time.perf_counter()
-            jitted = jax.jit(fn, in_shardings=in_sh, out_shardings=out_sh, donate_argnums=donate)
-            abstract = jax.tree.map(
-                lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), args, in_sh
-            )
-            self._executables[key] = jitted.lower(*abstract).compile()
+            self._executables[key] = self._lower(program).compile()
             self.compile_s += time.perf_counter() - t0
         return self._executables[key]
+
+    def request_shape(self, batch: int, prompt_len: int, max_new_tokens: int) -> dict[str, int]:
+        """The padded shape a request of ``batch`` prompts of up to ``prompt_len`` tokens runs
+        at: batch (a power of two), prompt bucket, prefill chunk and cache length."""
+        batch = 1 << (max(batch, 1) - 1).bit_length()
+        length = length_bucket(prompt_len, self.min_bucket)
+        chunk = min(length, self.prefill_chunk)
+        length = _round_up(length, chunk)
+        max_len = min(self.max_seq_len, length + _round_up(max_new_tokens, CACHE_MULTIPLE))
+        return {"batch": batch, "length": length, "chunk": chunk, "max_len": max_len}
+
+    def lower(
+        self,
+        batch: int,
+        prompt_len: int,
+        max_new_tokens: int,
+        sampling: SamplingParams | None = None,
+        stop_tokens: Sequence[int] = (),
+    ) -> dict[str, jax.stages.Lowered]:
+        """The prefill and decode-loop programs ``generate`` compiles for such a request, lowered
+        for this Decoder's mesh (``.compile()`` them, read ``memory_analysis()``)."""
+        shape = self.request_shape(batch, prompt_len, max_new_tokens)
+        proc = (sampling or SamplingParams()).processing()
+        programs = self._programs(
+            shape["batch"], shape["length"], shape["max_len"], shape["chunk"], proc,
+            tuple(int(t) for t in stop_tokens),
+        )
+        return {name: self._lower(program) for name, program in programs.items()}
 
     def _prefill(
         self, processing: tuple, stop_tokens: tuple[int, ...], max_len: int, chunk: int,
@@ -329,6 +394,8 @@ class Decoder:
         file reuses the executables of the full ones. ``on_update(i, partial_completion)`` is
         called as tokens arrive (streaming); ``stats`` accumulates counts and timings.
         """
+        if self.params is None:
+            raise ValueError("this Decoder is abstract (params=None): it can lower, not generate")
         sampling = sampling or SamplingParams()
         ids = self.encode(prompts)
         self.check_lengths(ids, max_new_tokens)
@@ -344,11 +411,8 @@ class Decoder:
             for t, p in zip(texts, ids)
         ]
         n = len(ids)
-        batch = 1 << (max(n, batch_size or 1) - 1).bit_length()
-        length = length_bucket(max(map(len, ids)), self.min_bucket)
-        chunk = min(length, self.prefill_chunk)
-        length = _round_up(length, chunk)
-        max_len = min(self.max_seq_len, length + _round_up(max_new_tokens, CACHE_MULTIPLE))
+        shape = self.request_shape(max(n, batch_size or 1), max(map(len, ids)), max_new_tokens)
+        batch, length, max_len = shape["batch"], shape["length"], shape["max_len"]
 
         tokens = np.full((batch, length), self.tokenizer.pad_id, np.int32)
         lengths = np.ones((batch,), np.int32)  # padding rows: one pad token, budget 0
@@ -361,24 +425,12 @@ class Decoder:
         key = np.asarray(jax.random.key_data(jax.random.key(sampling.seed)))
 
         sh = self._shardings(batch, length, max_len)
-        proc = sampling.processing()
+        programs = self._programs(
+            batch, length, max_len, shape["chunk"], sampling.processing(), stop_tokens
+        )
         compile_before = self.compile_s
-        prefill = self._compile(
-            ("prefill", batch, length, max_len, chunk, proc, stop_tokens),
-            functools.partial(self._prefill, proc, stop_tokens, max_len, chunk),
-            (self.param_shardings, sh["tokens"], sh["row"], sh["row"], sh["row"],
-             sh["replicated"]),
-            sh["state"],
-            (self.spec.shapes, tokens, lengths, row_ids, budget, key),
-        )
-        decode = self._compile(
-            ("decode", batch, max_len, self.decode_chunk, proc, stop_tokens),
-            functools.partial(self._decode, proc, stop_tokens),
-            (self.param_shardings, sh["state"], sh["row"], sh["replicated"]),
-            (sh["state"], sh["out"], sh["replicated"]),
-            (self.spec.shapes, self._abstract_state(batch, max_len), budget.astype(bool), key),
-            donate=(1,),
-        )
+        prefill = self._compile(programs["prefill"])
+        decode = self._compile(programs["decode"])
         put = lambda x, s: jax.device_put(x, s)
         key_dev = put(key, sh["replicated"])
 

@@ -3,7 +3,9 @@ device kind, for MFU.
 
 Counts are matmul FLOPs as executed (2 per multiply-add), attention scores over the full T x T
 block (what XLA's dense attention computes); training = 3 x forward (forward + two backward
-matmuls). A mixer without a count makes the total None: no MFU, a warning, never a crash.
+matmuls). ``causal_saving_per_token`` gives the other convention (MaxText's: causal attention
+counts half the block), which ``tessera.aot`` prints next to it. A mixer without a count makes
+the total None: no MFU, a warning, never a crash.
 """
 
 from __future__ import annotations
@@ -51,6 +53,22 @@ def stack_flops_per_token(m: ConfigDict, seq_len: int) -> float | None:
             if flops is None:
                 return None
             total += flops
+    return total
+
+
+def causal_saving_per_token(m: ConfigDict, seq_len: int) -> float:
+    """Forward FLOPs per token that counting only the causal half of each attention block's
+    scores would drop (MaxText's MFU convention; tessera counts the full T x T block): half of
+    the ``seq_len``-dependent part of every mixer that declares ``CAUSAL_SCORES``."""
+    from tessera.layers.mixers import SEQUENCE_MIXERS
+    from tessera.models.layout import parse_layout
+
+    total = 0.0
+    for spec in parse_layout(m).layers():
+        cls = SEQUENCE_MIXERS[spec.mixer]
+        if getattr(cls, "CAUSAL_SCORES", False):
+            cfg = spec.config(m)
+            total += 0.5 * (cls.flops_per_token(cfg, seq_len) - cls.flops_per_token(cfg, 0))
     return total
 
 

@@ -152,7 +152,22 @@ class Trainer:
         return state
 
     def abstract_state(self) -> PyTree:
+        """The train state as shape/dtype/sharding structs (allocates nothing)."""
         return abstract_arrays(self.state_shapes, self.state_shardings)
+
+    def abstract_batch(self) -> dict[str, jax.ShapeDtypeStruct]:
+        """One global batch as shape/dtype/sharding structs, by the task's feature names."""
+        batch = self.config.data.global_batch_size
+        return {
+            k: jax.ShapeDtypeStruct((batch, *f.shape), f.dtype, sharding=self.batch_shardings[k])
+            for k, f in self.features.items()
+        }
+
+    def lower(self) -> jax.stages.Lowered:
+        """The train step lowered for this Trainer's mesh with the real state and batch
+        shardings, from abstract inputs: ``.compile()`` it for ``memory_analysis()`` and
+        ``cost_analysis()``, also for devices this machine does not have (``tessera.aot``)."""
+        return self._step.lower(self.abstract_state(), self.abstract_batch())
 
     # -- step ------------------------------------------------------------------------------
     def _loss_and_grads(self, params: PyTree, batch: dict, rng: jax.Array):

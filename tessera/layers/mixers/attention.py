@@ -21,6 +21,7 @@ class Attention(nnx.Module):
 
     REMAT_SAVED = ("query_proj", "key_proj", "value_proj", "attn_out")
     LOGICAL_RULES: dict[str, tuple[str, ...]] = {}  # uses the shared names only
+    CAUSAL_SCORES = True
 
     def __init__(self, cfg: ConfigDict, *, rngs: nnx.Rngs):
         d, h, kvh, hd = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim

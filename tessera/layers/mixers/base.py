@@ -12,6 +12,9 @@ config, called as ``mixer(x, info, cache) -> (y, new_cache, aux)``; a channel mi
                                                          remat policy keeps
   LOGICAL_RULES: dict[str, tuple[str, ...]]              default mesh axes of the logical axis
                                                          names only this mixer uses
+  CAUSAL_SCORES: bool (optional)                         its FLOPs count a T x T causal score
+                                                         block in full; the causal-half MFU
+                                                         convention halves that part
 
 Auxiliary outputs (``Aux``): a flat dict of arrays. Keys ending in ``_loss`` are scalar losses,
 already multiplied by the weight the layer's config gives them; the model sums them over layers

@@ -1,0 +1,131 @@
+"""What a compiled program says about itself: HBM per device, XLA's cost, collectives.
+
+All figures are per device (XLA compiles one SPMD program that every device runs) except where
+a name says otherwise. XLA's ``cost_analysis()`` counts the body of a loop once, whatever its
+trip count: ``predict.py`` turns these into per-step figures.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from typing import Any
+
+import numpy as np
+
+COLLECTIVES = (
+    "all-gather", "all-reduce", "reduce-scatter", "all-to-all", "ragged-all-to-all",
+    "collective-permute",
+)
+# `%name = <shape> <op>(` or `<op>-start(`; `-done` ops carry no new data.
+_OP = re.compile(
+    r"=\s*(?P<shape>.*?)\s(?P<op>" + "|".join(COLLECTIVES) + r")(?:-start)?\("
+)
+_ARRAY = re.compile(r"\b([a-z]+[0-9]*(?:e[0-9]m[0-9][a-z]*)?)\[([0-9,]*)\]")
+_ITEMSIZE = {"pred": 1, "s4": 0.5, "u4": 0.5}
+
+
+@dataclasses.dataclass
+class Memory:
+    """Bytes per device of a compiled program."""
+
+    argument: int
+    output: int
+    alias: int  # outputs that reuse a donated argument's buffer
+    temp: int
+    code: int  # the program binary
+
+    @property
+    def total(self) -> int:
+        return self.argument + self.output - self.alias + self.temp + self.code
+
+    def as_dict(self) -> dict[str, int]:
+        return {
+            "argument_bytes": self.argument, "output_bytes": self.output,
+            "alias_bytes": self.alias, "temp_bytes": self.temp, "code_bytes": self.code,
+            "total_bytes": self.total,
+        }
+
+
+def memory(compiled: Any) -> Memory:
+    m = compiled.memory_analysis()
+    return Memory(
+        argument=int(m.argument_size_in_bytes),
+        output=int(m.output_size_in_bytes),
+        alias=int(m.alias_size_in_bytes),
+        temp=int(m.temp_size_in_bytes),
+        code=int(m.generated_code_size_in_bytes),
+    )
+
+
+def cost(compiled: Any) -> dict[str, float]:
+    """XLA's ``flops``, ``bytes accessed`` and ``optimal_seconds`` (loop bodies counted once)."""
+    ca = compiled.cost_analysis()
+    if isinstance(ca, list | tuple):  # older jax: one dict per program
+        ca = ca[0]
+    return {
+        "flops": float(ca.get("flops", 0.0)),
+        "bytes_accessed": float(ca.get("bytes accessed", 0.0)),
+        "optimal_seconds": float(ca.get("optimal_seconds", float("nan"))),
+    }
+
+
+def _itemsize(dtype: str) -> float:
+    if dtype in _ITEMSIZE:
+        return _ITEMSIZE[dtype]
+    bits = re.search(r"(\d+)", dtype)
+    return int(bits.group(1)) / 8 if bits else 0.0
+
+
+def _largest_array_bytes(shape: str) -> float:
+    """Bytes of the largest array in an HLO shape (a tuple for async ``-start`` ops)."""
+    best = 0.0
+    for dtype, dims in _ARRAY.findall(shape):
+        n = math.prod(int(d) for d in dims.split(",") if d) if dims else 1
+        best = max(best, n * _itemsize(dtype))
+    return best
+
+
+def collectives(hlo_text: str) -> dict[str, dict[str, float]]:
+    """Collectives in optimized HLO by kind: ``{"all-gather": {"count", "bytes"}}``, bytes of
+    each op's result per device. Static occurrences: an op in a loop body counts once."""
+    out = {k: {"count": 0, "bytes": 0.0} for k in COLLECTIVES}
+    for line in hlo_text.splitlines():
+        m = _OP.search(line)
+        if m:
+            entry = out[m.group("op")]
+            entry["count"] += 1
+            entry["bytes"] += _largest_array_bytes(m.group("shape"))
+    return {k: v for k, v in out.items() if v["count"]}
+
+
+def extrapolate(one: float, two: float, repeats: float) -> float:
+    """A figure of ``repeats`` repeating units from programs with one and two units:
+    ``one + (repeats - 1) * (two - one)``."""
+    return float(one + (repeats - 1) * (two - one))
+
+
+def extrapolate_tree(one: dict, two: dict, repeats: float) -> dict:
+    """``extrapolate`` over matching nested dicts of numbers (a key missing on one side is 0)."""
+    out = {}
+    for key in sorted(set(one) | set(two)):
+        a, b = one.get(key, 0.0), two.get(key, 0.0)
+        if isinstance(a, dict) or isinstance(b, dict):
+            out[key] = extrapolate_tree(a or {}, b or {}, repeats)
+        else:
+            out[key] = extrapolate(float(a), float(b), repeats)
+    return out
+
+
+def nan_to_none(x: Any) -> Any:
+    """JSON-safe copy: NaN/inf floats become None, numpy scalars plain numbers."""
+    if isinstance(x, dict):
+        return {k: nan_to_none(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [nan_to_none(v) for v in x]
+    if isinstance(x, np.generic):
+        x = x.item()
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x

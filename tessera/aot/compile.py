@@ -1,0 +1,234 @@
+"""Compile tessera's real programs for a TPU topology and report fit, cost and a predicted time.
+
+``compile_train`` compiles the Trainer's step (real parameter, optimizer-state and batch
+shardings) for the topology's devices; ``compile_decode`` the Decoder's prefill and decode loop.
+Nothing is allocated: inputs are shape/dtype/sharding structs.
+
+Predicted step time ("unrolled 1/2-unit extrapolation"): XLA's ``cost_analysis()`` counts a loop
+body once (the layer scan, attention's tile loops, the SSM chunk loops, gradient accumulation),
+so the scanned program's ``optimal_seconds`` is not a step time. Two more programs are compiled
+with the same mesh, shardings, per-step batch and remat: unscanned layers, one and two repeats of
+the layout's unit (plus the prefix), every kernel loop unrolled (``kernels.loops.unrolled``) and
+one micro-batch. Their difference is one unit's cost; ``T = T1 + (units - 1)(T2 - T1)``, times
+the accumulation steps. XLA's cost model is a per-op roofline on the chip's FLOP/s and HBM
+bandwidth with collectives priced on ICI; it assumes no overlap losses, so it is a floor.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import os
+import re
+import tempfile
+import time
+from typing import Any
+
+from tessera.aot import analysis
+from tessera.aot.topology import Topology, topology_devices
+from tessera.configs.base import ConfigDict
+
+
+@dataclasses.dataclass
+class Target:
+    """The devices of a topology and what each holds."""
+
+    topology: Topology
+    devices: list
+
+    @property
+    def devices_per_chip(self) -> int:
+        return max(1, len(self.devices) // self.topology.chips)
+
+    @property
+    def hbm_per_device(self) -> float:
+        return self.topology.chip.hbm_bytes / self.devices_per_chip
+
+    @property
+    def peak_flops_per_device(self) -> float:
+        return self.topology.chip.peak_flops / self.devices_per_chip
+
+
+def make_target(topology: Topology) -> Target:
+    return Target(topology, topology_devices(topology))
+
+
+def with_overrides(config: ConfigDict, **sections: dict[str, Any]) -> ConfigDict:
+    """A copy of ``config`` with ``section={key: value}`` updates (it stays locked)."""
+    out = copy.deepcopy(config)
+    with out.unlocked():
+        for section, values in sections.items():
+            out[section].update(values)
+    return out
+
+
+def set_per_device_batch(config: ConfigDict, per_device: int, devices: int) -> ConfigDict:
+    if per_device < 1:
+        raise ValueError(f"per_device_batch must be >= 1, got {per_device}")
+    return with_overrides(config, data={"global_batch_size": per_device * devices})
+
+
+def _unrolled():
+    from tessera.kernels import loops
+
+    return loops.unrolled()
+
+
+class DoesNotFitError(Exception):
+    """XLA refused to compile because the program's buffers exceed the chip's HBM."""
+
+    def __init__(self, program: str, detail: str, needed: float | None, available: float | None):
+        super().__init__(f"{program}: {detail}")
+        self.program, self.detail, self.needed, self.available = (
+            program, detail, needed, available
+        )
+
+
+_SIZE = r"\(([0-9.]+)([KMGT]?)\)"
+_OOM = re.compile(rf"Ran out of memory.*?{_SIZE}.*?{_SIZE}")
+_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
+
+
+def _does_not_fit(name: str, error: Exception) -> DoesNotFitError | None:
+    text = str(error)
+    if "RESOURCE_EXHAUSTED" not in text and "Ran out of memory" not in text:
+        return None
+    line = next((x for x in text.splitlines() if "Ran out of memory" in x), text.splitlines()[0])
+    detail = line.split("E1000: ", 1)[-1].split("HLO module")[0].strip()
+    m = _OOM.search(line)
+    if m is None:
+        return DoesNotFitError(name, detail, None, None)
+    needed = float(m.group(1)) * _UNITS[m.group(2)]
+    available = float(m.group(3)) * _UNITS[m.group(4)]
+    return DoesNotFitError(name, detail, needed, available)
+
+
+def _compile(lowered: Any, dump_hlo: str | None, name: str) -> tuple[Any, float]:
+    """Compile; XLA's out-of-HBM refusal becomes ``DoesNotFitError`` with its figures."""
+    t0 = time.perf_counter()
+    if dump_hlo:
+        os.makedirs(dump_hlo, exist_ok=True)
+        with open(os.path.join(dump_hlo, f"{name}.before_optimizations.hlo"), "w") as f:
+            f.write(lowered.as_text())
+    try:
+        compiled = lowered.compile()
+    except Exception as e:
+        oom = _does_not_fit(name, e)
+        if oom is None:
+            raise
+        raise oom from None
+    seconds = time.perf_counter() - t0
+    if dump_hlo:
+        with open(os.path.join(dump_hlo, f"{name}.optimized.hlo"), "w") as f:
+            f.write(compiled.as_text())
+    return compiled, seconds
+
+
+def _trainer(config: ConfigDict, devices: list):
+    from tessera.train.trainer import Trainer
+
+    return Trainer(config, tempfile.mkdtemp(prefix="tessera-aot-"), devices)
+
+
+def _program_report(compiled: Any, seconds: float) -> dict:
+    return {
+        "memory": analysis.memory(compiled),
+        "xla": analysis.cost(compiled),
+        "collectives": analysis.collectives(compiled.as_text()),
+        "compile_seconds": seconds,
+    }
+
+
+def compile_train(config: ConfigDict, target: Target, dump_hlo: str | None = None) -> dict:
+    """The real train step compiled for ``target``: memory, raw XLA cost, collectives, mesh."""
+    trainer = _trainer(config, target.devices)
+    compiled, seconds = _compile(trainer.lower(), dump_hlo, "train_step")
+    report = _program_report(compiled, seconds)
+    report["mesh"] = {k: int(v) for k, v in trainer.mesh.shape.items()}
+    report["params"] = trainer.spec.num_params()
+    report["analytic_flops_per_step"] = trainer.flops_per_step
+    report["throughput"] = trainer.throughput
+    return report
+
+
+def unit_counts(model: ConfigDict) -> tuple[int, int, int]:
+    """(prefix blocks, blocks per unit, unit repeats) of the model's layout."""
+    from tessera.models.layout import parse_layout
+
+    layout = parse_layout(model)
+    return len(layout.prefix), len(layout.pattern), layout.repeats
+
+
+def predict_train(config: ConfigDict, target: Target) -> dict:
+    """Per-step XLA cost and collectives by the unrolled 1/2-unit extrapolation (module doc)."""
+    prefix, unit, repeats = unit_counts(config.model)
+    accum = int(config.optim.grad_accum_steps)
+    micro_batch = config.data.global_batch_size // accum
+    figures, seconds = [], 0.0
+    for r in (1, 2):
+        cfg = with_overrides(
+            config,
+            model={"num_layers": prefix + r * unit, "scan_layers": False},
+            optim={"grad_accum_steps": 1},
+            data={"global_batch_size": micro_batch},
+        )
+        with _unrolled():
+            lowered = _trainer(cfg, target.devices).lower()
+        compiled, s = _compile(lowered, None, f"cost_{r}")
+        seconds += s
+        coll = analysis.collectives(compiled.as_text())
+        figures.append({"xla": analysis.cost(compiled), "collectives": coll})
+    step = analysis.extrapolate_tree(figures[0], figures[1], repeats)
+    step = {k: _scale(v, accum) for k, v in step.items()}
+    return {
+        "method": (
+            f"XLA optimal_seconds of unscanned programs with 1 and 2 repeats of the layer unit "
+            f"({unit} block{'s' if unit > 1 else ''}), kernel loops unrolled, extrapolated to "
+            f"{repeats} repeats" + (f", times {accum} micro-batches" if accum > 1 else "")
+        ),
+        "step_seconds": step["xla"]["optimal_seconds"],
+        "flops_per_step_xla": step["xla"]["flops"] * len(target.devices),
+        "bytes_per_device": step["xla"]["bytes_accessed"],
+        "collectives": step["collectives"],
+        "compile_seconds": seconds,
+    }
+
+
+def _scale(tree: dict, factor: float) -> dict:
+    return {k: _scale(v, factor) if isinstance(v, dict) else v * factor for k, v in tree.items()}
+
+
+def compile_decode(
+    config: ConfigDict, target: Target, batch: int, prompt_len: int, max_new_tokens: int,
+    dump_hlo: str | None = None,
+) -> dict:
+    """The Decoder's prefill and decode-loop programs for ``target``, per program a report as
+    ``compile_train``'s, plus the request shape they were compiled at."""
+    from tessera.models.create import ModelSpec
+    from tessera.serve.engine import Decoder
+    from tessera.sharding import make_mesh
+
+    mesh = make_mesh(config.mesh, target.devices)
+    decoder = Decoder(ModelSpec(config.model), None, mesh, config.mesh.rules)
+    shape = decoder.request_shape(batch, prompt_len, max_new_tokens)
+    out: dict[str, Any] = {"shape": shape, "mesh": {k: int(v) for k, v in mesh.shape.items()}}
+    cache = decoder.cache_info(shape["batch"], shape["max_len"])
+    out["cache_bytes"] = cache.token_bytes + cache.state_bytes
+    for name, lowered in decoder.lower(batch, prompt_len, max_new_tokens).items():
+        compiled, seconds = _compile(lowered, dump_hlo, f"decode_{name}")
+        out[name] = _program_report(compiled, seconds)
+    return out
+
+
+@contextlib.contextmanager
+def quiet():
+    """Silence absl/XLA INFO logs while compiling (the tool prints its own report)."""
+    from absl import logging
+
+    old = logging.get_verbosity()
+    logging.set_verbosity(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.set_verbosity(old)

@@ -1,0 +1,241 @@
+"""The report of ``python -m tessera.aot``: one dict (``--json``) and its printed form."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tessera.aot.analysis import Memory
+from tessera.aot.compile import DoesNotFitError, Target
+from tessera.bench.table import print_table
+from tessera.configs.base import ConfigDict
+
+GB = 1e9
+GiB = 1024**3
+
+
+def hbm(memory: Memory, target: Target) -> dict[str, Any]:
+    capacity = target.hbm_per_device
+    return {
+        **memory.as_dict(),
+        "capacity_bytes": capacity,
+        "fits": memory.total <= capacity,
+        "margin_bytes": capacity - memory.total,
+    }
+
+
+def train_report(
+    config_name: str, config: ConfigDict, target: Target, compiled: dict,
+    predicted: dict | None, causal_saving: float,
+) -> dict[str, Any]:
+    """``causal_saving``: forward FLOPs per step the causal-half convention drops."""
+    n = len(target.devices)
+    analytic = compiled["analytic_flops_per_step"]
+    report: dict[str, Any] = {
+        "program": "train_step",
+        "config": config_name,
+        "family": config.model.family,
+        "params": compiled["params"],
+        "topology": target.topology.name,
+        "device_kind": target.devices[0].device_kind,
+        "chips": target.topology.chips,
+        "devices": n,
+        "mesh": compiled["mesh"],
+        "global_batch": int(config.data.global_batch_size),
+        "seq_len": int(config.data.seq_len),
+        "remat": config.model.remat,
+        "compile_seconds": compiled["compile_seconds"],
+        "hbm": hbm(compiled["memory"], target),
+        "xla": {**compiled["xla"], "note": "raw: every loop body counted once"},
+        "collectives_static": compiled["collectives"],
+        "analytic_flops_per_step": analytic,
+        "analytic_flops_per_step_causal": (
+            None if analytic is None else analytic - 3.0 * causal_saving
+        ),
+        "peak_flops_per_device": target.peak_flops_per_device,
+    }
+    if predicted is not None:
+        t = predicted["step_seconds"]
+        unit, units = compiled["throughput"]
+        peak = t * n * target.peak_flops_per_device
+        mfu = lambda flops: None if flops is None else flops / peak
+        report["predicted"] = {
+            **predicted,
+            "flops_per_step": predicted["flops_per_step_xla"],
+            "mfu": mfu(analytic),
+            "mfu_causal": mfu(report["analytic_flops_per_step_causal"]),
+            f"{unit}_per_second_per_device": units / t / n,
+        }
+    return report
+
+
+def decode_report(
+    config_name: str, config: ConfigDict, target: Target, compiled: dict
+) -> dict[str, Any]:
+    programs = {
+        name: {
+            "hbm": hbm(compiled[name]["memory"], target),
+            "xla": compiled[name]["xla"],
+            "collectives_static": compiled[name]["collectives"],
+            "compile_seconds": compiled[name]["compile_seconds"],
+        }
+        for name in ("prefill", "decode")
+    }
+    return {
+        "program": "decode",
+        "config": config_name,
+        "family": config.model.family,
+        "topology": target.topology.name,
+        "device_kind": target.devices[0].device_kind,
+        "chips": target.topology.chips,
+        "devices": len(target.devices),
+        "mesh": compiled["mesh"],
+        "request": compiled["shape"],
+        "cache_bytes_total": compiled["cache_bytes"],
+        **programs,
+        "hbm": max((p["hbm"] for p in programs.values()), key=lambda h: h["total_bytes"]),
+    }
+
+
+def refused_report(config_name: str, target: Target, error: DoesNotFitError) -> dict[str, Any]:
+    """The report when XLA refused to compile because the program exceeds HBM."""
+    return {
+        "program": error.program,
+        "config": config_name,
+        "topology": target.topology.name,
+        "device_kind": target.devices[0].device_kind,
+        "chips": target.topology.chips,
+        "devices": len(target.devices),
+        "hbm": {
+            "fits": False,
+            "capacity_bytes": target.hbm_per_device,
+            "needed_bytes": error.needed,
+            "available_bytes": error.available,
+            "detail": error.detail,
+        },
+    }
+
+
+def refused_line(r: dict) -> str:
+    return (
+        f"does not fit: {r['config']} {r['program']} on {r['topology']}: XLA refused to "
+        f"compile it: {r['hbm']['detail']}"
+    )
+
+
+def _gib(x: float) -> str:
+    return f"{x / GiB:.2f}"
+
+
+def _size(x: float, unit: int) -> str:
+    return f"{x / unit:.2f}" if unit == GiB else f"{x / unit:.1f}"
+
+
+def _mesh(mesh: dict) -> str:
+    return " ".join(f"{k}={v}" for k, v in mesh.items() if v != 1) or "one device"
+
+
+def _memory_rows(h: dict) -> list[dict]:
+    unit, name = (GiB, "GiB") if h["total_bytes"] >= GiB / 4 else (1024**2, "MiB")
+    rows = [
+        ("arguments", h["argument_bytes"]),
+        ("outputs", h["output_bytes"]),
+        ("donated (aliased)", -h["alias_bytes"]),
+        ("temporaries", h["temp_bytes"]),
+        ("program", h["code_bytes"]),
+        ("total", h["total_bytes"]),
+        ("capacity", h["capacity_bytes"]),
+    ]
+    return [{"HBM per device": k, name: _size(v, unit)} for k, v in rows]
+
+
+def fit_line(h: dict) -> str:
+    used = h["total_bytes"] / h["capacity_bytes"]
+    if h["fits"]:
+        return (
+            f"fits: {_gib(h['total_bytes'])} of {_gib(h['capacity_bytes'])} GiB per device "
+            f"({used:.0%}), {_gib(h['margin_bytes'])} GiB spare"
+        )
+    return (
+        f"does not fit: needs {_gib(h['total_bytes'])} GiB per device, the chip has "
+        f"{_gib(h['capacity_bytes'])} GiB ({_gib(-h['margin_bytes'])} GiB over)"
+    )
+
+
+def _collective_rows(coll: dict, per: str) -> list[dict]:
+    return [
+        {
+            "collective": k,
+            f"ops {per}": f"{v['count']:.0f}",
+            "GB per device": f"{v['bytes'] / GB:.3f}",
+        }
+        for k, v in sorted(coll.items())
+    ]
+
+
+def print_train(r: dict) -> None:
+    print(
+        f"tessera.aot: {r['config']} train step on {r['topology']} ({r['chips']} chips, "
+        f"{r['devices']} devices, {r['device_kind']}); mesh {_mesh(r['mesh'])}; "
+        f"batch {r['global_batch']} x {r['seq_len']} "
+        f"({r['global_batch'] / r['devices']:g} per device); remat {r['remat']}; "
+        f"{r['params'] / 1e9:.2f}B params; compiled in {r['compile_seconds']:.1f} s"
+    )
+    print()
+    print_table(_memory_rows(r["hbm"]))
+    print(fit_line(r["hbm"]))
+    print()
+    rows = []
+    if r["analytic_flops_per_step"] is not None:
+        rows.append({"FLOPs per step (all devices)": "analytic, attention T x T in full",
+                     "value": f"{r['analytic_flops_per_step']:.4g}"})
+        rows.append({"FLOPs per step (all devices)": "analytic, causal half (MaxText's)",
+                     "value": f"{r['analytic_flops_per_step_causal']:.4g}"})
+    p = r.get("predicted")
+    if p is not None:
+        ratio = ""
+        if r["analytic_flops_per_step"]:
+            ratio = f" ({p['flops_per_step'] / r['analytic_flops_per_step']:.3f} x analytic)"
+        rows.append({"FLOPs per step (all devices)": "XLA, per step (extrapolated)",
+                     "value": f"{p['flops_per_step']:.4g}{ratio}"})
+    rows.append({"FLOPs per step (all devices)": "XLA raw (loop bodies once), x devices",
+                 "value": f"{r['xla']['flops'] * r['devices']:.4g}"})
+    rows.append({"FLOPs per step (all devices)": "XLA raw optimal_seconds",
+                 "value": f"{r['xla']['optimal_seconds']:.4g}"})
+    print_table(rows)
+    print()
+    if p is None:
+        print("predicted step time: skipped (--no-predict)")
+        return
+    unit_rate = next(k for k in p if k.endswith("_per_second_per_device"))
+    print(f"predicted step time: {p['step_seconds']:.4g} s ({p['method']})")
+    if p["mfu"] is not None:
+        same = abs(p["mfu"] - p["mfu_causal"]) < 5e-4
+        causal = "" if same else f"; {p['mfu_causal']:.1%} counting the causal half (MaxText)"
+        print(
+            f"predicted MFU: {p['mfu']:.1%} counting attention's T x T block in full{causal}; "
+            f"peak {r['peak_flops_per_device'] / 1e12:.0f} TFLOP/s per device"
+        )
+    print(f"predicted {unit_rate.replace('_', ' ')}: {p[unit_rate]:,.0f}")
+    if p["collectives"]:
+        print()
+        print_table(_collective_rows(p["collectives"], "per step"))
+
+
+def print_decode(r: dict) -> None:
+    q = r["request"]
+    print(
+        f"tessera.aot: {r['config']} decode on {r['topology']} ({r['chips']} chips, "
+        f"{r['devices']} devices, {r['device_kind']}); mesh {_mesh(r['mesh'])}; batch "
+        f"{q['batch']}, prompt bucket {q['length']}, cache {q['max_len']} slots "
+        f"({r['cache_bytes_total'] / GB:.3f} GB over all devices)"
+    )
+    for name in ("prefill", "decode"):
+        p = r[name]
+        print()
+        print(f"{name} (compiled in {p['compile_seconds']:.1f} s; XLA raw: "
+              f"{p['xla']['flops']:.4g} FLOPs, {p['xla']['optimal_seconds']:.4g} s, loop "
+              "bodies counted once)")
+        print_table(_memory_rows(p["hbm"]))
+        print(fit_line(p["hbm"]))
+        if p["collectives_static"]:
+            print_table(_collective_rows(p["collectives_static"], "in the program"))

@@ -1,0 +1,233 @@
+"""tessera.aot: TPU topologies by name, HLO analysis, and real compiles for v5e / v5p / v6e.
+
+The compiles need libtpu (``make test`` installs it on Linux x86-64); elsewhere they skip with
+the reason printed.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tessera.aot import analysis
+from tessera.aot.topology import TopologyError, have_libtpu, parse_topology
+
+needs_libtpu = pytest.mark.skipif(
+    not have_libtpu(), reason="libtpu is not installed (pip install 'tessera[tpu]', Linux x86-64)"
+)
+
+
+# -- topology names (no libtpu needed) ----------------------------------------------------------
+@pytest.mark.parametrize(
+    "name, grid, chips",
+    [
+        ("v5p-128", "4x4x4", 64),  # v5p names TensorCores: 2 per chip
+        ("v5p-8", "2x2x1", 4),
+        ("v4-16", "2x2x2", 8),
+        ("v5e-16", "4x4", 16),  # v5e / v6e name chips
+        ("v6e-256", "16x16", 256),
+        ("v5litepod-4", "2x2", 4),
+        ("v6e:4x8", "4x8", 32),
+        ("v5p:4x4x8", "4x4x8", 128),
+    ],
+)
+def test_parse_topology(name, grid, chips):
+    t = parse_topology(name)
+    assert (t.grid, t.chips) == (grid, chips)
+
+
+def test_parse_topology_slices():
+    t = parse_topology("v5e-16", num_slices=2)
+    assert t.chips == 32 and t.name == "2x v5e-16"
+
+
+@pytest.mark.parametrize(
+    "name, message",
+    [
+        ("v9-8", "unknown TPU generation 'v9'"),
+        ("v5p-7", "counts TensorCores, 2 per chip"),
+        ("v5e-12", "v5e slices are v5e-1, v5e-4"),
+        ("v5e:2x2x2", "v5e chip grids have 2 dimensions"),
+        ("tpu", "expected e.g. v5p-128"),
+    ],
+)
+def test_parse_topology_errors(name, message):
+    with pytest.raises(TopologyError, match=message):
+        parse_topology(name)
+
+
+# -- HLO analysis -------------------------------------------------------------------------------
+HLO = """
+  %all-gather-start.1 = (bf16[128,256]{1,0}, bf16[512,256]{1,0}) all-gather-start(bf16[128,256]{1,0} %p), dimensions={0}
+  %all-gather-done.1 = bf16[512,256]{1,0} all-gather-done((bf16[128,256]{1,0}, bf16[512,256]{1,0}) %all-gather-start.1)
+  %reduce-scatter.2 = f32[64,256]{1,0} reduce-scatter(f32[256,256]{1,0} %g), dimensions={0}
+  ROOT %all-reduce.3 = f32[] all-reduce(f32[] %x), to_apply=%add
+  %fusion.4 = f32[8]{0} fusion(f32[8]{0} %all-gather-like), kind=kLoop
+"""  # noqa: E501
+
+
+def test_collectives_counts_ops_and_result_bytes():
+    c = analysis.collectives(HLO)
+    assert c == {
+        "all-gather": {"count": 1, "bytes": 512 * 256 * 2},  # the gathered result, once
+        "reduce-scatter": {"count": 1, "bytes": 64 * 256 * 4},
+        "all-reduce": {"count": 1, "bytes": 4},
+    }
+
+
+def test_extrapolate_tree():
+    one = {"xla": {"flops": 10.0, "t": 1.0}, "c": {"all-gather": {"count": 2, "bytes": 4.0}}}
+    two = {"xla": {"flops": 16.0, "t": 1.5}, "c": {}}
+    out = analysis.extrapolate_tree(one, two, 4)
+    assert out["xla"] == {"flops": 28.0, "t": 2.5}
+    assert out["c"]["all-gather"] == {"count": -4.0, "bytes": -8.0}
+
+
+# -- compiles for real topologies ---------------------------------------------------------------
+# Every packaged config's tiny preset: the train step on v5e, v5p and v6e with a different mesh
+# on each, and the decode programs for the language models.
+TINY = ["llama:tiny", "mamba:tiny", "mamba2:tiny", "hybrid:tiny", "classify:tiny"]
+LAYOUTS = [
+    ("v5e-4", {"mesh.data": 2, "mesh.fsdp": 2}),
+    ("v5p-8", {"mesh.data": 1, "mesh.fsdp": 2, "mesh.tensor": 2}),
+    ("v6e-8", {"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2}),
+]
+
+
+def _target(name: str):
+    from tessera.aot.compile import make_target
+
+    return make_target(parse_topology(name))
+
+
+def _config(spec: str, overrides: dict):
+    from tessera.configs import load_config
+
+    return load_config(spec, overrides)
+
+
+@needs_libtpu
+@pytest.mark.parametrize("topology, mesh", LAYOUTS, ids=[t for t, _ in LAYOUTS])
+@pytest.mark.parametrize("spec", TINY)
+def test_tiny_train_step_compiles(spec, topology, mesh):
+    from tessera.aot.compile import compile_train
+
+    target = _target(topology)
+    out = compile_train(_config(spec, mesh), target)
+    assert out["mesh"] == {"data": 1, "expert": 1, "sequence": 1, "tensor": 1, "fsdp": 1} | {
+        k.split(".")[1]: v for k, v in mesh.items()
+    }
+    mem = out["memory"]
+    assert 0 < mem.total < target.hbm_per_device
+    assert mem.alias > 0  # the donated train state is updated in place
+    assert "all-gather" in out["collectives"]  # fsdp gathers parameters
+    assert out["xla"]["flops"] > 0
+
+
+@needs_libtpu
+@pytest.mark.parametrize("topology, mesh", LAYOUTS[:2], ids=[t for t, _ in LAYOUTS[:2]])
+@pytest.mark.parametrize("spec", [s for s in TINY if not s.startswith("classify")])
+def test_tiny_decode_compiles(spec, topology, mesh):
+    from tessera.aot.compile import compile_decode
+
+    out = compile_decode(_config(spec, mesh), _target(topology), 4, 20, 8)
+    assert out["shape"] == {"batch": 4, "length": 32, "chunk": 32, "max_len": 96}
+    for name in ("prefill", "decode"):
+        assert out[name]["memory"].total > 0
+    assert out["decode"]["memory"].alias > 0  # the cache is donated
+
+
+@needs_libtpu
+def test_analytic_flops_match_xla_unscanned_one_chip():
+    """For an unscanned program, XLA counts every FLOP once: the analytic count (matmuls only)
+    is within a few percent of it (the rest: norms, softmax, loss, optimizer)."""
+    from tessera.aot.compile import compile_train
+
+    cfg = _config(
+        "llama:tiny",
+        {"model.scan_layers": False, "model.d_model": 512, "model.num_heads": 8,
+         "model.num_kv_heads": 4, "model.head_dim": 64, "model.mlp_dim": 1536,
+         "data.seq_len": 256, "data.global_batch_size": 4},
+    )
+    out = compile_train(cfg, _target("v5e-1"))
+    assert out["xla"]["flops"] == pytest.approx(out["analytic_flops_per_step"], rel=0.04)
+
+
+@needs_libtpu
+def test_prediction_extrapolates_layers():
+    """The predicted step FLOPs of a 4-layer model come from 1- and 2-layer programs and match
+    the analytic count; the layers' share grows linearly."""
+    from tessera.aot.compile import compile_train, predict_train
+
+    cfg = _config("llama:tiny", {"model.num_layers": 4, "data.global_batch_size": 8})
+    target = _target("v5e-4")
+    pred = predict_train(cfg, target)
+    analytic = compile_train(cfg, target)["analytic_flops_per_step"]
+    assert pred["flops_per_step_xla"] == pytest.approx(analytic, rel=0.08)
+    assert pred["step_seconds"] > 0
+    assert "extrapolated to 4 repeats" in pred["method"]
+
+
+# -- the command line ---------------------------------------------------------------------------
+def _main(argv, capsys):
+    from tessera.aot.__main__ import main
+
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    out = capsys.readouterr()
+    return e.value.code, out.out, out.err
+
+
+@needs_libtpu
+def test_cli_report_and_json(tmp_path, capsys):
+    path = tmp_path / "r.json"
+    code, out, err = _main(
+        ["--config=llama:tiny", "--topology=v5e-4", "--per_device_batch=2", "--config.mesh.fsdp=2",
+         f"--json={path}"],
+        capsys,
+    )
+    assert code == 0, err
+    assert "fits:" in out and "predicted MFU" in out and "all-gather" in out
+    r = json.loads(path.read_text())
+    assert r["global_batch"] == 8 and r["mesh"]["fsdp"] == 2 and r["mesh"]["data"] == 2
+    assert r["hbm"]["fits"] and r["hbm"]["capacity_bytes"] == 16 * 1024**3
+    p = r["predicted"]
+    assert p["step_seconds"] > 0 and 0 < p["mfu_causal"] < p["mfu"] < 1
+
+
+@needs_libtpu
+def test_cli_does_not_fit(capsys):
+    code, out, _ = _main(
+        ["--config=llama:tiny", "--topology=v5e-1", "--no-predict",
+         "--config.model.d_model=4096", "--config.model.mlp_dim=16384",
+         "--config.model.num_heads=32", "--config.model.head_dim=128",
+         "--config.model.num_layers=48", "--config.model.remat=none"],
+        capsys,
+    )
+    assert code == 1
+    assert out.startswith("does not fit: llama:tiny train_step on v5e-1") and "exceeds available HBM" in out
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--topology=v9-8"], "unknown TPU generation 'v9'"),
+        (["--topology=v5e-4", "--config.mesh.data=3"], "mesh"),
+        (["--topology=v5e-4", "--config.model.num_layrs=2"], "unknown config key"),
+    ],
+)
+def test_cli_bad_input_is_one_line(argv, message, capsys):
+    if "v5e-4" in argv[0] and not have_libtpu():
+        pytest.skip("libtpu is not installed")
+    code, _, err = _main(["--config=llama:tiny", "--no-predict", *argv], capsys)
+    assert code == 2
+    assert err.startswith("tessera: error: ") and message in err and err.count("\n") == 1
+
+
+def test_cli_without_libtpu(monkeypatch, capsys):
+    import tessera.aot.topology as topology
+
+    monkeypatch.setattr(topology, "have_libtpu", lambda: False)
+    code, _, err = _main(["--config=llama:tiny", "--topology=v5e-4"], capsys)
+    assert code == 2 and "libtpu is not installed" in err and err.count("\n") == 1
