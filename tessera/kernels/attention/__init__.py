@@ -1,10 +1,12 @@
 """Attention kernels behind one dispatch: `attention(q, k, v, ..., impl="auto")`.
 
 impls, in the order auto tries them (`OP`, a `tessera.kernels.registry.Op`):
-  xla_chunked  `chunked.attention`, online softmax over blocks with a blockwise custom backward;
-               memory O(T + S) per head. Auto picks it once T * S >= CHUNKED_MIN_SCORES.
+  xla_chunked  `chunked.attention`, online softmax over a static schedule of (query block, key
+               block) tiles with a blockwise custom backward; memory O(T + S) per head. Auto
+               picks it once T * S >= CHUNKED_MIN_SCORES. With ``index_aligned=True`` it skips
+               the tiles causal / window masking hides by index.
   xla          `reference.attention`, plain jnp; builds the [T, S] scores. CPU path and oracle;
-               runs anything.
+               runs anything; ignores ``index_aligned`` (a skipping hint).
   auto         the first of these that accepts the inputs: xla while T * S < CHUNKED_MIN_SCORES,
                xla_chunked above. Pallas kernels join with `OP.register(impl, before=...)`.
 """
@@ -49,7 +51,7 @@ OP = Op(
     "attention",
     [
         Impl("xla_chunked", _chunked, auto=_chunked_pays),
-        Impl("xla", drop_kwargs(reference.attention, "block_q", "block_kv")),
+        Impl("xla", drop_kwargs(reference.attention, "block_q", "block_kv", "index_aligned")),
     ],
 )
 
@@ -69,6 +71,7 @@ def attention(
     sliding_window: int | None = None,
     scale: float | None = None,
     kv_valid: jax.Array | None = None,
+    index_aligned: bool = False,
     impl: str = "auto",
     block_q: int | None = None,
     block_kv: int | None = None,
@@ -77,6 +80,13 @@ def attention(
 
     Masking contract in `reference.attention`. block_q / block_kv tune xla_chunked (defaults from
     `chunked`); `auto` ignores them when it picks xla, impl='xla' rejects them.
+
+    ``index_aligned=True`` promises that query i and key i are the same token (self attention
+    over one sequence with no cache: T == S, q_positions is kv_positions, and within a segment
+    positions strictly increase with the index), so whatever masking by position hides by index
+    (keys after the query, keys at least a window behind it) is hidden. It never changes the
+    result of a call that keeps the promise: xla ignores it, xla_chunked then skips the tiles
+    causal / sliding-window masking hides entirely.
     """
     if impl == "xla" and (block_q is not None or block_kv is not None):
         given = [n for n, s in (("block_q", block_q), ("block_kv", block_kv)) if s is not None]
@@ -84,5 +94,6 @@ def attention(
     return OP(
         q, k, v, q_positions=q_positions, kv_positions=kv_positions, q_segment_ids=q_segment_ids,
         kv_segment_ids=kv_segment_ids, causal=causal, sliding_window=sliding_window, scale=scale,
-        kv_valid=kv_valid, block_q=block_q, block_kv=block_kv, impl=impl,
+        kv_valid=kv_valid, index_aligned=index_aligned, block_q=block_q, block_kv=block_kv,
+        impl=impl,
     )

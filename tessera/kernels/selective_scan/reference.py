@@ -21,6 +21,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from tessera.kernels import loops
+
 Arrays = tuple[jax.Array, ...]
 
 
@@ -146,7 +148,7 @@ def _scan_chunks_fwd(
         _, hs = _block_states(h, x_c, dt_c, A, B_c, keep_c)
         return hs[:, -1], (_readout(hs, C_c), h)
 
-    h, (ys, starts) = jax.lax.scan(body, h0, (x, dt, B, C, keep))
+    h, (ys, starts) = loops.scan(body, h0, (x, dt, B, C, keep))
     # Residuals: the inputs and one state per chunk (the state entering it), never [T, Di, N].
     return (ys, h), (x, dt, A, B, C, keep, starts)
 
@@ -175,7 +177,7 @@ def _scan_chunks_bwd(residuals: Arrays, grads: tuple[jax.Array, jax.Array]) -> A
 
     carry = (dh_last, jnp.zeros_like(A))
     inputs = (x, dt, B, C, keep, starts, dys)
-    (dh0, dA), (dx, ddt, dB, dC) = jax.lax.scan(body, carry, inputs, reverse=True)
+    (dh0, dA), (dx, ddt, dB, dC) = loops.scan(body, carry, inputs, reverse=True)
     return dx, ddt, dA, dB, dC, jnp.zeros_like(keep), dh0
 
 

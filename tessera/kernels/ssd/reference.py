@@ -25,6 +25,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from tessera.kernels import loops
+
 F32 = jnp.float32
 
 
@@ -198,7 +200,7 @@ def chunked(
         return through_c[..., None, None] * state + own_c, state
 
     start = jnp.zeros((b, g, r_per_g, p, n), F32) if h0 is None else h0.reshape(b, g, r_per_g, p, n)
-    final, incoming = jax.lax.scan(
+    final, incoming = loops.scan(
         step, start, (jnp.moveaxis(through, 1, 0), jnp.moveaxis(own, 1, 0))
     )
     incoming = jnp.moveaxis(incoming, 0, 1)  # [b, c, g, r, p, n]

@@ -103,6 +103,8 @@ class Attention(nnx.Module):
             kv_segment_ids=kv_seg,
             causal=True,
             sliding_window=self.sliding_window,
+            # No cache: the keys are this call's tokens, query i is key i (positions rise).
+            index_aligned=cache is None,
         )
         out = checkpoint_name(constrain(out, ("batch", "length", "act_heads", None)), "attn_out")
         y = jnp.einsum("bthk,hkd->btd", out, cast(self.wo, self.dtype))
