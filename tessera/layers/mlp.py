@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -9,8 +11,10 @@ from jax.ad_checkpoint import checkpoint_name
 
 from tessera.configs.base import ConfigDict
 from tessera.layers.base import cast, normal, param
-from tessera.layers.mixers.base import Aux, SeqInfo
 from tessera.sharding import constrain
+
+if TYPE_CHECKING:  # a runtime import would be circular: the mixers package registers MLP
+    from tessera.layers.mixers.base import Aux, SeqInfo
 
 
 class MLP(nnx.Module):
