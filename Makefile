@@ -11,13 +11,17 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= runs/demo
 PYTEST_ARGS ?= -n 2
+# libtpu (the tpu extra) exists for Linux x86-64 only; with it, tests compile for TPU topologies.
+comma := ,
+PLATFORM := $(shell uname -s)-$(shell uname -m)
+EXTRAS := dev$(if $(filter Linux-x86_64,$(PLATFORM)),$(comma)tpu)
 
 .PHONY: demo test test-fast install lint clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m pip install --quiet -e ".[$(EXTRAS)]"
 	@touch $(STAMP)
 
 install: $(STAMP)

@@ -16,6 +16,26 @@ from tessera.configs import (
 )
 from tessera.train.checkpoints import CheckpointError
 
+
+def _no_accelerator_here() -> bool:
+    """No TPU (/dev/accel*, /dev/vfio/N) or NVIDIA GPU device node on this host."""
+    import glob
+
+    return not any(glob.glob(p) for p in ("/dev/accel*", "/dev/vfio/[0-9]*", "/dev/nvidia[0-9]*"))
+
+
+def default_to_cpu_without_accelerators() -> None:
+    """On a host with no accelerator, use the CPU backend without probing for TPUs: with libtpu
+    installed (``make test`` installs it to compile for TPU topologies) the probe prints several
+    lines of initialisation errors to stderr. ``JAX_PLATFORMS``, when set, wins."""
+    if "JAX_PLATFORMS" not in os.environ and _no_accelerator_here():
+        os.environ["JAX_PLATFORMS"] = "cpu"
+        if "jax" in sys.modules:  # jax read the environment when imported; no backend is up yet
+            sys.modules["jax"].config.update("jax_platforms", "cpu")
+
+
+default_to_cpu_without_accelerators()
+
 # Errors that come from the user's input: printed as one line, no traceback.
 USER_ERRORS = (ValueError, KeyError, FileNotFoundError, CheckpointError)
 
