@@ -51,6 +51,10 @@ class Target:
     def peak_flops_per_device(self) -> float:
         return self.topology.chip.peak_flops / self.devices_per_chip
 
+    @property
+    def hbm_bandwidth_per_device(self) -> float:
+        return self.topology.chip.hbm_bandwidth / self.devices_per_chip
+
 
 def make_target(topology: Topology) -> Target:
     return Target(topology, topology_devices(topology))
@@ -194,17 +198,31 @@ def predict_train(config: ConfigDict, target: Target) -> dict:
         compiled, s = _compile(lowered, None, f"cost_{r}", COST_COMPILER_OPTIONS)
         seconds += s
         coll = analysis.collectives(compiled.as_text())
-        figures.append({"xla": analysis.cost(compiled), "collectives": coll})
+        cost = analysis.cost(compiled)
+        cost["roofline_seconds"] = max(
+            cost["flops"] / target.peak_flops_per_device,
+            cost["bytes_accessed"] / target.hbm_bandwidth_per_device,
+        )
+        figures.append({"xla": cost, "collectives": coll})
     step = analysis.extrapolate_tree(figures[0], figures[1], repeats)
     step = {k: _scale(v, accum) for k, v in step.items()}
+    # libtpu's cost model gives no estimate (optimal_seconds <= 0) for some programs (seen on
+    # v6e): then the roofline of the same programs' FLOPs and bytes stands in, and says so.
+    estimated = all(f["xla"]["optimal_seconds"] > 0 for f in figures)
+    source = (
+        "XLA optimal_seconds" if estimated
+        else "roofline max(FLOPs / peak, bytes / HBM bandwidth) (XLA gave no optimal_seconds)"
+    )
     return {
         "method": (
-            f"XLA optimal_seconds of unscanned programs with 1 and 2 repeats of the layer unit "
+            f"{source} of unscanned programs with 1 and 2 repeats of the layer unit "
             f"({unit} block{'s' if unit > 1 else ''}), kernel loops unrolled, extrapolated to "
             f"{repeats} repeats" + (f", times {accum} micro-batches" if accum > 1 else "")
             + "; windowed einsums off so that no XLA loop hides FLOPs"
         ),
-        "step_seconds": step["xla"]["optimal_seconds"],
+        "step_seconds": step["xla"]["optimal_seconds" if estimated else "roofline_seconds"],
+        "xla_optimal_seconds": step["xla"]["optimal_seconds"] if estimated else None,
+        "roofline_seconds": step["xla"]["roofline_seconds"],
         "flops_per_step_xla": step["xla"]["flops"] * len(target.devices),
         "bytes_per_device": step["xla"]["bytes_accessed"],
         "collectives": step["collectives"],

@@ -208,6 +208,10 @@ def print_train(r: dict) -> None:
         return
     unit_rate = next(k for k in p if k.endswith("_per_second_per_device"))
     print(f"predicted step time: {p['step_seconds']:.4g} s ({p['method']})")
+    print(
+        f"  (roofline of the same programs, max(FLOPs / peak, bytes / HBM bandwidth): "
+        f"{p['roofline_seconds']:.4g} s)"
+    )
     if p["mfu"] is not None:
         same = abs(p["mfu"] - p["mfu_causal"]) < 5e-4
         causal = "" if same else f"; {p['mfu_causal']:.1%} counting the causal half (MaxText)"

@@ -126,7 +126,28 @@ def test_tiny_train_step_compiles(spec, topology, mesh):
 
 
 @needs_libtpu
-@pytest.mark.parametrize("topology, mesh", LAYOUTS[:2], ids=[t for t, _ in LAYOUTS[:2]])
+@pytest.mark.parametrize(
+    "topology, slices, mesh",
+    [
+        ("v5e-4", 2, {"mesh.data": 1, "mesh.dcn_data": 2, "mesh.fsdp": 2, "mesh.sequence": 2}),
+        ("v5p-8", 1, {"mesh.data": 1, "mesh.expert": 2, "mesh.fsdp": 2}),
+    ],
+    ids=["2-slices-sequence", "expert"],
+)
+def test_more_mesh_layouts_compile(topology, slices, mesh):
+    """The DCN axis across two slices with sequence sharding, and the expert axis."""
+    from tessera.aot.compile import compile_train, make_target
+
+    target = make_target(parse_topology(topology, slices))
+    assert {d.slice_index for d in target.devices} == set(range(slices))
+    out = compile_train(_config("llama:tiny", mesh), target)
+    assert out["mesh"]["data"] == mesh.get("mesh.dcn_data", 1)
+    assert out["mesh"]["sequence"] == mesh.get("mesh.sequence", 1)
+    assert 0 < out["memory"].total < target.hbm_per_device
+
+
+@needs_libtpu
+@pytest.mark.parametrize("topology, mesh", LAYOUTS, ids=[t for t, _ in LAYOUTS])
 @pytest.mark.parametrize("spec", [s for s in TINY if not s.startswith("classify")])
 def test_tiny_decode_compiles(spec, topology, mesh):
     from tessera.aot.compile import compile_decode
