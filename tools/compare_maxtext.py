@@ -156,10 +156,6 @@ def run_maxtext(venv: str, model: str, topo: str, args: argparse.Namespace) -> d
     os.makedirs(row_dir, exist_ok=True)
     out = os.path.join(row_dir, "row.json")
     logf = os.path.join(row_dir, "driver.log")
-    if args.reuse and os.path.exists(out):
-        log(f"[maxtext] {model} {topo}: reusing {out}")
-        with open(out) as f:
-            return json.load(f)
     cmd = [
         py, DRIVER, "row", f"--model={model}", f"--topology={topo}",
         f"--per_device_batch={PER_DEVICE_BATCH}", f"--seq={SEQ}",
@@ -168,6 +164,8 @@ def run_maxtext(venv: str, model: str, topo: str, args: argparse.Namespace) -> d
     ]
     if args.probe_attention:
         cmd.append("--probe_attention")
+    if args.reuse:
+        cmd.append("--reuse")
     log(f"[maxtext] {model} {topo}: {' '.join(cmd)}")
     t0 = time.perf_counter()
     with open(logf, "w") as f:
@@ -281,6 +279,31 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def probe_detail(res: dict) -> str | None:
+    probe = res.get("attention_probe")
+    if not probe or "step_seconds" not in probe:
+        return None
+    comp, steps = probe["compiles"], probe["step_seconds"]
+    peak = res["predicted"]["peak_flops_per_chip"]
+    fl = res["analytic_flops_per_step"]
+
+    def mfu(t):
+        if t is None or not peak:
+            return "-"
+        denom = t * res["chips"] * peak
+        return f"{fl['full'] / denom:.1%}/{fl['causal'] / denom:.1%}"
+
+    parts = [
+        f"{name} {_f(t, '.3f')} s (MFU full/causal {mfu(t)})" for name, t in steps.items()
+    ]
+    return (
+        f"  MaxText {res['model']} {res['topology']} attention probe: 1-layer XLA flops/dev "
+        f"flash {comp['L1_flash']['cost']['flops']:.4g} "
+        f"({comp['L1_flash'].get('tpu_custom_calls')} tpu_custom_call) vs dot_product "
+        f"{comp['L1_dot_product']['cost']['flops']:.4g}; predicted step " + "; ".join(parts)
+    )
+
+
 def maxtext_detail(res: dict) -> str:
     h, c = res["hbm"], res["predicted"]
     s = res["compile_seconds"]
@@ -327,7 +350,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="MaxText attention for the 1/2-layer cost compiles ('default' keeps flash)")
     p.add_argument("--probe_attention", action="store_true",
                    help="also cost MaxText's 1/2-layer programs with flash and with dot_product")
-    p.add_argument("--reuse", action="store_true", help="reuse results already in --workdir")
+    p.add_argument("--reuse", action="store_true",
+                   help="reuse compiles whose results are already in --workdir")
     p.add_argument("--workdir", default="/tmp/compare-maxtext", help="logs and per-row JSON")
     p.add_argument("--repo", default=REPO, help="tessera checkout whose .venv runs tessera.aot")
     p.add_argument("--out", default=None, help="write all results as JSON here")
@@ -370,6 +394,9 @@ def main(argv: list[str] | None = None) -> int:
     for r in results:
         if r["maxtext_result"]:
             print(maxtext_detail(r["maxtext_result"]))
+            probe = probe_detail(r["maxtext_result"])
+            if probe:
+                print(probe)
         t = r["tessera_result"]
         if t:
             fl = r["tessera"].get("analytic_flops")

@@ -33,10 +33,12 @@ Example (in the side venv)::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -134,8 +136,8 @@ def _memory(compiled) -> dict[str, int | None]:
     return out
 
 
-def _cost(compiled) -> dict[str, float | None]:
-    ca = compiled.cost_analysis()
+def _cost(program) -> dict[str, float | None]:
+    ca = program.cost_analysis()
     if isinstance(ca, list | tuple):
         ca = ca[0] if ca else {}
     ca = dict(ca or {})
@@ -161,7 +163,7 @@ def run_compile(args: argparse.Namespace) -> dict:
     from flax.core.spmd import logical_axis_rules as axis_rules
     from maxtext.configs import pyconfig
     from maxtext.trainers.pre_train import train, train_compile
-    from maxtext.utils import maxtext_utils, sharding
+    from maxtext.utils import max_utils, maxtext_utils, sharding
 
     jax.config.update("jax_default_prng_impl", "unsafe_rbg")
     argv = _maxtext_argv(args)
@@ -186,11 +188,21 @@ def run_compile(args: argparse.Namespace) -> dict:
         )
     )
     t1 = time.perf_counter()
-    compiled = train_compile.jit_and_compile(
-        func, shaped_args, shaped_kwargs, mesh, in_shard, out_shard, static_argnums,
-        donate_argnums, config, axis_rules(config.logical_axis_rules),
+    # train_compile.jit_and_compile, step by step, to keep the lowered program too.
+    mesh_ctx = mesh if config.enable_diloco else contextlib.nullcontext()
+    with jax.set_mesh(mesh), mesh_ctx, axis_rules(config.logical_axis_rules):
+        jitted = jax.jit(func, in_shardings=in_shard, out_shardings=out_shard,
+                         static_argnums=static_argnums, donate_argnums=donate_argnums)
+        lowered = jitted.lower(*shaped_args, **shaped_kwargs)
+    t_lower = time.perf_counter()
+    compiled = lowered.compile(
+        compiler_options=max_utils.parse_libtpu_flags_to_dict(config.compile_xla_flags)
     )
     t2 = time.perf_counter()
+    try:  # XLA's cost of the whole (unpartitioned) program before optimization: all devices
+        lowered_cost = _cost(lowered)
+    except Exception as e:  # noqa: BLE001 - informational only
+        lowered_cost = {"error": repr(e)}
 
     try:
         tflops = maxtext_utils.calculate_tflops_training_per_device(config, log=False)
@@ -235,14 +247,16 @@ def run_compile(args: argparse.Namespace) -> dict:
         "memory": _memory(compiled),
         "cost": _cost(compiled),
         "maxtext_tflops": maxtext_tflops,
-        "seconds": {"shapes": t1 - t0, "lower_compile": t2 - t1},
+        "cost_lowered_global": lowered_cost,
+        "seconds": {"shapes": t1 - t0, "lower": t_lower - t1, "lower_compile": t2 - t1},
         "versions": _versions(),
     }
     try:  # Pallas kernels (splash attention) lower to tpu_custom_call
         hlo = compiled.as_text() or ""
         result["tpu_custom_calls"] = hlo.count('custom_call_target="tpu_custom_call"')
+        result["while_loops"] = len(re.findall(r"\swhile\(", hlo))
     except Exception:  # noqa: BLE001 - informational only
-        result["tpu_custom_calls"] = None
+        result["tpu_custom_calls"] = result["while_loops"] = None
     del compiled
     gc.collect()
     return result
@@ -261,6 +275,15 @@ def _child(args: argparse.Namespace, name: str, overrides: list[str], log_dir: s
         f"--per_device_batch={args.per_device_batch}", f"--seq={args.seq}",
         f"--workdir={args.workdir}", f"--json={out}",
     ] + [f"--set={o}" for o in list(args.set or []) + overrides]
+    want = list(args.set or []) + overrides
+    if args.reuse and os.path.exists(out):
+        with open(out) as f:
+            res = json.load(f)
+        if res.get("overrides") == want:
+            sec = res["seconds"]
+            sec.setdefault("wall", sec["shapes"] + sec["lower_compile"])
+            print(f"[maxtext] {args.model} {args.topology} {name}: reusing {out}", flush=True)
+            return res
     print(f"[maxtext] {args.model} {args.topology} {name}: compiling (log {log})", flush=True)
     t0 = time.perf_counter()
     with open(log, "w") as f:
@@ -271,6 +294,8 @@ def _child(args: argparse.Namespace, name: str, overrides: list[str], log_dir: s
     with open(out) as f:
         res = json.load(f)
     res["seconds"]["wall"] = wall
+    with open(out, "w") as f:
+        json.dump(res, f, indent=1)
     mem, cost = res["memory"], res["cost"]
     print(
         f"[maxtext]   done in {wall:.0f}s: HBM {mem['total_bytes'] / 1e9:.2f} GB, "
@@ -310,10 +335,23 @@ def run_row(args: argparse.Namespace) -> dict:
                     args, name, unscanned + [f"base_num_decoder_layers={n}", f"attention={attn}"],
                     log_dir,
                 )
+        layers_full = compiles["full"]["config"]["num_layers"]
+        steps = {
+            attn: _extrapolate(probe[f"L1_{attn}"], probe[f"L2_{attn}"], layers_full,
+                               "optimal_seconds")
+            for attn in ("flash", "dot_product")
+        }
+        if None not in steps.values():
+            # Splash skips the masked half of T x T; dot_product computes all of it. Halfway
+            # between "attention free" (flash, uncosted) and "all of T x T" (dot_product).
+            steps["causal_adjusted"] = (steps["flash"] + steps["dot_product"]) / 2
         probe = {
-            k: {"cost": v["cost"], "attention": v["config"]["attention"],
-                "tpu_custom_calls": v.get("tpu_custom_calls")}
-            for k, v in probe.items()
+            "compiles": {
+                k: {"cost": v["cost"], "attention": v["config"]["attention"],
+                    "tpu_custom_calls": v.get("tpu_custom_calls")}
+                for k, v in probe.items()
+            },
+            "step_seconds": steps,
         }
 
     full = compiles["full"]
@@ -364,6 +402,11 @@ def run_row(args: argparse.Namespace) -> dict:
         },
         "attention_probe": probe,
         "compile_seconds": {k: v["seconds"] for k, v in compiles.items()},
+        "compiles": {
+            k: {key: v.get(key) for key in ("overrides", "cost", "memory", "tpu_custom_calls",
+                                            "while_loops", "seconds")}
+            for k, v in compiles.items()
+        },
         "versions": full["versions"],
         "log_dir": log_dir,
     }
@@ -382,6 +425,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="attention of the L1/L2 cost compiles (row mode); 'default': MaxText's")
     p.add_argument("--probe_attention", action="store_true",
                    help="row mode: also compile L1/L2 with attention=flash and =dot_product")
+    p.add_argument("--reuse", action="store_true",
+                   help="row mode: keep a compile whose JSON is already in --log_dir")
     p.add_argument("--workdir", default="/tmp/maxtext-compare")
     p.add_argument("--log_dir", default=None, help="row mode: child logs and JSON")
     p.add_argument("--json", required=True, help="write the result here")
