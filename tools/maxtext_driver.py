@@ -325,7 +325,13 @@ def run_row(args: argparse.Namespace) -> dict:
             args, f"L{n}", unscanned + [f"base_num_decoder_layers={n}"] + cost_attn, log_dir
         )
     probe = None
-    if args.probe_attention:
+    probe_names = [f"L{n}_{a}" for a in ("flash", "dot_product") for n in (1, 2)]
+    probed = all(
+        os.path.exists(os.path.join(log_dir, f"{name}.json")) or f"L{name[1]}" in compiles
+        and args.cost_attention == name[3:]
+        for name in probe_names
+    )
+    if args.probe_attention or (args.reuse and probed):
         probe = {}
         for attn in ("flash", "dot_product"):
             for n in (1, 2):

@@ -5,6 +5,7 @@ subprocesses are stand-in scripts that write the JSON each side promises, or fai
 """
 
 import importlib.util
+import json
 import os
 import stat
 import sys
@@ -154,3 +155,58 @@ def test_table_and_ratios(tmp_path):
     assert cells[8:] == ["1.25", "0.85"]
     rows[0]["tessera"] = {}
     assert compare.table(rows).splitlines()[2].count("-") >= 3  # missing side prints '-'
+
+
+def _child_json(layers, flops, seconds, attention, overrides, hbm=1e9):
+    return {
+        "chips": 32, "device_kind": "TPU v5", "mesh": {"fsdp": 32, "data": 1},
+        "overrides": overrides,
+        "config": dict(emb_dim=4096, num_layers=layers, heads=32, kv_heads=32, head_dim=128,
+                       mlp_dim=11008, vocab_size=32000, attention=attention,
+                       remat_policy="full", global_batch_size=128, max_target_length=4096),
+        "memory": {"argument_bytes": hbm, "output_bytes": hbm, "alias_bytes": hbm,
+                   "temp_bytes": hbm, "code_bytes": 0, "total_bytes": 2 * hbm},
+        "cost": {"flops": flops, "optimal_seconds": seconds},
+        "maxtext_tflops": {}, "seconds": {"shapes": 1.0, "lower_compile": 2.0, "wall": 5.0},
+        "versions": {"maxtext": "0.2.5"},
+    }
+
+
+def test_driver_row_extrapolates_from_finished_compiles(tmp_path):
+    """Row mode with --reuse rebuilds a row from the compiles' JSON: T1 + (L-1)(T2-T1), MFU
+    with the analytic FLOPs both ways, and the flash/dot_product probe."""
+    log_dir = tmp_path / "row"
+    log_dir.mkdir()
+    unscanned = ["scan_layers=false", "override_model_config=true"]
+    files = {
+        "full": _child_json(32, 2e13, 0.07, "autoselected", []),
+        "L1": _child_json(1, 2.5e13, 0.09, "dot_product",
+                          unscanned + ["base_num_decoder_layers=1", "attention=dot_product"]),
+        "L2": _child_json(2, 4.0e13, 0.15, "dot_product",
+                          unscanned + ["base_num_decoder_layers=2", "attention=dot_product"]),
+        "L1_flash": _child_json(1, 2.0e13, 0.07, "flash",
+                                unscanned + ["base_num_decoder_layers=1", "attention=flash"]),
+        "L2_flash": _child_json(2, 3.0e13, 0.12, "flash",
+                                unscanned + ["base_num_decoder_layers=2", "attention=flash"]),
+    }
+    for name, res in files.items():
+        (log_dir / f"{name}.json").write_text(json.dumps(res))
+    out = tmp_path / "row.json"
+    rc = driver.main(["row", "--model=llama2-7b", "--topology=v5p-64", "--reuse",
+                      f"--log_dir={log_dir}", f"--workdir={tmp_path}", f"--json={out}"])
+    assert rc == 0
+    row = json.loads(out.read_text())
+    step = 0.09 + 31 * 0.06
+    assert row["predicted"]["step_seconds"] == pytest.approx(step)
+    assert row["predicted"]["xla_flops_per_device"] == pytest.approx(2.5e13 + 31 * 1.5e13)
+    fl = row["analytic_flops_per_step"]
+    assert row["predicted"]["mfu"] == pytest.approx(fl["full"] / (step * 32 * 459e12))
+    assert row["predicted"]["mfu_causal"] == pytest.approx(fl["causal"] / (step * 32 * 459e12))
+    assert row["hbm"]["total_bytes"] == 2e9
+    steps = row["attention_probe"]["step_seconds"]
+    assert steps["flash"] == pytest.approx(0.07 + 31 * 0.05)
+    assert steps["dot_product"] == pytest.approx(step)
+    assert steps["causal_adjusted"] == pytest.approx((steps["flash"] + step) / 2)
+    assert "attention=dot_product" in row["cost_config"]
+    assert compare.probe_detail(row).count(" s (MFU") == 3
+    assert "= 2.00 GB" in compare.maxtext_detail(row)
