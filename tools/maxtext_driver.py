@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import gzip
 import json
 import math
 import os
@@ -199,10 +200,7 @@ def run_compile(args: argparse.Namespace) -> dict:
         compiler_options=max_utils.parse_libtpu_flags_to_dict(config.compile_xla_flags)
     )
     t2 = time.perf_counter()
-    try:  # XLA's cost of the whole (unpartitioned) program before optimization: all devices
-        lowered_cost = _cost(lowered)
-    except Exception as e:  # noqa: BLE001 - informational only
-        lowered_cost = {"error": repr(e)}
+
 
     try:
         tflops = maxtext_utils.calculate_tflops_training_per_device(config, log=False)
@@ -247,7 +245,6 @@ def run_compile(args: argparse.Namespace) -> dict:
         "memory": _memory(compiled),
         "cost": _cost(compiled),
         "maxtext_tflops": maxtext_tflops,
-        "cost_lowered_global": lowered_cost,
         "seconds": {"shapes": t1 - t0, "lower": t_lower - t1, "lower_compile": t2 - t1},
         "versions": _versions(),
     }
@@ -255,6 +252,13 @@ def run_compile(args: argparse.Namespace) -> dict:
         hlo = compiled.as_text() or ""
         result["tpu_custom_calls"] = hlo.count('custom_call_target="tpu_custom_call"')
         result["while_loops"] = len(re.findall(r"\swhile\(", hlo))
+        # XLA's cost analysis counts a loop body once: the trip counts say what it missed.
+        result["while_trip_counts"] = [
+            int(n) for n in re.findall(r'known_trip_count":\{"n":"(\d+)"', hlo)
+        ]
+        if args.hlo_out:
+            with gzip.open(args.hlo_out, "wt") as f:
+                f.write(hlo)
     except Exception:  # noqa: BLE001 - informational only
         result["tpu_custom_calls"] = result["while_loops"] = None
     del compiled
@@ -274,6 +278,7 @@ def _child(args: argparse.Namespace, name: str, overrides: list[str], log_dir: s
         f"--topology={args.topology}", f"--num_slices={args.num_slices}",
         f"--per_device_batch={args.per_device_batch}", f"--seq={args.seq}",
         f"--workdir={args.workdir}", f"--json={out}",
+        f"--hlo_out={os.path.join(log_dir, name + '.hlo.gz')}",
     ] + [f"--set={o}" for o in list(args.set or []) + overrides]
     want = list(args.set or []) + overrides
     if args.reuse and os.path.exists(out):
@@ -306,8 +311,10 @@ def _child(args: argparse.Namespace, name: str, overrides: list[str], log_dir: s
 
 
 def _extrapolate(one: dict, two: dict, layers: int, key: str) -> float | None:
+    """``one + (layers - 1)(two - one)``; None when either is missing or not positive (libtpu
+    0.0.52 returns negative ``optimal_seconds`` for these programs on v6e)."""
     a, b = one["cost"][key], two["cost"][key]
-    if a is None or b is None:
+    if a is None or b is None or a <= 0 or b <= 0:
         return None
     return a + (layers - 1) * (b - a)
 
@@ -400,6 +407,11 @@ def run_row(args: argparse.Namespace) -> dict:
         "maxtext_tflops_per_device": full["maxtext_tflops"],
         "predicted": {
             "method": "extrapolated unrolled cost: T1 + (L-1)(T2-T1)",
+            "invalid": None if step is not None else (
+                "XLA optimal_seconds not positive: "
+                f"L1 {compiles['L1']['cost']['optimal_seconds']}, "
+                f"L2 {compiles['L2']['cost']['optimal_seconds']}"
+            ),
             "step_seconds": step,
             "xla_flops_per_device": xla_flops,
             "peak_flops_per_chip": peak,
@@ -410,7 +422,7 @@ def run_row(args: argparse.Namespace) -> dict:
         "compile_seconds": {k: v["seconds"] for k, v in compiles.items()},
         "compiles": {
             k: {key: v.get(key) for key in ("overrides", "cost", "memory", "tpu_custom_calls",
-                                            "while_loops", "seconds")}
+                                            "while_loops", "while_trip_counts", "seconds")}
             for k, v in compiles.items()
         },
         "versions": full["versions"],
@@ -436,6 +448,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workdir", default="/tmp/maxtext-compare")
     p.add_argument("--log_dir", default=None, help="row mode: child logs and JSON")
     p.add_argument("--json", required=True, help="write the result here")
+    p.add_argument("--hlo_out", default=None, help="compile mode: write the optimized HLO (.gz)")
     args = p.parse_args(argv)
     if args.per_device_batch == int(args.per_device_batch):
         args.per_device_batch = int(args.per_device_batch)
