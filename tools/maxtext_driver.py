@@ -88,6 +88,24 @@ def analytic_flops(dims: dict, tokens_per_step: int, seq: int) -> dict[str, floa
     }
 
 
+def while_loops(hlo: str) -> list[dict]:
+    """The ``while`` ops of optimized HLO text: trip count (the constant the loop condition
+    compares with; None when it is not one constant) and the jax op name they came from."""
+    comps = {
+        m.group(1): m.group(2)
+        for m in re.finditer(r"^(?:ENTRY )?%?([\w.\-]+) [^\n]*\{\n(.*?)\n\}", hlo, re.S | re.M)
+    }
+    out = []
+    for m in re.finditer(r"= .*? while\(.*?condition=%([\w.\-]+), body=%[\w.\-]+(.*)", hlo):
+        consts = re.findall(r"constant\((\d+)\)", comps.get(m.group(1), ""))
+        name = re.search(r'op_name="([^"]*)"', m.group(2))
+        out.append({
+            "trip_count": int(consts[0]) if len(consts) == 1 else None,
+            "op_name": name.group(1) if name else "",
+        })
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # compile mode (imports maxtext)
 
@@ -251,11 +269,11 @@ def run_compile(args: argparse.Namespace) -> dict:
     try:  # Pallas kernels (splash attention) lower to tpu_custom_call
         hlo = compiled.as_text() or ""
         result["tpu_custom_calls"] = hlo.count('custom_call_target="tpu_custom_call"')
-        result["while_loops"] = len(re.findall(r"\swhile\(", hlo))
-        # XLA's cost analysis counts a loop body once: the trip counts say what it missed.
-        result["while_trip_counts"] = [
-            int(n) for n in re.findall(r'known_trip_count":\{"n":"(\d+)"', hlo)
-        ]
+        # XLA's cost analysis counts a loop body once: what loops the program has.
+        loops = while_loops(hlo)
+        result["while_loops"] = len(loops)
+        result["while_trip_counts"] = [x["trip_count"] for x in loops]
+        result["while_op_names"] = sorted({x["op_name"] for x in loops})
         if args.hlo_out:
             with gzip.open(args.hlo_out, "wt") as f:
                 f.write(hlo)

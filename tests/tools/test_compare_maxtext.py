@@ -210,3 +210,32 @@ def test_driver_row_extrapolates_from_finished_compiles(tmp_path):
     assert "attention=dot_product" in row["cost_config"]
     assert compare.probe_detail(row).count(" s (MFU") == 3
     assert "= 2.00 GB" in compare.maxtext_detail(row)
+
+
+HLO = """HloModule jit_train_step
+
+%cond.1 (p: (s32[], f32[8])) -> pred[] {
+  %p = (s32[], f32[8]) parameter(0)
+  %i = s32[] get-tuple-element(%p), index=0
+  %n = s32[] constant(32)
+  ROOT %lt = pred[] compare(%i, %n), direction=LT
+}
+
+%body.1 (p: (s32[], f32[8])) -> (s32[], f32[8]) {
+  ROOT %p = (s32[], f32[8]) parameter(0)
+}
+
+ENTRY %main (a: f32[8]) -> f32[8] {
+  %a = f32[8] parameter(0)
+  %w = (s32[], f32[8]) while(%t), condition=%cond.1, body=%body.1, """ \
+    """metadata={op_name="jit(train_step)/jvp()/while"}
+  ROOT %r = f32[8] get-tuple-element(%w), index=1
+}
+"""
+
+
+def test_while_loops_reads_trip_counts():
+    assert driver.while_loops(HLO) == [
+        {"trip_count": 32, "op_name": "jit(train_step)/jvp()/while"}
+    ]
+    assert driver.while_loops("HloModule m\n\nENTRY %main () -> f32[] {\n}\n") == []
