@@ -162,6 +162,8 @@ def run_maxtext(venv: str, model: str, topo: str, args: argparse.Namespace) -> d
         f"--cost_attention={args.cost_attention}", f"--workdir={args.workdir}",
         f"--log_dir={row_dir}", f"--json={out}",
     ]
+    if args.cost_xla_flags:
+        cmd.append(f"--cost_xla_flags={args.cost_xla_flags}")
     if args.probe_attention:
         cmd.append("--probe_attention")
     if args.reuse:
@@ -349,6 +351,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip_maxtext", action="store_true")
     p.add_argument("--cost_attention", default="dot_product",
                    help="MaxText attention for the 1/2-layer cost compiles ('default' keeps flash)")
+    p.add_argument("--cost_xla_flags", default="",
+                   help="libtpu flags for MaxText's 1/2-layer cost compiles only")
     p.add_argument("--probe_attention", action="store_true",
                    help="also cost MaxText's 1/2-layer programs with flash and with dot_product")
     p.add_argument("--reuse", action="store_true",

@@ -36,6 +36,7 @@ import argparse
 import contextlib
 import gc
 import gzip
+import hashlib
 import json
 import math
 import os
@@ -289,6 +290,8 @@ def run_compile(args: argparse.Namespace) -> dict:
 
 
 def _child(args: argparse.Namespace, name: str, overrides: list[str], log_dir: str) -> dict:
+    if name != "full" and args.cost_xla_flags:  # keep each flag set's compiles apart
+        name += "_" + hashlib.sha1(args.cost_xla_flags.encode()).hexdigest()[:6]
     out = os.path.join(log_dir, f"{name}.json")
     log = os.path.join(log_dir, f"{name}.log")
     cmd = [
@@ -345,6 +348,8 @@ def run_row(args: argparse.Namespace) -> dict:
     # unless override_model_config=true.
     unscanned = ["scan_layers=false", "override_model_config=true"]
     cost_attn = [f"attention={args.cost_attention}"] if args.cost_attention != "default" else []
+    if args.cost_xla_flags:
+        cost_attn.append(f"compile_xla_flags={args.cost_xla_flags}")
     for n in (1, 2):
         compiles[f"L{n}"] = _child(
             args, f"L{n}", unscanned + [f"base_num_decoder_layers={n}"] + cost_attn, log_dir
@@ -362,8 +367,10 @@ def run_row(args: argparse.Namespace) -> dict:
             for n in (1, 2):
                 name = f"L{n}_{attn}"
                 same = args.cost_attention == attn and f"L{n}" in compiles
+                extra = [f"compile_xla_flags={args.cost_xla_flags}"] if args.cost_xla_flags else []
                 probe[name] = compiles[f"L{n}"] if same else _child(
-                    args, name, unscanned + [f"base_num_decoder_layers={n}", f"attention={attn}"],
+                    args, name,
+                    unscanned + [f"base_num_decoder_layers={n}", f"attention={attn}"] + extra,
                     log_dir,
                 )
         layers_full = compiles["full"]["config"]["num_layers"]
@@ -417,6 +424,7 @@ def run_row(args: argparse.Namespace) -> dict:
         "cost_config": (
             f"unscanned (scan_layers=false) at base_num_decoder_layers=1 and 2, "
             f"attention={compiles['L1']['config']['attention']}, "
+            f"compile_xla_flags='{args.cost_xla_flags}', "
             f"remat_policy={compiles['L1']['config']['remat_policy']}, same batch/seq/mesh"
         ),
         "cost_L1": compiles["L1"]["cost"],
@@ -459,6 +467,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", action="append", help="MaxText config override key=value (repeatable)")
     p.add_argument("--cost_attention", default="dot_product",
                    help="attention of the L1/L2 cost compiles (row mode); 'default': MaxText's")
+    p.add_argument("--cost_xla_flags", default="",
+                   help="row mode: libtpu flags for the L1/L2 cost compiles only, e.g. "
+                   "--xla_tpu_spmd_unroll_windowed_einsum=true")
     p.add_argument("--probe_attention", action="store_true",
                    help="row mode: also compile L1/L2 with attention=flash and =dot_product")
     p.add_argument("--reuse", action="store_true",

@@ -50,7 +50,7 @@ def _script(path, body):
 
 def _args(tmp_path, **kw):
     ns = compare.argparse.Namespace(
-        workdir=str(tmp_path / "work"), repo=str(tmp_path / "repo"), reuse=False,
+        workdir=str(tmp_path / "work"), repo=str(tmp_path / "repo"), reuse=False, cost_xla_flags="",
         cost_attention="dot_product", probe_attention=False,
     )
     vars(ns).update(kw)
