@@ -306,6 +306,26 @@ def probe_detail(res: dict) -> str | None:
     )
 
 
+NO_WINDOWED_EINSUM = (
+    "--xla_tpu_enable_windowed_einsum_for_all_gather=false "
+    "--xla_tpu_enable_windowed_einsum_for_reduce_scatter=false"
+)
+
+
+def loop_warning(res: dict) -> str | None:
+    """XLA on v5p turns FSDP matmuls into windowed-einsum while loops even in the unscanned cost
+    programs; their bodies are costed once, so flops and optimal_seconds come out low."""
+    comp = res.get("compiles") or {}
+    loops = {k: comp[k].get("while_loops") for k in ("L1", "L2") if k in comp}
+    if not any(loops.values()):
+        return None
+    return (
+        f"  warning: MaxText {res['model']} {res['topology']} cost compiles hold while loops "
+        f"{loops} (windowed einsum; XLA costs a loop body once, so the prediction is low); "
+        f"--cost_xla_flags='{NO_WINDOWED_EINSUM}' compiles them without"
+    )
+
+
 def maxtext_detail(res: dict) -> str:
     h, c = res["hbm"], res["predicted"]
     s = res["compile_seconds"]
@@ -399,9 +419,9 @@ def main(argv: list[str] | None = None) -> int:
     for r in results:
         if r["maxtext_result"]:
             print(maxtext_detail(r["maxtext_result"]))
-            probe = probe_detail(r["maxtext_result"])
-            if probe:
-                print(probe)
+            for extra in (probe_detail(r["maxtext_result"]), loop_warning(r["maxtext_result"])):
+                if extra:
+                    print(extra)
         t = r["tessera_result"]
         if t:
             fl = r["tessera"].get("analytic_flops")

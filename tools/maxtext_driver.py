@@ -289,9 +289,14 @@ def run_compile(args: argparse.Namespace) -> dict:
 # row mode (children run compile mode; this process never imports jax)
 
 
-def _child(args: argparse.Namespace, name: str, overrides: list[str], log_dir: str) -> dict:
+def _compile_name(args: argparse.Namespace, name: str) -> str:
     if name != "full" and args.cost_xla_flags:  # keep each flag set's compiles apart
         name += "_" + hashlib.sha1(args.cost_xla_flags.encode()).hexdigest()[:6]
+    return name
+
+
+def _child(args: argparse.Namespace, name: str, overrides: list[str], log_dir: str) -> dict:
+    name = _compile_name(args, name)
     out = os.path.join(log_dir, f"{name}.json")
     log = os.path.join(log_dir, f"{name}.log")
     cmd = [
@@ -357,8 +362,8 @@ def run_row(args: argparse.Namespace) -> dict:
     probe = None
     probe_names = [f"L{n}_{a}" for a in ("flash", "dot_product") for n in (1, 2)]
     probed = all(
-        os.path.exists(os.path.join(log_dir, f"{name}.json")) or f"L{name[1]}" in compiles
-        and args.cost_attention == name[3:]
+        os.path.exists(os.path.join(log_dir, f"{_compile_name(args, name)}.json"))
+        or f"L{name[1]}" in compiles and args.cost_attention == name[3:]
         for name in probe_names
     )
     if args.probe_attention or (args.reuse and probed):
