@@ -239,3 +239,12 @@ def test_while_loops_reads_trip_counts():
         {"trip_count": 32, "op_name": "jit(train_step)/jvp()/while"}
     ]
     assert driver.while_loops("HloModule m\n\nENTRY %main () -> f32[] {\n}\n") == []
+
+
+def test_loop_warning_names_the_flags():
+    res = {"model": "llama2-7b", "topology": "v5p-64",
+           "compiles": {"L1": {"while_loops": 16}, "L2": {"while_loops": 31}}}
+    msg = compare.loop_warning(res)
+    assert "{'L1': 16, 'L2': 31}" in msg and compare.NO_WINDOWED_EINSUM in msg
+    res["compiles"] = {"L1": {"while_loops": 0}, "L2": {"while_loops": 0}}
+    assert compare.loop_warning(res) is None
