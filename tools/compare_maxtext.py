@@ -22,6 +22,13 @@ attention matmuls out of the step time. MFU = analytic model FLOPs per step / (p
 x chips x peak bf16 FLOP/s per chip), printed with attention counted over the full T x T and
 over the causal half (MaxText's own convention).
 
+What the cost analysis gets wrong (libtpu 0.0.52, jax 0.12.0.1, MaxText 0.2.5): on v5p XLA turns
+the FSDP matmuls into windowed-einsum while loops (trip count 16) even in the unscanned programs,
+so their flops and time are counted 1/16: llama2-7b's 1-layer program reports 2.59e13 flops per
+device, 4.25e13 with ``--cost_xla_flags`` set to the two flags in ``NO_WINDOWED_EINSUM``, which
+matches the analytic count and v6e (the script warns when the cost compiles hold loops). On v6e
+``optimal_seconds`` comes out negative for these programs (flops are right): no prediction.
+
 Usage::
 
   python tools/compare_maxtext.py                       # all four rows, both systems
