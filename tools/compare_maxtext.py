@@ -25,8 +25,9 @@ over the causal half (MaxText's own convention).
 What the cost analysis gets wrong (libtpu 0.0.52, jax 0.12.0.1, MaxText 0.2.5): on v5p XLA turns
 the FSDP matmuls into windowed-einsum while loops (trip count 16) even in the unscanned programs,
 so their flops and time are counted 1/16: llama2-7b's 1-layer program reports 2.59e13 flops per
-device, 4.25e13 with ``--cost_xla_flags`` set to the two flags in ``NO_WINDOWED_EINSUM``, which
-matches the analytic count and v6e (the script warns when the cost compiles hold loops). On v6e
+device, 4.25e13 with the windowed einsums off, which matches the analytic count and v6e. So the
+cost compiles of both systems turn them off (``NO_WINDOWED_EINSUM``, the flags tessera.aot uses;
+the script warns if a cost compile still holds loops). On v6e
 ``optimal_seconds`` comes out negative for these programs (flops are right): no prediction.
 
 Usage::
@@ -313,9 +314,13 @@ def probe_detail(res: dict) -> str | None:
     )
 
 
+# The flags of tessera.aot's cost programs (tessera/aot/compile.py: COST_COMPILER_OPTIONS, checked
+# by tests/tools): both systems' 1/2-layer cost programs compile without windowed einsums.
 NO_WINDOWED_EINSUM = (
     "--xla_tpu_enable_windowed_einsum_for_all_gather=false "
-    "--xla_tpu_enable_windowed_einsum_for_reduce_scatter=false"
+    "--xla_tpu_enable_windowed_einsum_for_reduce_scatter=false "
+    "--xla_tpu_decompose_all_gather_einsum=false "
+    "--xla_tpu_decompose_einsum_reduce_scatter=false"
 )
 
 
@@ -378,8 +383,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip_maxtext", action="store_true")
     p.add_argument("--cost_attention", default="dot_product",
                    help="MaxText attention for the 1/2-layer cost compiles ('default' keeps flash)")
-    p.add_argument("--cost_xla_flags", default="",
-                   help="libtpu flags for MaxText's 1/2-layer cost compiles only")
+    p.add_argument("--cost_xla_flags", default=NO_WINDOWED_EINSUM,
+                   help="libtpu flags for MaxText's 1/2-layer cost compiles only (default: "
+                   "tessera.aot's, windowed einsums off)")
     p.add_argument("--probe_attention", action="store_true",
                    help="also cost MaxText's 1/2-layer programs with flash and with dot_product")
     p.add_argument("--reuse", action="store_true",

@@ -248,3 +248,11 @@ def test_loop_warning_names_the_flags():
     assert "{'L1': 16, 'L2': 31}" in msg and compare.NO_WINDOWED_EINSUM in msg
     res["compiles"] = {"L1": {"while_loops": 0}, "L2": {"while_loops": 0}}
     assert compare.loop_warning(res) is None
+
+
+def test_maxtext_cost_flags_are_tessera_aots():
+    """Both systems' cost programs compile with the same flags (windowed einsums off)."""
+    from tessera.aot.compile import COST_COMPILER_OPTIONS
+
+    flags = dict(f[2:].split("=") for f in compare.NO_WINDOWED_EINSUM.split())
+    assert flags == {k: str(v).lower() for k, v in COST_COMPILER_OPTIONS.items()}
