@@ -205,10 +205,13 @@ def test_cli_report_and_json(tmp_path, capsys):
     path = tmp_path / "r.json"
     code, out, err = _main(
         ["--config=llama:tiny", "--topology=v5e-4", "--per_device_batch=2", "--config.mesh.fsdp=2",
-         f"--json={path}"],
+         f"--json={path}", f"--dump_hlo={tmp_path / 'hlo'}"],
         capsys,
     )
     assert code == 0, err
+    hlo = tmp_path / "hlo"
+    assert "all-gather" in (hlo / "train_step.optimized.hlo").read_text()
+    assert (hlo / "train_step.before_optimizations.hlo").exists()
     assert "fits:" in out and "predicted MFU" in out and "all-gather" in out
     r = json.loads(path.read_text())
     assert r["global_batch"] == 8 and r["mesh"]["fsdp"] == 2 and r["mesh"]["data"] == 2
