@@ -146,6 +146,10 @@ def base_config() -> ConfigDict:
             log_every=10,
             seed=0,
             z_loss=0.0,
+            # lm: the vocabulary projection and loss run over chunks of this many positions,
+            # recomputed in the backward, so [batch, seq, vocab] float32 logits never exist at
+            # once (8 GB per device for Llama-3's vocabulary at batch 4 x 4096); 0: in one go.
+            loss_chunk=1024,
             nan_policy="stop",  # stop | skip
             progress=True,
             tensorboard=True,

@@ -33,6 +33,31 @@ def cross_entropy(
     return total, jnp.sum(mask), {"nll": nll, "accuracy": correct}
 
 
+def chunked_cross_entropy(
+    readout: Any, x: jax.Array, targets: jax.Array, mask: jax.Array, chunk: int,
+    z_loss: float = 0.0,
+) -> tuple[jax.Array, jax.Array, Sums]:
+    """``cross_entropy(readout(x), ...)`` over sequence chunks of ``chunk`` positions: a scan whose
+    body is rematerialised, so only one chunk's logits [B, chunk, V] live at a time, forward or
+    backward. x [B, T, D] with T a multiple of ``chunk``; same sums as the unchunked form."""
+    b, t, d = x.shape
+    n = t // chunk
+    split = lambda a: jnp.moveaxis(a.reshape(b, n, chunk, *a.shape[2:]), 1, 0)
+
+    @jax.checkpoint
+    def one(xs):
+        xc, tc, mc = xs
+        return cross_entropy(readout(xc), tc, mc, z_loss)
+
+    def body(carry, xs):
+        return jax.tree.map(jnp.add, carry, one(xs)), None
+
+    zero = jax.tree.map(jnp.zeros_like, jax.eval_shape(one, (split(x)[0], split(targets)[0],
+                                                             split(mask)[0])))
+    out, _ = jax.lax.scan(body, zero, (split(x), split(targets), split(mask)))
+    return out
+
+
 class LMTask(Task):
     """Language modelling on the packed text pipeline (``data.*``); metrics ``nll`` and token
     ``accuracy``, plus ``perplexity`` in evaluation; ``train.z_loss`` optional."""
@@ -58,16 +83,26 @@ class LMTask(Task):
 
     def loss(self, model: Any, batch: Batch, rng: jax.Array) -> tuple[jax.Array, jax.Array, Sums]:
         del rng  # deterministic
-        out = model(batch["inputs"], positions=batch["positions"], segment_ids=batch["segment_ids"])
-        if out.logits.ndim != 3:
-            raise ValueError(
-                f"task lm needs a model with vocabulary logits [batch, length, vocab]; "
-                f"model.name={self.config.model.name!r} gives shape {out.logits.shape}"
-            )
-        total, weight, sums = cross_entropy(
-            out.logits, batch["targets"], batch["loss_mask"], float(self.config.train.z_loss)
+        z_loss = float(self.config.train.z_loss)
+        x, info, _, aux = model.features(
+            batch["inputs"], positions=batch["positions"], segment_ids=batch["segment_ids"]
         )
-        total, aux_sums = add_aux_losses(total, weight, out.aux)
+        targets, mask = batch["targets"], batch["loss_mask"]
+        chunk = int(self.config.train.loss_chunk)
+        t = x.shape[1]
+        if chunk <= 0 or t <= chunk or t % chunk:
+            logits = model._readout(x, info)
+            if logits.ndim != 3:
+                raise ValueError(
+                    f"task lm needs a model with vocabulary logits [batch, length, vocab]; "
+                    f"model.name={self.config.model.name!r} gives shape {logits.shape}"
+                )
+            total, weight, sums = cross_entropy(logits, targets, mask, z_loss)
+        else:
+            total, weight, sums = chunked_cross_entropy(
+                lambda h: model._readout(h, info), x, targets, mask, chunk, z_loss
+            )
+        total, aux_sums = add_aux_losses(total, weight, aux)
         return total, weight, {**sums, **aux_sums}
 
     def eval_metrics(
