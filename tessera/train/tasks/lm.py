@@ -84,24 +84,23 @@ class LMTask(Task):
     def loss(self, model: Any, batch: Batch, rng: jax.Array) -> tuple[jax.Array, jax.Array, Sums]:
         del rng  # deterministic
         z_loss = float(self.config.train.z_loss)
-        x, info, _, aux = model.features(
-            batch["inputs"], positions=batch["positions"], segment_ids=batch["segment_ids"]
-        )
+        args = dict(positions=batch["positions"], segment_ids=batch["segment_ids"])
         targets, mask = batch["targets"], batch["loss_mask"]
-        chunk = int(self.config.train.loss_chunk)
-        t = x.shape[1]
-        if chunk <= 0 or t <= chunk or t % chunk:
-            logits = model._readout(x, info)
-            if logits.ndim != 3:
-                raise ValueError(
-                    f"task lm needs a model with vocabulary logits [batch, length, vocab]; "
-                    f"model.name={self.config.model.name!r} gives shape {logits.shape}"
-                )
-            total, weight, sums = cross_entropy(logits, targets, mask, z_loss)
-        else:
+        chunk, t = int(self.config.train.loss_chunk), batch["inputs"].shape[1]
+        if chunk > 0 and t > chunk and t % chunk == 0:
+            x, info, _, aux = model.features(batch["inputs"], **args)
             total, weight, sums = chunked_cross_entropy(
                 lambda h: model._readout(h, info), x, targets, mask, chunk, z_loss
             )
+        else:
+            out = model(batch["inputs"], **args)
+            if out.logits.ndim != 3:
+                raise ValueError(
+                    f"task lm needs a model with vocabulary logits [batch, length, vocab]; "
+                    f"model.name={self.config.model.name!r} gives shape {out.logits.shape}"
+                )
+            total, weight, sums = cross_entropy(out.logits, targets, mask, z_loss)
+            aux = out.aux
         total, aux_sums = add_aux_losses(total, weight, aux)
         return total, weight, {**sums, **aux_sums}
 
