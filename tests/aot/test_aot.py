@@ -151,7 +151,7 @@ def test_more_mesh_layouts_compile(topology, slices, mesh):
     from tessera.aot.compile import compile_train, make_target
 
     target = make_target(parse_topology(topology, slices))
-    assert {d.slice_index for d in target.devices} == set(range(slices))
+    assert {getattr(d, "slice_index", 0) for d in target.devices} == set(range(slices))
     out = compile_train(_config("llama:tiny", mesh), target)
     assert out["mesh"]["data"] == mesh.get("mesh.dcn_data", 1)
     assert out["mesh"]["sequence"] == mesh.get("mesh.sequence", 1)
