@@ -6,6 +6,7 @@ import os
 import re
 import sys
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from tessera.configs import (
     format_override,
@@ -15,6 +16,9 @@ from tessera.configs import (
     resolve_config_path,
 )
 from tessera.train.checkpoints import CheckpointError
+
+if TYPE_CHECKING:
+    import argparse
 
 
 def _no_accelerator_here() -> bool:
@@ -88,6 +92,18 @@ def config_args(argv: Sequence[str]) -> list[str]:
             overrides[key] = parse_override(config, key, value)
     absl_overrides = [f"--config.{key}={format_override(v)}" for key, v in overrides.items()]
     return [*rest[:1], f"--config={resolve_config_path(spec)}", *absl_overrides, *rest[1:], *tail]
+
+
+def config_overrides(parser: argparse.ArgumentParser, rest: Sequence[str]) -> dict[str, str]:
+    """``--config.a.b=v`` arguments an argparse tool left over -> ``{"a.b": "v"}``; anything else
+    is a parser error naming it."""
+    out = {}
+    for item in rest:
+        if not (item.startswith("--config.") and "=" in item):
+            parser.error(f"unrecognized argument {item!r} (overrides look like --config.a.b=v)")
+        key, value = item[len("--config."):].split("=", 1)
+        out[key] = value
+    return out
 
 
 def check_workdir(path: str, *, write: bool) -> None:

@@ -41,21 +41,13 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _overrides(parser: argparse.ArgumentParser, rest: list[str]) -> dict[str, str]:
-    out = {}
-    for item in rest:
-        if not (item.startswith("--config.") and "=" in item):
-            parser.error(f"unrecognized argument {item!r} (overrides look like --config.a.b=v)")
-        key, value = item[len("--config."):].split("=", 1)
-        out[key] = value
-    return out
-
-
 def run(argv: list[str] | None = None) -> int:
     """The tool; returns its exit code (user errors raise, ``main`` prints them)."""
     parser = _parser()
     args, rest = parser.parse_known_args(argv)
-    overrides = _overrides(parser, rest)
+    from tessera.cli import config_overrides
+
+    overrides = config_overrides(parser, rest)
     from tessera.aot import compile as aot
     from tessera.aot import report as rep
     from tessera.aot.analysis import nan_to_none

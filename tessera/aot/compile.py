@@ -248,8 +248,7 @@ def compile_decode(
     decoder = Decoder(ModelSpec(config.model), None, mesh, config.mesh.rules)
     shape = decoder.request_shape(batch, prompt_len, max_new_tokens)
     out: dict[str, Any] = {"shape": shape, "mesh": {k: int(v) for k, v in mesh.shape.items()}}
-    cache = decoder.cache_info(shape["batch"], shape["max_len"])
-    out["cache_bytes"] = cache.token_bytes + cache.state_bytes
+    out["cache_bytes"] = decoder.cache_info(shape["batch"], shape["max_len"]).bytes
     for name, lowered in decoder.lower(batch, prompt_len, max_new_tokens).items():
         compiled, seconds = _compile(lowered, dump_hlo, f"decode_{name}")
         out[name] = _program_report(compiled, seconds)

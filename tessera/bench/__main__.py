@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from tessera.cli import USER_ERRORS, fail
+from tessera.cli import USER_ERRORS, config_overrides, fail
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -21,12 +21,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--contexts", default="256,2048",
                         help="decode: cache contexts for the per-token decode time")
     args, rest = parser.parse_known_args(argv)
-    overrides = {}
-    for item in rest:
-        if not (item.startswith("--config.") and "=" in item):
-            parser.error(f"unrecognized argument {item!r} (overrides look like --config.a.b=v)")
-        key, value = item[len("--config."):].split("=", 1)
-        overrides[key] = value
+    overrides = config_overrides(parser, rest)
     try:
         contexts = [int(c) for c in args.contexts.split(",") if c]
         for spec in args.config:
