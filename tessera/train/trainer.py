@@ -237,7 +237,9 @@ class Trainer:
     def _eval_batch(self, params: PyTree, batch: dict, index: jax.Array):
         with use_mesh(self.mesh, self.rules):
             seed = self.config.train.seed
-            return self.task.loss(self.spec.merge(params), batch, eval_rng(seed, index))
+            return self.task.loss(
+                self.spec.merge(params), batch, eval_rng(seed, index), train=False
+            )
 
     def grads(self, params: PyTree, batch: dict, step: int = 1) -> tuple[jax.Array, PyTree]:
         """(mean loss, mean gradients) of train step ``step`` on a batch, without an update (for

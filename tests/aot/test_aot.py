@@ -107,14 +107,13 @@ def _config(spec: str, overrides: dict):
     return load_config(spec, overrides)
 
 
-# The state-space configs compile slowly for TPU (40-120 s each on a busy 2-core machine): they
-# take two of the three generations, the attention configs all three, so each generation and
-# each layout is compiled and every config meets two layouts.
+# TPU compiles are slow (20-100 s each for the state-space configs on a busy 2-core machine):
+# llama:tiny compiles on every generation and layout, each other config on one, rotating.
 TRAIN_CASES = [
     (spec, topology, mesh)
     for spec in TINY
     for i, (topology, mesh) in enumerate(LAYOUTS)
-    if spec in ("llama:tiny", "classify:tiny") or i != TINY.index(spec) % 3
+    if spec == "llama:tiny" or i == TINY.index(spec) % 3
 ]
 
 
@@ -186,12 +185,12 @@ def test_analytic_flops_match_xla_unscanned_one_chip():
 
     cfg = _config(
         "llama:tiny",
-        {"model.scan_layers": False, "model.d_model": 512, "model.num_heads": 8,
-         "model.num_kv_heads": 4, "model.head_dim": 64, "model.mlp_dim": 1536,
-         "data.seq_len": 256, "data.global_batch_size": 4},
+        {"model.scan_layers": False, "model.d_model": 256, "model.num_heads": 4,
+         "model.num_kv_heads": 2, "model.head_dim": 64, "model.mlp_dim": 768,
+         "data.seq_len": 128, "data.global_batch_size": 4},
     )
     out = compile_train(cfg, _target("v5e-1"))
-    assert out["xla"]["flops"] == pytest.approx(out["analytic_flops_per_step"], rel=0.04)
+    assert out["xla"]["flops"] == pytest.approx(out["analytic_flops_per_step"], rel=0.05)
 
 
 @needs_libtpu
@@ -200,7 +199,9 @@ def test_prediction_extrapolates_layers():
     the analytic count; the layers' share grows linearly."""
     from tessera.aot.compile import compile_train, predict_train
 
-    cfg = _config("llama:tiny", {"model.num_layers": 4, "data.global_batch_size": 8})
+    cfg = _config(
+        "llama:tiny", {"model.num_layers": 4, "data.global_batch_size": 8, "data.seq_len": 64}
+    )
     target = _target("v5e-4")
     pred = predict_train(cfg, target)
     analytic = compile_train(cfg, target)["analytic_flops_per_step"]

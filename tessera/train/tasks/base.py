@@ -120,9 +120,12 @@ class Task(abc.ABC):
 
     # -- loss and metrics ------------------------------------------------------------------
     @abc.abstractmethod
-    def loss(self, model: Any, batch: Batch, rng: jax.Array) -> tuple[jax.Array, jax.Array, Sums]:
+    def loss(
+        self, model: Any, batch: Batch, rng: jax.Array, *, train: bool = True
+    ) -> tuple[jax.Array, jax.Array, Sums]:
         """(summed loss, weight, metric sums) of a batch; sums add up over micro-batches, and the
-        Trainer divides the loss by the total weight (tokens, examples, ...)."""
+        Trainer divides the loss by the total weight (tokens, examples, ...). ``train`` is False
+        in evaluation: dropout and other train-only noise are off, ``rng`` is still given."""
 
     def metrics(self, sums: Mapping[str, jax.Array], weight: jax.Array) -> dict[str, jax.Array]:
         """Logged train metrics from summed ones (default: each sum divided by the weight)."""

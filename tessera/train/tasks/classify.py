@@ -72,7 +72,9 @@ class ClassifyTask(Task):
             self.data_config(split), **self.pipeline_args(split, process_index, process_count)
         )
 
-    def loss(self, model: Any, batch: Batch, rng: jax.Array) -> tuple[jax.Array, jax.Array, Sums]:
+    def loss(
+        self, model: Any, batch: Batch, rng: jax.Array, *, train: bool = True
+    ) -> tuple[jax.Array, jax.Array, Sums]:
         del rng  # deterministic
         kwargs = {k: v for k, v in batch.items() if k not in ("inputs", LABEL)}
         out = model(batch["inputs"], **kwargs)

@@ -81,8 +81,10 @@ class LMTask(Task):
             self.data_config(split), **self.pipeline_args(split, process_index, process_count)
         )
 
-    def loss(self, model: Any, batch: Batch, rng: jax.Array) -> tuple[jax.Array, jax.Array, Sums]:
-        del rng  # deterministic
+    def loss(
+        self, model: Any, batch: Batch, rng: jax.Array, *, train: bool = True
+    ) -> tuple[jax.Array, jax.Array, Sums]:
+        del rng, train  # deterministic
         z_loss = float(self.config.train.z_loss)
         args = dict(positions=batch["positions"], segment_ids=batch["segment_ids"])
         targets, mask = batch["targets"], batch["loss_mask"]
