@@ -59,15 +59,15 @@ def stack_flops_per_token(m: ConfigDict, seq_len: int) -> float | None:
 def causal_saving_per_token(m: ConfigDict, seq_len: int) -> float:
     """Forward FLOPs per token that counting only the causal half of each attention block's
     scores would drop (MaxText's MFU convention; tessera counts the full T x T block): half of
-    the ``seq_len``-dependent part of every mixer that declares ``CAUSAL_SCORES``."""
+    the ``seq_len``-dependent part of every mixer that declares ``CAUSAL_SCORES`` (and is causal:
+    ``model.causal``)."""
     from tessera.layers.mixers import SEQUENCE_MIXERS
     from tessera.models.layout import parse_layout
 
     total = 0.0
     for spec in parse_layout(m).layers():
-        cls = SEQUENCE_MIXERS[spec.mixer]
-        if getattr(cls, "CAUSAL_SCORES", False):
-            cfg = spec.config(m)
+        cls, cfg = SEQUENCE_MIXERS[spec.mixer], spec.config(m)
+        if getattr(cls, "CAUSAL_SCORES", False) and cfg.causal:
             total += 0.5 * (cls.flops_per_token(cfg, seq_len) - cls.flops_per_token(cfg, 0))
     return total
 
