@@ -64,6 +64,7 @@ def base_config() -> ConfigDict:
                 )
             ),
             num_classes=0,  # classifier models: number of classes
+            class_names=(),  # their names by index, if known (HF id2label); () = unnamed
             # Training-time regularisation of the blocks, active only in models called with
             # train=True and an rng (ViT): dropout on the embeddings and on each mixer's output
             # before its residual; stochastic depth (drop path) per example, its rate rising
