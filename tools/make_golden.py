@@ -5,9 +5,14 @@ writes under ``tests/fixtures/hf/<name>/``:
 
   config.json, model.safetensors    the model as ``save_pretrained`` writes it (float32; one
                                     fixture is split into two shards + model.safetensors.index.json)
-  reference.npz                     tokens int32 [2, T], logits float32 [2, T, V] (full forward),
-                                    prompt int32 [P], greedy int32 [8]: the greedy continuation
-                                    (full forward passes; generate() with its cache must agree)
+  reference.npz                     decoder LMs (``MODELS``): tokens int32 [2, T], logits float32
+                                    [2, T, V] (full forward), prompt int32 [P], greedy int32 [8]:
+                                    the greedy continuation (full forward passes; generate() with
+                                    its cache must agree).
+                                    Image classifiers (``IMAGE_MODELS``): pixel_values float32
+                                    [2, C, S, S] (HF's NCHW, uniform in [-1, 1] like normalised
+                                    pixels; tessera takes .transpose(0, 2, 3, 1), NHWC), logits
+                                    float32 [2, K]
 
 plus ``tests/fixtures/hf/VERSIONS.json`` (torch and transformers versions). Seeds are fixed, so a
 rerun with the same versions writes the same bytes.
@@ -21,8 +26,8 @@ then ``/tmp/hfvenv/bin/python tools/make_golden.py`` (all fixtures, or ``--only 
 
 ``--check-export`` checks the other direction: for each fixture it runs tessera's own
 ``convert import`` then ``convert export`` with ``--tessera-python`` (the project's interpreter),
-loads the exported directory with transformers and compares its logits and greedy continuation
-with the reference.
+loads the exported directory with transformers and compares it with the reference: the logits
+and greedy continuation (LMs), the logits and class names (image classifiers).
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Mapping
 
 import numpy as np
 import torch
@@ -149,15 +155,47 @@ MODELS: dict[str, tuple[str, dict, str | None]] = {
 }
 
 
+IMAGE_SIZE = 32
+CLASS_NAMES = ("circle", "square", "triangle", "star", "cross")
+
+# Image classifiers, as MODELS. initializer_range 0.2 (HF: 0.02) so the class token, positions
+# and classifier give logits of order 1 rather than ~0; hidden dropout (inactive in eval) checks
+# its mapping.
+IMAGE_MODELS: dict[str, tuple[str, dict, str | None]] = {
+    "vit": (
+        "ViTConfig",
+        dict(
+            image_size=IMAGE_SIZE,
+            patch_size=8,
+            num_channels=3,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+            hidden_dropout_prob=0.1,
+            initializer_range=0.2,
+            id2label=dict(enumerate(CLASS_NAMES)),
+            label2id={n: i for i, n in enumerate(CLASS_NAMES)},
+        ),
+        None,
+    ),
+}
+
+
+def spec(name: str) -> tuple[CausalLM | ImageClassifier, tuple[str, dict, str | None]]:
+    """(kind, table entry) of fixture ``name``."""
+    if name in IMAGE_MODELS:
+        return IMAGE_CLASSIFIER, IMAGE_MODELS[name]
+    return CAUSAL_LM, MODELS[name]
+
+
 def build(name: str, seed: int) -> torch.nn.Module:
     """The tiny model ``name`` with every tensor random: norm scales near 1, biases (which HF
     initialises to zero) non-zero, SSM A_log / D / dt_bias perturbed."""
-    config_cls, kwargs, _ = MODELS[name]
+    kind, (config_cls, kwargs, _) = spec(name)
     config = getattr(transformers, config_cls)(**kwargs)
     torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(
-        config, attn_implementation="eager", dtype=torch.float32
-    )
+    model = kind.auto.from_config(config, attn_implementation="eager", dtype=torch.float32)
     gen = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for pname, p in model.named_parameters():
@@ -224,46 +262,114 @@ def window_effect(name: str, model: torch.nn.Module, tokens: np.ndarray) -> None
         raise RuntimeError(f"{name}: logits hardly depend on the sliding window ({past:.2e})")
 
 
-def make(name: str) -> None:
-    """Write tests/fixtures/hf/<name>/; retries seeds until the greedy path has clear margins."""
-    for seed in range(20):
-        model = build(name, seed)
-        rng = np.random.default_rng(seed)
+class CausalLM:
+    """Decoder LM fixtures: logits of random tokens and a greedy continuation with clear top-2
+    margins, varied enough to test decoding."""
+
+    auto = transformers.AutoModelForCausalLM
+
+    def reference(
+        self, name: str, model: torch.nn.Module, rng: np.random.Generator
+    ) -> tuple[dict[str, np.ndarray], str] | None:
+        """(reference arrays, a note) of this model, or None when its greedy path is unclear."""
         tokens = rng.integers(3, VOCAB, size=(2, SEQ_LEN), dtype=np.int32)
         prompt = rng.integers(3, VOCAB, size=(PROMPT_LEN,), dtype=np.int32)
         cont, margin = greedy(model, prompt)
-        if margin >= MIN_MARGIN and len(set(cont.tolist())) > 2:
+        if margin < MIN_MARGIN or len(set(cont.tolist())) <= 2:
+            return None
+        window_effect(name, model, tokens)
+        ref = dict(
+            tokens=tokens,
+            logits=logits_of(model, tokens).astype(np.float32),
+            prompt=prompt,
+            greedy=cont,
+        )
+        return ref, f"greedy {cont.tolist()} (margin {margin:.3g})"
+
+    def check(
+        self, model: torch.nn.Module, ref: Mapping[str, np.ndarray], source: str, tol: float
+    ) -> tuple[str, bool]:
+        """(a note comparing ``model`` with the reference, whether they agree); ``source``: the
+        fixture's directory."""
+        del source  # the reference holds all an LM is checked against
+        diff = float(np.max(np.abs(logits_of(model, ref["tokens"]) - ref["logits"])))
+        cont, _ = greedy(model, ref["prompt"])
+        same = bool(np.array_equal(cont, ref["greedy"]))
+        text = f"max |logit diff| {diff:.2e}, greedy {'identical' if same else 'DIFFERENT'}"
+        return text, diff <= tol and same
+
+
+@torch.no_grad()
+def class_logits(model: torch.nn.Module, pixel_values: np.ndarray) -> np.ndarray:
+    return model(pixel_values=torch.from_numpy(pixel_values)).logits.float().numpy()
+
+
+class ImageClassifier:
+    """Image classifier fixtures: logits of random normalised images, each image's top class
+    clear (top-2 margin) and the two images' classes different."""
+
+    auto = transformers.AutoModelForImageClassification
+
+    def reference(
+        self, name: str, model: torch.nn.Module, rng: np.random.Generator
+    ) -> tuple[dict[str, np.ndarray], str] | None:
+        c = model.config
+        shape = (2, c.num_channels, c.image_size, c.image_size)
+        pixels = rng.uniform(-1.0, 1.0, size=shape).astype(np.float32)
+        logits = class_logits(model, pixels).astype(np.float32)
+        top2 = np.sort(logits, axis=-1)[:, -2:]
+        margin = float(np.min(top2[:, 1] - top2[:, 0]))
+        classes = np.argmax(logits, axis=-1)
+        if margin < MIN_MARGIN or classes[0] == classes[1]:
+            return None
+        labels = [c.id2label[int(i)] for i in classes]
+        return dict(pixel_values=pixels, logits=logits), (
+            f"classes {labels} (margin {margin:.3g}), logit std {float(logits.std()):.3g}"
+        )
+
+    def check(
+        self, model: torch.nn.Module, ref: Mapping[str, np.ndarray], source: str, tol: float
+    ) -> tuple[str, bool]:
+        diff = float(np.max(np.abs(class_logits(model, ref["pixel_values"]) - ref["logits"])))
+        want = transformers.AutoConfig.from_pretrained(source).id2label
+        same = model.config.id2label == want
+        text = f"max |logit diff| {diff:.2e}, id2label {'identical' if same else 'DIFFERENT'}"
+        return text, diff <= tol and same
+
+
+CAUSAL_LM, IMAGE_CLASSIFIER = CausalLM(), ImageClassifier()
+
+
+def make(name: str) -> None:
+    """Write tests/fixtures/hf/<name>/; retries seeds until the reference is clear."""
+    kind, (_, _, shard) = spec(name)
+    for seed in range(20):
+        model = build(name, seed)
+        made = kind.reference(name, model, np.random.default_rng(seed))
+        if made is not None:
             break
     else:
-        raise RuntimeError(
-            f"{name}: no seed gives a varied greedy path with margin >= {MIN_MARGIN}"
-        )
-    window_effect(name, model, tokens)
+        raise RuntimeError(f"{name}: no seed gives a clear reference (margin >= {MIN_MARGIN})")
+    ref, note = made
     out = os.path.join(FIXTURES, name)
     shutil.rmtree(out, ignore_errors=True)
-    shard = MODELS[name][2]
     kwargs = {"max_shard_size": shard} if shard else {}
     model.save_pretrained(out, **kwargs)
     if os.path.exists(os.path.join(out, "generation_config.json")):
         os.remove(os.path.join(out, "generation_config.json"))  # nothing the tests read
-    np.savez(
-        os.path.join(out, "reference.npz"),
-        tokens=tokens,
-        logits=logits_of(model, tokens).astype(np.float32),
-        prompt=prompt,
-        greedy=cont,
-    )
+    np.savez(os.path.join(out, "reference.npz"), **ref)
     sizes = {f: os.path.getsize(os.path.join(out, f)) for f in sorted(os.listdir(out))}
-    print(f"{name}: seed {seed}, greedy {cont.tolist()} (margin {margin:.3g}), files {sizes}")
+    print(f"{name}: seed {seed}, {note}, files {sizes}")
 
 
 def check_export(name: str, python: str, tol: float) -> bool:
     """tessera import + export of fixture ``name``, then transformers loads the export."""
-    shard = MODELS[name][2]  # a fixture saved in shards is exported in shards too
+    kind, (_, _, shard) = spec(name)  # a fixture saved in shards is exported in shards too
+    source = os.path.join(FIXTURES, name)
     with tempfile.TemporaryDirectory() as tmp:
         workdir, exported = os.path.join(tmp, "work"), os.path.join(tmp, "hf")
         for cmd in (
-            ["import", f"--hf_dir={os.path.join(FIXTURES, name)}", f"--workdir={workdir}"],
+            ["import", f"--hf_dir={source}", f"--workdir={workdir}"],
             ["export", f"--workdir={workdir}", f"--hf_dir={exported}"]
             + ([f"--max_shard_size={shard}"] if shard else []),
         ):
@@ -277,19 +383,15 @@ def check_export(name: str, python: str, tol: float) -> bool:
             if run.returncode:
                 print(f"{name}: tessera convert {cmd[0]} failed:\n{run.stderr}")
                 return False
-        ref = np.load(os.path.join(FIXTURES, name, "reference.npz"))
-        model = transformers.AutoModelForCausalLM.from_pretrained(
+        ref = np.load(os.path.join(source, "reference.npz"))
+        model = kind.auto.from_pretrained(
             exported, attn_implementation="eager", dtype=torch.float32
         ).eval()
-        diff = float(np.max(np.abs(logits_of(model, ref["tokens"]) - ref["logits"])))
-        cont, _ = greedy(model, ref["prompt"])
-        same = bool(np.array_equal(cont, ref["greedy"]))
+        text, ok = kind.check(model, ref, source, tol)
         files = sorted(os.listdir(exported))
-        ok = diff <= tol and same
         print(
-            f"{name}: export loads in transformers {transformers.__version__}: max |logit diff| "
-            f"{diff:.2e}, greedy {'identical' if same else 'DIFFERENT'}, files {files}: "
-            f"{'OK' if ok else 'FAIL'}"
+            f"{name}: export loads in transformers {transformers.__version__}: {text}, "
+            f"files {files}: {'OK' if ok else 'FAIL'}"
         )
         return ok
 
@@ -313,10 +415,11 @@ def main() -> None:
     )
     parser.add_argument("--tol", type=float, default=1e-4, help="logit tolerance for the check")
     args = parser.parse_args()
-    names = [n for n in args.only.split(",") if n] or list(MODELS)
-    unknown = sorted(set(names) - set(MODELS))
+    known = [*MODELS, *IMAGE_MODELS]
+    names = [n for n in args.only.split(",") if n] or known
+    unknown = sorted(set(names) - set(known))
     if unknown:
-        parser.error(f"unknown fixtures {unknown}; known: {sorted(MODELS)}")
+        parser.error(f"unknown fixtures {unknown}; known: {sorted(known)}")
     print(f"torch {torch.__version__}, transformers {transformers.__version__}")
     if args.check_export:
         available = [n for n in names if os.path.isdir(os.path.join(FIXTURES, n))]

@@ -41,8 +41,14 @@ def base_config() -> ConfigDict:
             # block name, e.g. "attention:mlp sliding_window=4096 rope_theta=10000".
             pattern=("attention:mlp",),
             tie_embeddings=False,
+            norm="rmsnorm",  # rmsnorm | layernorm (scale and bias): the blocks' and final norm
             norm_eps=1e-5,
+            mlp_activation="swiglu",  # swiglu (gated) | gelu (exact erf) | gelu_tanh
+            mlp_bias=False,  # biases on the MLP projections
+            causal=True,  # False: bidirectional attention (ViT)
+            rope=True,  # False: no rotary embedding (absolute position embeddings instead)
             qkv_bias=False,
+            attn_out_bias=False,  # bias on the attention output projection
             qk_norm=False,
             sliding_window=0,  # 0: full causal attention
             rope_theta=10000.0,
@@ -58,6 +64,22 @@ def base_config() -> ConfigDict:
                 )
             ),
             num_classes=0,  # classifier models: number of classes
+            class_names=(),  # their names by index, if known (HF id2label); () = unnamed
+            # Training-time regularisation of the blocks, active only in models called with
+            # train=True and an rng (ViT): dropout on the embeddings and on each mixer's output
+            # before its residual; stochastic depth (drop path) per example, its rate rising
+            # linearly over depth from 0 at the first layer to this at the last.
+            dropout=0.0,
+            stochastic_depth=0.0,
+            # Vision (vit): images [B, image_size, image_size, num_channels] cut into
+            # patch_size x patch_size patches; pool: cls (class token) | map (attention
+            # pooling) | gap (mean of the patches); pos_embedding: learned | sincos2d (fixed).
+            image_size=224,
+            patch_size=16,
+            num_channels=3,
+            pool="cls",
+            pos_embedding="learned",
+            head_zeroinit=True,  # classification head kernel starts at zero (big_vision)
             init_std=0.02,
             dtype="bfloat16",
             param_dtype="float32",

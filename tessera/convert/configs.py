@@ -16,6 +16,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from tessera.configs import load_config
 from tessera.configs.base import ConfigDict, apply_overrides, base_config, flat_items
 from tessera.convert.errors import ConversionError
 from tessera.convert.families import family_for
@@ -75,13 +76,16 @@ def float_dtype(name: str) -> str:
 def tessera_config(
     hf: Mapping[str, Any], *, dtype: str = "float32", overrides: Mapping[str, Any] | None = None
 ) -> ConfigDict:
-    """The full tessera config (base defaults + the family's model fields) of an HF config.
+    """The full tessera config of an HF config: the family's starting config (``Family.packaged``,
+    else the base config) with the base ``model`` defaults overlaid by the family's model fields.
 
     ``dtype``: the parameter dtype (``model.param_dtype``); ``overrides``: dotted keys applied
     last (``{"model.dtype": "float32", "mesh.fsdp": 2}``).
     """
     family = family_for(hf.get("model_type"))
-    config = base_config()
+    config = load_config(family.packaged) if family.packaged else base_config()
+    config.unlock()  # lock() is a no-op on a locked config and would leave the new model open
+    config.model = base_config().model  # the preset's model shape does not leak into the import
     config.lock()
     fields = {f"model.{k}": v for k, v in family.model_fields(hf).items()}
     apply_overrides(config, {**fields, "model.param_dtype": float_dtype(dtype)})

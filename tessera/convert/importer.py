@@ -8,7 +8,7 @@
   WORKDIR/hf_config.json     the source config.json (export keeps the keys tessera does not use)
   WORKDIR/tokenizer/         the tokenizer files, copied; with a tokenizer.json the config's
                              data.tokenizer is "hf:tokenizer" (loaded relative to the
-                             workdir), else it stays "byte"
+                             workdir), else it stays "byte" (families that read tokens)
 """
 
 from __future__ import annotations
@@ -111,23 +111,25 @@ def import_hf(
 ) -> ConfigDict:
     """Write the workdir described in the module doc; returns its config. Everything is read
     and checked before anything is written, and a workdir that has checkpoints is refused.
-    ``log`` receives a line saying which tokenizer the config uses and why."""
+    ``log`` receives a line saying which tokenizer the config uses and why (families that read
+    tokens)."""
     ckpt_dir = os.path.join(workdir, "checkpoints")
     if os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):
         raise ConversionError(f"{workdir} already has checkpoints; import into a new workdir")
     hf = read_hf_config(hf_dir)
     config = tessera_config(hf, dtype=dtype, overrides=overrides)
-    if "data.tokenizer" in (overrides or {}):
+    family = family_for(config.model.family)
+    note = None
+    if family.tokenizer and "data.tokenizer" in (overrides or {}):
         note = f"data.tokenizer={config.data.tokenizer!r}, as overridden"
-    else:
+    elif family.tokenizer:
         config.data.tokenizer, note = tokenizer_for_import(hf_dir, config.model.vocab_size)
     reader = SafetensorsReader(hf_dir)
     # The trainer's own shardings and optimizer, so `tessera.train` restores this state as is.
     trainer = Trainer(config, workdir, devices)
     shardings = trainer.state_shardings
     params = read_params(
-        reader, family_for(config.model.family), config.model, trainer.spec.shapes,
-        shardings["params"],
+        reader, family, config.model, trainer.spec.shapes, shardings["params"]
     )
     state = {
         "params": params,
@@ -145,7 +147,7 @@ def import_hf(
         json.dump(hf, f, indent=2)
         f.write("\n")
     copy_tokenizer(hf_dir, os.path.join(workdir, TOKENIZER_DIR))
-    if log is not None:
+    if log is not None and note:
         log(f"tokenizer: {note}")
     return config
 

@@ -1,17 +1,19 @@
 """The declarative mapping between Hugging Face checkpoints and tessera models.
 
-A ``Family`` (keyed by HF ``model_type``) is two tables and nothing else:
+A ``Family`` (keyed by HF ``model_type``) is two tables, plus the config an import starts from
+for the sections other than ``model`` (``Family.packaged``):
 
   config  parts that map HF ``config.json`` keys to tessera ``model`` fields and back: ``Field``
           (one key <-> one field, with the HF default), ``Require`` (an HF value the tessera
           layers implement; anything else changes the math and is refused), ``Set`` (tessera
           fields the family always has; a config without them cannot be exported as it),
-          ``Initial`` (tessera fields HF has no key for), and multi-key parts such as
+          ``Initial`` (tessera fields HF has no key for), ``Dropped`` (training-only HF
+          settings tessera lacks: a warning), and multi-key parts such as
           ``families.rope.Rope``. Every part has ``from_hf`` and ``to_hf``.
   rules   one ``Rule`` per HF tensor: its name (``{layer}`` for per-layer tensors), the tessera
           parameter(s) it fills (per-layer ones relative to the block: ``mixer/wq``) and a
           ``Transform`` that works both ways (``Identity``, ``Flat``, ``Linear``,
-          ``DepthwiseConv``, ``Concat``).
+          ``DepthwiseConv``, ``Conv2d``, ``LeadingOnes``, ``Concat``).
 
 A rule applies when the model built from the config has its parameters, so one table serves every
 variant of a family (biases, q/k norms and the untied head exist only when the config says so).
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
@@ -116,6 +119,39 @@ class DepthwiseConv:
 
 
 @dataclasses.dataclass(frozen=True)
+class Conv2d:
+    """``torch.nn.Conv2d`` weight [out, in, kh, kw] (OIHW) <-> tessera kernel [kh, kw, in, out]
+    (HWIO, Flax's layout)."""
+
+    def hf_shape(self, shapes: Sequence[Shape]) -> Shape:
+        kh, kw, fan_in, fan_out = shapes[0]
+        return (fan_out, fan_in, kh, kw)
+
+    def to_ours(self, x: np.ndarray, shapes: Sequence[Shape]) -> list[np.ndarray]:
+        return [x.transpose(2, 3, 1, 0)]
+
+    def to_hf(self, xs: Sequence[np.ndarray]) -> np.ndarray:
+        return xs[0].transpose(3, 2, 0, 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class LeadingOnes:
+    """HF keeps ``count`` leading axes of size 1 that tessera drops (ViT's class token
+    [1, 1, D] <-> [D], position table [1, T, D] <-> [T, D])."""
+
+    count: int = 1
+
+    def hf_shape(self, shapes: Sequence[Shape]) -> Shape:
+        return (1,) * self.count + tuple(shapes[0])
+
+    def to_ours(self, x: np.ndarray, shapes: Sequence[Shape]) -> list[np.ndarray]:
+        return [x.reshape(shapes[0])]
+
+    def to_hf(self, xs: Sequence[np.ndarray]) -> np.ndarray:
+        return xs[0].reshape((1,) * self.count + xs[0].shape)
+
+
+@dataclasses.dataclass(frozen=True)
 class Concat:
     """One fused HF tensor <-> several tessera parameters, each through ``part``, concatenated
     along HF ``axis`` (e.g. a fused gate/up projection, Mamba's in_proj)."""
@@ -137,7 +173,9 @@ class Concat:
         return np.concatenate([self.part.to_hf([x]) for x in xs], axis=self.axis)
 
 
-IDENTITY, FLAT, LINEAR, DEPTHWISE_CONV = Identity(), Flat(), Linear(), DepthwiseConv()
+IDENTITY, FLAT, LINEAR, DEPTHWISE_CONV, CONV2D = (
+    Identity(), Flat(), Linear(), DepthwiseConv(), Conv2d()
+)
 
 
 @dataclasses.dataclass(frozen=True, init=False)
@@ -283,6 +321,24 @@ class Initial:
         return {}
 
 
+class Dropped:
+    """An HF key for something tessera does not model and that only matters in training
+    (ViT's dropout on attention probabilities): any value imports, one other than ``harmless``
+    with a warning that it is dropped; export writes ``harmless``."""
+
+    def __init__(self, hf: str, harmless: Any, why: str):
+        self.hf, self.harmless, self.why = hf, harmless, why
+
+    def from_hf(self, hf: Mapping[str, Any]) -> dict[str, Any]:
+        value = hf.get(self.hf, self.harmless)
+        if value not in (None, self.harmless):
+            warnings.warn(f"config.json {self.hf}={value!r} is dropped: {self.why}", stacklevel=2)
+        return {}
+
+    def to_hf(self, model: ConfigDict) -> dict[str, Any]:
+        return {self.hf: self.harmless}
+
+
 # -- families ------------------------------------------------------------------------------
 
 
@@ -292,6 +348,11 @@ class Family:
 
     ``ignore``: fnmatch patterns of HF tensors that may be present without a rule using them
     (rotary caches of old checkpoints, an ``lm_head`` stored next to tied embeddings).
+    ``packaged``: a packaged config (``"vit"``, its default preset) whose sections other than
+    ``model`` an import starts from: the task, data, optimizer and schedule of the family; ""
+    (the LMs): the base config. The ``model`` section is always the base defaults plus the
+    ``config`` parts. ``tokenizer``: the model reads token ids, so an import sets
+    ``data.tokenizer`` from the HF tokenizer files.
     """
 
     model_type: str
@@ -299,6 +360,8 @@ class Family:
     config: tuple[ConfigPart, ...]
     rules: tuple[Rule, ...]
     ignore: tuple[str, ...] = ()
+    packaged: str = ""
+    tokenizer: bool = True
 
     def model_fields(self, hf: Mapping[str, Any]) -> dict[str, Any]:
         """Tessera ``model`` fields (dotted names) for an HF config of this family."""

@@ -1,4 +1,4 @@
-"""Token embedding and the LM head (tied to the embedding or separate)."""
+"""Token embedding, the LM head (tied to the embedding or separate) and the classifier head."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from tessera.layers.base import cast, normal, param
+from tessera.layers.base import cast, normal, param, zeros
 from tessera.sharding import constrain
 
 
@@ -59,3 +59,29 @@ class LMHead(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         logits = jnp.einsum("btd,dv->btv", x, cast(self.kernel, self.dtype))
         return constrain(logits, ("batch", "length", "act_vocab"))
+
+
+class ClassHead(nnx.Module):
+    """Dense [B, D] -> logits [B, C], computed in float32; ``kernel`` [D, C] and, with ``bias``,
+    ``bias`` [C]. ``init_std=0`` starts the kernel at zero (big_vision's ``head_zeroinit``)."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_classes: int,
+        *,
+        init_std: float,
+        param_dtype: str,
+        bias: bool = False,
+        rngs: nnx.Rngs,
+    ):
+        init = zeros if init_std == 0 else normal(init_std)
+        self.kernel = param(rngs, init, (dim, num_classes), ("embed", None), param_dtype)
+        self.bias = param(rngs, zeros, (num_classes,), (None,), param_dtype) if bias else None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x [B, D] -> logits [B, C] float32."""
+        logits = jnp.einsum(
+            "bd,dc->bc", x.astype(jnp.float32), self.kernel[...].astype(jnp.float32)
+        )
+        return logits if self.bias is None else logits + self.bias[...].astype(jnp.float32)

@@ -13,23 +13,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from tessera.configs.base import ConfigDict
-from tessera.layers.base import normal, param
+from tessera.layers.embeddings import ClassHead
 from tessera.layers.mixers import SeqInfo
 from tessera.models.lm import LM
-
-
-class ClassHead(nnx.Module):
-    """Dense [D] -> [C] readout, computed in float32."""
-
-    def __init__(
-        self, dim: int, num_classes: int, *, init_std: float, param_dtype: str, rngs: nnx.Rngs
-    ):
-        shape, axes = (dim, num_classes), ("embed", None)
-        self.kernel = param(rngs, normal(init_std), shape, axes, param_dtype)
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """x [B, D] -> logits [B, C] float32."""
-        return jnp.einsum("bd,dc->bc", x.astype(jnp.float32), self.kernel[...].astype(jnp.float32))
 
 
 class SequenceClassifier(LM):

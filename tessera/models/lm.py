@@ -1,11 +1,9 @@
 """The one decoder LM for every sequence family.
 
-The stack is an optional prefix of blocks run once (``config.model.prefix``) and a repeating unit
-of blocks (``config.model.pattern``), with per-block settings (see ``models/layout.py``); each
-block is ``norm -> sequence mixer -> residual -> norm -> channel mixer -> residual``. The repeating
-unit is stacked and run with ``nnx.scan`` so compile time does not grow with depth
-(``scan_layers=False`` unrolls it, e.g. for FLOP cross-checks). Auxiliary losses and statistics
-of the blocks reach ``ModelOutput.aux`` through the scan (see ``layers/mixers/base.py``).
+Token embedding, the block stack (``models/stack.py``: an optional prefix of blocks run once, then
+the repeating unit of blocks scanned with ``nnx.scan``; per-block settings in
+``models/layout.py``), final norm and the vocabulary head. Auxiliary losses and statistics of the
+blocks reach ``ModelOutput.aux``. The LM passes no training rng: its blocks are deterministic.
 """
 
 from __future__ import annotations
@@ -19,17 +17,18 @@ from flax import nnx, struct
 
 from tessera.configs.base import ConfigDict
 from tessera.layers.embeddings import Embed, LMHead
-from tessera.layers.mixers import CHANNEL_MIXERS, SEQUENCE_MIXERS, SeqInfo, write_cache
-from tessera.layers.mixers.base import Aux, merge_aux
-from tessera.layers.norms import RMSNorm
-from tessera.models.layout import BlockSpec, parse_layout
-from tessera.models.remat import remat_policy
-from tessera.sharding import constrain, is_axis_names
+from tessera.layers.mixers import SEQUENCE_MIXERS, SeqInfo, write_cache
+from tessera.layers.mixers.base import Aux
+from tessera.layers.norms import make_norm
+from tessera.models.layout import BlockSpec
+from tessera.models.stack import BlockStack
+from tessera.sharding import is_axis_names
 
 
 @struct.dataclass
 class ModelOutput:
-    """logits [B, T, V] (compute dtype); cache (updated, or None); aux losses and stats."""
+    """logits (LM: [B, T, V] in the compute dtype; classifiers: [B, C] float32); cache (updated,
+    or None); aux losses and stats."""
 
     logits: jax.Array
     cache: Any = None
@@ -42,72 +41,7 @@ def _has_token_axis(axes: Any) -> bool:
     return any("cache_length" in names for names in leaves)
 
 
-class Block(nnx.Module):
-    """``norm -> sequence mixer -> residual -> norm -> channel mixer -> residual``, built with the
-    block's own config (model config plus its per-block settings)."""
-
-    def __init__(self, cfg: ConfigDict, spec: BlockSpec, *, rngs: nnx.Rngs):
-        cfg = spec.config(cfg)
-        pd = cfg.param_dtype
-        self.norm1 = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=pd, rngs=rngs)
-        self.mixer = SEQUENCE_MIXERS[spec.mixer](cfg, rngs=rngs)
-        channel_cls = CHANNEL_MIXERS[spec.channel]
-        if channel_cls is None:
-            self.norm2 = self.channel = None
-        else:
-            self.norm2 = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=pd, rngs=rngs)
-            self.channel = channel_cls(cfg, rngs=rngs)
-
-    def __call__(self, x: jax.Array, info: SeqInfo, cache: Any) -> tuple[jax.Array, Any, Aux]:
-        h, cache, aux = self.mixer(self.norm1(x), info, cache)
-        x = x + h
-        if self.channel is not None:
-            h, channel_aux = self.channel(self.norm2(x), info)
-            x = x + h
-            aux = merge_aux(aux, channel_aux)
-        return constrain(x, ("batch", "length", "act_embed")), cache, aux
-
-
-class Unit(nnx.Module):
-    """One repetition of the block pattern."""
-
-    def __init__(self, cfg: ConfigDict, pattern: tuple[BlockSpec, ...], *, rngs: nnx.Rngs):
-        self.blocks = nnx.List([Block(cfg, spec, rngs=rngs) for spec in pattern])
-
-    def __call__(
-        self, x: jax.Array, info: SeqInfo, caches: tuple | None
-    ) -> tuple[jax.Array, Any, tuple[Aux, ...]]:
-        new, auxes = [], []
-        for i, block in enumerate(self.blocks):
-            x, c, aux = block(x, info, None if caches is None else caches[i])
-            new.append(c)
-            auxes.append(aux)
-        return x, (None if caches is None else tuple(new)), tuple(auxes)
-
-
-def _collect_aux(prefix: list[Aux], stacked: tuple[Aux, ...]) -> Aux:
-    """Model-level aux from per-layer outputs: ``prefix`` (one dict per prefix block) and
-    ``stacked`` (one dict per pattern position, arrays [repeats, ...]). Losses are summed over
-    layers; statistics are stacked in depth order, [layers emitting them, ...]."""
-    keys = sorted({k for a in (*prefix, *stacked) for k in a})
-    out: Aux = {}
-    for key in keys:
-        first = [a[key][None] for a in prefix if key in a]
-        rest = [a[key] for a in stacked if key in a]
-        try:
-            if rest:  # [R, P', ...] -> [R * P', ...]: depth order within the scanned stack
-                per = jnp.stack(rest, axis=1)
-                first.append(per.reshape(-1, *per.shape[2:]))
-            values = jnp.concatenate(first, axis=0)
-        except (TypeError, ValueError) as e:
-            raise ValueError(
-                f"auxiliary output {key!r} has different shapes in different layers: {e}"
-            ) from None
-        out[key] = jnp.sum(values, axis=0) if key.endswith("_loss") else values
-    return out
-
-
-class LM(nnx.Module):
+class LM(BlockStack):
     """Decoder LM: ``model(tokens, positions=, segment_ids=, cache=) -> ModelOutput``.
 
     Subclasses change the readout (``_make_head`` / ``_readout``) and keep the trunk: embedding,
@@ -117,8 +51,6 @@ class LM(nnx.Module):
     def __init__(self, cfg: ConfigDict, *, rngs: nnx.Rngs):
         cfg = ml_collections.FrozenConfigDict(cfg)  # later edits of the caller's config stay out
         self.cfg = cfg
-        self.layout = parse_layout(cfg)
-        self.repeats = self.layout.repeats
         self.embed = Embed(
             cfg.vocab_size,
             cfg.d_model,
@@ -127,24 +59,8 @@ class LM(nnx.Module):
             param_dtype=cfg.param_dtype,
             rngs=rngs,
         )
-        if self.layout.prefix:
-            self.prefix = nnx.List([Block(cfg, spec, rngs=rngs) for spec in self.layout.prefix])
-        else:
-            self.prefix = None
-        pattern = self.layout.pattern
-        if cfg.scan_layers:
-
-            @nnx.split_rngs(splits=self.repeats)
-            @nnx.vmap(in_axes=(0,), out_axes=0)
-            def make(r: nnx.Rngs) -> Unit:
-                return Unit(cfg, pattern, rngs=r)
-
-            self.units = make(rngs)
-        else:
-            self.units = nnx.List([Unit(cfg, pattern, rngs=rngs) for _ in range(self.repeats)])
-        self.final_norm = RMSNorm(
-            cfg.d_model, eps=cfg.norm_eps, param_dtype=cfg.param_dtype, rngs=rngs
-        )
+        self._init_stack(cfg, rngs)
+        self.final_norm = make_norm(cfg, rngs=rngs)
         self.head = self._make_head(cfg, rngs)
 
     def _make_head(self, cfg: ConfigDict, rngs: nnx.Rngs) -> nnx.Module | None:
@@ -224,45 +140,6 @@ class LM(nnx.Module):
         }
 
     # -- forward ---------------------------------------------------------------------------
-    def _run_blocks(
-        self, x: jax.Array, info: SeqInfo, cache: dict | None
-    ) -> tuple[jax.Array, tuple | None, tuple | None, Aux]:
-        """Prefix blocks, then the unit scanned (or unrolled) ``repeats`` times."""
-        policy = remat_policy(self.cfg.remat)
-        scanned = self.cfg.scan_layers
-
-        def unit_body(unit: Unit, x: jax.Array, info: SeqInfo, caches: Any):
-            return unit(x, info, caches)
-
-        def block_body(block: Block, x: jax.Array, info: SeqInfo, caches: Any):
-            return block(x, info, caches)
-
-        if policy is not None:
-            unit_body = nnx.remat(unit_body, policy=policy, prevent_cse=not scanned)
-            block_body = nnx.remat(block_body, policy=policy)
-
-        prefix_caches, prefix_aux = [], []
-        for i, block in enumerate(self.prefix or ()):
-            x, c, aux = block_body(block, x, info, None if cache is None else cache["prefix"][i])
-            prefix_caches.append(c)
-            prefix_aux.append(aux)
-        caches = None if cache is None else cache["layers"]
-        if scanned:
-            scan = nnx.scan(unit_body, in_axes=(0, nnx.Carry, None, 0), out_axes=(nnx.Carry, 0, 0))
-            x, caches, unit_aux = scan(self.units, x, info, caches)
-        else:
-            outs, auxes = [], []
-            for i, unit in enumerate(self.units):
-                layer_caches = None if caches is None else jax.tree.map(lambda a, i=i: a[i], caches)
-                x, c, aux = unit_body(unit, x, info, layer_caches)
-                outs.append(c)
-                auxes.append(aux)
-            stack = lambda *a: jnp.stack(a)
-            caches = None if caches is None else jax.tree.map(stack, *outs)
-            unit_aux = jax.tree.map(stack, *auxes)
-        aux = _collect_aux(prefix_aux, unit_aux)
-        return x, (None if cache is None else tuple(prefix_caches)), caches, aux
-
     def features(
         self,
         tokens: jax.Array,

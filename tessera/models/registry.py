@@ -12,8 +12,13 @@ from flax import nnx
 from tessera.configs.base import ConfigDict
 from tessera.models.classifier import SequenceClassifier
 from tessera.models.lm import LM
+from tessera.models.vit import ViT
 
-MODELS: dict[str, Callable[..., nnx.Module]] = {"lm": LM, "sequence_classifier": SequenceClassifier}
+MODELS: dict[str, Callable[..., nnx.Module]] = {
+    "lm": LM,
+    "sequence_classifier": SequenceClassifier,
+    "vit": ViT,
+}
 
 
 def build_model(cfg: ConfigDict, *, rngs: nnx.Rngs) -> nnx.Module:

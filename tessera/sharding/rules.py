@@ -37,7 +37,8 @@ DEFAULT_RULES: dict[str, MeshAxes] = {
 }
 
 # Rules of the logical names only one family uses, declared next to its code
-# (``LOGICAL_RULES`` of a mixer class) and registered by ``layers/mixers/__init__.py``.
+# (``LOGICAL_RULES`` of a mixer class, registered by ``layers/mixers/__init__.py``; of
+# ``layers/vision.py``, registered there).
 _REGISTERED: dict[str, MeshAxes] = {}
 _OWNERS: dict[str, str] = {}
 
@@ -61,6 +62,7 @@ def register_logical_rules(owner: str, rules: Mapping[str, Sequence[str]]) -> No
 def default_rules() -> dict[str, MeshAxes]:
     """The shared table plus every registered family's rules."""
     import tessera.layers.mixers  # noqa: F401  (registers the mixers' rules)
+    import tessera.layers.vision  # noqa: F401  (and the vision layers')
 
     return {**DEFAULT_RULES, **_REGISTERED}
 

@@ -59,15 +59,15 @@ def stack_flops_per_token(m: ConfigDict, seq_len: int) -> float | None:
 def causal_saving_per_token(m: ConfigDict, seq_len: int) -> float:
     """Forward FLOPs per token that counting only the causal half of each attention block's
     scores would drop (MaxText's MFU convention; tessera counts the full T x T block): half of
-    the ``seq_len``-dependent part of every mixer that declares ``CAUSAL_SCORES``."""
+    the ``seq_len``-dependent part of every mixer that declares ``CAUSAL_SCORES`` (and is causal:
+    ``model.causal``)."""
     from tessera.layers.mixers import SEQUENCE_MIXERS
     from tessera.models.layout import parse_layout
 
     total = 0.0
     for spec in parse_layout(m).layers():
-        cls = SEQUENCE_MIXERS[spec.mixer]
-        if getattr(cls, "CAUSAL_SCORES", False):
-            cfg = spec.config(m)
+        cls, cfg = SEQUENCE_MIXERS[spec.mixer], spec.config(m)
+        if getattr(cls, "CAUSAL_SCORES", False) and cfg.causal:
             total += 0.5 * (cls.flops_per_token(cfg, seq_len) - cls.flops_per_token(cfg, 0))
     return total
 
@@ -77,6 +77,26 @@ def forward_flops_per_token(m: ConfigDict, seq_len: int) -> float | None:
     blocks plus the vocabulary projection. None when a mixer cannot count its FLOPs."""
     stack = stack_flops_per_token(m, seq_len)
     return None if stack is None else stack + 2 * m.d_model * m.vocab_size
+
+
+def vit_flops_per_example(m: ConfigDict) -> float | None:
+    """Forward FLOPs per image of a ViT (``config.model``): the patch embedding, the blocks over
+    its T tokens (N patches, plus the class token with ``pool="cls"``; attention over the full
+    T x T block, bidirectional), the MAP head with ``pool="map"`` (one query over the T tokens,
+    its MLP on that query) and the classifier. None when a mixer cannot count its FLOPs."""
+    from tessera.layers.mlp import MLP
+
+    patches = (m.image_size // m.patch_size) ** 2
+    tokens = patches + (m.pool == "cls")
+    stack = stack_flops_per_token(m, tokens)
+    if stack is None:
+        return None
+    total = stack * tokens + 2 * patches * m.patch_size**2 * m.num_channels * m.d_model
+    if m.pool == "map":
+        q, kv = m.num_heads * m.head_dim, m.num_kv_heads * m.head_dim
+        projections = 2 * m.d_model * (2 * q + 2 * tokens * kv)  # q and out: one query
+        total += projections + 2 * 2 * tokens * q + MLP.flops_per_token(m, 1)
+    return total + 2 * m.d_model * m.num_classes
 
 
 # Dense bf16 peak FLOP/s per chip, by the prefix of jax's ``device_kind``.

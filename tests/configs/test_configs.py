@@ -4,6 +4,7 @@ from ml_collections import config_flags
 
 from tessera.cli import config_args, run_main
 from tessera.configs import config_names, load_config, resolve_config_path
+from tessera.models.create import ModelSpec
 
 
 def test_packaged_names_and_paths():
@@ -21,6 +22,18 @@ def test_presets_and_overrides():
     assert cfg.train.steps == 7 and cfg.model.dtype == "float32"
     cfg = load_config("llama:tiny", {"optim.learning_rate": "1e-4"})
     assert cfg.optim.learning_rate == pytest.approx(1e-4)
+
+
+@pytest.mark.parametrize("preset, params", [
+    ("tiny", 0.80e6), ("ti16", 5.72e6), ("s16", 22.05e6), ("b16", 86.57e6), ("b32", 88.22e6),
+    ("l16", 304.33e6), ("h14", 632.05e6),
+])
+def test_vit_presets_build_with_published_sizes(preset, params):
+    """Abstract shapes only; the counts are HF ViTForImageClassification's at 1000 classes."""
+    cfg = load_config(f"vit:{preset}")
+    assert (cfg.model.name, cfg.train.task, cfg.model.causal, cfg.model.rope) == (
+        "vit", "classify", False, False)
+    assert ModelSpec(cfg.model).num_params() == pytest.approx(params, rel=1e-3)
 
 
 def test_locked_config_rejects_typos():

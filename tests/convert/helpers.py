@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -14,6 +16,7 @@ from tessera.convert.safetensors_io import SafetensorsReader
 from tessera.sharding import use_mesh
 
 TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(TESTS)
 FIXTURES = os.path.join(TESTS, "fixtures", "hf")
 NAMES = sorted(n for n in os.listdir(FIXTURES) if os.path.isdir(os.path.join(FIXTURES, n)))
 F32 = {"model.dtype": "float32"}
@@ -27,6 +30,15 @@ def reference(name: str) -> dict[str, np.ndarray]:
     return dict(np.load(os.path.join(fixture(name), "reference.npz")))
 
 
+# Decoder LMs: references of tokens (and a greedy path); the others are image classifiers.
+LM_NAMES = [n for n in NAMES if "tokens" in np.load(os.path.join(fixture(n), "reference.npz"))]
+
+
+def nhwc(pixel_values: np.ndarray) -> np.ndarray:
+    """HF's ``pixel_values`` [B, C, H, W] as the images tessera takes, [B, H, W, C]."""
+    return np.ascontiguousarray(pixel_values.transpose(0, 2, 3, 1))
+
+
 def read(path: str, devices=None, dtype: str = "float32", **overrides) -> Imported:
     """A float32-compute import on one device (or ``devices``); ``dtype``: the params'."""
     devices = devices if devices is not None else jax.devices()[:1]
@@ -34,14 +46,15 @@ def read(path: str, devices=None, dtype: str = "float32", **overrides) -> Import
 
 
 def forward(model: Imported):
-    """A jitted ``tokens [B, T] -> float32 logits [B, T, V]`` on the model's mesh."""
+    """A jitted ``inputs -> float32 logits`` on the model's mesh: tokens int32 [B, T] ->
+    [B, T, V] for LMs, images float32 [B, H, W, C] -> [B, K] for classifiers."""
 
     @jax.jit
-    def run(params, tokens):
+    def run(params, inputs):
         with use_mesh(model.mesh, model.rules):
-            return model.spec.merge(params)(tokens).logits
+            return model.spec.merge(params)(inputs).logits
 
-    return lambda tokens: np.asarray(run(model.params, np.asarray(tokens, np.int32)))
+    return lambda inputs: np.asarray(run(model.params, np.asarray(inputs)))
 
 
 def greedy(logits_fn, prompt: np.ndarray, steps: int, width: int) -> list[int]:
@@ -71,3 +84,12 @@ def edit_config(path: str, **changes) -> None:
     config.update(changes)
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(config, f)
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    """``python -m tessera.convert ARGS`` on the CPU, from the repository root."""
+    return subprocess.run(
+        [sys.executable, "-m", "tessera.convert", *args],
+        cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=""),
+        capture_output=True, text=True, timeout=300,
+    )

@@ -47,7 +47,8 @@ def set_value(name, index, value):
 CASES = {
     "unsupported model_type": (
         dict(config={"model_type": "gpt2"}),
-        "unsupported model_type 'gpt2'; supported: llama, mamba, mamba2, mistral, qwen2, qwen3",
+        "unsupported model_type 'gpt2'; supported: llama, mamba, mamba2, mistral, qwen2, qwen3, "
+        "vit",
     ),
     "missing shard": (
         dict(name="llama", remove=["model-00002-of-00002.safetensors"]),
@@ -81,6 +82,33 @@ CASES = {
         "RoPE parameter attention_factor=0.5 is not supported",
     ),
     "missing key": (dict(config={"hidden_size": None}), "config.json has no 'hidden_size'"),
+    "vit missing tensor": (
+        dict(name="vit", tensors=lambda t: t.pop("vit.encoder.layer.1.output.dense.bias")),
+        "missing tensor vit.encoder.layer.1.output.dense.bias",
+    ),
+    "vit patch size": (
+        dict(name="vit", config={"patch_size": 16}),
+        r"shape mismatch for tensor vit.embeddings.patch_embeddings.projection.weight: the "
+        r"checkpoint has \(32, 3, 8, 8\), config.json implies \(32, 3, 16, 16\)",
+    ),
+    "vit labels": (
+        dict(name="vit", config={"id2label": {"0": "cat", "1": "dog"}}),
+        r"shape mismatch for tensor classifier.weight: the checkpoint has \(5, 32\), "
+        r"config.json implies \(2, 32\)",
+    ),
+    "vit without qkv bias": (
+        dict(name="vit", config={"qkv_bias": False}),
+        r"unexpected tensor vit.encoder.layer.0.attention.attention.key.bias in .* \(and 5 "
+        r"more\): model_type vit with this config has no parameter for it",
+    ),
+    "vit activation": (
+        dict(name="vit", config={"hidden_act": "relu"}),
+        "model_type vit: config.json hidden_act='relu' is not supported",
+    ),
+    "vit heads": (
+        dict(name="vit", config={"num_attention_heads": 5}),
+        "hidden_size=32 is not divisible by num_attention_heads=5",
+    ),
 }
 
 

@@ -12,7 +12,15 @@ from tessera.configs.base import apply_overrides, base_config
 from tessera.convert import FAMILIES, ConversionError
 from tessera.convert.families.llama import QwenWindow
 from tessera.convert.families.rope import Rope
-from tessera.convert.mapping import FLAT, Concat, DepthwiseConv, Linear, Rule
+from tessera.convert.mapping import (
+    FLAT,
+    Concat,
+    Conv2d,
+    DepthwiseConv,
+    LeadingOnes,
+    Linear,
+    Rule,
+)
 from tessera.convert.params import flatten, plan
 from tessera.models.create import ModelSpec
 from tests.convert.helpers import fixture, read
@@ -24,6 +32,8 @@ from tests.convert.helpers import fixture, read
     (FLAT, [(2, 3)], (6,)),
     (DepthwiseConv(), [(4, 5)], (5, 1, 4)),
     (Concat(Linear(), axis=0), [(4, 2, 3), (4, 5)], (11, 4)),
+    (Conv2d(), [(2, 3, 4, 5)], (5, 4, 2, 3)),
+    (LeadingOnes(2), [(5,)], (1, 1, 5)),
 ])
 def test_transforms_invert_exactly(transform, ours, hf):
     rng = np.random.default_rng(0)
@@ -41,6 +51,19 @@ def test_linear_matches_torch_semantics():
     (kernel,) = Linear(in_dims=2).to_ours(w, [(2, 2, 6)])
     x = rng.standard_normal((2, 2))
     np.testing.assert_allclose(np.einsum("hk,hkd->d", x, kernel), w @ x.reshape(-1))
+
+
+def test_conv2d_matches_torch_semantics():
+    """A patch conv in torch (NCHW, OIHW weight, stride = kernel) and in tessera (NHWC, HWIO
+    kernel, PatchEmbed's einsum) of the same image: out[o, y, x] = sum_cij w[o, c, i, j]
+    img[c, 2y + i, 2x + j]."""
+    rng = np.random.default_rng(2)
+    w = rng.standard_normal((5, 3, 2, 2))
+    image = rng.standard_normal((3, 4, 6))  # C, H, W
+    want = np.einsum("ocij,cyixj->oyx", w, image.reshape(3, 2, 2, 3, 2))
+    (kernel,) = Conv2d().to_ours(w, [(2, 2, 3, 5)])
+    patches = image.transpose(1, 2, 0).reshape(2, 2, 3, 2, 3)  # y, i, x, j, c
+    np.testing.assert_allclose(np.einsum("yixjc,ijco->oyx", patches, kernel), want)
 
 
 def test_rope_reads_both_transformers_layouts_and_round_trips():

@@ -8,10 +8,10 @@ from jax.sharding import PartitionSpec
 
 from tessera.convert import load_hf
 from tessera.sharding import use_mesh
-from tests.convert.helpers import F32, NAMES, fixture, forward, greedy, read, reference
+from tests.convert.helpers import F32, LM_NAMES, fixture, forward, greedy, read, reference
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", LM_NAMES)
 def test_logits_and_greedy_match_transformers(name):
     ref = reference(name)
     logits = forward(read(fixture(name)))

@@ -3,8 +3,6 @@ step 0, the decode engine reproduces the reference greedy continuation, and the 
 
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -18,9 +16,15 @@ from tessera.serve.sampling import SamplingParams
 from tessera.sharding import make_mesh, make_rules
 from tessera.train.checkpoints import Checkpointer
 from tessera.train.trainer import train
-from tests.convert.helpers import copy_fixture, fixture, hf_tensors, read, reference
+from tests.convert.helpers import (
+    copy_fixture,
+    fixture,
+    hf_tensors,
+    read,
+    reference,
+    run_cli,
+)
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ONE = jax.devices()[:1]
 
 
@@ -76,14 +80,6 @@ def test_import_writes_a_workdir_that_trains_and_decodes(tmp_path):
     imported = read(fixture("mistral")).params
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
                  restore(work, 1, run), imported)
-
-
-def run_cli(*args):
-    return subprocess.run(
-        [sys.executable, "-m", "tessera.convert", *args],
-        cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=""),
-        capture_output=True, text=True, timeout=300,
-    )
 
 
 def test_cli_import_export(tmp_path):

@@ -15,6 +15,7 @@ from tessera.models.registry import build_model
 from tessera.models.remat import POLICY_NAMES, minimal_saved_names, remat_policy
 from tessera.sharding import make_mesh, make_rules, use_mesh
 from tests.cached_decode import check_cached_decode
+from tests.models.helpers import random_params, remat_policies_in
 
 # Small enough to compile fast; init_std large enough that attention is far from uniform, so a
 # wrong mask or a misplaced cache entry moves the logits well past the tolerances below.
@@ -28,19 +29,6 @@ def model_cfg(spec="llama:tiny,model.dtype=float32", **overrides):
     cfg = load_config(spec).model
     cfg.update(**{**SMALL, **overrides})
     return cfg
-
-
-def random_params(spec, seed=0):
-    """Random parameters made on the host (jitted threefry init compiles slowly on CPU): weights
-    ~ N(0, init_std), norm scales ~ 1 + N(0, 0.1); biases are non-zero too."""
-    rng = np.random.default_rng(seed)
-
-    def one(shape, names):
-        noise = rng.normal(size=shape.shape)
-        value = 1.0 + 0.1 * noise if names[-1] == "norm" else spec.cfg.init_std * noise
-        return jnp.asarray(value, shape.dtype)
-
-    return jax.tree.map(one, spec.shapes, spec.axis_names)
 
 
 def build(cfg, seed=0):
@@ -185,19 +173,6 @@ def test_positions_are_relative_and_order_matters():
 
 
 # -- remat -----------------------------------------------------------------------------------
-
-
-def remat_policies_in(jaxpr):
-    """The policy of every rematerialised region in a jaxpr, nested jaxprs included."""
-    for eqn in jaxpr.eqns:
-        if "policy" in eqn.params:
-            yield eqn.params["policy"]
-        for value in eqn.params.values():
-            for sub in value if isinstance(value, (list, tuple)) else (value,):
-                if hasattr(sub, "eqns"):
-                    yield from remat_policies_in(sub)
-                elif hasattr(sub, "jaxpr") and hasattr(sub.jaxpr, "eqns"):
-                    yield from remat_policies_in(sub.jaxpr)
 
 
 def test_remat_policies_agree():

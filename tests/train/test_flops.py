@@ -9,7 +9,12 @@ from flax import nnx
 
 from tessera.configs import load_config
 from tessera.models.registry import build_model
-from tessera.train.flops import forward_flops_per_token, peak_flops_per_device
+from tessera.train.flops import (
+    causal_saving_per_token,
+    forward_flops_per_token,
+    peak_flops_per_device,
+    vit_flops_per_example,
+)
 from tessera.train.tasks import get_task
 
 
@@ -29,6 +34,34 @@ def test_forward_flops_match_cost_analysis(extra):
     cost = cost[0] if isinstance(cost, list) else cost
     analytic = forward_flops_per_token(cfg.model, t) * b * t
     assert cost["flops"] == pytest.approx(analytic, rel=0.05)
+
+
+@pytest.mark.parametrize("extra", ["", ",model.pool=map,model.pos_embedding=sincos2d"])
+def test_vit_forward_flops_match_cost_analysis(extra):
+    """Matmul FLOPs counted analytically vs everything XLA counts (the erf GELU, norms and softmax
+    add ~4.5% at this width)."""
+    cfg = load_config("vit:tiny,model.scan_layers=False,model.image_size=16,model.num_layers=2,"
+                      "model.d_model=256,model.head_dim=64,model.mlp_dim=1024" + extra).model
+    graphdef, state = nnx.split(build_model(cfg, rngs=nnx.Rngs(0)))
+    b = 2
+
+    def forward(state, images):
+        return nnx.merge(graphdef, state)(images).logits
+
+    images = jnp.zeros((b, 16, 16, 3), jnp.float32)
+    cost = jax.jit(forward).lower(state, images).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    analytic = vit_flops_per_example(cfg) * b
+    assert analytic <= cost["flops"] <= 1.07 * analytic
+
+
+@pytest.mark.parametrize("preset, gmacs", [("ti16", 1.26), ("s16", 4.6), ("b16", 17.6),
+                                           ("b32", 4.4), ("l16", 61.6), ("h14", 167.4)])
+def test_vit_flops_match_published_figures(preset, gmacs):
+    """The GFLOPs (multiply-adds) of timm's / DeiT's tables for 224 x 224 images."""
+    cfg = load_config(f"vit:{preset}").model
+    assert vit_flops_per_example(cfg) / 2e9 == pytest.approx(gmacs, rel=0.01)
+    assert causal_saving_per_token(cfg, 197) == 0  # bidirectional: no causal half to drop
 
 
 def test_train_flops_and_peak():

@@ -1,4 +1,10 @@
-"""Multi-head attention with grouped KV heads (MHA / GQA / MQA), RoPE and a KV cache."""
+"""Multi-head attention with grouped KV heads (MHA / GQA / MQA), RoPE and a KV cache.
+
+``model.causal=False`` makes it bidirectional (ViT), ``model.rope=False`` drops the rotary
+embedding (models with absolute position embeddings), ``model.qkv_bias`` / ``model.attn_out_bias``
+add biases ``bq``, ``bk``, ``bv`` [H(kv), Dh] / ``bo`` [D]. ``cross`` attends learned queries over
+a sequence (attention pooling) with the same parameters.
+"""
 
 from __future__ import annotations
 
@@ -17,7 +23,8 @@ from tessera.sharding import constrain
 
 
 class Attention(nnx.Module):
-    """[B, T, D] -> [B, T, D]. Optional qkv bias (Qwen2), q/k RMSNorm (Qwen3), sliding window."""
+    """[B, T, D] -> [B, T, D]. Optional qkv bias (Qwen2), q/k RMSNorm (Qwen3), sliding window,
+    output bias, no RoPE, bidirectional."""
 
     REMAT_SAVED = ("query_proj", "key_proj", "value_proj", "attn_out")
     LOGICAL_RULES: dict[str, tuple[str, ...]] = {}  # uses the shared names only
@@ -30,6 +37,8 @@ class Attention(nnx.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = h, kvh, hd
         self.dtype = jnp.dtype(cfg.dtype)
         self.sliding_window = int(cfg.sliding_window) or None
+        self.causal = bool(cfg.causal)
+        self.rope = bool(cfg.rope)
         self.impl = cfg.attention_impl
         self.rope_theta = float(cfg.rope_theta)
         self.rope_scaling = dict(cfg.rope_scaling)
@@ -39,6 +48,7 @@ class Attention(nnx.Module):
         self.wk = param(rngs, init, (d, kvh, hd), ("embed", "kv_heads", "head_dim"), pd)
         self.wv = param(rngs, init, (d, kvh, hd), ("embed", "kv_heads", "head_dim"), pd)
         self.wo = param(rngs, init, (h, hd, d), ("heads", "head_dim", "embed"), pd)
+        self.bo = param(rngs, zeros, (d,), ("embed",), pd) if cfg.attn_out_bias else None
         if cfg.qkv_bias:
             self.bq = param(rngs, zeros, (h, hd), ("heads", "head_dim"), pd)
             self.bk = param(rngs, zeros, (kvh, hd), ("kv_heads", "head_dim"), pd)
@@ -55,6 +65,14 @@ class Attention(nnx.Module):
         y = jnp.einsum("btd,dhk->bthk", x, cast(w, self.dtype))
         return y if b is None else y + cast(b, self.dtype)
 
+    def _output(self, out: jax.Array) -> jax.Array:
+        """Heads [B, T, H, Dh] -> [B, T, D] through ``wo`` (and ``bo``)."""
+        out = checkpoint_name(constrain(out, ("batch", "length", "act_heads", None)), "attn_out")
+        y = jnp.einsum("bthk,hkd->btd", out, cast(self.wo, self.dtype))
+        if self.bo is not None:
+            y = y + cast(self.bo, self.dtype)
+        return constrain(y, ("batch", "length", "act_embed"))
+
     def __call__(
         self, x: jax.Array, info: SeqInfo, cache: dict | None = None
     ) -> tuple[jax.Array, dict | None, Aux]:
@@ -63,14 +81,15 @@ class Attention(nnx.Module):
         v = self._project(x, self.wv, self.bv)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        inv_freq, factor = rope_frequencies(
-            self.head_dim,
-            theta=self.rope_theta,
-            scaling=self.rope_scaling,
-            max_position=self.max_seq_len,
-        )
-        q = apply_rope(q, info.positions, inv_freq, factor)
-        k = apply_rope(k, info.positions, inv_freq, factor)
+        if self.rope:
+            inv_freq, factor = rope_frequencies(
+                self.head_dim,
+                theta=self.rope_theta,
+                scaling=self.rope_scaling,
+                max_position=self.max_seq_len,
+            )
+            q = apply_rope(q, info.positions, inv_freq, factor)
+            k = apply_rope(k, info.positions, inv_freq, factor)
         q = checkpoint_name(constrain(q, ("batch", "length", "act_heads", None)), "query_proj")
         k = checkpoint_name(constrain(k, ("batch", "length", "act_kv_heads", None)), "key_proj")
         v = checkpoint_name(constrain(v, ("batch", "length", "act_kv_heads", None)), "value_proj")
@@ -101,19 +120,39 @@ class Attention(nnx.Module):
             kv_positions=kv_pos,
             q_segment_ids=q_seg,
             kv_segment_ids=kv_seg,
-            causal=True,
+            causal=self.causal,
             sliding_window=self.sliding_window,
-            # No cache: the keys are this call's tokens, query i is key i (positions rise).
+            # No cache: the keys are this call's tokens, query i is key i (positions rise). The
+            # hint only lets the kernel skip what causal / window masking hides by index, so it
+            # holds for bidirectional attention too (then nothing is skipped but the window).
             index_aligned=cache is None,
         )
-        out = checkpoint_name(constrain(out, ("batch", "length", "act_heads", None)), "attn_out")
-        y = jnp.einsum("bthk,hkd->btd", out, cast(self.wo, self.dtype))
-        return constrain(y, ("batch", "length", "act_embed")), new_cache, {}
+        return self._output(out), new_cache, {}
+
+    def cross(self, queries: jax.Array, x: jax.Array) -> jax.Array:
+        """Queries [B, Tq, D] attend, bidirectionally and without positions, over x [B, T, D]
+        (every token of every row) -> [B, Tq, D]: multihead attention pooling (MAP)."""
+        q = self._project(queries, self.wq, self.bq)
+        k = self._project(x, self.wk, self.bk)
+        v = self._project(x, self.wv, self.bv)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        b, tq, t = q.shape[0], q.shape[1], k.shape[1]
+        out = attention(
+            q,
+            k,
+            v,
+            impl=self.impl,
+            q_positions=jnp.zeros((b, tq), jnp.int32),
+            kv_positions=jnp.zeros((b, t), jnp.int32),
+            causal=False,
+        )
+        return self._output(out)
 
     @staticmethod
     def flops_per_token(cfg: ConfigDict, seq_len: int) -> float:
         """q/k/v/o projections plus scores and weighted values over ``seq_len`` keys: dense
-        attention computes the whole T x T block, also under a causal or window mask."""
+        attention computes the whole T x T block, causal, windowed or bidirectional alike."""
         q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
         proj = 2 * cfg.d_model * (q + 2 * kv) + 2 * q * cfg.d_model
         return proj + 2 * 2 * seq_len * q
