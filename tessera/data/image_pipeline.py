@@ -26,10 +26,9 @@ import grain
 import numpy as np
 from PIL import Image
 
+from tessera.data.classify import PAD_LABEL
 from tessera.data.images import decode_image, make_image_source
 from tessera.data.pipeline import Batch, DataIterator, batch_rows, shard_source
-
-PAD_LABEL = -1
 
 
 def resize(image: np.ndarray, size: int) -> np.ndarray:

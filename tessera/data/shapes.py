@@ -5,10 +5,12 @@ label is the shape (`SHAPE_CLASSES`). Every example is drawn from a generator ke
 `(seed, split, i)`, so the set needs no download, stores nothing and is the same everywhere; train
 and eval use different keys, so they are different streams of images.
 
-Each image varies the shape's position, size (radius 22-36% of the side), rotation and colour,
-and the background's texture (value noise, stripes, gradient or checker) and two colours. The
-shape's colour is at least `MIN_CONTRAST` (RGB distance) from every colour of the background, and
-pixel noise is added on top. Shapes are drawn from signed distance functions with one pixel of
+Each image varies the shape's position, size (radius 25-38% of the side), rotation and colour,
+and the background's texture (value noise, stripes, gradient or checker) and two colours. To keep
+the set learnable by a small ViT in minutes, the shape stands out: it is lighter than the
+background (by `MIN_LIGHTER` luma), its colour is at least `MIN_CONTRAST` (RGB distance) from every
+colour of the background, whose texture is fainter (`TEXTURE_CONTRAST`); pixel noise is added on
+top. Shapes are drawn from signed distance functions with one pixel of
 anti-aliasing, so rendering costs a few numpy ops on S x S pixels (~0.1 ms at 32 px).
 """
 
@@ -24,6 +26,8 @@ import numpy as np
 TRAIN_SIZE = 50_000
 EVAL_SIZE = 1_000
 MIN_CONTRAST = 90.0  # least RGB distance between the shape's colour and the background's
+MIN_LIGHTER = 50.0  # least luma (Rec. 601) by which the shape is lighter than its background
+TEXTURE_CONTRAST = (20.0, 60.0)  # range of RGB distance between the background's two colours
 _NOISE_STD = 8.0  # per-pixel Gaussian noise, in uint8 steps
 _SPLIT_KEYS = {"train": 0, "eval": 1}
 
@@ -111,14 +115,26 @@ def _segment_distance(p: list[float], a: list[float], b: list[float]) -> float:
     return math.dist(p, [ai + t * d for ai, d in zip(a, ab, strict=True)])
 
 
+def _luma(c: list[float]) -> float:
+    return 0.299 * c[0] + 0.587 * c[1] + 0.114 * c[2]
+
+
 def _colours(rng: np.random.Generator) -> tuple[list[float], list[float], list[float]]:
-    """(shape, background a, background b) RGB colours in [0, 255]; every mix of a and b is at
-    least MIN_CONTRAST from the shape's colour."""
-    fg = rng.uniform(0, 255, 3).tolist()
+    """(shape, background a, background b) RGB colours in [0, 255]: a and b are TEXTURE_CONTRAST
+    apart, the shape is at least MIN_LIGHTER lighter than both and at least MIN_CONTRAST from
+    every mix of them (rejection sampling, ~3 draws)."""
     while True:
-        ab = rng.uniform(0, 255, 6).tolist()
-        if _segment_distance(fg, ab[:3], ab[3:]) >= MIN_CONTRAST:
-            return fg, ab[:3], ab[3:]
+        u = rng.random(10).tolist()
+        fg, a = [255 * v for v in u[:3]], [255 * v for v in u[3:6]]
+        if _luma(a) > _luma(fg):
+            fg, a = a, fg
+        low, high = TEXTURE_CONTRAST
+        step = [2 * v - 1 for v in u[6:9]]  # b = a + step, rescaled to a length in [low, high]
+        scale = (low + u[9] * (high - low)) / max(math.hypot(*step), 1e-9)
+        b = [min(max(ai + scale * d, 0.0), 255.0) for ai, d in zip(a, step, strict=True)]
+        lighter = _luma(fg) - max(_luma(a), _luma(b))
+        if lighter >= MIN_LIGHTER and _segment_distance(fg, a, b) >= MIN_CONTRAST:
+            return fg, a, b
 
 
 @functools.lru_cache(maxsize=16)
@@ -134,8 +150,9 @@ def render_shape(rng: np.random.Generator, label: int, size: int) -> np.ndarray:
     fg, bg_a, bg_b = (np.asarray(c, np.float32) for c in _colours(rng))
     texture = _TEXTURES[rng.integers(len(_TEXTURES))](rng, y, x, size)
     image = bg_a + texture[..., None] * (bg_b - bg_a)
-    radius = size * rng.uniform(0.22, 0.36)
-    cy, cx = rng.uniform(radius + 1, size - radius - 1, 2).tolist()
+    radius = size * rng.uniform(0.25, 0.38)
+    margin = radius + size / 32  # 1 px at 32 px
+    cy, cx = rng.uniform(margin, size - margin, 2).tolist()
     angle = rng.uniform(0, 2 * math.pi)
     cos, sin = math.cos(angle), math.sin(angle)
     u = ((x - cx) * cos + (y - cy) * sin) / radius
