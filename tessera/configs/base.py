@@ -142,6 +142,11 @@ def base_config() -> ConfigDict:
             seed=0,
             seq_len=128,
             global_batch_size=16,
+            # Image sources (shapes | image_folder | npz | array_record, data/images.py): train-time
+            # augmentation, a random crop (reflect-pad by crop_padding pixels, crop back) and a
+            # left-right flip; eval never augments.
+            augment=True,
+            crop_padding=4,
         )
     )
 

@@ -1,10 +1,19 @@
-"""Data: sources -> tokenize -> pack (LM) or label (classify) -> batch -> shard per process, with
-resumable iterators."""
+"""Data: sources -> tokenize -> pack (LM) or label (classify), or images -> resize/augment -> batch
+-> shard per process, with resumable iterators."""
 
 from tessera.data.classify import make_rule_pipeline
+from tessera.data.image_pipeline import load_image, make_image_pipeline
+from tessera.data.images import (
+    ArrayRecordSource,
+    ImageFolderSource,
+    NpzSource,
+    image_classes,
+    write_array_record,
+)
 from tessera.data.packing import PackIterDataset
 from tessera.data.pipeline import Batch, DataIterator, check_ids, make_pipeline
-from tessera.data.sources import Source, TextFileSource, make_source
+from tessera.data.shapes import SHAPE_CLASSES, ShapesSource
+from tessera.data.sources import IMAGE_SOURCES, Source, TextFileSource, make_source
 from tessera.data.synthetic import (
     SyntheticSource,
     check,
@@ -17,11 +26,17 @@ from tessera.data.synthetic import (
 from tessera.data.tokenizers import ByteTokenizer, HFTokenizer, Tokenizer, get_tokenizer
 
 __all__ = [
+    "IMAGE_SOURCES",
+    "SHAPE_CLASSES",
+    "ArrayRecordSource",
     "Batch",
     "ByteTokenizer",
     "DataIterator",
     "HFTokenizer",
+    "ImageFolderSource",
+    "NpzSource",
     "PackIterDataset",
+    "ShapesSource",
     "Source",
     "SyntheticSource",
     "TextFileSource",
@@ -29,7 +44,10 @@ __all__ = [
     "check",
     "check_ids",
     "get_tokenizer",
+    "image_classes",
     "is_eval_prompt",
+    "load_image",
+    "make_image_pipeline",
     "make_pipeline",
     "make_rule_pipeline",
     "make_source",
@@ -37,4 +55,5 @@ __all__ = [
     "split_prompt",
     "strip_rule",
     "unigram_entropy",
+    "write_array_record",
 ]

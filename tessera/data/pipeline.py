@@ -11,8 +11,9 @@ tokens:
                                  (document boundaries and padding)
 
 Each document is `[bos] + tokenizer.encode(text) + [eos]` (no bos when `tokenizer.bos_id` is
-None). `shard_documents` (source -> shard -> shuffle/repeat) and `batch_rows` (batch, pad, wrap
-as a resumable iterator) are the stages every row layout shares (`data/classify.py` too).
+None). `shard_source` (source -> shard -> shuffle/repeat; `shard_documents` for text sources) and
+`batch_rows` (batch, pad, wrap as a resumable iterator) are the stages every row layout shares
+(`data/classify.py` and `data/image_pipeline.py` too).
 """
 
 from __future__ import annotations
@@ -107,12 +108,52 @@ class DataIterator(grain.DatasetIterator):
 
 @dataclasses.dataclass(frozen=True)
 class Shard:
-    """This process's documents of a split (a grain MapDataset), its batch size, and the
-    pipeline settings that guard `DataIterator.set_state`."""
+    """This process's examples of a split (a grain MapDataset of documents, images, ...), its
+    batch size, and the pipeline settings that guard `DataIterator.set_state`."""
 
     docs: grain.MapDataset
     local_batch: int
     settings: dict[str, Any]
+
+
+def shard_source(
+    source: Any,
+    *,
+    split: str,
+    global_batch_size: int,
+    process_index: int,
+    process_count: int,
+    seed: int,
+    **settings: Any,
+) -> Shard:
+    """The disjoint shard `source[process_index::process_count]` of a random-access `source`
+    (`len` and `__getitem__`, as grain reads it), shuffled with `seed` (reshuffled every epoch)
+    and repeated forever for train, read once in order for eval. `settings` (seq_len, image
+    size, ...) join the split, batch, seed and process layout in the iterator state's guard."""
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} not in [0, process_count={process_count})")
+    if global_batch_size <= 0 or global_batch_size % process_count:
+        raise ValueError(
+            f"global_batch_size {global_batch_size} must be a positive multiple of "
+            f"process_count {process_count}"
+        )
+    ds = grain.MapDataset.source(source)[process_index::process_count]
+    if len(ds) == 0:
+        raise ValueError(
+            f"process {process_index} of {process_count} gets no data: "
+            f"the {split} source has only {len(source)} examples"
+        )
+    if split == "train":
+        ds = ds.shuffle(seed).repeat()
+    settings = {
+        "split": split,
+        "global_batch_size": global_batch_size,
+        **settings,
+        "seed": seed,
+        "process_index": process_index,
+        "process_count": process_count,
+    }
+    return Shard(ds, global_batch_size // process_count, settings)
 
 
 def shard_documents(
@@ -125,35 +166,18 @@ def shard_documents(
     process_count: int,
     seed: int,
 ) -> Shard:
-    """The disjoint shard `source[process_index::process_count]` of `split`, shuffled with `seed`
-    (reshuffled every epoch) and repeated forever for train, read once in order for eval."""
-    if not 0 <= process_index < process_count:
-        raise ValueError(f"process_index {process_index} not in [0, process_count={process_count})")
-    if global_batch_size <= 0 or global_batch_size % process_count:
-        raise ValueError(
-            f"global_batch_size {global_batch_size} must be a positive multiple of "
-            f"process_count {process_count}"
-        )
+    """`shard_source` of the text source `make_source(data_cfg, split)`."""
     if seq_len < 1:
         raise ValueError(f"seq_len must be >= 1, got {seq_len}")
-    source = make_source(data_cfg, split)
-    ds = grain.MapDataset.source(source)[process_index::process_count]
-    if len(ds) == 0:
-        raise ValueError(
-            f"process {process_index} of {process_count} gets no data: "
-            f"the {split} source has only {len(source)} documents"
-        )
-    if split == "train":
-        ds = ds.shuffle(seed).repeat()
-    settings = {
-        "split": split,
-        "global_batch_size": global_batch_size,
-        "seq_len": seq_len,
-        "seed": seed,
-        "process_index": process_index,
-        "process_count": process_count,
-    }
-    return Shard(ds, global_batch_size // process_count, settings)
+    return shard_source(
+        make_source(data_cfg, split),
+        split=split,
+        global_batch_size=global_batch_size,
+        process_index=process_index,
+        process_count=process_count,
+        seed=seed,
+        seq_len=seq_len,
+    )
 
 
 def batch_rows(rows: grain.IterDataset, shard: Shard, fill: Mapping[str, int]) -> DataIterator:

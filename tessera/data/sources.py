@@ -63,7 +63,8 @@ class TextFileSource:
         return self._docs[operator.index(index)]
 
 
-_SOURCES = ("synthetic", "text")
+TEXT_SOURCES = ("synthetic", "text")
+IMAGE_SOURCES = ("shapes", "image_folder", "npz", "array_record")  # data/images.py
 
 
 def make_source(data_cfg: Any, split: str) -> Source:
@@ -86,4 +87,9 @@ def make_source(data_cfg: Any, split: str) -> Source:
         if not path:
             raise ValueError("data.source='text' needs data.path")
         return TextFileSource(path, text_field=data_cfg.get("text_field", "text"))
-    raise ValueError(f"unknown data source {name!r}; known: {', '.join(_SOURCES)}")
+    if name in IMAGE_SOURCES:
+        raise ValueError(
+            f"data.source={name!r} is an image source (make_image_pipeline); "
+            f"text sources: {', '.join(TEXT_SOURCES)}"
+        )
+    raise ValueError(f"unknown data source {name!r}; known: {', '.join(TEXT_SOURCES)}")
