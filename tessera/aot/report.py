@@ -41,7 +41,7 @@ def train_report(
         "devices": n,
         "mesh": compiled["mesh"],
         "global_batch": int(config.data.global_batch_size),
-        "seq_len": int(config.data.seq_len),
+        "example": _example(config),
         "remat": config.model.remat,
         "compile_seconds": compiled["compile_seconds"],
         "hbm": hbm(compiled["memory"], target),
@@ -172,11 +172,19 @@ def _collective_rows(coll: dict, per: str) -> list[dict]:
     ]
 
 
+def _example(config: Any) -> str:
+    """What one example of the batch is: ``4096 tokens`` or ``224x224x3 image``."""
+    m = config.model
+    if m.name == "vit":
+        return f"{m.image_size}x{m.image_size}x{m.num_channels} image"
+    return f"{int(config.data.seq_len)} tokens"
+
+
 def print_train(r: dict) -> None:
     print(
         f"tessera.aot: {r['config']} train step on {r['topology']} ({r['chips']} chips, "
         f"{r['devices']} devices, {r['device_kind']}); mesh {_mesh(r['mesh'])}; "
-        f"batch {r['global_batch']} x {r['seq_len']} "
+        f"batch {r['global_batch']} x {r['example']} "
         f"({r['global_batch'] / r['devices']:g} per device); remat {r['remat']}; "
         f"{r['params'] / 1e9:.2f}B params; compiled in {r['compile_seconds']:.1f} s"
     )

@@ -173,6 +173,7 @@ def base_config() -> ConfigDict:
             log_every=10,
             seed=0,
             z_loss=0.0,
+            label_smoothing=0.0,  # classify: weight of the uniform target mixed into the one-hot
             # lm: the vocabulary projection and loss run over chunks of this many positions,
             # recomputed in the backward, so [batch, seq, vocab] float32 logits never exist at
             # once (8 GB per device for Llama-3's vocabulary at batch 4 x 4096); 0: in one go.
