@@ -32,24 +32,20 @@ class PatchEmbed(nnx.Module):
     ``kernel`` [p, p, C, D] is a conv kernel in HWIO layout (Flax / big_vision); torch's
     ``Conv2d`` weight [D, C, p, p] (OIHW, HF ViT's ``patch_embeddings.projection``) is
     ``kernel.transpose(3, 2, 0, 1)`` and back ``weight.transpose(2, 3, 1, 0)``. ``bias`` [D].
+    The kernel starts lecun-normal (std 1 / sqrt(p * p * C), big_vision's conv init), so patch
+    vectors start at the scale of sin-cos positions rather than far below it.
     """
 
     def __init__(
-        self,
-        patch_size: int,
-        channels: int,
-        dim: int,
-        *,
-        init_std: float,
-        dtype: str,
-        param_dtype: str,
+        self, patch_size: int, channels: int, dim: int, *, dtype: str, param_dtype: str,
         rngs: nnx.Rngs,
     ):
         p = patch_size
         self.patch_size = p
         self.dtype = jnp.dtype(dtype)
         axes = ("patch", "patch", "channels", "embed")
-        self.kernel = param(rngs, normal(init_std), (p, p, channels, dim), axes, param_dtype)
+        init = jax.nn.initializers.lecun_normal(in_axis=(0, 1, 2), out_axis=3)
+        self.kernel = param(rngs, init, (p, p, channels, dim), axes, param_dtype)
         self.bias = param(rngs, zeros, (dim,), ("embed",), param_dtype)
 
     def __call__(self, images: jax.Array) -> jax.Array:

@@ -104,7 +104,6 @@ class ViT(BlockStack):
             cfg.patch_size,
             cfg.num_channels,
             d,
-            init_std=cfg.init_std,
             dtype=cfg.dtype,
             param_dtype=pd,
             rngs=rngs,

@@ -16,8 +16,7 @@ from tessera.layers.vision import MAPHead, PatchEmbed, sincos_2d
 
 def test_patch_embed_is_a_strided_conv_in_hf_layout():
     p, c, d = 4, 3, 8
-    embed = PatchEmbed(p, c, d, init_std=1.0, dtype="float32", param_dtype="float32",
-                       rngs=nnx.Rngs(0))
+    embed = PatchEmbed(p, c, d, dtype="float32", param_dtype="float32", rngs=nnx.Rngs(0))
     rng = np.random.default_rng(0)
     embed.bias[...] = jnp.asarray(rng.normal(size=d), jnp.float32)
     images = jnp.asarray(rng.normal(size=(2, 12, 8, c)), jnp.float32)  # a 3 x 2 grid
