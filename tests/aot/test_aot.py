@@ -87,7 +87,8 @@ def test_extrapolate_tree():
 # -- compiles for real topologies ---------------------------------------------------------------
 # Every packaged config's tiny preset: the train step on v5e, v5p and v6e with a different mesh
 # on each (the state-space ones on two of them), and the decode programs of the language models.
-TINY = ["llama:tiny", "mamba:tiny", "mamba2:tiny", "hybrid:tiny", "classify:tiny"]
+TINY = ["llama:tiny", "mamba:tiny", "mamba2:tiny", "hybrid:tiny", "classify:tiny", "vit:tiny"]
+CLASSIFIERS = ("classify:tiny", "vit:tiny")
 LAYOUTS = [
     ("v5e-4", {"mesh.data": 2, "mesh.fsdp": 2}),
     ("v5p-8", {"mesh.data": 1, "mesh.fsdp": 2, "mesh.tensor": 2}),
@@ -159,7 +160,7 @@ def test_more_mesh_layouts_compile(topology, slices, mesh):
 
 # Decode: each language-model config on one generation, rotating, so all three are covered.
 DECODE_CASES = [
-    (spec, *LAYOUTS[i % 3]) for i, spec in enumerate(s for s in TINY if s != "classify:tiny")
+    (spec, *LAYOUTS[i % 3]) for i, spec in enumerate(s for s in TINY if s not in CLASSIFIERS)
 ]
 
 
