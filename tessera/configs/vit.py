@@ -30,26 +30,28 @@ def _vit(c: ConfigDict, **model) -> None:
 
 def _tiny(c: ConfigDict) -> None:
     """32 x 32 images of 6 procedural shape classes (``data.source="shapes"``), 8 x 8 patches of
-    4 px: 65 tokens, 4 layers of width 128."""
+    4 px: 65 tokens, 4 layers of width 64 (0.14M parameters). Learned positions, no augmentation
+    (the set already varies position, size, rotation and colour): held-out accuracy 0.33 / 0.60 /
+    0.72 / 0.81 at steps 250 / 500 / 1000 / 1750 (README, Vision)."""
     _vit(
         c,
         image_size=32,
         patch_size=4,
-        d_model=128,
+        d_model=64,
         num_layers=4,
         num_heads=4,
         num_kv_heads=4,
-        head_dim=32,
-        mlp_dim=512,
+        head_dim=16,
+        mlp_dim=128,
         num_classes=6,
-        pos_embedding="sincos2d",
+        pos_embedding="learned",
         dtype="float32",  # bf16 matmuls are slower than float32 on CPU
     )
-    c.data.update(source="shapes", global_batch_size=64)
-    c.optim.update(learning_rate=1e-3, warmup_steps=30, weight_decay=0.05)
-    c.train.update(steps=300, log_every=25)
-    c.eval.update(every=100, batches=8)
-    c.checkpoint.every = 300
+    c.data.update(source="shapes", global_batch_size=64, augment=False)
+    c.optim.update(learning_rate=1e-3, warmup_steps=100, weight_decay=0.05)
+    c.train.update(steps=2000, log_every=50)
+    c.eval.update(every=250, batches=8)
+    c.checkpoint.every = 500
 
 
 def _published(

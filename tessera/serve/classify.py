@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Sequence
 
 import numpy as np
 from absl import flags
 from ml_collections import config_flags
 
 from tessera.cli import check_workdir, fail, run_main
-from tessera.configs.base import ConfigDict
+from tessera.serve.labels import class_names, top_k
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config: a packaged name (vit:tiny) or path/to/file.py[:arg].",
@@ -37,31 +36,6 @@ _IMAGES = flags.DEFINE_list("images", [], "Image files to classify (comma-separa
 _TOP_K = flags.DEFINE_integer("top_k", 5, "Labels printed per image.")
 _BATCH = flags.DEFINE_integer("batch_size", 32, "Images per forward pass.")
 _JSON = flags.DEFINE_bool("json", False, "One JSON object per image instead of text.")
-
-
-def class_names(config: ConfigDict) -> tuple[str, ...]:
-    """The model's label names, in class order (see the module docstring)."""
-    m = config.model
-    names = tuple(m.get("class_names", ()))
-    if not names:
-        from tessera.data import IMAGE_SOURCES, image_classes
-
-        try:
-            if config.data.source in IMAGE_SOURCES:
-                names = image_classes(config.data)
-        except (OSError, ValueError):  # the training data is not on this machine
-            names = ()
-    if len(names) != m.num_classes:
-        names = tuple(names[: m.num_classes]) + tuple(
-            f"class_{i}" for i in range(len(names), m.num_classes)
-        )
-    return names
-
-
-def top_k(probs: np.ndarray, names: Sequence[str], k: int) -> list[list[tuple[str, float]]]:
-    """probs [N, C] -> per row the ``k`` most probable (name, probability), best first."""
-    order = np.argsort(-probs, axis=-1, kind="stable")[:, :k]
-    return [[(names[c], float(p[c])) for c in row] for p, row in zip(probs, order, strict=True)]
 
 
 def main(argv: list[str]) -> None:

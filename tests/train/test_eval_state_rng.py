@@ -27,8 +27,8 @@ RUN = (f"train.task=draw,train.steps=5,train.log_every=1,train.seed=7,train.ema_
 class DrawTask(tasks.LMTask):
     """The LM task, also reporting a uniform draw from its RNG (summed, not averaged)."""
 
-    def loss(self, model, batch, rng):
-        total, weight, sums = super().loss(model, batch, rng)
+    def loss(self, model, batch, rng, *, train=True):
+        total, weight, sums = super().loss(model, batch, rng, train=train)
         return total, weight, {**sums, "draw": jax.random.uniform(rng)}
 
     def metrics(self, sums, weight):

@@ -16,7 +16,7 @@ from PIL import Image
 
 from tessera.configs import load_config
 from tessera.data import SHAPE_CLASSES, ShapesSource
-from tessera.serve.classify import class_names, top_k
+from tessera.serve.labels import class_names, top_k
 from tessera.train.metrics import read_metrics
 from tessera.train.tasks.classify import softmax_cross_entropy
 from tessera.train.trainer import Trainer, train
