@@ -89,13 +89,15 @@ def make_image_pipeline(
     process_index: int = 0,
     process_count: int = 1,
     seed: int = 0,
+    num_classes: int | None = None,
 ) -> DataIterator:
     """This process's batches of labelled images (module docstring) for `split`.
 
     Each process reads the disjoint shard `source[process_index::process_count]` of
     `data_cfg.source` (`data/images.py`) and yields `global_batch_size // process_count` rows a
     batch. Train shuffles with `seed` (reshuffled every epoch), repeats forever and augments when
-    `data_cfg.augment`; eval reads its shard once in order and pads the last batch.
+    `data_cfg.augment`; eval reads its shard once in order and pads the last batch. With
+    `num_classes` (the model's), a source with more classes than that is an error.
     """
     if image_size < 1:
         raise ValueError(f"image_size must be >= 1, got {image_size}")
@@ -103,8 +105,16 @@ def make_image_pipeline(
     padding = int(data_cfg.get("crop_padding", 4)) if augmenting else 0
     if not 0 <= padding < image_size:
         raise ValueError(f"data.crop_padding {padding} not in [0, image_size={image_size})")
+    source = make_image_source(data_cfg, split, image_size)
+    names = tuple(source.classes)
+    if num_classes is not None and len(names) > num_classes:
+        raise ValueError(
+            f"model.num_classes={num_classes} is fewer than the {len(names)} classes of "
+            f"data.source={data_cfg.source!r} ({', '.join(names[:8])}"
+            f"{', ...' if len(names) > 8 else ''})"
+        )
     shard = shard_source(
-        make_image_source(data_cfg, split, image_size),
+        source,
         split=split,
         global_batch_size=global_batch_size,
         process_index=process_index,

@@ -26,7 +26,6 @@ from tessera.configs.base import ConfigDict
 from tessera.data import (
     IMAGE_SOURCES,
     DataIterator,
-    image_classes,
     make_image_pipeline,
     make_rule_pipeline,
     parse_tasks,
@@ -111,13 +110,6 @@ class ClassifyTask(Task):
                 self.data_config(split), **self.pipeline_args(split, process_index, process_count)
             )
         data, model = self.data_config(split), self.config.model
-        names = image_classes(data)
-        if len(names) > model.num_classes:
-            raise ValueError(
-                f"model.num_classes={model.num_classes} is fewer than the {len(names)} classes of "
-                f"data.source={data.source!r} ({', '.join(names[:8])}"
-                f"{', ...' if len(names) > 8 else ''})"
-            )
         return make_image_pipeline(
             data,
             global_batch_size=data.global_batch_size,
@@ -126,6 +118,7 @@ class ClassifyTask(Task):
             process_index=process_index,
             process_count=process_count,
             seed=data.seed,
+            num_classes=model.num_classes,
         )
 
     def loss(
