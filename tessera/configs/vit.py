@@ -29,14 +29,16 @@ def _vit(c: ConfigDict, **model) -> None:
 
 
 def _tiny(c: ConfigDict) -> None:
-    """32 x 32 images of 6 procedural shape classes (``data.source="shapes"``), 8 x 8 patches of
-    4 px: 65 tokens, 4 layers of width 64 (0.14M parameters). Learned positions, no augmentation
-    (the set already varies position, size, rotation and colour): held-out accuracy 0.33 / 0.60 /
-    0.72 / 0.81 at steps 250 / 500 / 1000 / 1750 (README, Vision)."""
+    """32 x 32 images of 6 procedural shape classes (``data.source="shapes"``), 4 x 4 patches of
+    8 px: 17 tokens, 4 layers of width 64 (0.15M parameters). Learned positions, no augmentation
+    (the set already varies position, size, rotation and colour). 2000 steps of 64 images take
+    about 3 minutes on 2 CPU cores; held-out accuracy over the whole eval split is in the README
+    (Vision). Patches of 8 px learn about as much per step as patches of 4 px at a quarter of
+    the tokens, so about 4x faster per image on CPU."""
     _vit(
         c,
         image_size=32,
-        patch_size=4,
+        patch_size=8,
         d_model=64,
         num_layers=4,
         num_heads=4,
@@ -48,9 +50,9 @@ def _tiny(c: ConfigDict) -> None:
         dtype="float32",  # bf16 matmuls are slower than float32 on CPU
     )
     c.data.update(source="shapes", global_batch_size=64, augment=False)
-    c.optim.update(learning_rate=1e-3, warmup_steps=100, weight_decay=0.05)
+    c.optim.update(learning_rate=2e-3, warmup_steps=100, weight_decay=0.05)
     c.train.update(steps=2000, log_every=50)
-    c.eval.update(every=250, batches=8)
+    c.eval.update(every=250, batches=16)  # 16 x 64 >= the 1,000 held-out images: all of them
     c.checkpoint.every = 500
 
 

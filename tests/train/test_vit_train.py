@@ -102,7 +102,7 @@ def test_bad_settings_are_one_line_errors(tmp_path):
         Trainer(config("train.label_smoothing=1.0"), str(tmp_path), ONE)
     with pytest.raises(ValueError, match="needs an image model"):
         Trainer(load_config("classify:tiny,data.source=shapes"), str(tmp_path), ONE)
-    with pytest.raises(ValueError, match="image_size=30 is not divisible by model.patch_size=4"):
+    with pytest.raises(ValueError, match="image_size=30 is not divisible by model.patch_size=8"):
         Trainer(config("model.image_size=30"), str(tmp_path), ONE)
     trainer = Trainer(config("model.num_classes=4,model.class_names=()"), str(tmp_path), ONE)
     with pytest.raises(ValueError, match="num_classes=4 is fewer than the 6 classes"):
