@@ -52,6 +52,7 @@ SEQ_LEN = 20
 PROMPT_LEN = 6
 NEW_TOKENS = 8
 MIN_MARGIN = 1e-2  # smallest top-1 / top-2 logit gap allowed on the greedy path
+MIN_ROUTER_MARGIN = 1e-4  # smallest k-th / (k+1)-th expert score gap (MoE fixtures)
 VOCAB = 272  # above the 259 ids of tessera's byte tokenizer, so imports fine-tune on its corpus
 
 _ATTENTION = dict(
@@ -152,6 +153,108 @@ MODELS: dict[str, tuple[str, dict, str | None]] = {
         ),
         None,
     ),
+    # Mixture-of-experts and multi-head latent attention (MLA). Three layers where a family
+    # has dense first layers (DeepSeek's first_k_dense_replace), so both kinds are tested.
+    "mixtral": (
+        "MixtralConfig",
+        dict(_ATTENTION, intermediate_size=32, num_local_experts=4, num_experts_per_tok=2),
+        None,
+    ),
+    "qwen2_moe": (
+        "Qwen2MoeConfig",
+        dict(
+            _ATTENTION,
+            rope_theta=1000000.0,
+            moe_intermediate_size=16,
+            shared_expert_intermediate_size=48,
+            num_experts=4,
+            num_experts_per_tok=2,
+            norm_topk_prob=False,
+        ),
+        None,
+    ),
+    "qwen3_moe": (
+        "Qwen3MoeConfig",
+        dict(
+            _ATTENTION,
+            head_dim=16,
+            rope_theta=1000000.0,
+            moe_intermediate_size=16,
+            num_experts=4,
+            num_experts_per_tok=2,
+            norm_topk_prob=True,
+        ),
+        None,
+    ),
+    # DeepSeek-V2-Lite layout: no query compression, softmax routing limited to the best group.
+    "deepseek_v2": (
+        "DeepseekV2Config",
+        dict(
+            _ATTENTION,
+            num_hidden_layers=3,
+            num_key_value_heads=4,
+            moe_intermediate_size=16,
+            first_k_dense_replace=1,
+            n_routed_experts=4,
+            n_shared_experts=1,
+            num_experts_per_tok=2,
+            q_lora_rank=None,
+            kv_lora_rank=16,
+            qk_nope_head_dim=8,
+            qk_rope_head_dim=4,
+            v_head_dim=8,
+            topk_method="group_limited_greedy",
+            n_group=2,
+            topk_group=1,
+            routed_scaling_factor=1.5,
+            rope_parameters=dict(
+                rope_type="yarn",
+                rope_theta=10000.0,
+                factor=4.0,
+                original_max_position_embeddings=64,
+                mscale=0.707,
+                mscale_all_dim=0.707,
+                beta_fast=32.0,
+                beta_slow=1.0,
+            ),
+        ),
+        None,
+    ),
+    # DeepSeek-V3 layout: query compression, sigmoid scores with a selection bias, groups
+    # scored by their top two, normalised top-k weights scaled by routed_scaling_factor.
+    "deepseek_v3": (
+        "DeepseekV3Config",
+        dict(
+            _ATTENTION,
+            num_hidden_layers=3,
+            num_key_value_heads=4,
+            moe_intermediate_size=16,
+            first_k_dense_replace=1,
+            n_routed_experts=8,
+            n_shared_experts=1,
+            num_experts_per_tok=2,
+            q_lora_rank=16,
+            kv_lora_rank=16,
+            qk_nope_head_dim=8,
+            qk_rope_head_dim=4,
+            v_head_dim=8,
+            n_group=4,
+            topk_group=2,
+            norm_topk_prob=True,
+            routed_scaling_factor=2.5,
+            rope_parameters=dict(
+                rope_type="yarn",
+                rope_theta=10000.0,
+                factor=4.0,
+                original_max_position_embeddings=64,
+                mscale=1.0,
+                mscale_all_dim=1.0,
+                beta_fast=32.0,
+                beta_slow=1.0,
+            ),
+        ),
+        None,
+    ),
 }
 
 
@@ -205,8 +308,42 @@ def build(name: str, seed: int) -> torch.nn.Module:
                 p.copy_(1.0 + 0.2 * noise)
             elif leaf in ("bias", "A_log", "D", "dt_bias"):
                 p.add_(0.2 * noise)
+        for bname, buf in model.named_buffers():  # DeepSeek-V3's routing bias is a buffer
+            if bname.endswith("e_score_correction_bias"):
+                buf.copy_(0.2 * torch.randn(buf.shape, generator=gen))
     model.eval()
     return model
+
+
+@torch.no_grad()
+def router_margin(model: torch.nn.Module, tokens: np.ndarray) -> float:
+    """Smallest gap, over every token and MoE layer, between the k-th and (k+1)-th expert
+    selection score (router logits; sigmoid scores + bias for DeepSeek-V3): a fixture whose
+    routing sits on a tie would test float noise, not the port. inf for dense models."""
+    config = model.config
+    k = getattr(config, "num_experts_per_tok", None)
+    gaps: list[float] = []
+
+    def hook(module: torch.nn.Module, args: tuple, _out: object) -> None:
+        x = args[0].reshape(-1, args[0].shape[-1]).float()
+        scores = x @ module.weight.float().T
+        bias = getattr(module, "e_score_correction_bias", None)
+        if bias is not None:
+            scores = scores.sigmoid() + bias
+        top = scores.sort(dim=-1, descending=True).values
+        gaps.append(float((top[:, k - 1] - top[:, k]).min()))
+
+    handles = [
+        m.register_forward_hook(hook)
+        for n, m in model.named_modules()
+        if n.endswith(".gate") and getattr(m, "weight", None) is not None and k
+    ]
+    try:
+        logits_of(model, tokens)
+    finally:
+        for h in handles:
+            h.remove()
+    return min(gaps, default=float("inf"))
 
 
 @torch.no_grad()
@@ -277,6 +414,13 @@ class CausalLM:
         cont, margin = greedy(model, prompt)
         if margin < MIN_MARGIN or len(set(cont.tolist())) <= 2:
             return None
+        # Causal: one forward over prompt + continuation routes every greedy step's tokens.
+        routing = min(
+            router_margin(model, tokens),
+            router_margin(model, np.concatenate([prompt, cont[:-1]])[None]),
+        )
+        if routing < MIN_ROUTER_MARGIN:
+            return None
         window_effect(name, model, tokens)
         ref = dict(
             tokens=tokens,
@@ -284,7 +428,10 @@ class CausalLM:
             prompt=prompt,
             greedy=cont,
         )
-        return ref, f"greedy {cont.tolist()} (margin {margin:.3g})"
+        note = f"greedy {cont.tolist()} (margin {margin:.3g})"
+        if routing != float("inf"):
+            note += f", router margin {routing:.3g}"
+        return ref, note
 
     def check(
         self, model: torch.nn.Module, ref: Mapping[str, np.ndarray], source: str, tol: float

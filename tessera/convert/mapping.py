@@ -184,7 +184,9 @@ class Rule:
 
     ``hf`` containing ``{layer}`` makes a per-layer rule: ``ours`` is then relative to the block
     (``mixer/wq``) and ``mixer`` (optional) limits it to blocks with that sequence mixer, for
-    hybrid stacks. Otherwise ``ours`` is a path from the root (``embed/embedding``).
+    hybrid stacks. Otherwise ``ours`` is a path from the root (``embed/embedding``). ``{expert}``
+    as well (``mlp.experts.{expert}.up_proj.weight``): one HF tensor per expert fills one slice
+    of the parameter's expert axis, and ``transform`` maps one expert's tensor.
     """
 
     hf: str
@@ -208,6 +210,12 @@ class Rule:
     @property
     def per_layer(self) -> bool:
         return "{layer}" in self.hf
+
+    @property
+    def per_expert(self) -> bool:
+        """``{expert}`` in the name: one HF tensor per expert, stacked on the parameter's expert
+        axis (the first axis after the stacked layer axis)."""
+        return "{expert}" in self.hf
 
 
 # -- config --------------------------------------------------------------------------------

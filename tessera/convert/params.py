@@ -56,15 +56,26 @@ def path_str(path: Path) -> str:
 @dataclasses.dataclass(frozen=True)
 class Placement:
     """``rule`` filling tessera ``paths``: from ``hf_names[r]`` into slice ``r`` when stacked,
-    else from the one name."""
+    else from the one name. A per-expert rule (``experts`` > 0) reads one HF tensor per expert:
+    ``hf_names[r * experts + e]`` fills slice ``[r, e]`` (stacked) or ``[e]``."""
 
     rule: Rule
     paths: tuple[Path, ...]
     hf_names: tuple[str, ...]
     stacked: bool
+    experts: int = 0
 
     def layer_shapes(self, shapes: Mapping[Path, Any]) -> list[Shape]:
-        return [tuple(shapes[p].shape[1:] if self.stacked else shapes[p].shape) for p in self.paths]
+        """The shapes one HF tensor fills: without the stacked layer axis and the expert axis."""
+        drop = int(self.stacked) + int(self.experts > 0)
+        return [tuple(shapes[p].shape[drop:]) for p in self.paths]
+
+    def slot(self, i: int) -> tuple[int, ...]:
+        """Where the values of ``hf_names[i]`` go in each parameter."""
+        if self.experts:
+            r, e = divmod(i, self.experts)
+            return (r, e) if self.stacked else (e,)
+        return (i,) if self.stacked else ()
 
 
 def _split(path: str) -> Path:
@@ -81,7 +92,7 @@ def plan(family: Family, model: ConfigDict, shapes: Mapping[Path, Any]) -> list[
             groups = [((), (rule.hf,), False)]
         else:
             groups = [
-                (("prefix", i), (rule.hf.format(layer=i),), False)
+                (("prefix", i), (rule.hf.replace("{layer}", str(i)),), False)
                 for i, spec in enumerate(layout.prefix)
                 if rule.mixer in (None, spec.mixer)
             ]
@@ -89,7 +100,8 @@ def plan(family: Family, model: ConfigDict, shapes: Mapping[Path, Any]) -> list[
                 if rule.mixer not in (None, spec.mixer):
                     continue
                 names = [
-                    rule.hf.format(layer=layout.layer_index(j, r)) for r in range(layout.repeats)
+                    rule.hf.replace("{layer}", str(layout.layer_index(j, r)))
+                    for r in range(layout.repeats)
                 ]
                 if model.scan_layers:
                     groups.append((("units", "blocks", j), tuple(names), True))
@@ -108,6 +120,10 @@ def plan(family: Family, model: ConfigDict, shapes: Mapping[Path, Any]) -> list[
                     f"model_type {family.model_type}: rule for {rule.hf} fills {missing}, "
                     "which this model does not have"
                 )
+            experts = 0
+            if rule.per_expert:  # the expert axis follows the stacked layer axis
+                experts = int(shapes[paths[0]].shape[int(stacked)])
+                names = tuple(n.replace("{expert}", str(e)) for n in names for e in range(experts))
             for p in paths:
                 if p in filled:
                     raise ConversionError(
@@ -115,7 +131,7 @@ def plan(family: Family, model: ConfigDict, shapes: Mapping[Path, Any]) -> list[
                         f"filled by both {filled[p]} and {rule.hf}"
                     )
                 filled[p] = rule.hf
-            placements.append(Placement(rule, paths, names, stacked))
+            placements.append(Placement(rule, paths, names, stacked, experts))
     unfilled = [path_str(p) for p in shapes if p not in filled]
     if unfilled:
         raise ConversionError(
@@ -201,10 +217,10 @@ def read_params(
         layer_shapes = pl.layer_shapes(shapes)
         buffers = [np.empty(shapes[p].shape, shapes[p].dtype) for p in pl.paths]
         dtype = buffers[0].dtype
-        for r, name in enumerate(pl.hf_names):
+        for i, name in enumerate(pl.hf_names):
             values = pl.rule.transform.to_ours(cast(reader.get(name), dtype, name), layer_shapes)
             for buffer, value in zip(buffers, values):
-                buffer[r if pl.stacked else ...] = value
+                buffer[pl.slot(i)] = value
         for path, buffer in zip(pl.paths, buffers):
             out[path] = jax.make_array_from_callback(
                 buffer.shape, shardings[path], lambda index, b=buffer: b[index]
@@ -219,6 +235,6 @@ def hf_tensors(
     flat = flatten(params)
     for pl in plan(family, model, flat):
         hosts = [np.asarray(jax.device_get(flat[p])) for p in pl.paths]
-        for r, name in enumerate(pl.hf_names):
-            values = [h[r] if pl.stacked else h for h in hosts]
+        for i, name in enumerate(pl.hf_names):
+            values = [h[pl.slot(i)] for h in hosts]
             yield name, cast(np.ascontiguousarray(pl.rule.transform.to_hf(values)), dtype, name)

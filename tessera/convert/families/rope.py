@@ -4,7 +4,8 @@ Reads both HF layouts: transformers 4 (``rope_theta`` + ``rope_scaling``) and 5
 (``rope_parameters`` holding ``rope_theta``); where both are given ``rope_scaling`` wins, as in
 transformers. Exports both, so either major version loads the result. The scaling semantics are
 those of ``tessera.layers.positions`` (transformers 5's); parameters it does not implement
-(yarn's ``attention_factor`` / ``mscale``, partial rotary, per-layer-type RoPE) are refused.
+(yarn's ``attention_factor``, ``mscale`` outside the DeepSeek families, partial rotary,
+per-layer-type RoPE) are refused.
 """
 
 from __future__ import annotations
@@ -55,8 +56,19 @@ def _parameters(hf: Mapping[str, Any]) -> dict[str, Any]:
     return params
 
 
+# DeepSeek's yarn: mscale / mscale_all_dim scale the cos/sin table and the softmax (MLA).
+DEEPSEEK_YARN = ("mscale", "mscale_all_dim")
+
+
 class Rope:
-    """The RoPE part of a family's config table."""
+    """The RoPE part of a family's config table. ``deepseek_mscale``: yarn's ``mscale`` and
+    ``mscale_all_dim`` are read into ``model.rope_scaling`` (0 = absent) rather than refused."""
+
+    def __init__(self, deepseek_mscale: bool = False):
+        self.deepseek_mscale = deepseek_mscale
+
+    def _extra(self, kind: str) -> tuple[str, ...]:
+        return DEEPSEEK_YARN if self.deepseek_mscale and kind == "yarn" else ()
 
     def from_hf(self, hf: Mapping[str, Any]) -> dict[str, Any]:
         params = _parameters(hf)
@@ -67,7 +79,7 @@ class Rope:
             )
         for key, harmless in UNSUPPORTED.items():
             value = params.get(key, harmless)
-            if value != harmless:
+            if value != harmless and key not in self._extra(kind):
                 raise ConversionError(f"RoPE parameter {key}={value!r} is not supported")
         out: dict[str, Any] = {
             "rope_theta": float(params["rope_theta"]),
@@ -87,6 +99,8 @@ class Rope:
             if value is None:
                 raise ConversionError(f"rope_type {kind!r} needs {key!r} in its RoPE parameters")
             out[f"rope_scaling.{key}"] = value
+        for key in self._extra(kind):
+            out[f"rope_scaling.{key}"] = float(params.get(key) or 0.0)
         return out
 
     def to_hf(self, model: ConfigDict) -> dict[str, Any]:
@@ -101,6 +115,9 @@ class Rope:
             if key == "original_max_position_embeddings":
                 value = int(value) or int(model.max_seq_len)
             scaling[key] = value
+        for key in self._extra(kind):
+            if float(model.rope_scaling[key]):
+                scaling[key] = float(model.rope_scaling[key])
         return {
             "rope_theta": theta,
             "rope_scaling": None if kind == "default" else scaling,
