@@ -1,5 +1,7 @@
 """Decode throughput of a config's model (random weights): prefill and decode tokens/s at batch 1
-and 16, and the time of one decode step with 256 vs 2048 tokens already in the cache.
+and 16, the time of one decode step with 256 vs 2048 tokens already in the cache, and the
+cache's bytes per token (all layers, with the slot's position; per-sequence state, e.g.
+recurrent, is in the rows as ``cache_bytes_per_sequence``).
 
 ``python -m tessera.bench decode --config=llama:small [--contexts=256,8192] [--config.a.b=v]``.
 Compilation is ahead of time and not in the figures.
@@ -90,7 +92,7 @@ def run_decode_bench(
         case(f"context {context}", 1, context, context_steps + 1)
     print_table(
         [{k: r[k] for k in ("case", "batch", "context", "prefill_tok_s", "decode_tok_s",
-                            "ms_per_step")} for r in rows],
+                            "ms_per_step", "cache_bytes_per_token")} for r in rows],
         title=f"decode: {config_spec}",
     )
     return rows

@@ -61,6 +61,12 @@ def base_config() -> ConfigDict:
                     high_freq_factor=4.0,
                     beta_fast=32.0,
                     beta_slow=1.0,
+                    # yarn, DeepSeek's variant: cos/sin are scaled by
+                    # m(mscale) / m(mscale_all_dim), m(s) = 0.1 * s * ln(factor) + 1, when both
+                    # are set (0: unset, HF's 0.1 * ln(factor) + 1); mla also multiplies its
+                    # softmax scale by m(mscale_all_dim) ** 2.
+                    mscale=0.0,
+                    mscale_all_dim=0.0,
                 )
             ),
             num_classes=0,  # classifier models: number of classes
@@ -104,6 +110,17 @@ def base_config() -> ConfigDict:
                     conv_bias=True,
                     bias=False,  # in/out projection biases
                     impl="auto",  # auto | chunked | associative | sequential
+                )
+            ),
+            # Multi-head latent attention (mla, DeepSeek-V2/V3); heads = num_heads. Queries
+            # are nope | rope per head; keys and values come from one shared latent.
+            mla=ConfigDict(
+                dict(
+                    q_lora_rank=0,  # rank of the query compression; 0: a full query projection
+                    kv_lora_rank=64,  # latent width (what the cache keeps per token)
+                    qk_nope_head_dim=32,  # per-head query/key width without RoPE
+                    qk_rope_head_dim=16,  # per-head query width with RoPE; one shared rope key
+                    v_head_dim=32,
                 )
             ),
         )

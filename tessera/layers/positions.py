@@ -9,7 +9,10 @@ semantics follow `transformers.modeling_rope_utils` so imported checkpoints repr
   dynamic         dynamic NTK: theta rescaled once the sequence outgrows `max_position`
                   (HF's config.max_position_embeddings); a function of `seq_len`
   yarn            NTK-by-parts: interpolate low frequencies, keep high ones, linear ramp between;
-                  attention_factor defaults to 0.1 * ln(factor) + 1
+                  attention_factor defaults to 0.1 * ln(factor) + 1, or with DeepSeek's mscale
+                  and mscale_all_dim both set (non-zero) to m(mscale) / m(mscale_all_dim),
+                  m(s) = 0.1 * s * ln(factor) + 1 (HF's _compute_yarn_parameters);
+                  `yarn_softmax_scale` gives DeepSeek's matching softmax-scale factor
   llama3          Llama 3.1 wavelength-based smoothing between unchanged and factor-divided bands
 """
 
@@ -47,9 +50,29 @@ def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
     return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
 
 
-def _yarn(inv_freq: np.ndarray, head_dim: int, theta: float, cfg: dict, max_position: int):
+def _yarn_factor(cfg: dict, max_position: int) -> tuple[int, float]:
+    """(original context, factor): HF takes factor = max_position / original when unset."""
     original = cfg.get("original_max_position_embeddings") or max_position
-    factor = float(cfg.get("factor") or max_position / original)
+    return original, float(cfg.get("factor") or max_position / original)
+
+
+def yarn_softmax_scale(scaling: Any, max_position: int) -> float:
+    """DeepSeek's yarn correction of the softmax scale: ``m(mscale_all_dim) ** 2`` with
+    ``m(s) = 0.1 * s * ln(factor) + 1`` (1 for factor <= 1), as HF's ``yarn_apply_mscale``
+    multiplies ``1 / sqrt(qk_head_dim)`` by; 1.0 unless ``scaling`` is yarn with a non-zero
+    ``mscale_all_dim``. Only multi-head latent attention applies it (HF applies it in DeepSeek's
+    attention only)."""
+    cfg = _scaling_dict(scaling)
+    kind = cfg.get("type") or cfg.get("rope_type") or "default"
+    mscale_all_dim = cfg.get("mscale_all_dim")
+    if kind != "yarn" or not mscale_all_dim:
+        return 1.0
+    _, factor = _yarn_factor(cfg, max_position)
+    return _yarn_mscale(factor, float(mscale_all_dim)) ** 2
+
+
+def _yarn(inv_freq: np.ndarray, head_dim: int, theta: float, cfg: dict, max_position: int):
+    original, factor = _yarn_factor(cfg, max_position)
     attention_factor = cfg.get("attention_factor")
     if attention_factor is None:
         mscale, mscale_all_dim = cfg.get("mscale"), cfg.get("mscale_all_dim")

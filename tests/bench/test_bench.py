@@ -27,6 +27,17 @@ def test_decode_bench_rows(capsys):
     assert "decode: mamba2:tiny" in capsys.readouterr().out
 
 
+@pytest.mark.slow
+def test_decode_bench_prints_the_latent_cache_size(capsys):
+    """MLA keeps kv_lora_rank + qk_rope_head_dim values per token and layer: 2 x (64 + 16)
+    float32 values plus the int32 slot position."""
+    rows = run_decode_bench("deepseek:tiny", {"model.dtype": "float32"}, prompt_len=8,
+                            new_tokens=2, batches=(1,), contexts=(), devices=jax.devices()[:1])
+    assert [r["cache_bytes_per_token"] for r in rows] == [2 * (64 + 16) * 4 + 4]
+    out = capsys.readouterr().out
+    assert "cache_bytes_per_token" in out and " 644 " in out.splitlines()[-1] + " "
+
+
 def test_bench_cli_rejects_unknown_arguments(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--config=llama:tiny", "--bogus"])

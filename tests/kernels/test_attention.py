@@ -180,6 +180,34 @@ def test_chunked_matches_reference_float32(name):
         np.testing.assert_allclose(g_c, g_r, atol=1e-5, rtol=1e-5, err_msg=f"d{name_}")
 
 
+@pytest.mark.parametrize("hq, hkv, d, dv, t, s", [(4, 4, 12, 8, 29, 29), (4, 1, 20, 16, 12, 29)],
+                         ids=["mla_training_form", "mla_absorbed_form"])
+def test_value_dim_and_custom_scale_chunked_matches_reference(hq, hkv, d, dv, t, s):
+    """Multi-head latent attention's two calls: per-head keys of Dqk features with values of
+    Dv < Dqk, and one shared key / value head (MQA) over a cache-like tail of queries; both with
+    a softmax scale that is not 1 / sqrt(Dqk). Reference against the naive loop, chunked against
+    the reference, forward and gradients."""
+    b, scale = 2, 0.37
+    q, k, v = make_inputs(11, b, t, s, hq, hkv, d, dv)
+    kw = case_kwargs(dict(packed=True, window=9), b, t, s) | dict(scale=scale)
+    ct = jnp.asarray(np.random.default_rng(11).normal(size=(b, t, hq, dv)), jnp.float32)
+    out_r, grads_r = value_and_grads(reference.attention, q, k, v, kw, ct)
+    npy = {n: np.asarray(x) for n, x in kw.items() if n.endswith(("positions", "segment_ids"))}
+    want = naive_attention(q, k, v, npy["q_positions"], npy["kv_positions"],
+                           npy["q_segment_ids"], npy["kv_segment_ids"], True, 9, scale=scale)
+    assert out_r.shape == (b, t, hq, dv)
+    np.testing.assert_allclose(out_r, want, atol=1e-5, rtol=1e-5)
+    for impl in (functools.partial(chunked.attention, block_q=8, block_kv=8),
+                 functools.partial(attn.attention, impl="xla_chunked", block_q=4, block_kv=16)):
+        out_c, grads_c = value_and_grads(impl, q, k, v, kw, ct)
+        np.testing.assert_allclose(out_c, out_r, atol=1e-5, rtol=1e-5)
+        for name_, g_c, g_r in zip("qkv", grads_c, grads_r, strict=True):
+            np.testing.assert_allclose(g_c, g_r, atol=1e-5, rtol=1e-5, err_msg=f"d{name_}")
+    # The scale matters: the default one gives another result.
+    assert not np.allclose(reference.attention(q, k, v, **(kw | dict(scale=None))), out_r,
+                           atol=1e-3)
+
+
 def test_chunked_matches_reference_bfloat16():
     case = dict(hq=4, hkv=2, packed=True, window=8)
     b, t = 2, 37

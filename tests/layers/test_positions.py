@@ -9,7 +9,12 @@ import ml_collections
 import numpy as np
 import pytest
 
-from tessera.layers.positions import ROPE_TYPES, apply_rope, rope_frequencies
+from tessera.layers.positions import (
+    ROPE_TYPES,
+    apply_rope,
+    rope_frequencies,
+    yarn_softmax_scale,
+)
 
 
 def default_inv_freq(dim, theta):
@@ -157,6 +162,31 @@ def test_yarn():
     inv_freq, factor = rope_frequencies(64, theta=1e4, scaling=scaling, max_position=8192)
     assert factor == 0.9
     np.testing.assert_allclose(inv_freq, yarn_numpy(64, 1e4, 4.0, 2048, 16, 2)[0], rtol=1e-6)
+
+
+def test_yarn_deepseek_mscale():
+    """DeepSeek's yarn (HF's _compute_yarn_parameters, yarn_apply_mscale): cos/sin scaled by
+    m(mscale) / m(mscale_all_dim), m(s) = 0.1 s ln(factor) + 1, and the softmax scale by
+    m(mscale_all_dim)^2; the base config's unset (0) mscale fields change nothing."""
+    from tessera.configs.base import base_config
+
+    deepseek = {"type": "yarn", "factor": 40.0, "original_max_position_embeddings": 4096,
+                "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 0.8, "mscale_all_dim": 0.6}
+    inv_freq, factor = rope_frequencies(64, theta=1e4, scaling=deepseek, max_position=163840)
+    m = lambda s: 0.1 * s * math.log(40.0) + 1
+    assert factor == pytest.approx(m(0.8) / m(0.6))
+    np.testing.assert_allclose(inv_freq, yarn_numpy(64, 1e4, 40.0, 4096)[0], rtol=1e-6)
+    assert yarn_softmax_scale(deepseek, 163840) == pytest.approx(m(0.6) ** 2)
+    for published in (0.707, 1.0):  # V2-Lite, V3: mscale == mscale_all_dim
+        same = {**deepseek, "mscale": published, "mscale_all_dim": published}
+        assert rope_frequencies(64, theta=1e4, scaling=same, max_position=163840)[1] == 1.0
+    # The base config's fields (mscale = mscale_all_dim = 0) keep yarn as it was.
+    scaling = base_config().model.rope_scaling
+    scaling.update(type="yarn", factor=4.0, original_max_position_embeddings=2048)
+    assert rope_frequencies(64, theta=1e4, scaling=scaling, max_position=8192)[1] == (
+        pytest.approx(0.1 * math.log(4.0) + 1))
+    assert yarn_softmax_scale(scaling, 8192) == 1.0
+    assert yarn_softmax_scale({"type": "llama3", "mscale_all_dim": 1.0}, 8192) == 1.0
 
 
 def llama3_numpy(dim, theta, factor, low_freq_factor, high_freq_factor, original):

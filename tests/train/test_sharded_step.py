@@ -86,8 +86,8 @@ def test_grad_accumulation_matches_full_batch(single, tmp_path):
     assert_same_update(init, p_full, p_acc)
 
 
-@pytest.mark.parametrize("family", ["mamba", "mamba2", "hybrid"])
-def test_recurrent_families_sharded_step_matches_single_device(family, tmp_path):
+@pytest.mark.parametrize("family", ["mamba", "mamba2", "hybrid", "deepseek"])
+def test_other_families_sharded_step_matches_single_device(family, tmp_path):
     _, _, _, m_1 = one_step(tiny_config(family=family, data=1), tmp_path / "one",
                             jax.devices()[:1])
     _, _, _, m_n = one_step(tiny_config(family=family, fsdp=4, tensor=2), tmp_path / "mesh")

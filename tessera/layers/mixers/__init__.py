@@ -9,10 +9,16 @@ from tessera.layers.mixers.attention import Attention
 from tessera.layers.mixers.base import Aux, SeqInfo, merge_aux, write_cache
 from tessera.layers.mixers.mamba import Mamba
 from tessera.layers.mixers.mamba2 import Mamba2
+from tessera.layers.mixers.mla import MLA
 from tessera.layers.mlp import MLP
 from tessera.sharding.rules import register_logical_rules
 
-SEQUENCE_MIXERS: dict[str, type] = {"attention": Attention, "mamba": Mamba, "mamba2": Mamba2}
+SEQUENCE_MIXERS: dict[str, type] = {
+    "attention": Attention,
+    "mamba": Mamba,
+    "mamba2": Mamba2,
+    "mla": MLA,
+}
 CHANNEL_MIXERS: dict[str, type | None] = {"mlp": MLP, "none": None}
 
 for _name, _cls in (*SEQUENCE_MIXERS.items(), *CHANNEL_MIXERS.items()):
@@ -26,6 +32,7 @@ __all__ = [
     "Aux",
     "Mamba",
     "Mamba2",
+    "MLA",
     "SeqInfo",
     "merge_aux",
     "write_cache",
