@@ -121,6 +121,8 @@ def base_config() -> ConfigDict:
                     qk_nope_head_dim=32,  # per-head query/key width without RoPE
                     qk_rope_head_dim=16,  # per-head query width with RoPE; one shared rope key
                     v_head_dim=32,
+                    rope_interleave=False,  # rope features as interleaved pairs (HF DeepSeek)
+                    norm_eps=1e-6,  # eps of the q / kv latent RMSNorms (HF: always 1e-6)
                 )
             ),
         )

@@ -49,8 +49,19 @@ def rotate(x, positions, inv_freq, factor):
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 
+def rotate_pairs(x, positions, inv_freq, factor):
+    """Interleaved RoPE (HF DeepSeek's complex form): features (2i, 2i + 1) at angle
+    position * inv_freq[i]."""
+    angle = positions[..., None].astype(jnp.float32) * inv_freq
+    cos, sin = jnp.cos(angle) * factor, jnp.sin(angle) * factor
+    if x.ndim == 4:
+        cos, sin = cos[:, :, None], sin[:, :, None]
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    return jnp.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).reshape(x.shape)
+
+
 def mla_reference(p, x, positions, segment_ids, *, nope, rank, inv_freq, factor, scale, eps,
-                  window=None):
+                  window=None, interleave=False):
     """DeepSeek's MLA as HF writes it, in plain jnp: query (optionally through a normed rank-Q
     bottleneck), [latent | k_rope] = x wkv_a, latent normed and decompressed per head into
     [k_nope | v], the rope key shared by all heads, masked softmax, output projection."""
@@ -59,10 +70,11 @@ def mla_reference(p, x, positions, segment_ids, *, nope, rank, inv_freq, factor,
     else:
         c = rms(x @ p["wq_a"], p["q_norm"]["scale"], eps)
         q = jnp.einsum("btr,rhk->bthk", c, p["wq_b"])
-    q = jnp.concatenate([q[..., :nope], rotate(q[..., nope:], positions, inv_freq, factor)], -1)
+    rotate_fn = rotate_pairs if interleave else rotate
+    q = jnp.concatenate([q[..., :nope], rotate_fn(q[..., nope:], positions, inv_freq, factor)], -1)
     kv = x @ p["wkv_a"]
     latent = rms(kv[..., :rank], p["kv_norm"]["scale"], eps)
-    k_rope = rotate(kv[..., rank:], positions, inv_freq, factor)
+    k_rope = rotate_fn(kv[..., rank:], positions, inv_freq, factor)
     kvb = jnp.einsum("btr,rhk->bthk", latent, p["wkv_b"])
     k_nope, v = kvb[..., :nope], kvb[..., nope:]
     k = jnp.concatenate([k_nope, jnp.broadcast_to(k_rope[:, :, None], (*k_nope.shape[:3],
@@ -106,6 +118,7 @@ POSITIONS = np.array([list(range(5)) + list(range(6)) + [0, 0], list(range(11)) 
 MIXER_CASES = {
     "no_q_lora_yarn_mscale": dict(q_lora_rank=0, yarn=True),
     "q_lora": dict(q_lora_rank=24),
+    "q_lora_interleaved_rope": dict(q_lora_rank=24, interleave=True),
     "q_lora_chunked_window": dict(q_lora_rank=24, impl="xla_chunked", window=3),
 }
 
@@ -117,7 +130,8 @@ def test_training_form_matches_mla_math(name):
     cfg.update(d_model=40, num_heads=3, norm_eps=1e-5, max_seq_len=64,
                attention_impl=case.get("impl", "xla"), sliding_window=case.get("window", 0))
     cfg.mla.update(q_lora_rank=case["q_lora_rank"], kv_lora_rank=20, qk_nope_head_dim=12,
-                   qk_rope_head_dim=8, v_head_dim=10)
+                   qk_rope_head_dim=8, v_head_dim=10, norm_eps=1e-5,
+                   rope_interleave=case.get("interleave", False))
     scale = 20**-0.5
     if case.get("yarn"):
         cfg.rope_scaling.update(type="yarn", factor=4.0, original_max_position_embeddings=16,
@@ -144,7 +158,8 @@ def test_training_form_matches_mla_math(name):
 
     def reference(params, x):
         y = mla_reference(params, x, positions, segments, nope=12, rank=20, inv_freq=inv_freq,
-                          factor=factor, scale=scale, eps=1e-5, window=case.get("window"))
+                          factor=factor, scale=scale, eps=1e-5, window=case.get("window"),
+                          interleave=case.get("interleave", False))
         return jnp.sum(y * ct), y
 
     grad = lambda f: jax.jit(jax.value_and_grad(f, argnums=(0, 1), has_aux=True))

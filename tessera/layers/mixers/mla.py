@@ -8,17 +8,19 @@ compression, DeepSeek-V2-Lite).
 Parameters (logical axes):
   wq       [D, H, Dn + Dr]   (embed, heads, head_dim)       Q == 0 only
   wq_a     [D, Q]            (embed, q_lora)                Q > 0: x -> compressed query
-  q_norm   RMSNorm over Q (eps = model.norm_eps)
+  q_norm   RMSNorm over Q (eps = model.mla.norm_eps)
   wq_b     [Q, H, Dn + Dr]   (q_lora, heads, head_dim)
   wkv_a    [D, R + Dr]       (embed, kv_lora)               x -> [latent | k_rope]
-  kv_norm  RMSNorm over R (the latent, not k_rope)
+  kv_norm  RMSNorm over R (the latent, not k_rope; eps = model.mla.norm_eps)
   wkv_b    [R, H, Dn + Dv]   (kv_lora, heads, head_dim)     latent -> per head [k_nope | v]
   wo       [H, Dv, D]        (heads, head_dim, embed)
 
 RoPE (``apply_rope``, the half-split "rotate_half" layout of the Llama path, with the model's
 rope_theta / rope_scaling over Dr features) rotates each head's query rope part and the single
-k_rope, which every head shares. HF's DeepSeek checkpoints use the interleaved layout
-(``rope_interleave``); an importer permutes the rope columns of wq / wq_b / wkv_a to ours.
+k_rope, which every head shares. ``model.mla.rope_interleave`` (HF DeepSeek's layout, set by
+the importer) first regroups the rope features from interleaved pairs (0, 1), (2, 3), ... into
+that half-split layout, in queries and keys alike, so HF weights are used as they are. The
+latent norms ``q_norm`` / ``kv_norm`` use ``model.mla.norm_eps`` (HF: always 1e-6).
 
 Softmax scale: ``1 / sqrt(Dn + Dr)``, times ``m ** 2`` for yarn scaling with a non-zero
 ``mscale_all_dim``, ``m = 0.1 * mscale_all_dim * ln(factor) + 1`` (HF's ``yarn_apply_mscale``,
@@ -114,12 +116,13 @@ class MLA(nnx.Module):
         self.rope_theta = float(cfg.rope_theta)
         self.rope_scaling = dict(cfg.rope_scaling)
         self.max_seq_len = int(cfg.max_seq_len)
+        self.rope_interleave = bool(cfg.mla.rope_interleave)
         self.scale = dims.qk**-0.5 * yarn_softmax_scale(cfg.rope_scaling, int(cfg.max_seq_len))
         init, pd = normal(cfg.init_std), cfg.param_dtype
         if dims.q_lora:
             self.wq = None
             self.wq_a = param(rngs, init, (d, dims.q_lora), ("embed", "q_lora"), pd)
-            self.q_norm = RMSNorm(dims.q_lora, eps=cfg.norm_eps, param_dtype=pd, rngs=rngs)
+            self.q_norm = RMSNorm(dims.q_lora, eps=cfg.mla.norm_eps, param_dtype=pd, rngs=rngs)
             self.wq_b = param(
                 rngs, init, (dims.q_lora, h, dims.qk), ("q_lora", "heads", "head_dim"), pd
             )
@@ -127,7 +130,7 @@ class MLA(nnx.Module):
             self.wq = param(rngs, init, (d, h, dims.qk), ("embed", "heads", "head_dim"), pd)
             self.wq_a = self.q_norm = self.wq_b = None
         self.wkv_a = param(rngs, init, (d, dims.kv_lora + dims.rope), ("embed", "kv_lora"), pd)
-        self.kv_norm = RMSNorm(dims.kv_lora, eps=cfg.norm_eps, param_dtype=pd, rngs=rngs)
+        self.kv_norm = RMSNorm(dims.kv_lora, eps=cfg.mla.norm_eps, param_dtype=pd, rngs=rngs)
         self.wkv_b = param(
             rngs, init, (dims.kv_lora, h, dims.nope + dims.v), ("kv_lora", "heads", "head_dim"), pd
         )
@@ -138,6 +141,8 @@ class MLA(nnx.Module):
             self.dims.rope, theta=self.rope_theta, scaling=self.rope_scaling,
             max_position=self.max_seq_len,
         )
+        if self.rope_interleave:  # [..., (Dr/2, 2)] pairs -> [..., (2, Dr/2)] halves
+            x = jnp.swapaxes(x.reshape(*x.shape[:-1], -1, 2), -1, -2).reshape(x.shape)
         return apply_rope(x, positions, inv_freq, factor)
 
     def _query(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
