@@ -10,10 +10,11 @@ from tessera.layers.mixers.base import Aux, SeqInfo, merge_aux, write_cache
 from tessera.layers.mixers.mamba import Mamba
 from tessera.layers.mixers.mamba2 import Mamba2
 from tessera.layers.mlp import MLP
+from tessera.layers.moe import MoE
 from tessera.sharding.rules import register_logical_rules
 
 SEQUENCE_MIXERS: dict[str, type] = {"attention": Attention, "mamba": Mamba, "mamba2": Mamba2}
-CHANNEL_MIXERS: dict[str, type | None] = {"mlp": MLP, "none": None}
+CHANNEL_MIXERS: dict[str, type | None] = {"mlp": MLP, "moe": MoE, "none": None}
 
 for _name, _cls in (*SEQUENCE_MIXERS.items(), *CHANNEL_MIXERS.items()):
     if _cls is not None:
@@ -26,6 +27,7 @@ __all__ = [
     "Aux",
     "Mamba",
     "Mamba2",
+    "MoE",
     "SeqInfo",
     "merge_aux",
     "write_cache",
