@@ -43,9 +43,13 @@ def grouped_ffn(
     """The SwiGLU experts on rows grouped by expert: xs [M, D] whose first ``group_sizes[0]``
     rows go to expert 0, the next ``group_sizes[1]`` to expert 1, ... (``jax.lax.ragged_dot``).
     Rows past ``sum(group_sizes)`` belong to no expert; their output is not meaningful."""
-    gate = jax.lax.ragged_dot(xs, wi_gate, group_sizes)
-    up = jax.lax.ragged_dot(xs, wi_up, group_sizes)
-    return jax.lax.ragged_dot(jax.nn.silu(gate) * up, wo, group_sizes)
+    # bf16 operands: an explicit DEFAULT precision. It computes what HIGHEST would (bf16 products
+    # are exact, accumulation is float32), and TPU's ragged-dot kernel fails to compile bf16
+    # under HIGHEST ("Bad lhs type", jax 0.12), which a global jax_default_matmul_precision
+    # would otherwise ask for.
+    precision = jax.lax.Precision.DEFAULT if xs.dtype == jnp.bfloat16 else None
+    dot = lambda a, w: jax.lax.ragged_dot(a, w, group_sizes, precision=precision)
+    return dot(jax.nn.silu(dot(xs, wi_gate)) * dot(xs, wi_up), wo)
 
 
 def rank_in_group(keys: jax.Array) -> tuple[jax.Array, jax.Array]:
