@@ -125,6 +125,39 @@ def base_config() -> ConfigDict:
                     norm_eps=1e-6,  # eps of the q / kv latent RMSNorms (HF: always 1e-6)
                 )
             ),
+            # Mixture-of-experts channel mixer (pattern entries "...:moe", layers/moe.py).
+            moe=ConfigDict(
+                dict(
+                    num_experts=8,
+                    num_experts_per_tok=2,  # top-k
+                    expert_dim=256,  # hidden width of each (SwiGLU) expert
+                    num_shared_experts=0,  # 0: none; > 0: a shared MLP of shared_expert_dim
+                    shared_expert_dim=0,  # width of the shared MLP (all shared experts together)
+                    shared_expert_gate=False,  # Qwen2-MoE: sigmoid(x @ shared_gate) scales it
+                    score_func="softmax",  # softmax | sigmoid (DeepSeek-V3)
+                    norm_topk_prob=True,  # renormalise the k selected weights to sum 1
+                    routed_scaling_factor=1.0,  # multiplies the routed experts' weights
+                    # Group-limited routing (DeepSeek): experts in n_group groups, only the
+                    # topk_group best groups eligible; group score "max" (V2) or "top2_sum" (V3).
+                    n_group=1,
+                    topk_group=1,
+                    group_score="max",
+                    # A per-expert bias added to the scores for the top-k choice only
+                    # (DeepSeek-V3's e_score_correction_bias); implied by bias_update_rate > 0.
+                    router_bias=False,
+                    # After each train step bias_i += rate * sign(mean load - load_i).
+                    bias_update_rate=0.0,
+                    # Load-balancing loss E * sum_i f_i P_i (f: share of assignments, P: mean
+                    # router probability; 1 when balanced) per layer; HF's Mixtral loss is
+                    # num_experts_per_tok times this, averaged over layers.
+                    aux_loss_coef=0.01,
+                    z_loss_coef=0.0,  # router z-loss mean(logsumexp(logits)^2) per layer
+                    # 0: dropless; > 0: an expert takes at most
+                    # ceil(capacity_factor * T * k / E) assignments of a row of T tokens.
+                    capacity_factor=0.0,
+                    impl="auto",  # auto | ragged | dense (kernels/moe)
+                )
+            ),
         )
     )
 

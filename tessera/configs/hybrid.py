@@ -2,8 +2,8 @@
 
 The ratio is the ``pattern``: ``("mamba2:mlp",) * (k - 1) + ("attention:mlp",)`` puts attention
 in every k-th layer (k = 4 here; Jamba uses k = 8). Jamba also swaps every other MLP for a
-mixture of experts; tessera has no MoE channel mixer yet, so every block uses a dense MLP. The
-attention blocks keep RoPE (Jamba's have no positional encoding).
+mixture of experts (entries such as ``"mamba2:moe"``, ``model.moe``); these presets keep dense
+MLPs. The attention blocks keep RoPE (Jamba's have no positional encoding).
 """
 
 from tessera.configs.base import ConfigDict, make_get_config

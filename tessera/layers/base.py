@@ -1,8 +1,11 @@
-"""Parameter creation with logical axis names, and dtype helpers shared by every layer."""
+"""Parameter creation with logical axis names, dtype helpers shared by every layer, and the
+declaration of parameters updated by a rule instead of the optimizer (``RuleUpdate``)."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -49,3 +52,16 @@ def zeros(key: jax.Array, shape: Sequence[int], dtype: jnp.dtype) -> jax.Array:
 def cast(p: nnx.Param, dtype: jnp.dtype) -> jax.Array:
     """A parameter's value in the compute dtype."""
     return jnp.asarray(p[...], dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class RuleUpdate:
+    """A parameter the optimizer leaves alone: after every applied train step it is replaced by
+    ``fn(block_cfg, value, stat)``, where ``stat`` is the statistic ``stat`` its own layer
+    emitted in the step's aux (averaged over the step's micro-batches). Mixers list theirs in
+    ``RULE_UPDATES``; ``param`` names the attribute (absent / None: nothing to update). ``fn``
+    sees one layer's parameter and statistic (stacked layers are mapped over)."""
+
+    param: str
+    stat: str
+    fn: Callable[[Any, jax.Array, jax.Array], jax.Array]

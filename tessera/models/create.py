@@ -6,6 +6,7 @@ orbax and ``jax.jit`` shardings see. ``merge`` turns it back into a module insid
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections.abc import Mapping
@@ -16,7 +17,9 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from tessera.configs.base import ConfigDict
+from tessera.models.layout import layer_mixers
 from tessera.models.registry import build_model
+from tessera.models.updates import RuleTarget, rule_targets
 from tessera.sharding import logical_to_spec, variable_names
 
 PyTree = Any
@@ -54,6 +57,7 @@ class ModelSpec:
         (once per process); ``strict`` (``config.mesh.strict``) makes it a ValueError.
         """
         sizes = dict(mesh.shape)
+        self.check_mesh(sizes, rules)
         flat = jax.tree_util.tree_flatten_with_path(
             self.axis_names, is_leaf=lambda x: isinstance(x, tuple)
         )[0]
@@ -81,6 +85,22 @@ class ModelSpec:
                         stacklevel=2,
                     )
         return jax.tree.unflatten(jax.tree.structure(self.shapes), out)
+
+    def check_mesh(self, sizes: Mapping[str, int], rules: Mapping[str, tuple[str, ...]]) -> None:
+        """Each mixer's own requirements on the mesh (``check_mesh(cfg, sizes, rules)`` of its
+        class, e.g. MoE's experts divisible by the expert axis): a ValueError naming the keys."""
+        if "pattern" not in self.cfg:
+            return
+        for cfg, classes in layer_mixers(self.cfg):
+            for cls in classes.values():
+                if cls is not None and hasattr(cls, "check_mesh"):
+                    cls.check_mesh(cfg, dict(sizes), dict(rules))
+
+    @functools.cached_property
+    def rule_targets(self) -> list[RuleTarget]:
+        """The parameters updated by a rule after each train step instead of by the optimizer
+        (``models/updates.py``)."""
+        return rule_targets(self.cfg, self.shapes)
 
     def abstract(self, mesh: Mesh, rules: Mapping[str, tuple[str, ...]]) -> PyTree:
         """ShapeDtypeStructs with shardings (restore targets, AOT compilation inputs)."""

@@ -139,3 +139,15 @@ def compress_layers(entries: list[str]) -> tuple[tuple[str, ...], tuple[str, ...
                 break
     p, q = best
     return tuple(entries[:p]), tuple(entries[p : p + q])
+
+
+def layer_mixers(cfg: ConfigDict) -> list[tuple[ml_collections.FrozenConfigDict, dict[str, Any]]]:
+    """Every layer of ``cfg``'s layout in depth order: (its block config, its mixer classes by
+    parameter slot: ``{"mixer": sequence mixer, "channel": channel mixer or None}``)."""
+    from tessera.layers.mixers import CHANNEL_MIXERS, SEQUENCE_MIXERS
+
+    return [
+        (spec.config(cfg), {"mixer": SEQUENCE_MIXERS[spec.mixer],
+                            "channel": CHANNEL_MIXERS[spec.channel]})
+        for spec in parse_layout(cfg).layers()
+    ]

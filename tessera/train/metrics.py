@@ -2,13 +2,17 @@
 
 Train rows are ``{"step": s, "loss": ..., ...}`` (TensorBoard tags ``train/<key>``); eval rows are
 separate, ``{"step": s, "eval/loss": ..., "eval/<metric>": ...}`` (tags as written), told apart
-by their ``eval/loss``.
+by their ``eval/loss``. Per-layer statistics become one value per layer (``flatten_metrics``).
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
 
 from tessera.files import write_atomic
 
@@ -77,3 +81,31 @@ def read_metrics(workdir: str, kind: str | None = None) -> list[dict]:
     if kind is None:
         return rows
     return [r for r in rows if (EVAL_KEY in r) == (kind == "eval")]
+
+
+def flatten_metrics(
+    row: Mapping[str, Any], depths: Callable[[str], Sequence[int]]
+) -> dict[str, float]:
+    """One float per name, as metrics.jsonl and TensorBoard take them: scalars as they are; a
+    per-layer statistic ``key`` [layers, ...] (model aux, ``tasks.base.add_aux_losses``) one
+    value per layer, named by its depth from ``depths(key)``: ``key/layer_<d>`` for [layers],
+    else its max and min over the other axes, ``key_max/layer_<d>`` and ``key_min/layer_<d>``
+    (an MoE layer's ``aux/expert_load_max/layer_3``)."""
+    out: dict[str, float] = {}
+    for key, value in row.items():
+        value = np.asarray(value, np.float64)
+        if value.ndim == 0:
+            out[key] = float(value)
+            continue
+        layers = depths(key)
+        if len(layers) != value.shape[0]:
+            raise ValueError(
+                f"metric {key!r} has {value.shape[0]} rows for {len(layers)} layers {list(layers)}"
+            )
+        for depth, v in zip(layers, value):
+            if v.ndim == 0:
+                out[f"{key}/layer_{depth}"] = float(v)
+            else:
+                out[f"{key}_max/layer_{depth}"] = float(v.max())
+                out[f"{key}_min/layer_{depth}"] = float(v.min())
+    return out

@@ -42,13 +42,22 @@ def decay_mask(axis_names: Any) -> Any:
 
 
 def make_optimizer(
-    optim: ConfigDict, total_steps: int, mask: Any = None
+    optim: ConfigDict, total_steps: int, mask: Any = None, frozen: Any = None
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """The optax chain and its learning-rate schedule; ``mask``: tree of bools (decay or not)."""
+    """The optax chain and its learning-rate schedule; ``mask``: tree of bools (decay or not).
+
+    ``frozen``: tree of bools, True for parameters the optimizer must leave alone (rule-updated,
+    ``layers/base.py: RuleUpdate``): their gradients are zeroed before clipping and they are not
+    decayed, so their update is exactly zero. None (or no True leaf): the plain chain.
+    """
     if optim.name != "adamw":
         raise ValueError(f"optim.name: unknown optimizer {optim.name!r}; known: adamw")
     schedule = make_schedule(optim, total_steps)
     chain = []
+    if frozen is not None and any(jax.tree.leaves(frozen)):
+        chain.append(optax.masked(optax.set_to_zero(), frozen))
+        decayed = mask if mask is not None else jax.tree.map(lambda f: True, frozen)
+        mask = jax.tree.map(lambda d, f: bool(d) and not f, decayed, frozen)
     if optim.clip_norm and optim.clip_norm > 0:
         chain.append(optax.clip_by_global_norm(float(optim.clip_norm)))
     chain.append(

@@ -28,14 +28,16 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from tessera.configs.base import ConfigDict
 from tessera.models.create import ModelSpec, abstract_arrays
+from tessera.models.updates import apply_rule_updates, rule_mask, stat_depths
 from tessera.sharding import logical_sharding, make_mesh, make_rules, use_mesh
 from tessera.train import flops as flops_lib
 from tessera.train.checkpoints import Checkpointer
-from tessera.train.metrics import MetricsWriter
+from tessera.train.metrics import MetricsWriter, flatten_metrics
 from tessera.train.optimizers import decay_mask, make_optimizer
 from tessera.train.progress import Progress
 from tessera.train.rng import eval_rng, step_rng
 from tessera.train.tasks import get_task
+from tessera.train.tasks.base import AUX_PREFIX
 from tessera.train.workdir import config_changes, hold_workdir, save_config
 
 PyTree = Any
@@ -101,8 +103,13 @@ class Trainer:
         self.mesh = make_mesh(config.mesh, devices)
         self.rules = make_rules(config.mesh.rules)
         self.spec = ModelSpec(config.model)
+        # Parameters set by a rule after each step (MoE router bias), not by the optimizer.
+        self.rule_targets = self.spec.rule_targets
         self.tx, self.schedule = make_optimizer(
-            config.optim, config.train.steps, decay_mask(self.spec.axis_names)
+            config.optim,
+            config.train.steps,
+            decay_mask(self.spec.axis_names),
+            frozen=rule_mask(self.rule_targets, self.spec.shapes) if self.rule_targets else None,
         )
         self.param_states = self.task.param_states()
         replicated = NamedSharding(self.mesh, PartitionSpec())
@@ -140,6 +147,7 @@ class Trainer:
             self._train_step, out_shardings=(self.state_shardings, replicated), donate_argnums=0
         )
         self._eval_step = jax.jit(self._eval_batch, out_shardings=replicated)
+        self._depths: dict[str, list[int]] = {}
 
     # -- state -----------------------------------------------------------------------------
     def init_state(self) -> PyTree:
@@ -207,6 +215,11 @@ class Trainer:
             grad_norm = optax.tree.norm(grads)
             updates, opt_state = self.tx.update(grads, state["opt_state"], params)
             new_params = optax.apply_updates(params, updates)
+            task_metrics = self.task.metrics(sums, denom)
+            if self.rule_targets:
+                new_params = apply_rule_updates(
+                    self.rule_targets, new_params, self._rule_stats(task_metrics)
+                )
             finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
             # A non-finite step is never applied: the parameters stay the last good ones.
             keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
@@ -217,7 +230,6 @@ class Trainer:
             }
             for name, extra in self.param_states.items():
                 new_state[name] = keep(extra.update(state[name], new_params), state[name])
-            task_metrics = self.task.metrics(sums, denom)
             clash = set(task_metrics) & set(_TRAINER_METRICS)
             if clash:
                 raise ValueError(
@@ -233,6 +245,33 @@ class Trainer:
                 "finite": finite,
             }
             return new_state, metrics
+
+    def _rule_stats(self, metrics: dict) -> dict[str, jax.Array]:
+        """The statistics the rule updates read, from the task's metrics (``aux/<key>``, weighted
+        means over the step's micro-batches)."""
+        stats = {}
+        for target in self.rule_targets:
+            key = f"{AUX_PREFIX}{target.update.stat}"
+            if key not in metrics:
+                raise ValueError(
+                    f"parameter {'/'.join(map(str, target.path))} is updated from the model's aux "
+                    f"statistic {target.update.stat!r}, which task {self.task.name} does not "
+                    "report (tasks report model aux through add_aux_losses)"
+                )
+            stats[target.update.stat] = metrics[key]
+        return stats
+
+    def stat_depths(self, key: str) -> list[int]:
+        """The layer (depth) of each row of the per-layer metric ``key`` (``aux/<stat>``)."""
+        if not key.startswith(AUX_PREFIX):
+            raise ValueError(f"task {self.task.name} reports metric {key!r} that is not a scalar")
+        if key not in self._depths:
+            self._depths[key] = stat_depths(self.config.model, key[len(AUX_PREFIX):])
+        return self._depths[key]
+
+    def flat_metrics(self, row: dict) -> dict[str, float]:
+        """A fetched metrics row as floats, per-layer statistics one value per layer."""
+        return flatten_metrics(row, self.stat_depths)
 
     def _eval_batch(self, params: PyTree, batch: dict, index: jax.Array):
         with use_mesh(self.mesh, self.rules):
@@ -291,10 +330,10 @@ class Trainer:
         for prefix, outs in jax.device_get(results).items():
             total = sum(float(t) for t, _, _ in outs)
             denom = max(sum(float(w) for _, w, _ in outs), 1.0)
-            sums = {k: sum(float(s[k]) for _, _, s in outs) for k in outs[0][2]}
+            sums = {k: sum(np.asarray(s[k], np.float64) for _, _, s in outs) for k in outs[0][2]}
             row[f"{prefix}/loss"] = total / denom
-            for k, v in self.task.eval_metrics(sums, denom).items():
-                row[f"{prefix}/{k}"] = float(v)
+            for k, v in self.flat_metrics(self.task.eval_metrics(sums, denom)).items():
+                row[f"{prefix}/{k}"] = v
         return row
 
     # -- loop ------------------------------------------------------------------------------
@@ -384,7 +423,8 @@ class Trainer:
                         f"checkpoint is step {good}. Set train.nan_policy=skip to skip such steps."
                     )
             now = time.perf_counter()
-            row = {k: float(np.mean([r[k] for r in rows])) for k in rows[-1]}
+            flat = [self.flat_metrics(r) for r in rows]
+            row = {k: float(np.mean([r[k] for r in flat])) for k in flat[-1]}
             row["loss_last"] = float(rows[-1]["loss"])
             row["skipped_steps"] = int(sum(not bool(r["finite"]) for r in rows))
             if t_mark is not None and steps_since:

@@ -88,7 +88,7 @@ def test_extrapolate_tree():
 # Every packaged config's tiny preset: the train step on v5e, v5p and v6e with a different mesh
 # on each (the state-space ones on two of them), and the decode programs of the language models.
 TINY = ["llama:tiny", "mamba:tiny", "mamba2:tiny", "hybrid:tiny", "classify:tiny", "vit:tiny",
-        "deepseek:tiny"]
+        "deepseek:tiny", "qwen_moe:tiny"]
 CLASSIFIERS = ("classify:tiny", "vit:tiny")
 LAYOUTS = [
     ("v5e-4", {"mesh.data": 2, "mesh.fsdp": 2}),
@@ -140,20 +140,23 @@ def test_tiny_train_step_compiles(spec, topology, mesh):
 
 @needs_libtpu
 @pytest.mark.parametrize(
-    "topology, slices, mesh",
+    "spec, topology, slices, mesh",
     [
-        ("v5e-4", 2, {"mesh.data": 1, "mesh.dcn_data": 2, "mesh.fsdp": 2, "mesh.sequence": 2}),
-        ("v5p-8", 1, {"mesh.data": 1, "mesh.expert": 2, "mesh.fsdp": 2}),
+        ("llama:tiny", "v5e-4", 2,
+         {"mesh.data": 1, "mesh.dcn_data": 2, "mesh.fsdp": 2, "mesh.sequence": 2}),
+        ("mixtral:tiny", "v5p-8", 1, {"mesh.data": 1, "mesh.expert": 2, "mesh.fsdp": 2}),
     ],
     ids=["2-slices-sequence", "expert"],
 )
-def test_more_mesh_layouts_compile(topology, slices, mesh):
-    """The DCN axis across two slices with sequence sharding, and the expert axis."""
+def test_more_mesh_layouts_compile(spec, topology, slices, mesh):
+    """The DCN axis across two slices with sequence sharding, and the expert axis with an MoE
+    model: its experts split over it, tokens exchanged with all-to-all."""
     from tessera.aot.compile import compile_train, make_target
 
     target = make_target(parse_topology(topology, slices))
     assert {getattr(d, "slice_index", 0) for d in target.devices} == set(range(slices))
-    out = compile_train(_config("llama:tiny", mesh), target)
+    out = compile_train(_config(spec, mesh), target)
+    assert ("all-to-all" in out["collectives"]) == (mesh.get("mesh.expert", 1) > 1)
     assert out["mesh"]["data"] == mesh.get("mesh.dcn_data", 1)
     assert out["mesh"]["sequence"] == mesh.get("mesh.sequence", 1)
     assert 0 < out["memory"].total < target.hbm_per_device

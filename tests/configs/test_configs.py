@@ -36,6 +36,23 @@ def test_vit_presets_build_with_published_sizes(preset, params):
     assert ModelSpec(cfg.model).num_params() == pytest.approx(params, rel=1e-3)
 
 
+@pytest.mark.parametrize("spec, params, shape", [
+    # (experts, top-k, expert width, d_model, layers, kv heads)
+    ("mixtral:8x7b", 46.7e9, (8, 2, 14336, 4096, 32, 8)),
+    ("qwen_moe:30b_a3b", 30.5e9, (128, 8, 768, 2048, 48, 4)),
+])
+def test_moe_presets_build_with_published_sizes(spec, params, shape):
+    """Abstract shapes only: Mixtral-8x7B's and Qwen3-30B-A3B's published totals."""
+    cfg = load_config(spec)
+    m = cfg.model
+    assert m.pattern == ("attention:moe",) and cfg.mesh.expert > 1
+    assert (m.moe.num_experts, m.moe.num_experts_per_tok, m.moe.expert_dim, m.d_model,
+            m.num_layers, m.num_kv_heads) == shape
+    assert m.moe.score_func == "softmax" and m.moe.norm_topk_prob and m.rope_theta == 1e6
+    assert m.moe.num_experts % cfg.mesh.expert == 0
+    assert ModelSpec(m).num_params() == pytest.approx(params, rel=0.01)
+
+
 def test_locked_config_rejects_typos():
     with pytest.raises(KeyError, match="unknown config key 'model.num_layer'"):
         load_config("llama:tiny", {"model.num_layer": 3})

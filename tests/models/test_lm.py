@@ -82,12 +82,13 @@ def test_bf16_compute_with_f32_params_is_close_to_f32():
 
 
 def test_scan_and_unrolled_stack_agree():
-    """Same parameters, scanned vs unrolled: same logits and gradients. Two different blocks per
-    unit (one without a channel mixer), repeated twice; the unrolled one also remats ("full"),
+    """Same parameters, scanned vs unrolled: same logits and gradients. Three different blocks
+    per unit (an MLP, an MoE and none), repeated twice; the unrolled one also remats ("full"),
     which must not change numbers either."""
-    pattern = ("attention:mlp", "attention:none")
-    cfg_scan = model_cfg(pattern=pattern, num_layers=4, scan_layers=True)
-    cfg_loop = model_cfg(pattern=pattern, num_layers=4, scan_layers=False, remat="full")
+    pattern = ("attention:mlp", "attention:moe", "attention:none")
+    moe = dict(num_experts=4, expert_dim=16, aux_loss_coef=0.1)
+    cfg_scan = model_cfg(pattern=pattern, num_layers=6, scan_layers=True, moe=moe)
+    cfg_loop = model_cfg(pattern=pattern, num_layers=6, scan_layers=False, remat="full", moe=moe)
     spec_scan, params_scan, _ = build(cfg_scan)
     spec_loop = ModelSpec(cfg_loop)
     params_loop = dict(params_scan)
@@ -95,15 +96,15 @@ def test_scan_and_unrolled_stack_agree():
         i: jax.tree.map(lambda a, i=i: a[i], params_scan["units"]) for i in range(2)
     }
     assert jax.tree.structure(params_loop) == jax.tree.structure(spec_loop.shapes)
-    assert "channel" not in params_loop["units"][0]["blocks"][1]
+    assert "channel" not in params_loop["units"][0]["blocks"][2]
 
     tokens = random_tokens((2, 10), cfg_scan.vocab_size, seed=3)
     targets = random_tokens((2, 10), cfg_scan.vocab_size, seed=4)
 
     def loss_and_grad(spec, params):
         def loss(p):
-            logits = spec.merge(p)(tokens).logits
-            return xent(logits, targets), logits
+            out = spec.merge(p)(tokens)
+            return xent(out.logits, targets) + out.aux["moe_balance_loss"], out.logits
 
         return jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
 
@@ -223,8 +224,12 @@ def test_unknown_remat_policy():
         dict(num_kv_heads=2, sliding_window=4),
         # Unrolled stack of a two-block unit (one block without a channel mixer).
         dict(scan_layers=False, pattern=("attention:mlp", "attention:none"), num_layers=4),
+        # Mixture of experts: tokens route alike one at a time or all at once (dropless).
+        dict(pattern=("attention:moe",), moe=dict(num_experts=4, expert_dim=16,
+                                                  num_shared_experts=1, shared_expert_dim=16,
+                                                  shared_expert_gate=True)),
     ],
-    ids=["mha_tied", "gqa_bias_qknorm", "mqa", "gqa_window4", "unrolled_hybrid"],
+    ids=["mha_tied", "gqa_bias_qknorm", "mqa", "gqa_window4", "unrolled_hybrid", "moe"],
 )
 def test_cached_decode_matches_full_forward(overrides):
     """Prefill 5 tokens, a chunk of 3 more, then one token at a time; positions come from the

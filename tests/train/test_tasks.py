@@ -34,9 +34,13 @@ def test_lm_adds_and_reports_aux_losses():
     plain, plain_weight, plain_sums = task.loss(fake_model(logits), batch, RNG)
     assert weight == plain_weight == 10
     np.testing.assert_allclose(total, plain + 0.75 * 10, rtol=1e-6)
-    assert set(sums) == {"nll", "accuracy", "aux/moe_balance_loss", "aux/router_z_loss"}
+    # Statistics are reported too (not added to the loss), weighted like the losses so that the
+    # metric is their mean over micro-batches.
+    assert set(sums) == {"nll", "accuracy", "aux/moe_balance_loss", "aux/router_z_loss",
+                         "aux/moe_load"}
     metrics = task.metrics(sums, weight)
     assert metrics["aux/moe_balance_loss"] == pytest.approx(0.5)
+    np.testing.assert_allclose(metrics["aux/moe_load"], np.ones((2, 4)), rtol=1e-6)
     assert metrics["nll"] == pytest.approx(float(plain_sums["nll"]) / 10)
     assert task.eval_metrics(sums, weight)["perplexity"] == pytest.approx(np.exp(metrics["nll"]))
 

@@ -11,6 +11,7 @@ from tessera.layers.mixers.mamba import Mamba
 from tessera.layers.mixers.mamba2 import Mamba2
 from tessera.layers.mixers.mla import MLA
 from tessera.layers.mlp import MLP
+from tessera.layers.moe import MoE
 from tessera.sharding.rules import register_logical_rules
 
 SEQUENCE_MIXERS: dict[str, type] = {
@@ -19,7 +20,7 @@ SEQUENCE_MIXERS: dict[str, type] = {
     "mamba2": Mamba2,
     "mla": MLA,
 }
-CHANNEL_MIXERS: dict[str, type | None] = {"mlp": MLP, "none": None}
+CHANNEL_MIXERS: dict[str, type | None] = {"mlp": MLP, "moe": MoE, "none": None}
 
 for _name, _cls in (*SEQUENCE_MIXERS.items(), *CHANNEL_MIXERS.items()):
     if _cls is not None:
@@ -33,6 +34,7 @@ __all__ = [
     "Mamba",
     "Mamba2",
     "MLA",
+    "MoE",
     "SeqInfo",
     "merge_aux",
     "write_cache",

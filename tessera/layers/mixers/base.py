@@ -15,11 +15,20 @@ config, called as ``mixer(x, info, cache) -> (y, new_cache, aux)``; a channel mi
   CAUSAL_SCORES: bool (optional)                         its FLOPs count a T x T causal score
                                                          block in full; the causal-half MFU
                                                          convention halves that part
+  AUX_STATS: tuple[str, ...] (optional)                  the statistics it always emits, so
+                                                         rows of a stacked statistic map to
+                                                         depths (metrics name them layer_<d>)
+  RULE_UPDATES: tuple[RuleUpdate, ...] (optional)        parameters set after each train step
+                                                         by a rule from its own statistics, not
+                                                         by the optimizer (``layers/base.py``)
+  check_mesh(cfg, sizes, rules) (optional)               a ValueError when the mesh cannot hold
+                                                         it (MoE: experts / expert axis)
 
 Auxiliary outputs (``Aux``): a flat dict of arrays. Keys ending in ``_loss`` are scalar losses,
 already multiplied by the weight the layer's config gives them; the model sums them over layers
 and the task adds them to the training loss. Other keys are statistics (e.g. per-expert load),
-stacked over the layers that emit them.
+stacked over the layers that emit them; the task reports them as ``aux/<key>`` metrics and the
+Trainer logs one value per layer (the max and min of a vector statistic).
 """
 
 from __future__ import annotations

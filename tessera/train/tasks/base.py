@@ -53,16 +53,23 @@ class ParamState(Protocol):
     def update(self, value: PyTree, params: PyTree) -> PyTree: ...
 
 
+AUX_PREFIX = "aux/"  # metric names of a model's aux outputs: aux/<key>
+
+
 def add_aux_losses(total: jax.Array, weight: jax.Array, aux: Mapping) -> tuple[jax.Array, Sums]:
-    """Add a model's auxiliary losses to a summed loss and report each as a metric sum.
+    """Add a model's auxiliary losses to a summed loss and report its aux outputs as metric sums.
 
     ``aux`` keys ending in ``_loss`` are scalars already weighted by their layer's config and
     summed over layers: the loss gains ``aux * weight`` (so it normalises like the main loss), and
-    ``aux/<key>`` holds the same product for logging. Other aux keys are statistics, ignored here.
+    ``aux/<key>`` holds the same product for logging. Other aux keys are per-layer statistics
+    ([layers emitting it, ...]): ``aux/<key>`` holds them times the weight too, so the logged
+    value is their weighted mean over micro-batches. The Trainer logs them one value per layer
+    and feeds rule-updated parameters (``layers/base.py: RuleUpdate``) from them.
     """
     losses = {k: v for k, v in aux.items() if k.endswith("_loss")}
     aux_total = sum(losses.values(), jnp.float32(0.0))
-    return total + aux_total * weight, {f"aux/{k}": v * weight for k, v in losses.items()}
+    sums = {f"{AUX_PREFIX}{k}": jnp.asarray(v, jnp.float32) * weight for k, v in aux.items()}
+    return total + aux_total * weight, sums
 
 
 class Task(abc.ABC):
