@@ -20,10 +20,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=5, help="timed steps (train)")
     parser.add_argument("--contexts", default="256,2048",
                         help="decode: cache contexts for the per-token decode time")
+    parser.add_argument("--cache_only", action="store_true",
+                        help="decode: print only each config's cache bytes per token (abstract)")
     args, rest = parser.parse_known_args(argv)
     overrides = config_overrides(parser, rest)
     try:
         contexts = [int(c) for c in args.contexts.split(",") if c]
+        if args.bench == "decode" and args.cache_only:
+            from tessera.bench.decode import run_cache_table
+
+            run_cache_table(args.config, overrides)
+            return
         for spec in args.config:
             if args.bench == "train":
                 from tessera.bench.train import run_train_bench

@@ -4,7 +4,9 @@ cache's bytes per token (all layers, with the slot's position; per-sequence stat
 recurrent, is in the rows as ``cache_bytes_per_sequence``).
 
 ``python -m tessera.bench decode --config=llama:small [--contexts=256,8192] [--config.a.b=v]``.
-Compilation is ahead of time and not in the figures.
+Compilation is ahead of time and not in the figures. ``--cache_only`` prints only the cache size
+per token of each config, from abstract shapes (nothing allocated, so any preset size works:
+``--config=deepseek:v3 --config=llama:70b``).
 """
 
 from __future__ import annotations
@@ -95,4 +97,33 @@ def run_decode_bench(
                             "ms_per_step", "cache_bytes_per_token")} for r in rows],
         title=f"decode: {config_spec}",
     )
+    return rows
+
+
+def run_cache_table(
+    config_specs: Sequence[str], overrides: dict[str, Any] | None = None, *, slots: int = 4096
+) -> list[dict]:
+    """Print each config's decode cache per token (all layers, in the model's dtype) and per
+    sequence, next to the first config's, and return the rows. Abstract: no parameters or cache
+    are allocated."""
+    rows = []
+    for config_spec in config_specs:
+        config = load_config(config_spec, overrides)
+        spec = ModelSpec(config.model)
+        mesh = make_mesh(config.mesh.to_dict() | {"data": 1, "fsdp": 1, "expert": 1,
+                                                  "sequence": 1, "tensor": 1},
+                         jax.devices()[:1])
+        rules = make_rules(config.mesh.rules)
+        info = Decoder(spec, None, mesh, rules).cache_info(1, slots)
+        rows.append({
+            "config": config_spec,
+            "params_B": spec.num_params() / 1e9,
+            "layers": info.kinds,
+            "dtype": str(config.model.dtype),
+            "cache_bytes_per_token": info.bytes_per_token,
+            "cache_bytes_per_sequence": info.bytes_per_sequence,
+        })
+    for row in rows:
+        row["vs_first"] = row["cache_bytes_per_token"] / rows[0]["cache_bytes_per_token"]
+    print_table(rows, title=f"decode cache per token ({slots} slots, batch 1)")
     return rows

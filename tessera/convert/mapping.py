@@ -183,16 +183,18 @@ class Rule:
     """HF tensor ``hf`` <-> tessera parameter(s) ``ours`` through ``transform``.
 
     ``hf`` containing ``{layer}`` makes a per-layer rule: ``ours`` is then relative to the block
-    (``mixer/wq``) and ``mixer`` (optional) limits it to blocks with that sequence mixer, for
-    hybrid stacks. Otherwise ``ours`` is a path from the root (``embed/embedding``). ``{expert}``
-    as well (``mlp.experts.{expert}.up_proj.weight``): one HF tensor per expert fills one slice
-    of the parameter's expert axis, and ``transform`` maps one expert's tensor.
+    (``mixer/wq``) and ``mixer`` / ``channel`` (optional) limit it to blocks with that sequence
+    or channel mixer, for hybrid stacks and DeepSeek's dense-then-MoE layers. Otherwise
+    ``ours`` is a path from the root (``embed/embedding``). ``{expert}`` as well
+    (``mlp.experts.{expert}.up_proj.weight``): one HF tensor per expert fills one slice of the
+    parameter's expert axis, and ``transform`` maps one expert's tensor.
     """
 
     hf: str
     ours: tuple[str, ...]
     transform: Transform
     mixer: str | None
+    channel: str | None
 
     def __init__(
         self,
@@ -201,11 +203,17 @@ class Rule:
         transform: Transform = IDENTITY,
         *,
         mixer: str | None = None,
+        channel: str | None = None,
     ):
         object.__setattr__(self, "hf", hf)
         object.__setattr__(self, "ours", (ours,) if isinstance(ours, str) else tuple(ours))
         object.__setattr__(self, "transform", transform)
         object.__setattr__(self, "mixer", mixer)
+        object.__setattr__(self, "channel", channel)
+
+    def applies_to(self, block: Any) -> bool:
+        """Whether this per-layer rule fills a block of that layout spec (mixer and channel)."""
+        return self.mixer in (None, block.mixer) and self.channel in (None, block.channel)
 
     @property
     def per_layer(self) -> bool:

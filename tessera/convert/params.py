@@ -94,10 +94,10 @@ def plan(family: Family, model: ConfigDict, shapes: Mapping[Path, Any]) -> list[
             groups = [
                 (("prefix", i), (rule.hf.replace("{layer}", str(i)),), False)
                 for i, spec in enumerate(layout.prefix)
-                if rule.mixer in (None, spec.mixer)
+                if rule.applies_to(spec)
             ]
             for j, spec in enumerate(layout.pattern):
-                if rule.mixer not in (None, spec.mixer):
+                if not rule.applies_to(spec):
                     continue
                 names = [
                     rule.hf.replace("{layer}", str(layout.layer_index(j, r)))

@@ -53,6 +53,22 @@ def test_moe_presets_build_with_published_sizes(spec, params, shape):
     assert ModelSpec(m).num_params() == pytest.approx(params, rel=0.01)
 
 
+@pytest.mark.parametrize("spec, params, dense, experts", [
+    ("deepseek:v2_lite", 15.71e9, 1, (64, 6, 1408, 2, "softmax")),
+    ("deepseek:v3", 671.0e9, 3, (256, 8, 2048, 1, "sigmoid")),
+])
+def test_deepseek_presets_build_with_published_sizes(spec, params, dense, experts):
+    """Abstract shapes only: DeepSeek-V2-Lite's 15.7B and V3's 671B (without its multi-token
+    prediction module), dense layers first, then MLA + MoE."""
+    cfg = load_config(spec)
+    m = cfg.model
+    assert m.prefix == ("mla:mlp",) * dense and m.pattern == ("mla:moe",)
+    assert (m.moe.num_experts, m.moe.num_experts_per_tok, m.moe.expert_dim,
+            m.moe.num_shared_experts, m.moe.score_func) == experts
+    assert m.mla.rope_interleave and m.moe.num_experts % cfg.mesh.expert == 0
+    assert ModelSpec(m).num_params() == pytest.approx(params, rel=1e-3)
+
+
 def test_locked_config_rejects_typos():
     with pytest.raises(KeyError, match="unknown config key 'model.num_layer'"):
         load_config("llama:tiny", {"model.num_layer": 3})

@@ -1,6 +1,6 @@
 """Every supported Hugging Face family, registered by importing its module."""
 
-from tessera.convert.families import llama, mamba, vit  # noqa: F401  (register their families)
+from tessera.convert.families import llama, mamba, moe, vit  # noqa: F401  (register them)
 from tessera.convert.mapping import FAMILIES, family_for
 
 __all__ = ["FAMILIES", "family_for"]

@@ -37,26 +37,31 @@ _LAYER = "model.layers.{layer}."
 # Attention, norms, embeddings and the dense MLP of the Llama table (DeepSeek's dense layers
 # use the same MLP names).
 _BASE = tuple(r for r in LLAMA_RULES if "mlp." not in r.hf)
-_DENSE_MLP = tuple(r for r in LLAMA_RULES if "mlp." in r.hf)
+_DENSE_MLP = tuple(
+    Rule(r.hf, r.ours, r.transform, channel="mlp") for r in LLAMA_RULES if "mlp." in r.hf
+)
 
 
 def _experts(moe: str, gate: str, up: str, down: str) -> tuple[Rule, ...]:
     """Router and routed experts under HF module ``moe`` (``mlp`` / ``block_sparse_moe``)."""
     experts = f"{_LAYER}{moe}.experts.{{expert}}."
     return (
-        Rule(f"{_LAYER}{moe}.gate.weight", "channel/router", LINEAR),
-        Rule(f"{experts}{gate}.weight", "channel/wi_gate", LINEAR),
-        Rule(f"{experts}{up}.weight", "channel/wi_up", LINEAR),
-        Rule(f"{experts}{down}.weight", "channel/wo", LINEAR),
+        Rule(f"{_LAYER}{moe}.gate.weight", "channel/router", LINEAR, channel="moe"),
+        Rule(f"{experts}{gate}.weight", "channel/wi_gate", LINEAR, channel="moe"),
+        Rule(f"{experts}{up}.weight", "channel/wi_up", LINEAR, channel="moe"),
+        Rule(f"{experts}{down}.weight", "channel/wo", LINEAR, channel="moe"),
     )
 
 
 def _shared(module: str) -> tuple[Rule, ...]:
     """The shared expert(s): an ordinary SwiGLU MLP ``channel/shared``."""
     return (
-        Rule(f"{_LAYER}mlp.{module}.gate_proj.weight", "channel/shared/wi_gate", LINEAR),
-        Rule(f"{_LAYER}mlp.{module}.up_proj.weight", "channel/shared/wi_up", LINEAR),
-        Rule(f"{_LAYER}mlp.{module}.down_proj.weight", "channel/shared/wo", LINEAR),
+        Rule(f"{_LAYER}mlp.{module}.gate_proj.weight", "channel/shared/wi_gate", LINEAR,
+             channel="moe"),
+        Rule(f"{_LAYER}mlp.{module}.up_proj.weight", "channel/shared/wi_up", LINEAR,
+             channel="moe"),
+        Rule(f"{_LAYER}mlp.{module}.down_proj.weight", "channel/shared/wo", LINEAR,
+             channel="moe"),
     )
 
 
@@ -86,7 +91,8 @@ def _qwen_moe(*, shared: bool) -> tuple:
     """Qwen2-MoE / Qwen3-MoE routing keys; every layer sparse (decoder_sparse_step 1, no
     mlp_only_layers), softmax scores."""
     parts: tuple = (
-        Field("num_experts", "moe.num_experts"),
+        # Hub configs say num_experts; transformers 5 saves Qwen3-MoE's as num_local_experts.
+        Field("num_experts", "moe.num_experts", lambda hf: hf["num_local_experts"]),
         Field("num_experts_per_tok", "moe.num_experts_per_tok"),
         Field("moe_intermediate_size", "moe.expert_dim"),
         Field("norm_topk_prob", "moe.norm_topk_prob", False),
