@@ -42,6 +42,21 @@ _DENSE_MLP = tuple(
 )
 
 
+class BalanceLossCoef:
+    """HF's ``router_aux_loss_coef`` c (Mixtral, Qwen-MoE): their loss is num_experts_per_tok
+    times tessera's per-layer ``moe_balance_loss`` and averaged over layers, so tessera's
+    ``moe.aux_loss_coef`` is c * k / num_layers (``docs/design.md``, Mixture of experts)."""
+
+    def from_hf(self, hf: Mapping[str, Any]) -> dict[str, Any]:
+        c = float(hf.get("router_aux_loss_coef", 0.001))
+        k, layers = int(hf["num_experts_per_tok"]), int(hf["num_hidden_layers"])
+        return {"moe.aux_loss_coef": c * k / layers}
+
+    def to_hf(self, model: ConfigDict) -> dict[str, Any]:
+        k, layers = int(model.moe.num_experts_per_tok), int(model.num_layers)
+        return {"router_aux_loss_coef": float(model.moe.aux_loss_coef) * layers / k}
+
+
 def _experts(moe: str, gate: str, up: str, down: str) -> tuple[Rule, ...]:
     """Router and routed experts under HF module ``moe`` (``mlp`` / ``block_sparse_moe``)."""
     experts = f"{_LAYER}{moe}.experts.{{expert}}."
@@ -96,7 +111,7 @@ def _qwen_moe(*, shared: bool) -> tuple:
         Field("num_experts_per_tok", "moe.num_experts_per_tok"),
         Field("moe_intermediate_size", "moe.expert_dim"),
         Field("norm_topk_prob", "moe.norm_topk_prob", False),
-        Field("router_aux_loss_coef", "moe.aux_loss_coef", 0.001),
+        BalanceLossCoef(),
         Field("intermediate_size", "mlp_dim"),
         Require("decoder_sparse_step", 1),
         Require("mlp_only_layers", []),
@@ -126,7 +141,7 @@ register(
             Field("num_local_experts", "moe.num_experts"),
             Field("num_experts_per_tok", "moe.num_experts_per_tok"),
             Field("intermediate_size", "moe.expert_dim"),
-            Field("router_aux_loss_coef", "moe.aux_loss_coef", 0.001),
+            BalanceLossCoef(),
             Field(
                 "sliding_window",
                 "sliding_window",
@@ -358,7 +373,6 @@ def _deepseek(*, routing: Any, scaling: float) -> tuple:
         Field("num_experts_per_tok", "moe.num_experts_per_tok"),
         Field("moe_intermediate_size", "moe.expert_dim"),
         Field("routed_scaling_factor", "moe.routed_scaling_factor", scaling),
-        Field("aux_loss_alpha", "moe.aux_loss_coef", 0.0),
         Require("hidden_act", "silu"),
         Require("attention_bias", False),
         Require("ep_size", 1),
