@@ -86,10 +86,8 @@ def capacity_keep(ids: jax.Array, eligible: jax.Array, num_experts: int, cap: in
 def expert_load(ids: jax.Array, real: jax.Array, num_experts: int) -> jax.Array:
     """Share of the real tokens' assignments each expert gets, float32 [E] (sums to 1; zeros
     when there are no real tokens). ids [..., k], real bool [...]."""
-    counts = jnp.sum(
-        jax.nn.one_hot(ids, num_experts, dtype=jnp.float32) * real[..., None, None],
-        axis=tuple(range(ids.ndim)),
-    )
+    real = jnp.broadcast_to(real[..., None], ids.shape).astype(jnp.float32)
+    counts = jnp.zeros((num_experts,), jnp.float32).at[ids.reshape(-1)].add(real.reshape(-1))
     return counts / jnp.maximum(jnp.sum(counts), 1.0)
 
 

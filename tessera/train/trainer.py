@@ -3,7 +3,9 @@
 ``train(config, workdir)`` builds the mesh, the model (parameters created sharded), the optimizer
 and the task (``train.task``: its data pipeline, batch layout, loss, metrics, FLOPs and extra
 state such as an EMA); resumes from the latest checkpoint in ``workdir`` if there is one; runs
-jitted steps, each with an RNG folded from ``train.seed`` and the step; evaluates every
+jitted steps, each with an RNG folded from ``train.seed`` and the step (parameters a mixer
+updates by rule, such as the MoE router bias, are masked out of the optimizer and set after its
+update from the step's aux statistics: ``models/updates.py``); evaluates every
 ``eval.every`` steps and at the end; logs to the console, ``metrics.jsonl`` and TensorBoard;
 saves checkpoints every ``checkpoint.every`` steps, at the end, and on SIGTERM / SIGINT. It holds
 the workdir's lock while it runs and keeps the history of the configs it was (re)started with
@@ -216,7 +218,7 @@ class Trainer:
             updates, opt_state = self.tx.update(grads, state["opt_state"], params)
             new_params = optax.apply_updates(params, updates)
             task_metrics = self.task.metrics(sums, denom)
-            if self.rule_targets:
+            if self.rule_targets:  # after the optimizer's (zero) update of those parameters
                 new_params = apply_rule_updates(
                     self.rule_targets, new_params, self._rule_stats(task_metrics)
                 )
