@@ -155,7 +155,7 @@ def base_config() -> ConfigDict:
                     # 0: dropless; > 0: an expert takes at most
                     # ceil(capacity_factor * T * k / E) assignments of a row of T tokens.
                     capacity_factor=0.0,
-                    impl="auto",  # auto | ragged | dense (kernels/moe)
+                    impl="auto",  # auto | megablox (TPU) | ragged | dense (kernels/moe)
                 )
             ),
         )

@@ -92,11 +92,48 @@ def test_registry_auto_picks_ragged():
     ids, arrays = problem()
     args = (arrays["x"], ids, *(arrays[n] for n in NAMES[1:]))
     assert moe.OP.select("auto", *args).name == "ragged"
-    assert moe.OP.explain(*args) == [("ragged", None), ("dense", "auto skips it: only when named")]
-    assert moe.IMPLS == ("auto", "ragged", "dense")
-    with pytest.raises(ValueError, match="unknown moe impl 'megablox'"):
+    assert moe.OP.explain(*args) == [
+        ("megablox", "a TPU kernel (backend is cpu)"),
+        ("ragged", None),
+        ("dense", "auto skips it: only when named"),
+    ]
+    assert moe.IMPLS == ("auto", "megablox", "ragged", "dense")
+    with pytest.raises(KernelUnavailableError, match="a TPU kernel"):
         moe.experts(*args, impl="megablox")
+    with pytest.raises(ValueError, match="unknown moe impl 'pallas'"):
+        moe.experts(*args, impl="pallas")
     assert issubclass(KernelUnavailableError, ValueError)
+
+
+def test_megablox_matches_dense_in_interpret_mode(monkeypatch):
+    """jax's Pallas TPU grouped matmul (interpret mode on CPU) in the ragged dispatch: forward
+    and gradients equal the dense oracle, no-expert rows included (their gradient is zero, not
+    the kernel's unspecified values). Dimensions are the kernel's 128 tile; 40 tokens pad to
+    the next row tile."""
+    from tessera.kernels.moe import megablox
+
+    monkeypatch.setattr(megablox, "INTERPRET", True)
+    rng = np.random.default_rng(7)
+    n, d, f, e, k = 40, 128, 128, 4, 2
+    ids = np.argsort(rng.normal(size=(n, e)), axis=-1)[:, :k]
+    ids[:3] = e
+    ids = jnp.asarray(ids, jnp.int32)
+    arrays = dict(
+        x=rng.normal(size=(n, d)), weights=rng.uniform(0.1, 1.0, size=(n, k)),
+        wi_gate=rng.normal(size=(e, d, f)) / np.sqrt(d),
+        wi_up=rng.normal(size=(e, d, f)) / np.sqrt(d),
+        wo=rng.normal(size=(e, f, d)) / np.sqrt(f),
+    )
+    arrays = {name: jnp.asarray(a, jnp.float32) for name, a in arrays.items()}
+    args = (arrays["x"], ids, *(arrays[name] for name in NAMES[1:]))
+    assert moe.OP.select("auto", *args).name == "ragged"  # named only
+    y_dense, g_dense = value_and_grads(ids, arrays, "dense")
+    y_mb, g_mb = value_and_grads(ids, arrays, "megablox")
+    np.testing.assert_allclose(y_mb, y_dense, rtol=1e-4, atol=1e-4)
+    assert not np.any(np.asarray(y_mb)[:3])
+    for name in NAMES:
+        np.testing.assert_allclose(g_mb[name], g_dense[name], rtol=1e-4, atol=1e-4, err_msg=name)
+    assert np.all(np.isfinite(np.asarray(g_mb["x"])))
 
 
 def test_rank_in_group_matches_numpy():

@@ -341,7 +341,7 @@ def test_capacity_drops_match_a_hand_count():
     (dict(num_shared_experts=1), "model.moe.shared_expert_dim=0 must be positive"),
     (dict(shared_expert_gate=True), "model.moe.shared_expert_gate needs a shared expert"),
     (dict(capacity_factor=-1.0), "model.moe.capacity_factor=-1.0 must be >= 0"),
-    (dict(impl="megablox"), "model.moe.impl: unknown 'megablox'; known: auto, ragged, dense"),
+    (dict(impl="pallas"), "model.moe.impl: unknown 'pallas'; known: auto, megablox, ragged, dense"),
 ])
 def test_config_errors_at_build(overrides, message):
     cfg = moe_cfg(**overrides)

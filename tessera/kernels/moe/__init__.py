@@ -2,13 +2,18 @@
 ``experts(x, expert_ids, weights, wi_gate, wi_up, wo, impl=...)`` (shapes in `reference`).
 
 impls, in the order auto tries them (`OP`, a `tessera.kernels.registry.Op`):
+  megablox  TPU (d_model and expert_dim multiples of 128), only when named
+          (``model.moe.impl=megablox``): the same dispatch with jax's Pallas grouped matmul
+          (``megablox.gmm``) for the three expert matmuls (``megablox.py``). Not auto's pick yet:
+          XLA's cost analysis gives a Pallas call no cost, so ``tessera.aot``'s predictions
+          would drop the experts' work.
   ragged  dropless: assignments sorted by expert, ``jax.lax.ragged_dot`` grouped matmuls with the
           group sizes, unsorted, combined. Auto's pick. (XLA:CPU lowers ragged_dot to a masked
           dense dot over all groups, and XLA's cost analysis counts it that way on TPU too.)
   dense   every expert on every token, zero weight where not selected: the oracle. Only when
           named.
-A TPU grouped-matmul kernel (megablox / tokamax) joins with ``OP.register(impl, before="ragged")``
-and no model change. Expert parallelism (`parallel.py`) calls this op on each shard's received
+Another grouped-matmul kernel (tokamax) joins with ``OP.register(impl, before="ragged")`` and no
+model change. Expert parallelism (`parallel.py`) calls this op on each shard's received
 rows.
 """
 
@@ -16,12 +21,19 @@ from __future__ import annotations
 
 import jax
 
-from tessera.kernels.moe import reference
+from tessera.kernels.moe import megablox, reference
 from tessera.kernels.registry import Impl, Op, impls_getattr
 
 __all__ = ["IMPLS", "OP", "experts"]
 
-OP = Op("moe", [Impl("ragged", reference.ragged), Impl("dense", reference.dense, auto=False)])
+OP = Op(
+    "moe",
+    [
+        Impl("megablox", megablox.experts, supports=megablox.supports, auto=False),
+        Impl("ragged", reference.ragged),
+        Impl("dense", reference.dense, auto=False),
+    ],
+)
 
 __getattr__ = impls_getattr(OP)  # IMPLS = ("auto", *OP.names)
 

@@ -14,6 +14,8 @@ weight. Expert outputs are computed in x's dtype and combined in float32; y has 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 
@@ -76,15 +78,18 @@ def ragged(
     wi_gate: jax.Array,
     wi_up: jax.Array,
     wo: jax.Array,
+    *,
+    ffn: Callable[..., jax.Array] | None = None,
 ) -> jax.Array:
     """Dropless dispatch: the N * K assignments sorted by expert (no-expert ids last), each
-    expert's rows through ``grouped_ffn``, unsorted, combined by the weights."""
+    expert's rows through ``grouped_ffn`` (or ``ffn``, same signature: another grouped-matmul
+    kernel), unsorted, combined by the weights."""
     n, k = expert_ids.shape
     e = wi_gate.shape[0]
     flat = expert_ids.reshape(-1)
     order = jnp.argsort(flat, stable=True)
     group_sizes = jnp.zeros((e,), jnp.int32).at[flat].add(1, mode="drop")
-    ys = grouped_ffn(x[order // k], group_sizes, wi_gate, wi_up, wo)
+    ys = (ffn or grouped_ffn)(x[order // k], group_sizes, wi_gate, wi_up, wo)
     inverse = jnp.zeros_like(order).at[order].set(jnp.arange(n * k, dtype=order.dtype))
     out = jnp.where((flat < e)[:, None], ys[inverse], 0).reshape(n, k, -1)
     return jnp.einsum("nkd,nk->nd", out.astype(jnp.float32), weights.astype(jnp.float32)).astype(
