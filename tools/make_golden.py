@@ -70,6 +70,35 @@ _ATTENTION = dict(
     pad_token_id=0,
 )
 
+def _deepseek(*, mscale: float, **routing) -> dict:
+    """A DeepSeek-V2/V3 fixture: one dense layer then two MLA + MoE layers, yarn RoPE with
+    DeepSeek's mscale (= mscale_all_dim), ``routing`` the version's router keys."""
+    return dict(
+        _ATTENTION,
+        num_hidden_layers=3,
+        num_key_value_heads=4,
+        moe_intermediate_size=16,
+        first_k_dense_replace=1,
+        n_shared_experts=1,
+        num_experts_per_tok=2,
+        kv_lora_rank=16,
+        qk_nope_head_dim=8,
+        qk_rope_head_dim=4,
+        v_head_dim=8,
+        rope_parameters=dict(
+            rope_type="yarn",
+            rope_theta=10000.0,
+            factor=4.0,
+            original_max_position_embeddings=64,
+            mscale=mscale,
+            mscale_all_dim=mscale,
+            beta_fast=32.0,
+            beta_slow=1.0,
+        ),
+        **routing,
+    )
+
+
 # name -> (config class name, config kwargs, max_shard_size for save_pretrained or None)
 MODELS: dict[str, tuple[str, dict, str | None]] = {
     # Llama-2 style, saved in two shards to exercise the index.
@@ -189,34 +218,14 @@ MODELS: dict[str, tuple[str, dict, str | None]] = {
     # DeepSeek-V2-Lite layout: no query compression, softmax routing limited to the best group.
     "deepseek_v2": (
         "DeepseekV2Config",
-        dict(
-            _ATTENTION,
-            num_hidden_layers=3,
-            num_key_value_heads=4,
-            moe_intermediate_size=16,
-            first_k_dense_replace=1,
+        _deepseek(
+            mscale=0.707,
             n_routed_experts=4,
-            n_shared_experts=1,
-            num_experts_per_tok=2,
             q_lora_rank=None,
-            kv_lora_rank=16,
-            qk_nope_head_dim=8,
-            qk_rope_head_dim=4,
-            v_head_dim=8,
             topk_method="group_limited_greedy",
             n_group=2,
             topk_group=1,
             routed_scaling_factor=1.5,
-            rope_parameters=dict(
-                rope_type="yarn",
-                rope_theta=10000.0,
-                factor=4.0,
-                original_max_position_embeddings=64,
-                mscale=0.707,
-                mscale_all_dim=0.707,
-                beta_fast=32.0,
-                beta_slow=1.0,
-            ),
         ),
         None,
     ),
@@ -224,34 +233,14 @@ MODELS: dict[str, tuple[str, dict, str | None]] = {
     # scored by their top two, normalised top-k weights scaled by routed_scaling_factor.
     "deepseek_v3": (
         "DeepseekV3Config",
-        dict(
-            _ATTENTION,
-            num_hidden_layers=3,
-            num_key_value_heads=4,
-            moe_intermediate_size=16,
-            first_k_dense_replace=1,
+        _deepseek(
+            mscale=1.0,
             n_routed_experts=8,
-            n_shared_experts=1,
-            num_experts_per_tok=2,
             q_lora_rank=16,
-            kv_lora_rank=16,
-            qk_nope_head_dim=8,
-            qk_rope_head_dim=4,
-            v_head_dim=8,
             n_group=4,
             topk_group=2,
             norm_topk_prob=True,
             routed_scaling_factor=2.5,
-            rope_parameters=dict(
-                rope_type="yarn",
-                rope_theta=10000.0,
-                factor=4.0,
-                original_max_position_embeddings=64,
-                mscale=1.0,
-                mscale_all_dim=1.0,
-                beta_fast=32.0,
-                beta_slow=1.0,
-            ),
         ),
         None,
     ),

@@ -17,6 +17,13 @@ import ml_collections
 ConfigDict = ml_collections.ConfigDict
 
 
+def balance_coef_from_hf(coef: float, k: int, num_layers: int) -> float:
+    """``model.moe.aux_loss_coef`` for HF's ``router_aux_loss_coef`` (Mixtral, Qwen-MoE): HF's
+    balance loss is ``num_experts_per_tok`` times tessera's per-layer one, averaged over the
+    layers; tessera sums the layers' losses."""
+    return coef * k / num_layers
+
+
 def base_config() -> ConfigDict:
     """Every section with its defaults (a tiny Llama-shaped LM on the embedded corpus)."""
     c = ConfigDict()

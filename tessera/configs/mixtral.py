@@ -7,7 +7,7 @@ averaged over the layers; tessera sums per-layer losses, so the same pull is
 ``0.02 * k / num_layers`` per layer.
 """
 
-from tessera.configs.base import ConfigDict, make_get_config
+from tessera.configs.base import ConfigDict, balance_coef_from_hf, make_get_config
 
 
 def _mixtral(c: ConfigDict, *, experts: int, k: int, expert_dim: int) -> None:
@@ -18,7 +18,7 @@ def _mixtral(c: ConfigDict, *, experts: int, k: int, expert_dim: int) -> None:
         expert_dim=expert_dim,
         score_func="softmax",
         norm_topk_prob=True,
-        aux_loss_coef=0.02 * k / c.model.num_layers,
+        aux_loss_coef=balance_coef_from_hf(0.02, k, c.model.num_layers),
     )
 
 

@@ -7,7 +7,7 @@ HF's ``router_aux_loss_coef`` (0.001) weighs num_experts_per_tok times tessera's
 averaged over the layers: ``0.001 * k / num_layers`` per layer here.
 """
 
-from tessera.configs.base import ConfigDict, make_get_config
+from tessera.configs.base import ConfigDict, balance_coef_from_hf, make_get_config
 
 
 def _qwen_moe(c: ConfigDict, *, experts: int, k: int, expert_dim: int) -> None:
@@ -18,7 +18,7 @@ def _qwen_moe(c: ConfigDict, *, experts: int, k: int, expert_dim: int) -> None:
         expert_dim=expert_dim,
         score_func="softmax",
         norm_topk_prob=True,
-        aux_loss_coef=0.001 * k / c.model.num_layers,
+        aux_loss_coef=balance_coef_from_hf(0.001, k, c.model.num_layers),
     )
 
 

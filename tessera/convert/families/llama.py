@@ -49,8 +49,12 @@ RULES = (
 IGNORE = ("lm_head.weight", "*.rotary_emb.inv_freq")
 
 
-def _decoder(*, max_position: int, head_dim: Any = None, layout: bool = True) -> tuple:
-    """Config parts every family here shares; defaults are the HF config classes' own."""
+def decoder(
+    *, max_position: int, head_dim: Any = None, layout: bool = True, mlp: bool = True
+) -> tuple:
+    """Config parts every Llama-style GQA family shares (also the MoE ones, ``families/moe.py``,
+    with ``mlp=False``: their ``intermediate_size`` is not the dense MLP's); defaults are the HF
+    config classes' own."""
     return (
         Field("vocab_size", "vocab_size"),
         Field("hidden_size", "d_model"),
@@ -62,7 +66,7 @@ def _decoder(*, max_position: int, head_dim: Any = None, layout: bool = True) ->
             "head_dim",
             head_dim or (lambda hf: hf["hidden_size"] // hf["num_attention_heads"]),
         ),
-        Field("intermediate_size", "mlp_dim"),
+        *((Field("intermediate_size", "mlp_dim"),) if mlp else ()),
         Field("max_position_embeddings", "max_seq_len", max_position),
         Field("rms_norm_eps", "norm_eps", 1e-6),
         Field("tie_word_embeddings", "tie_embeddings", False),
@@ -134,7 +138,7 @@ register(
         model_type="llama",
         architecture="LlamaForCausalLM",
         config=(
-            *_decoder(max_position=2048),
+            *decoder(max_position=2048),
             Require("attention_bias", False),
             Require("mlp_bias", False),
             Set(qkv_bias=False, qk_norm=False, sliding_window=0),
@@ -149,7 +153,7 @@ register(
         model_type="mistral",
         architecture="MistralForCausalLM",
         config=(
-            *_decoder(max_position=4096 * 32),
+            *decoder(max_position=4096 * 32),
             Field(
                 "sliding_window",
                 "sliding_window",
@@ -170,7 +174,7 @@ register(
         model_type="qwen2",
         architecture="Qwen2ForCausalLM",
         config=(
-            *_decoder(max_position=32768, layout=False),
+            *decoder(max_position=32768, layout=False),
             QwenWindow(),
             Set(qkv_bias=True, qk_norm=False),
         ),
@@ -184,7 +188,7 @@ register(
         model_type="qwen3",
         architecture="Qwen3ForCausalLM",
         config=(
-            *_decoder(max_position=32768, head_dim=128, layout=False),
+            *decoder(max_position=32768, head_dim=128, layout=False),
             Require("attention_bias", False),
             QwenWindow(),
             Set(qkv_bias=False, qk_norm=True),

@@ -14,9 +14,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from tessera.configs.base import ConfigDict
+from tessera.configs.base import ConfigDict, balance_coef_from_hf
 from tessera.convert.errors import ConversionError
-from tessera.convert.families.llama import IGNORE
+from tessera.convert.families.llama import IGNORE, decoder
 from tessera.convert.families.llama import RULES as LLAMA_RULES
 from tessera.convert.families.rope import Rope
 from tessera.convert.mapping import (
@@ -50,7 +50,7 @@ class BalanceLossCoef:
     def from_hf(self, hf: Mapping[str, Any]) -> dict[str, Any]:
         c = float(hf.get("router_aux_loss_coef", 0.001))
         k, layers = int(hf["num_experts_per_tok"]), int(hf["num_hidden_layers"])
-        return {"moe.aux_loss_coef": c * k / layers}
+        return {"moe.aux_loss_coef": balance_coef_from_hf(c, k, layers)}
 
     def to_hf(self, model: ConfigDict) -> dict[str, Any]:
         k, layers = int(model.moe.num_experts_per_tok), int(model.num_layers)
@@ -81,23 +81,10 @@ def _shared(module: str) -> tuple[Rule, ...]:
 
 
 def _attention_decoder(*, max_position: int, head_dim: Any = None) -> tuple:
-    """GQA decoder keys shared by Mixtral and the Qwen MoE models (no dense MLP width)."""
+    """The Llama table's decoder keys without a dense MLP width (Mixtral's intermediate_size is
+    its experts'), plus the router-logits switch."""
     return (
-        Field("vocab_size", "vocab_size"),
-        Field("hidden_size", "d_model"),
-        Field("num_hidden_layers", "num_layers"),
-        Field("num_attention_heads", "num_heads"),
-        Field("num_key_value_heads", "num_kv_heads", lambda hf: hf["num_attention_heads"]),
-        Field(
-            "head_dim",
-            "head_dim",
-            head_dim or (lambda hf: hf["hidden_size"] // hf["num_attention_heads"]),
-        ),
-        Field("max_position_embeddings", "max_seq_len", max_position),
-        Field("rms_norm_eps", "norm_eps", 1e-6),
-        Field("tie_word_embeddings", "tie_embeddings", False),
-        Require("hidden_act", "silu"),
-        Rope(),
+        *decoder(max_position=max_position, head_dim=head_dim, layout=False, mlp=False),
         Dropped("output_router_logits", False, "router logits are not returned by tessera"),
     )
 
