@@ -20,7 +20,7 @@ import numpy as np
 from tessera.bench.table import print_table
 from tessera.configs import load_config
 from tessera.models.create import ModelSpec
-from tessera.serve.engine import Decoder
+from tessera.serve.engine import Decoder, single_device_mesh
 from tessera.serve.outputs import DecodeStats
 from tessera.serve.sampling import SamplingParams
 from tessera.sharding import make_mesh, make_rules
@@ -110,11 +110,8 @@ def run_cache_table(
     for config_spec in config_specs:
         config = load_config(config_spec, overrides)
         spec = ModelSpec(config.model)
-        mesh = make_mesh(config.mesh.to_dict() | {"data": 1, "fsdp": 1, "expert": 1,
-                                                  "sequence": 1, "tensor": 1},
-                         jax.devices()[:1])
         rules = make_rules(config.mesh.rules)
-        info = Decoder(spec, None, mesh, rules).cache_info(1, slots)
+        info = Decoder(spec, None, single_device_mesh(), rules).cache_info(1, slots)
         rows.append({
             "config": config_spec,
             "params_B": spec.num_params() / 1e9,
