@@ -14,8 +14,9 @@ writes under ``tests/fixtures/hf/<name>/``:
                                     pixels; tessera takes .transpose(0, 2, 3, 1), NHWC), logits
                                     float32 [2, K]
 
-plus ``tests/fixtures/hf/VERSIONS.json`` (torch and transformers versions). Seeds are fixed, so a
-rerun with the same versions writes the same bytes.
+plus ``tests/fixtures/hf/VERSIONS.json`` (torch and transformers versions;
+tools/make_fla_golden.py adds flash-linear-attention's for the RWKV-6, RWKV-7 and RetNet
+fixtures it writes). Seeds are fixed, so a rerun with the same versions writes the same bytes.
 
 Set up a side virtualenv (not the project's):
 
@@ -487,6 +488,14 @@ def make(name: str) -> None:
     else:
         raise RuntimeError(f"{name}: no seed gives a clear reference (margin >= {MIN_MARGIN})")
     ref, note = made
+    save(name, model, ref, f"seed {seed}, {note}", shard)
+
+
+def save(
+    name: str, model: torch.nn.Module, ref: Mapping[str, np.ndarray], note: str, shard: str | None
+) -> None:
+    """Write tests/fixtures/hf/<name>/: ``model`` as ``save_pretrained`` writes it (in shards of
+    ``shard`` when given) and ``ref`` as reference.npz."""
     out = os.path.join(FIXTURES, name)
     shutil.rmtree(out, ignore_errors=True)
     kwargs = {"max_shard_size": shard} if shard else {}
@@ -495,7 +504,21 @@ def make(name: str) -> None:
         os.remove(os.path.join(out, "generation_config.json"))  # nothing the tests read
     np.savez(os.path.join(out, "reference.npz"), **ref)
     sizes = {f: os.path.getsize(os.path.join(out, f)) for f in sorted(os.listdir(out))}
-    print(f"{name}: seed {seed}, {note}, files {sizes}")
+    print(f"{name}: {note}, files {sizes}")
+
+
+def record_versions(**libraries: str) -> None:
+    """Merge torch's, transformers' and ``libraries``' versions into VERSIONS.json (keeping
+    the entries other tools wrote)."""
+    path = os.path.join(FIXTURES, "VERSIONS.json")
+    versions = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            versions = json.load(f)
+    versions.update(torch=torch.__version__, transformers=transformers.__version__, **libraries)
+    with open(path, "w") as f:
+        json.dump(versions, f)
+        f.write("\n")
 
 
 def check_export(name: str, python: str, tol: float) -> bool:
@@ -564,9 +587,7 @@ def main() -> None:
     torch.set_num_threads(1)
     for name in names:
         make(name)
-    with open(os.path.join(FIXTURES, "VERSIONS.json"), "w") as f:
-        json.dump({"torch": torch.__version__, "transformers": transformers.__version__}, f)
-        f.write("\n")
+    record_versions()
 
 
 if __name__ == "__main__":
