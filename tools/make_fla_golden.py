@@ -5,7 +5,9 @@ the CPU in the side virtualenv of tools/make_golden.py, plus
 
   /tmp/hfvenv/bin/pip install flash-linear-attention==0.6.0   (fla-core, einops, triton)
 
-then ``/tmp/hfvenv/bin/python tools/make_fla_golden.py`` (or ``--only rwkv7``). It writes
+then ``/tmp/hfvenv/bin/python tools/make_fla_golden.py`` (or ``--only rwkv7``; ``--check-export``:
+tessera imports and exports each fixture and fla's class, patched, loads the export and must
+give the reference logits and greedy path, as make_golden's). It writes
 tests/fixtures/hf/{rwkv6,rwkv7,retnet}/ in make_golden's LM schema (config.json +
 model.safetensors from save_pretrained, reference.npz: tokens [2, 20], logits [2, 20, 272],
 prompt [6], greedy [8]; the greedy path is checked against fla's generate() with its cache) and
@@ -159,7 +161,15 @@ from fla.ops.rwkv7.fused_addcmul import torch_addcmul_rwkv7
 from fla.ops.rwkv7.fused_k_update import k_update_ref
 from fla.ops.rwkv7.gate_output_correction import gate_output_correction_ref
 from fla.ops.simple_gla.naive import naive_chunk_simple_gla, naive_recurrent_simple_gla
-from make_golden import CAUSAL_LM, SEQ_LEN, VOCAB, record_versions, save
+from make_golden import (
+    CAUSAL_LM,
+    SEQ_LEN,
+    VOCAB,
+    add_export_arguments,
+    check_export,
+    record_versions,
+    save,
+)
 
 CHECK_CHUNK = 4  # chunk length of the naive chunked forms each patched op is checked against
 CHECK_TOL = 1e-5  # their max |difference| relative to the output's max |value|
@@ -494,9 +504,13 @@ def make(name: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", default="", help="comma-separated fixture names (default: all)")
+    add_export_arguments(parser)
     args = parser.parse_args()
     names = [n for n in args.only.split(",") if n] or list(FLA_MODELS)
     print(f"torch {torch.__version__}, fla {fla.__version__}")
+    if args.check_export:  # fla's classes (patched) load tessera's export
+        patch_fla()
+        sys.exit(0 if all(check_export(n, args.tessera_python, args.tol) for n in names) else 1)
     torch.set_num_threads(1)
     for name in names:
         make(name)

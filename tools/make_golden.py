@@ -521,9 +521,15 @@ def record_versions(**libraries: str) -> None:
         f.write("\n")
 
 
-def check_export(name: str, python: str, tol: float) -> bool:
-    """tessera import + export of fixture ``name``, then transformers loads the export."""
-    kind, (_, _, shard) = spec(name)  # a fixture saved in shards is exported in shards too
+def check_export(
+    name: str,
+    python: str,
+    tol: float,
+    kind: CausalLM | ImageClassifier = CAUSAL_LM,
+    shard: str | None = None,
+) -> bool:
+    """tessera import + export of fixture ``name`` (a ``kind`` model, exported in shards of
+    ``shard`` as it was saved), then transformers loads the export."""
     source = os.path.join(FIXTURES, name)
     with tempfile.TemporaryDirectory() as tmp:
         workdir, exported = os.path.join(tmp, "work"), os.path.join(tmp, "hf")
@@ -555,9 +561,8 @@ def check_export(name: str, python: str, tol: float) -> bool:
         return ok
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", default="", help="comma-separated fixture names (default: all)")
+def add_export_arguments(parser: argparse.ArgumentParser) -> None:
+    """--check-export, --tessera-python, --tol."""
     parser.add_argument(
         "--check-export",
         action="store_true",
@@ -573,6 +578,12 @@ def main() -> None:
         "else the project's .venv)",
     )
     parser.add_argument("--tol", type=float, default=1e-4, help="logit tolerance for the check")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", default="", help="comma-separated fixture names (default: all)")
+    add_export_arguments(parser)
     args = parser.parse_args()
     known = [*MODELS, *IMAGE_MODELS]
     names = [n for n in args.only.split(",") if n] or known
@@ -582,7 +593,10 @@ def main() -> None:
     print(f"torch {torch.__version__}, transformers {transformers.__version__}")
     if args.check_export:
         available = [n for n in names if os.path.isdir(os.path.join(FIXTURES, n))]
-        results = [check_export(n, args.tessera_python, args.tol) for n in available]
+        results = []
+        for n in available:
+            kind, (_, _, shard) = spec(n)
+            results.append(check_export(n, args.tessera_python, args.tol, kind, shard))
         sys.exit(0 if all(results) else 1)
     torch.set_num_threads(1)
     for name in names:

@@ -188,6 +188,11 @@ class Rule:
     ``ours`` is a path from the root (``embed/embedding``). ``{expert}`` as well
     (``mlp.experts.{expert}.up_proj.weight``): one HF tensor per expert fills one slice of the
     parameter's expert axis, and ``transform`` maps one expert's tensor.
+
+    ``absent``: HF layer indices whose checkpoints have no such tensor although the tessera
+    block has the parameter (fla's RWKV-7 first layer has no value-residual LoRA, which
+    tessera's mixer keeps unused): import fills those layers' values with zeros, export writes
+    nothing for them.
     """
 
     hf: str
@@ -195,6 +200,7 @@ class Rule:
     transform: Transform
     mixer: str | None
     channel: str | None
+    absent: frozenset[int]
 
     def __init__(
         self,
@@ -204,12 +210,14 @@ class Rule:
         *,
         mixer: str | None = None,
         channel: str | None = None,
+        absent: Sequence[int] = (),
     ):
         object.__setattr__(self, "hf", hf)
         object.__setattr__(self, "ours", (ours,) if isinstance(ours, str) else tuple(ours))
         object.__setattr__(self, "transform", transform)
         object.__setattr__(self, "mixer", mixer)
         object.__setattr__(self, "channel", channel)
+        object.__setattr__(self, "absent", frozenset(absent))
 
     def applies_to(self, block: Any) -> bool:
         """Whether this per-layer rule fills a block of that layout spec (mixer and channel)."""
@@ -218,6 +226,10 @@ class Rule:
     @property
     def per_layer(self) -> bool:
         return "{layer}" in self.hf
+
+    def layer_name(self, layer: int) -> str | None:
+        """The HF tensor of this per-layer rule in HF layer ``layer``; None where it is absent."""
+        return None if layer in self.absent else self.hf.replace("{layer}", str(layer))
 
     @property
     def per_expert(self) -> bool:

@@ -57,11 +57,12 @@ def path_str(path: Path) -> str:
 class Placement:
     """``rule`` filling tessera ``paths``: from ``hf_names[r]`` into slice ``r`` when stacked,
     else from the one name. A per-expert rule (``experts`` > 0) reads one HF tensor per expert:
-    ``hf_names[r * experts + e]`` fills slice ``[r, e]`` (stacked) or ``[e]``."""
+    ``hf_names[r * experts + e]`` fills slice ``[r, e]`` (stacked) or ``[e]``. A name None (a
+    layer in ``rule.absent``) fills zeros and exports nothing."""
 
     rule: Rule
     paths: tuple[Path, ...]
-    hf_names: tuple[str, ...]
+    hf_names: tuple[str | None, ...]
     stacked: bool
     experts: int = 0
 
@@ -92,17 +93,14 @@ def plan(family: Family, model: ConfigDict, shapes: Mapping[Path, Any]) -> list[
             groups = [((), (rule.hf,), False)]
         else:
             groups = [
-                (("prefix", i), (rule.hf.replace("{layer}", str(i)),), False)
+                (("prefix", i), (rule.layer_name(i),), False)
                 for i, spec in enumerate(layout.prefix)
                 if rule.applies_to(spec)
             ]
             for j, spec in enumerate(layout.pattern):
                 if not rule.applies_to(spec):
                     continue
-                names = [
-                    rule.hf.replace("{layer}", str(layout.layer_index(j, r)))
-                    for r in range(layout.repeats)
-                ]
+                names = [rule.layer_name(layout.layer_index(j, r)) for r in range(layout.repeats)]
                 if model.scan_layers:
                     groups.append((("units", "blocks", j), tuple(names), True))
                 else:
@@ -123,7 +121,9 @@ def plan(family: Family, model: ConfigDict, shapes: Mapping[Path, Any]) -> list[
             experts = 0
             if rule.per_expert:  # the expert axis follows the stacked layer axis
                 experts = int(shapes[paths[0]].shape[int(stacked)])
-                names = tuple(n.replace("{expert}", str(e)) for n in names for e in range(experts))
+                names = tuple(
+                    n and n.replace("{expert}", str(e)) for n in names for e in range(experts)
+                )
             for p in paths:
                 if p in filled:
                     raise ConversionError(
@@ -172,7 +172,7 @@ def check_checkpoint(
     used = set()
     for pl in placements:
         want = pl.rule.transform.hf_shape(pl.layer_shapes(shapes))
-        for name in pl.hf_names:
+        for name in filter(None, pl.hf_names):
             used.add(name)
             if name not in reader:
                 raise ConversionError(
@@ -215,9 +215,11 @@ def read_params(
     out = {}
     for pl in placements:
         layer_shapes = pl.layer_shapes(shapes)
-        buffers = [np.empty(shapes[p].shape, shapes[p].dtype) for p in pl.paths]
+        buffers = [np.zeros(shapes[p].shape, shapes[p].dtype) for p in pl.paths]
         dtype = buffers[0].dtype
         for i, name in enumerate(pl.hf_names):
+            if name is None:
+                continue
             values = pl.rule.transform.to_ours(cast(reader.get(name), dtype, name), layer_shapes)
             for buffer, value in zip(buffers, values):
                 buffer[pl.slot(i)] = value
@@ -236,5 +238,7 @@ def hf_tensors(
     for pl in plan(family, model, flat):
         hosts = [np.asarray(jax.device_get(flat[p])) for p in pl.paths]
         for i, name in enumerate(pl.hf_names):
+            if name is None:
+                continue
             values = [h[pl.slot(i)] for h in hosts]
             yield name, cast(np.ascontiguousarray(pl.rule.transform.to_hf(values)), dtype, name)
