@@ -10,12 +10,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from tessera.configs import load_config
 from tessera.configs.rwkv6 import ffn_width
 from tessera.layers.mixers import RWKV6, RWKV6ChannelMix, SeqInfo
 from tessera.models.create import ModelSpec
 from tessera.models.registry import build_model
+from tessera.sharding import make_mesh, make_rules, use_mesh
 from tessera.train.flops import forward_flops_per_token
 from tessera.train.trainer import train
 from tests.cached_decode import check_cached_decode
@@ -308,6 +311,36 @@ def test_cache_shapes_do_not_depend_on_length():
     axes = model.cache_axes()["layers"][0]
     assert axes[0]["wkv"] == ("layers", "cache_batch", "cache_rwkv_heads", "head_dim", "head_dim")
     assert axes[1]["shift"] == ("layers", "cache_batch", "rwkv_shift")
+
+
+def test_sharded_forward_matches_unsharded():
+    """(fsdp=4, tensor=2): heads split over tensor; packed and padded rows."""
+    config = load_config(RWKV + ",mesh.data=1,mesh.fsdp=4,mesh.tensor=2")
+    mesh, rules = make_mesh(config.mesh), make_rules(config.mesh.rules)
+    spec = ModelSpec(config.model)
+    params = spec.init(0, mesh, rules)
+    block = params["units"]["blocks"][0]
+    expect = [
+        (block["mixer"]["r_proj"], P(None, "fsdp", "tensor")),
+        (block["mixer"]["o_proj"], P(None, "tensor", "fsdp")),
+        (block["mixer"]["bonus"], P(None, "tensor", None)),
+        (block["channel"]["key"], P(None, "fsdp", "tensor")),
+    ]
+    for array, pspec in expect:
+        assert array.sharding.is_equivalent_to(NamedSharding(mesh, pspec), array.ndim), (
+            array.sharding,
+            pspec,
+        )
+    tokens = random_tokens((4, 16), config.model.vocab_size, seed=14)
+    segment_ids = jnp.array([[1] * 16, [1] * 6 + [2] * 10, [1] * 12 + [0] * 4, [1] * 16])
+
+    def forward(p):
+        return spec.merge(p)(tokens, segment_ids=segment_ids).logits
+
+    want = jax.jit(forward)(jax.device_get(params))
+    with use_mesh(mesh, rules):
+        got = jax.jit(forward)(params)
+    np.testing.assert_allclose(got, want, **TOL)
 
 
 @pytest.mark.slow
