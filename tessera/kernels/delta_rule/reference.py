@@ -33,8 +33,9 @@ system
     u_i = (a_i exp(G_{i-1}))^T S_0 + sum_{j < i} [A_ak]_ij v_j + [A_ab]_ij u_j,
     [A_ak]_ij = sum_c a_i[c] k_j[c] exp(G_{i-1}[c] - G_j[c]),   A_ab likewise with b_j.
 
-So (I - A_ab) u = A_ak v + W S_0 with W_i = a_i exp(G_{i-1}); one unit-lower-triangular solve
-(the UT transform: the chunk's product of DPLR transitions in WY form) gives u = U0 + Wt S_0 with
+So (I - A_ab) u = A_ak v + W S_0 with W_i = a_i exp(G_{i-1}); inverting the unit lower
+triangle (the UT transform: the chunk's product of DPLR transitions in WY form; computed by
+`unit_lower_inverse` as a product of log2 L factors) gives u = U0 + Wt S_0 with
 U0 = (I - A_ab)^-1 A_ak v and Wt = (I - A_ab)^-1 W, both independent of S_0, so they are computed
 for all chunks at once. Outputs follow from (1):
 
@@ -94,6 +95,21 @@ def check_inputs(
 
 def _f32(*arrays: jax.Array | None) -> tuple[jax.Array | None, ...]:
     return tuple(None if x is None else x.astype(F32) for x in arrays)
+
+
+def unit_lower_inverse(n: jax.Array) -> jax.Array:
+    """(I - N)^-1 for strictly lower-triangular N [..., L, L]: N is nilpotent (N^L = 0), so the
+    inverse is I + N + ... + N^(L-1) = (I + N)(I + N^2)(I + N^4)... with ceil(log2 L) factors:
+    2 log2 L batched L x L matmuls (MXU work), no triangular-solve custom call (which XLA's CPU
+    backend runs slowly in the backward pass)."""
+    size = n.shape[-1]
+    inverse = jnp.eye(size, dtype=n.dtype) + n
+    power, span = n, 2
+    while span < size:
+        power = power @ power  # N^span
+        inverse = inverse + power @ inverse
+        span *= 2
+    return inverse
 
 
 def sequential(
@@ -188,13 +204,10 @@ def chunked(
     w_in = ac * jnp.exp(jnp.where(from_start, g_before, -jnp.inf))  # W_i [b, c, l, h, k]
     r_in = rc * jnp.exp(jnp.where(from_start, g, -jnp.inf))
 
-    # The UT transform: (I - A_ab) [U0 | Wt] = [A_ak v | W].
-    rhs = jnp.concatenate(
-        [jnp.einsum("bchij,bcjhv->bchiv", a_ak, vc), jnp.moveaxis(w_in, 2, 3)], axis=-1
-    )
-    lhs = jnp.eye(size, dtype=F32) - a_ab
-    sol = jax.scipy.linalg.solve_triangular(lhs, rhs, lower=True, unit_diagonal=True)
-    u0, wt = sol[..., :dv], sol[..., dv:]  # [b, c, h, l, v], [b, c, h, l, k]
+    # The UT transform: [U0 | Wt] = (I - A_ab)^-1 [A_ak v | W].
+    inverse = unit_lower_inverse(a_ab)
+    u0 = jnp.einsum("bchij,bchjm,bcmhv->bchiv", inverse, a_ak, vc)  # [b, c, h, l, v]
+    wt = jnp.einsum("bchij,bcjhk->bchik", inverse, w_in)  # [b, c, h, l, k]
 
     # To the chunk's end: exp(G_L - G_j) where no reset follows j; exp(G_L) from the start.
     last = n[:, :, -1:]
