@@ -54,6 +54,8 @@ reaches i only where n_i == n_j, and S_0 reaches i only where n_i == 0.
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 
@@ -95,6 +97,15 @@ def check_inputs(
 
 def _f32(*arrays: jax.Array | None) -> tuple[jax.Array | None, ...]:
     return tuple(None if x is None else x.astype(F32) for x in arrays)
+
+
+def chunked_flops_per_token(size: int, dk: int, dv: int) -> float:
+    """FLOPs per token and head of `chunked` as executed, chunks of ``size`` tokens: the four
+    size x size score blocks over K channels and the products with them (size (12 K + 8 V)),
+    the inverse of the unit lower triangle (2 (ceil(log2 size) - 1) size^3 matmuls per chunk) and
+    the state work of the chunk pass (10 K V)."""
+    doublings = max(math.ceil(math.log2(size)) - 1, 0) if size > 1 else 0
+    return size * (12 * dk + 8 * dv) + 4 * doublings * size * size + 10 * dk * dv
 
 
 def unit_lower_inverse(n: jax.Array) -> jax.Array:

@@ -68,6 +68,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from tessera.configs.base import ConfigDict
 from tessera.kernels.delta_rule import delta_rule
+from tessera.kernels.delta_rule.reference import DEFAULT_CHUNK, chunked_flops_per_token
 from tessera.layers.base import Initializer, cast, param, zeros
 from tessera.layers.mixers.base import Aux, SeqInfo
 from tessera.layers.mixers.recurrent import document_starts, token_shift
@@ -267,15 +268,13 @@ class RWKV7(nnx.Module):
 
     @staticmethod
     def flops_per_token(cfg: ConfigDict, seq_len: int) -> float:
-        """The r/k/v/o projections, the four LoRAs, and the chunked delta rule as executed (per
-        head, chunks of L = min(chunk_size, seq_len) tokens): the four L x L score blocks over K
-        channels, the triangular solve and the products with v / the pseudo-values (L (11 K +
-        7 V) per token), and the state work of the chunk pass (10 K V per token); V = K."""
+        """The r/k/v/o projections, the four LoRAs and the chunked delta rule as executed
+        (``kernels.delta_rule.reference.chunked_flops_per_token`` per head, chunks of
+        min(chunk_size, seq_len) tokens)."""
         d, hd = cfg.d_model, cfg.head_dim
-        ranks = lora_ranks(cfg)
-        lora = sum(2 * 2 * d * r for r in ranks.values())
-        chunk = min(int(cfg.rwkv7.chunk_size) or 16, max(seq_len, 1))
-        wkv = (d // hd) * (chunk * 18 * hd + 10 * hd * hd)
+        lora = sum(2 * 2 * d * r for r in lora_ranks(cfg).values())
+        chunk = min(int(cfg.rwkv7.chunk_size) or DEFAULT_CHUNK, max(seq_len, 1))
+        wkv = (d // hd) * chunked_flops_per_token(chunk, hd, hd)
         return 4 * 2 * d * d + lora + wkv
 
     @staticmethod
