@@ -10,6 +10,7 @@ from tessera.layers.mixers.base import Aux, SeqInfo, merge_aux, write_cache
 from tessera.layers.mixers.mamba import Mamba
 from tessera.layers.mixers.mamba2 import Mamba2
 from tessera.layers.mixers.mla import MLA
+from tessera.layers.mixers.retention import Retention
 from tessera.layers.mlp import MLP
 from tessera.layers.moe import MoE
 from tessera.sharding.rules import register_logical_rules
@@ -19,6 +20,7 @@ SEQUENCE_MIXERS: dict[str, type] = {
     "mamba": Mamba,
     "mamba2": Mamba2,
     "mla": MLA,
+    "retention": Retention,
 }
 CHANNEL_MIXERS: dict[str, type | None] = {"mlp": MLP, "moe": MoE, "none": None}
 
@@ -35,6 +37,7 @@ __all__ = [
     "Mamba2",
     "MLA",
     "MoE",
+    "Retention",
     "SeqInfo",
     "merge_aux",
     "write_cache",
