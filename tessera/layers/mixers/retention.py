@@ -30,12 +30,16 @@ Parameters (ours <- fla ``model.layers.{i}.attn.*``; torch Linear weights are [o
   g_norm_weight  [V]        <- g_norm_swish_gate.weight
   o_proj         [H, V, D]  <- o_proj.weight.T.reshape(H, V, D)
 (fla splits its projections head-major, ``'(h d)'``, so a plain reshape is the head split.)
-The rest of fla's block maps onto the LM's: ``attn_norm`` / ``mlp_norm`` are the block RMSNorms
-(eps norm_eps), and the channel mixer is fla's ``GatedMLP`` = tessera's ``mlp`` with
-``mlp_activation="swiglu"``: wi_gate <- mlp.gate_proj.weight.T, wi_up <- mlp.up_proj.weight.T,
-wo <- mlp.down_proj.weight.T, width intermediate_size or, unset, 256 * ceil(int(D * hidden_ratio
-* 2 / 3) / 256) (``configs/retnet.py`` ``fla_mlp_dim``). Init as fla's ``_init_weights``: every
-projection N(0, init_std = initializer_range 0.02), norm weights one.
+The rest of fla's model maps onto the LM's (block i = layer i of ``units/blocks/0``, stacked):
+  norm1/scale, norm2/scale  <- layers.{i}.attn_norm.weight, layers.{i}.mlp_norm.weight
+  channel/wi_gate, wi_up    <- layers.{i}.mlp.gate_proj.weight.T, mlp.up_proj.weight.T
+  channel/wo                <- layers.{i}.mlp.down_proj.weight.T
+  embed/embedding, final_norm/scale, head/kernel <- embeddings.weight, norm.weight,
+                               lm_head.weight.T (fla's tie_word_embeddings defaults to False)
+fla's ``GatedMLP`` is tessera's ``mlp`` with ``mlp_activation="swiglu"`` (silu(gate) * up), width
+intermediate_size or, unset, 256 * ceil(int(D * hidden_ratio * 2 / 3) / 256)
+(``configs/retnet.fla_mlp_dim``); every norm's eps is RetNetConfig.norm_eps. Init as fla's
+``_init_weights``: every projection N(0, init_std = initializer_range 0.02), norm weights one.
 
 Packed rows: rotary uses ``info.positions`` (restarting per document); the state is reset before
 each document's first token (``recurrent.document_starts``). Padding (segment id 0) has k = v = 0
