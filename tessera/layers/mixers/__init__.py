@@ -10,6 +10,7 @@ from tessera.layers.mixers.base import Aux, SeqInfo, merge_aux, write_cache
 from tessera.layers.mixers.mamba import Mamba
 from tessera.layers.mixers.mamba2 import Mamba2
 from tessera.layers.mixers.mla import MLA
+from tessera.layers.mixers.retention import Retention
 from tessera.layers.mixers.rwkv6 import RWKV6, RWKV6ChannelMix
 from tessera.layers.mixers.rwkv7 import RWKV7, RWKV7ChannelMix
 from tessera.layers.mlp import MLP
@@ -23,6 +24,7 @@ SEQUENCE_MIXERS: dict[str, type] = {
     "mla": MLA,
     "rwkv6": RWKV6,
     "rwkv7": RWKV7,
+    "retention": Retention,
 }
 CHANNEL_MIXERS: dict[str, type | None] = {
     "mlp": MLP,
@@ -49,6 +51,7 @@ __all__ = [
     "RWKV6ChannelMix",
     "RWKV7",
     "RWKV7ChannelMix",
+    "Retention",
     "SeqInfo",
     "merge_aux",
     "write_cache",
