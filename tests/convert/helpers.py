@@ -18,14 +18,7 @@ from tessera.sharding import use_mesh
 TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ROOT = os.path.dirname(TESTS)
 FIXTURES = os.path.join(TESTS, "fixtures", "hf")
-# Fixtures written before their importer exists (tools/make_fla_golden.py's RWKV / RetNet ones:
-# their families land with the mixers); every other fixture directory is tested.
-PENDING = {"rwkv6", "rwkv7", "retnet"}
-NAMES = sorted(
-    n
-    for n in os.listdir(FIXTURES)
-    if os.path.isdir(os.path.join(FIXTURES, n)) and n not in PENDING
-)
+NAMES = sorted(n for n in os.listdir(FIXTURES) if os.path.isdir(os.path.join(FIXTURES, n)))
 F32 = {"model.dtype": "float32"}
 
 

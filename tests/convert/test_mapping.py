@@ -2,6 +2,7 @@
 and a family whose rules do not cover the model is refused before any tensor is read."""
 
 import dataclasses
+import json
 
 import jax
 import numpy as np
@@ -154,3 +155,42 @@ def test_unscanned_layers_get_the_same_values():
             lambda a, b, r=r: np.testing.assert_array_equal(np.asarray(a)[r], np.asarray(b)),
             scanned["units"]["blocks"], unrolled["units"][r]["blocks"],
         )
+
+
+def _fla(name, **changes):
+    """The fixture's config.json with ``changes``."""
+    with open(fixture(name) + "/config.json") as f:
+        return {**json.load(f), **changes}
+
+
+def test_fla_widths_for_null_keys_are_fla_layer_defaults():
+    """Null sizes take the width fla's layers compute (values printed by fla 0.6.0's
+    RWKV7Attention / RWKV6FeedForward / RWKV7FeedForward / GatedMLP at these widths)."""
+    rwkv7 = FAMILIES["rwkv7"].model_fields(_fla(
+        "rwkv7", hidden_size=2048, head_dim=64, value_dim=None, intermediate_size=None,
+        hidden_ratio=None, decay_low_rank_dim=None, a_low_rank_dim=None, v_low_rank_dim=None,
+        gate_low_rank_dim=None))
+    assert (rwkv7["rwkv7.decay_low_rank_dim"], rwkv7["rwkv7.a_low_rank_dim"],
+            rwkv7["rwkv7.v_low_rank_dim"], rwkv7["rwkv7.gate_low_rank_dim"]) == (128, 128, 64, 224)
+    assert rwkv7["mlp_dim"] == 8192 and rwkv7["head_dim"] == 64
+    rwkv6 = FAMILIES["rwkv6"].model_fields(_fla("rwkv6", hidden_size=100, intermediate_size=None,
+                                                num_heads=4))
+    assert rwkv6["mlp_dim"] == 352 and rwkv6["rwkv6.head_dim"] == 25
+    retnet = FAMILIES["retnet"].model_fields(_fla("retnet", hidden_size=2048,
+                                                  intermediate_size=None))
+    assert retnet["mlp_dim"] == 2816
+
+
+@pytest.mark.parametrize("name, changes, message", [
+    ("rwkv7", dict(value_dim=[128, 64, 64]), "value_dim"),
+    ("rwkv7", dict(hidden_act="relu"), "hidden_act='relu'"),
+    ("rwkv6", dict(norm_bias=False), "norm_bias=False"),
+    ("rwkv6", dict(num_heads=5), "not a multiple of num_heads=5"),
+    ("rwkv6", dict(attn={"layers": [1]}), "attn="),
+    ("retnet", dict(num_kv_heads=2), "num_kv_heads=2"),
+    ("retnet", dict(feature_map="relu"), "feature_map='relu'"),
+    ("retnet", dict(fuse_norm=False), "fuse_norm=False"),
+])
+def test_fla_configs_tessera_cannot_run_are_refused(name, changes, message):
+    with pytest.raises(ConversionError, match=message):
+        FAMILIES[name].model_fields(_fla(name, **changes))
