@@ -48,6 +48,7 @@ def base_config() -> ConfigDict:
             # block name, e.g. "attention:mlp sliding_window=4096 rope_theta=10000".
             pattern=("attention:mlp",),
             tie_embeddings=False,
+            embed_norm=False,  # a norm right after the token embedding (RWKV's ln0)
             norm="rmsnorm",  # rmsnorm | layernorm (scale and bias): the blocks' and final norm
             norm_eps=1e-5,
             mlp_activation="swiglu",  # swiglu (gated) | gelu (exact erf) | gelu_tanh
