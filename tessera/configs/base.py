@@ -120,6 +120,19 @@ def base_config() -> ConfigDict:
                     impl="auto",  # auto | chunked | associative | sequential
                 )
             ),
+            # RWKV-6 "Finch" time mix (rwkv6) and its channel mix (rwkv6_cmix, width mlp_dim).
+            rwkv6=ConfigDict(
+                dict(
+                    head_dim=64,  # value channels per head: num_heads = value_dim / head_dim
+                    expand_k=1.0,  # key_dim = expand_k * d_model (fla's default is 0.5)
+                    expand_v=1.0,  # value_dim = expand_v * d_model
+                    proj_low_rank_dim=32,  # rank of the token-shift mix LoRA (x 5: r w k v g)
+                    gate_low_rank_dim=64,  # rank of the data-dependent decay LoRA
+                    group_norm_eps=1e-5,  # per-head GroupNorm of the WKV output (fla norm_eps)
+                    chunk_size=16,  # chunked WKV: tokens per chunk (kernels/gla)
+                    impl="auto",  # auto | chunked | sequential | parallel (kernels/gla)
+                )
+            ),
             # Multi-head latent attention (mla, DeepSeek-V2/V3); heads = num_heads. Queries
             # are nope | rope per head; keys and values come from one shared latent.
             mla=ConfigDict(

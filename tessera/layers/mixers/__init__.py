@@ -10,6 +10,7 @@ from tessera.layers.mixers.base import Aux, SeqInfo, merge_aux, write_cache
 from tessera.layers.mixers.mamba import Mamba
 from tessera.layers.mixers.mamba2 import Mamba2
 from tessera.layers.mixers.mla import MLA
+from tessera.layers.mixers.rwkv6 import RWKV6, RWKV6ChannelMix
 from tessera.layers.mlp import MLP
 from tessera.layers.moe import MoE
 from tessera.sharding.rules import register_logical_rules
@@ -19,8 +20,14 @@ SEQUENCE_MIXERS: dict[str, type] = {
     "mamba": Mamba,
     "mamba2": Mamba2,
     "mla": MLA,
+    "rwkv6": RWKV6,
 }
-CHANNEL_MIXERS: dict[str, type | None] = {"mlp": MLP, "moe": MoE, "none": None}
+CHANNEL_MIXERS: dict[str, type | None] = {
+    "mlp": MLP,
+    "moe": MoE,
+    "rwkv6_cmix": RWKV6ChannelMix,
+    "none": None,
+}
 
 for _name, _cls in (*SEQUENCE_MIXERS.items(), *CHANNEL_MIXERS.items()):
     if _cls is not None:
@@ -35,6 +42,8 @@ __all__ = [
     "Mamba2",
     "MLA",
     "MoE",
+    "RWKV6",
+    "RWKV6ChannelMix",
     "SeqInfo",
     "merge_aux",
     "write_cache",

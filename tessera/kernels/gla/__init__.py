@@ -1,0 +1,66 @@
+"""Chunked gated linear recurrence (GLA) behind one dispatch: ``gla(q, k, v, g, ...)``.
+
+One op for RetNet (scalar decay per head), GLA and RWKV-6 (per-channel decay; RWKV-6 with its
+bonus ``u``). The recurrence and shapes are in `reference`.
+
+impls, in the order auto tries them (`OP`, a `tessera.kernels.registry.Op`):
+  sequential   lax.scan over time: the oracle and the decode step. Auto picks it for a single
+               token (T = 1).
+  chunked      state passed between chunks, exact quadratic form inside them. Training and
+               prefill path; auto's pick for T > 1. ``xla`` is an alias.
+  parallel     the quadratic form over the whole sequence (O(T^2)). Only when named.
+  auto         sequential for T = 1, chunked otherwise. Pallas kernels join with
+               `OP.register(impl, before=...)`; every impl takes the arguments of `gla`.
+"""
+
+from __future__ import annotations
+
+import jax
+
+from tessera.kernels.gla import reference
+from tessera.kernels.registry import Impl, Op, drop_kwargs, impls_getattr
+
+__all__ = ["IMPLS", "OP", "gla"]
+
+
+def _single_token(q: jax.Array, *args, **kw) -> str | None:
+    return None if q.shape[1] == 1 else f"T = {q.shape[1]} > 1 (it is the decode step)"
+
+
+OP = Op(
+    "gla",
+    [
+        Impl("sequential", drop_kwargs(reference.sequential, "chunk_size"), auto=_single_token),
+        Impl("chunked", reference.chunked),
+        Impl("parallel", drop_kwargs(reference.parallel, "chunk_size"), auto=False),
+    ],
+    aliases={"xla": "chunked"},
+)
+
+__getattr__ = impls_getattr(OP)  # IMPLS = ("auto", *OP.names)
+
+
+def gla(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    g: jax.Array,
+    *,
+    u: jax.Array | None = None,
+    h0: jax.Array | None = None,
+    reset: jax.Array | None = None,
+    scale: float = 1.0,
+    impl: str = "auto",
+    chunk_size: int | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """q, k [B, T, H, K], v [B, T, H, V], g (log decay <= 0) [B, T, H, K] per channel or
+    [B, T, H] per head, u [H, K] or None (RWKV-6 bonus: the output reads the state before the
+    token plus diag(u) k_t^T v_t), h0 [B, H, K, V] or None, reset bool [B, T] or None (state
+    zeroed before the token) -> (o [B, T, H, V] in v.dtype, final state [B, H, K, V] float32).
+
+    Without u: S_t = diag(exp g_t) S_{t-1} + k_t^T v_t, o_t = scale * q_t S_t.
+    ``chunk_size`` only applies to the chunked form (None: 16 per-channel, 64 scalar).
+    """
+    return OP(
+        q, k, v, g, u=u, h0=h0, reset=reset, scale=scale, chunk_size=chunk_size, impl=impl
+    )
