@@ -133,6 +133,16 @@ def base_config() -> ConfigDict:
                     impl="auto",  # auto | chunked | sequential | parallel (kernels/gla)
                 )
             ),
+            # RetNet multi-scale retention (retention); heads = num_heads, rotary with
+            # rope_theta on q and k, gated per-head RMSNorm with norm_eps.
+            retention=ConfigDict(
+                dict(
+                    expand_k=1.0,  # query/key width = expand_k * d_model
+                    expand_v=2.0,  # value/gate width = expand_v * d_model
+                    chunk_size=64,  # chunked form's chunk length
+                    impl="auto",  # kernels/gla: auto | chunked | parallel | sequential
+                )
+            ),
             # Multi-head latent attention (mla, DeepSeek-V2/V3); heads = num_heads. Queries
             # are nope | rope per head; keys and values come from one shared latent.
             mla=ConfigDict(

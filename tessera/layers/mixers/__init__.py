@@ -11,6 +11,7 @@ from tessera.layers.mixers.mamba import Mamba
 from tessera.layers.mixers.mamba2 import Mamba2
 from tessera.layers.mixers.mla import MLA
 from tessera.layers.mixers.rwkv6 import RWKV6, RWKV6ChannelMix
+from tessera.layers.mixers.retention import Retention
 from tessera.layers.mlp import MLP
 from tessera.layers.moe import MoE
 from tessera.sharding.rules import register_logical_rules
@@ -21,6 +22,7 @@ SEQUENCE_MIXERS: dict[str, type] = {
     "mamba2": Mamba2,
     "mla": MLA,
     "rwkv6": RWKV6,
+    "retention": Retention,
 }
 CHANNEL_MIXERS: dict[str, type | None] = {
     "mlp": MLP,
@@ -44,6 +46,10 @@ __all__ = [
     "MoE",
     "RWKV6",
     "RWKV6ChannelMix",
+    "Retention",
+    "RWKV6",
+    "RWKV6ChannelMix",
+    "Retention",
     "SeqInfo",
     "merge_aux",
     "write_cache",
