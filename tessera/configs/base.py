@@ -143,6 +143,18 @@ def base_config() -> ConfigDict:
                     impl="auto",  # kernels/gla: auto | chunked | parallel | sequential
                 )
             ),
+            # RWKV-7 time mix (rwkv7); heads of model.head_dim channels (H = d_model / head_dim).
+            # LoRA ranks: 0 takes the official suggestion for the width (layers/mixers/rwkv7.py).
+            rwkv7=ConfigDict(
+                dict(
+                    decay_low_rank_dim=0,
+                    a_low_rank_dim=0,
+                    v_low_rank_dim=0,
+                    gate_low_rank_dim=0,
+                    chunk_size=16,  # chunked delta rule: tokens per chunk
+                    impl="auto",  # auto | chunked | sequential (kernels/delta_rule)
+                )
+            ),
             # Multi-head latent attention (mla, DeepSeek-V2/V3); heads = num_heads. Queries
             # are nope | rope per head; keys and values come from one shared latent.
             mla=ConfigDict(

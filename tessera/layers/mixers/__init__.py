@@ -12,6 +12,7 @@ from tessera.layers.mixers.mamba2 import Mamba2
 from tessera.layers.mixers.mla import MLA
 from tessera.layers.mixers.rwkv6 import RWKV6, RWKV6ChannelMix
 from tessera.layers.mixers.retention import Retention
+from tessera.layers.mixers.rwkv7 import RWKV7, RWKV7ChannelMix
 from tessera.layers.mlp import MLP
 from tessera.layers.moe import MoE
 from tessera.sharding.rules import register_logical_rules
@@ -23,11 +24,13 @@ SEQUENCE_MIXERS: dict[str, type] = {
     "mla": MLA,
     "rwkv6": RWKV6,
     "retention": Retention,
+    "rwkv7": RWKV7,
 }
 CHANNEL_MIXERS: dict[str, type | None] = {
     "mlp": MLP,
     "moe": MoE,
     "rwkv6_cmix": RWKV6ChannelMix,
+    "rwkv7_cmix": RWKV7ChannelMix,
     "none": None,
 }
 
@@ -47,9 +50,8 @@ __all__ = [
     "RWKV6",
     "RWKV6ChannelMix",
     "Retention",
-    "RWKV6",
-    "RWKV6ChannelMix",
-    "Retention",
+    "RWKV7",
+    "RWKV7ChannelMix",
     "SeqInfo",
     "merge_aux",
     "write_cache",

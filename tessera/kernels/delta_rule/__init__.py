@@ -1,0 +1,59 @@
+"""RWKV-7's generalised delta rule behind one dispatch: ``delta_rule(r, w, k, v, a, b, impl=...)``.
+
+impls, in the order auto tries them (`OP`, a `tessera.kernels.registry.Op`; the recurrence, state
+layout and the chunked derivation are in `reference`):
+  sequential  lax.scan over time: the oracle and the decode step. Auto picks it for a single token
+              (T = 1).
+  chunked     the chunk-parallel WY / UT-transform form: training and prefill path; auto's pick
+              for T > 1. ``xla`` is an alias.
+Pallas kernels join with `OP.register(impl, before=...)`.
+"""
+
+from __future__ import annotations
+
+import jax
+
+from tessera.kernels.delta_rule import reference
+from tessera.kernels.registry import Impl, Op, drop_kwargs, impls_getattr
+
+__all__ = ["IMPLS", "OP", "delta_rule"]
+
+
+def _single_token(r: jax.Array, *args, **kw) -> str | None:
+    return None if r.shape[1] == 1 else f"T = {r.shape[1]} > 1 (it is the decode step)"
+
+
+OP = Op(
+    "delta_rule",
+    [
+        Impl("sequential", drop_kwargs(reference.sequential, "chunk_size"), auto=_single_token),
+        Impl("chunked", reference.chunked),
+    ],
+    aliases={"xla": "chunked"},
+)
+
+__getattr__ = impls_getattr(OP)  # IMPLS = ("auto", *OP.names)
+
+
+def delta_rule(
+    r: jax.Array,
+    w: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    a: jax.Array,
+    b: jax.Array,
+    *,
+    h0: jax.Array | None = None,
+    reset: jax.Array | None = None,
+    scale: float = 1.0,
+    impl: str = "auto",
+    chunk_size: int | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """S_t = (diag(exp(w_t)) + b_t a_t^T) S_{t-1} + k_t v_t^T, o_t = scale * S_t^T r_t.
+
+    r, w (log decay, <= 0), k, a, b [B, T, H, K]; v [B, T, H, V]; h0 [B, H, K, V] or None
+    (zeros); reset bool [B, T] or None (zero the state before a token) -> (o [B, T, H, V] in
+    v.dtype, final state [B, H, K, V] float32). ``chunk_size`` (default 16) only applies to the
+    chunked form. For RWKV-7, a = -kk and b = kk * iclr.
+    """
+    return OP(r, w, k, v, a, b, h0=h0, reset=reset, scale=scale, chunk_size=chunk_size, impl=impl)
