@@ -10,8 +10,8 @@ from tessera.layers.mixers.base import Aux, SeqInfo, merge_aux, write_cache
 from tessera.layers.mixers.mamba import Mamba
 from tessera.layers.mixers.mamba2 import Mamba2
 from tessera.layers.mixers.mla import MLA
-from tessera.layers.mixers.rwkv6 import RWKV6, RWKV6ChannelMix
 from tessera.layers.mixers.retention import Retention
+from tessera.layers.mixers.rwkv6 import RWKV6, RWKV6ChannelMix
 from tessera.layers.mixers.rwkv7 import RWKV7, RWKV7ChannelMix
 from tessera.layers.mlp import MLP
 from tessera.layers.moe import MoE
