@@ -48,6 +48,7 @@ def base_config() -> ConfigDict:
             # block name, e.g. "attention:mlp sliding_window=4096 rope_theta=10000".
             pattern=("attention:mlp",),
             tie_embeddings=False,
+            embed_norm=False,  # a norm right after the token embedding (RWKV's ln0)
             norm="rmsnorm",  # rmsnorm | layernorm (scale and bias): the blocks' and final norm
             norm_eps=1e-5,
             mlp_activation="swiglu",  # swiglu (gated) | gelu (exact erf) | gelu_tanh
@@ -132,6 +133,16 @@ def base_config() -> ConfigDict:
                     impl="auto",  # auto | chunked | sequential | parallel (kernels/gla)
                 )
             ),
+            # RetNet multi-scale retention (retention); heads = num_heads, rotary with
+            # rope_theta on q and k, gated per-head RMSNorm with norm_eps.
+            retention=ConfigDict(
+                dict(
+                    expand_k=1.0,  # query/key width = expand_k * d_model
+                    expand_v=2.0,  # value/gate width = expand_v * d_model
+                    chunk_size=64,  # chunked form's chunk length
+                    impl="auto",  # kernels/gla: auto | chunked | parallel | sequential
+                )
+            ),
             # RWKV-7 time mix (rwkv7); heads of model.head_dim channels (H = d_model / head_dim).
             # LoRA ranks: 0 takes the official suggestion for the width (layers/mixers/rwkv7.py).
             rwkv7=ConfigDict(
@@ -142,16 +153,6 @@ def base_config() -> ConfigDict:
                     gate_low_rank_dim=0,
                     chunk_size=16,  # chunked delta rule: tokens per chunk
                     impl="auto",  # auto | chunked | sequential (kernels/delta_rule)
-                )
-            ),
-            # RetNet multi-scale retention (retention); heads = num_heads, rotary with
-            # rope_theta on q and k, gated per-head RMSNorm with norm_eps.
-            retention=ConfigDict(
-                dict(
-                    expand_k=1.0,  # query/key width = expand_k * d_model
-                    expand_v=2.0,  # value/gate width = expand_v * d_model
-                    chunk_size=64,  # chunked form's chunk length
-                    impl="auto",  # kernels/gla: auto | chunked | parallel | sequential
                 )
             ),
             # Multi-head latent attention (mla, DeepSeek-V2/V3); heads = num_heads. Queries

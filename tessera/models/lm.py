@@ -21,7 +21,7 @@ from tessera.layers.mixers import SEQUENCE_MIXERS, SeqInfo, write_cache
 from tessera.layers.mixers.base import Aux
 from tessera.layers.norms import make_norm
 from tessera.models.layout import BlockSpec
-from tessera.models.stack import BlockStack
+from tessera.models.stack import BlockStack, block_cache_axes, block_init_cache
 from tessera.sharding import is_axis_names
 
 
@@ -59,6 +59,8 @@ class LM(BlockStack):
             param_dtype=cfg.param_dtype,
             rngs=rngs,
         )
+        # RWKV's ln0: a norm right after the embedding (model.embed_norm)
+        self.embed_norm = make_norm(cfg, rngs=rngs) if cfg.get("embed_norm", False) else None
         self._init_stack(cfg, rngs)
         self.final_norm = make_norm(cfg, rngs=rngs)
         self.head = self._make_head(cfg, rngs)
@@ -109,7 +111,7 @@ class LM(BlockStack):
         s = self.cache_length(max_len)
 
         def one(spec: BlockSpec) -> Any:
-            return SEQUENCE_MIXERS[spec.mixer].init_cache(spec.config(self.cfg), batch, s, dtype)
+            return block_init_cache(spec, self.cfg, batch, s, dtype)
 
         layers = tuple(
             jax.tree.map(lambda a: jnp.broadcast_to(a, (self.repeats, *a.shape)), one(spec))
@@ -127,7 +129,7 @@ class LM(BlockStack):
         layers = tuple(
             jax.tree.map(
                 lambda names: ("layers", *names),
-                SEQUENCE_MIXERS[spec.mixer].cache_axes(),
+                block_cache_axes(spec),
                 is_leaf=is_axis_names,
             )
             for spec in self.layout.pattern
@@ -135,7 +137,7 @@ class LM(BlockStack):
         return {
             "positions": ("cache_batch", "cache_length"),
             "lengths": ("cache_batch",),
-            "prefix": tuple(SEQUENCE_MIXERS[s.mixer].cache_axes() for s in self.layout.prefix),
+            "prefix": tuple(block_cache_axes(spec) for spec in self.layout.prefix),
             "layers": layers,
         }
 
@@ -169,6 +171,8 @@ class LM(BlockStack):
         else:
             info = SeqInfo(positions, segment_ids)
         x = self.embed(tokens)
+        if self.embed_norm is not None:
+            x = self.embed_norm(x)
         x, prefix_caches, layer_caches, aux = self._run_blocks(x, info, cache)
         x = self.final_norm(x)
         new_cache = None

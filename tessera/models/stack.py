@@ -9,6 +9,16 @@ An optional prefix of blocks run once (``config.model.prefix``), then a repeatin
 losses and statistics of the blocks reach the model's aux through the scan (see
 ``layers/mixers/base.py``).
 
+Cross-layer streams: a dict carried from block to block through the prefix and the scan (with
+``x``), for values one layer computes and later layers read (RWKV-7's value residual: the first
+layer's values, ``v_first``). A sequence mixer class naming keys in ``STREAMS`` is called as
+``mixer(x, info, cache, streams) -> (y, cache, aux, streams)``; a scan carry cannot grow, so a key
+the scanned pattern reads must be set by a prefix block (checked, with a message saying so).
+
+Stateful channel mixers (RWKV's channel mix keeps its token shift): a channel mixer class with
+``init_cache`` is called as ``channel(x, info, cache) -> (y, aux, cache)``, and the block's cache
+is then ``(sequence mixer cache, channel mixer cache)`` (``block_init_cache``).
+
 Training noise: given an rng, the block at depth ``l`` (0-based over all ``num_layers``) draws
 from ``fold_in(rng, l)`` (one key per layer, the same scanned or unrolled): dropout
 (``model.dropout``) on each mixer's output and drop path at rate
@@ -48,6 +58,7 @@ class Block(nnx.Module):
         else:
             self.norm2 = make_norm(cfg, rngs=rngs)
             self.channel = channel_cls(cfg, rngs=rngs)
+        self.stateful_channel = stateful_channel(spec)
         self.dropout = float(cfg.dropout)
         self.stochastic_depth = float(cfg.stochastic_depth)
         self.num_layers = int(cfg.num_layers)
@@ -74,19 +85,60 @@ class Block(nnx.Module):
         cache: Any,
         rng: jax.Array | None = None,
         depth: int | jax.Array = 0,
-    ) -> tuple[jax.Array, Any, Aux]:
-        """x [B, T, D] -> (x [B, T, D], the mixer's new cache, aux). ``rng``: the pass's training
-        key (None: deterministic); ``depth``: this block's layer index (traced in the scan)."""
+        streams: dict | None = None,
+    ) -> tuple[jax.Array, Any, Aux, dict]:
+        """x [B, T, D] -> (x [B, T, D], the block's new cache, aux, streams). ``rng``: the
+        pass's training key (None: deterministic); ``depth``: this block's layer index (traced
+        in the scan); ``streams``: the cross-layer values carried through the stack (module
+        docstring)."""
+        streams = {} if streams is None else streams
         keys = (None, None)
         if rng is not None:
             keys = tuple(jax.random.split(jax.random.fold_in(rng, depth)))
-        h, cache, aux = self.mixer(self.norm1(x), info, cache)
+        mixer_cache, channel_cache = cache, None
+        if self.stateful_channel and cache is not None:
+            mixer_cache, channel_cache = cache
+        if getattr(self.mixer, "STREAMS", ()):
+            h, mixer_cache, aux, streams = self.mixer(self.norm1(x), info, mixer_cache, streams)
+        else:
+            h, mixer_cache, aux = self.mixer(self.norm1(x), info, mixer_cache)
         x = x + self._noise(h, keys[0], depth)
         if self.channel is not None:
-            h, channel_aux = self.channel(self.norm2(x), info)
+            if self.stateful_channel:
+                h, channel_aux, channel_cache = self.channel(self.norm2(x), info, channel_cache)
+            else:
+                h, channel_aux = self.channel(self.norm2(x), info)
             x = x + self._noise(h, keys[1], depth)
             aux = merge_aux(aux, channel_aux)
-        return constrain(x, ("batch", "length", "act_embed")), cache, aux
+        if self.stateful_channel and cache is not None:
+            cache = (mixer_cache, channel_cache)
+        else:
+            cache = mixer_cache
+        return constrain(x, ("batch", "length", "act_embed")), cache, aux, streams
+
+
+def stateful_channel(spec: BlockSpec) -> bool:
+    """Whether the block's channel mixer keeps decode state (RWKV's token shift): then the
+    block's cache is ``(sequence mixer cache, channel mixer cache)``."""
+    cls = CHANNEL_MIXERS[spec.channel]
+    return cls is not None and hasattr(cls, "init_cache")
+
+
+def block_init_cache(spec: BlockSpec, cfg: ConfigDict, batch: int, length: int, dtype: Any) -> Any:
+    """The empty decode state of one block (``length`` token slots)."""
+    cfg = spec.config(cfg)
+    cache = SEQUENCE_MIXERS[spec.mixer].init_cache(cfg, batch, length, dtype)
+    if stateful_channel(spec):
+        return cache, CHANNEL_MIXERS[spec.channel].init_cache(cfg, batch, length, dtype)
+    return cache
+
+
+def block_cache_axes(spec: BlockSpec) -> Any:
+    """Logical axis names of ``block_init_cache``'s arrays."""
+    axes = SEQUENCE_MIXERS[spec.mixer].cache_axes()
+    if stateful_channel(spec):
+        return axes, CHANNEL_MIXERS[spec.channel].cache_axes()
+    return axes
 
 
 class Unit(nnx.Module):
@@ -97,19 +149,21 @@ class Unit(nnx.Module):
 
     def __call__(
         self,
-        x: jax.Array,
+        carry: tuple[jax.Array, dict],
         info: SeqInfo,
         caches: tuple | None,
         rng: jax.Array | None = None,
         depth: int | jax.Array = 0,
-    ) -> tuple[jax.Array, Any, tuple[Aux, ...]]:
-        """``depth``: the layer index of the unit's first block."""
+    ) -> tuple[tuple[jax.Array, dict], Any, tuple[Aux, ...]]:
+        """``carry``: (x, streams); ``depth``: the layer index of the unit's first block."""
+        x, streams = carry
         new, auxes = [], []
         for i, block in enumerate(self.blocks):
-            x, c, aux = block(x, info, None if caches is None else caches[i], rng, depth + i)
+            layer_cache = None if caches is None else caches[i]
+            x, c, aux, streams = block(x, info, layer_cache, rng, depth + i, streams)
             new.append(c)
             auxes.append(aux)
-        return x, (None if caches is None else tuple(new)), tuple(auxes)
+        return (x, streams), (None if caches is None else tuple(new)), tuple(auxes)
 
 
 def collect_aux(prefix: list[Aux], stacked: tuple[Aux, ...]) -> Aux:
@@ -161,6 +215,19 @@ class BlockStack(nnx.Module):
         else:
             self.units = nnx.List([Unit(cfg, pattern, rngs=rngs) for _ in range(self.repeats)])
 
+    def _check_streams(self, streams: dict) -> None:
+        """The scan's carry cannot grow: every stream a scanned mixer reads must exist before
+        the scan, i.e. be set by a prefix block."""
+        for spec in self.layout.pattern:
+            reads = getattr(SEQUENCE_MIXERS[spec.mixer], "STREAMS", ())
+            missing = [k for k in reads if k not in streams]
+            if missing:
+                raise ValueError(
+                    f"model.pattern block {str(spec)!r} reads the cross-layer value(s) {missing} "
+                    "that the first layer sets: put the first layer in model.prefix (e.g. "
+                    f"prefix=({str(spec)!r},) and one layer fewer in the scanned pattern)"
+                )
+
     def _run_blocks(
         self, x: jax.Array, info: SeqInfo, cache: dict | None, rng: jax.Array | None = None
     ) -> tuple[jax.Array, tuple | None, tuple | None, Aux]:
@@ -170,8 +237,9 @@ class BlockStack(nnx.Module):
         policy = remat_policy(self.cfg.remat)
         scanned = self.cfg.scan_layers
 
-        def call(module: Block | Unit, *args: Any) -> tuple[jax.Array, Any, Any]:
-            return module(*args)  # (x, info, caches, rng, depth)
+        def call(module: Block | Unit, *args: Any) -> tuple[Any, ...]:
+            return module(*args)  # blocks: (x, info, cache, rng, depth, streams); units: ((x,
+            # streams), info, caches, rng, depth)
 
         unit_body = block_body = call
         if policy is not None:
@@ -179,25 +247,31 @@ class BlockStack(nnx.Module):
             block_body = nnx.remat(call, policy=policy)
 
         prefix_caches, prefix_aux = [], []
+        streams: dict = {}
         for i, block in enumerate(self.prefix or ()):
             layer_cache = None if cache is None else cache["prefix"][i]
-            x, c, aux = block_body(block, x, info, layer_cache, rng, i)
+            x, c, aux, streams = block_body(block, x, info, layer_cache, rng, i, streams)
             prefix_caches.append(c)
             prefix_aux.append(aux)
         caches = None if cache is None else cache["layers"]
         first = len(self.layout.prefix)
         width = len(self.layout.pattern)
+        self._check_streams(streams)
         if scanned:
             depths = first + width * jnp.arange(self.repeats, dtype=jnp.int32)
             scan = nnx.scan(
                 unit_body, in_axes=(0, nnx.Carry, None, 0, None, 0), out_axes=(nnx.Carry, 0, 0)
             )
-            x, caches, unit_aux = scan(self.units, x, info, caches, rng, depths)
+            (x, streams), caches, unit_aux = scan(
+                self.units, (x, streams), info, caches, rng, depths
+            )
         else:
             outs, auxes = [], []
             for i, unit in enumerate(self.units):
                 layer_caches = None if caches is None else jax.tree.map(lambda a, i=i: a[i], caches)
-                x, c, aux = unit_body(unit, x, info, layer_caches, rng, first + width * i)
+                (x, streams), c, aux = unit_body(
+                    unit, (x, streams), info, layer_caches, rng, first + width * i
+                )
                 outs.append(c)
                 auxes.append(aux)
             stack = lambda *a: jnp.stack(a)

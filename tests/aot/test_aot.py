@@ -88,7 +88,8 @@ def test_extrapolate_tree():
 # Every packaged config's tiny preset: the train step on v5e, v5p and v6e with a different mesh
 # on each (the state-space ones on two of them), and the decode programs of the language models.
 TINY = ["llama:tiny", "mamba:tiny", "mamba2:tiny", "hybrid:tiny", "classify:tiny", "vit:tiny",
-        "deepseek:tiny", "qwen_moe:tiny", "rwkv6:tiny", "retnet:tiny"]
+        "deepseek:tiny", "qwen_moe:tiny", "rwkv6:tiny", "retnet:tiny",
+        "rwkv7:tiny"]
 CLASSIFIERS = ("classify:tiny", "vit:tiny")
 LAYOUTS = [
     ("v5e-4", {"mesh.data": 2, "mesh.fsdp": 2}),

@@ -23,8 +23,8 @@ SEQUENCE_MIXERS: dict[str, type] = {
     "mamba2": Mamba2,
     "mla": MLA,
     "rwkv6": RWKV6,
-    "rwkv7": RWKV7,
     "retention": Retention,
+    "rwkv7": RWKV7,
 }
 CHANNEL_MIXERS: dict[str, type | None] = {
     "mlp": MLP,
@@ -49,9 +49,9 @@ __all__ = [
     "MoE",
     "RWKV6",
     "RWKV6ChannelMix",
+    "Retention",
     "RWKV7",
     "RWKV7ChannelMix",
-    "Retention",
     "SeqInfo",
     "merge_aux",
     "write_cache",

@@ -39,8 +39,18 @@ from jax.ad_checkpoint import checkpoint_name
 
 from tessera.configs.base import ConfigDict
 from tessera.kernels.selective_scan import selective_scan
-from tessera.layers.base import Initializer, cast, normal, ones, param, zeros
+from tessera.layers.base import cast, normal, ones, param, zeros
 from tessera.layers.mixers.base import Aux, SeqInfo
+from tessera.layers.mixers.recurrent import (
+    a_log_init,
+    causal_conv,
+    document_starts,
+    dt_bias_init,
+    history,
+    tail,
+    tokens_since_start,
+    uniform,
+)
 from tessera.sharding import constrain
 
 
@@ -50,48 +60,6 @@ def mamba_dims(cfg: ConfigDict) -> tuple[int, int, int, int]:
     d_inner = int(s.expand * cfg.d_model)
     dt_rank = int(s.dt_rank) or math.ceil(cfg.d_model / 16)
     return d_inner, int(s.state_dim), int(s.conv_width), dt_rank
-
-
-def uniform(bound: float) -> Initializer:
-    """U(-bound, bound): the conv kernel (bound = 1/sqrt(fan_in), torch's default) and the dt
-    projection (bound = 1/sqrt(dt_rank), as in Mamba)."""
-
-    def init(key: jax.Array, shape: tuple[int, ...], dtype: jnp.dtype) -> jax.Array:
-        return jax.random.uniform(key, shape, dtype, -bound, bound)
-
-    return init
-
-
-def dt_bias_init(dt_min: float, dt_max: float, floor: float) -> Initializer:
-    """Inverse softplus of dt ~ log-uniform in [dt_min, dt_max] (floored), as in Mamba, so the
-    initial step sizes ``softplus(bias)`` span that range."""
-
-    def init(key: jax.Array, shape: tuple[int, ...], dtype: jnp.dtype) -> jax.Array:
-        lo, hi = math.log(dt_min), math.log(dt_max)
-        dt = jnp.exp(jax.random.uniform(key, shape, jnp.float32) * (hi - lo) + lo)
-        dt = jnp.maximum(dt, floor)
-        return (dt + jnp.log(-jnp.expm1(-dt))).astype(dtype)
-
-    return init
-
-
-def a_log_init(key: jax.Array, shape: tuple[int, ...], dtype: jnp.dtype) -> jax.Array:
-    """A = -exp(A_log) = -(1, 2, ..., N) for every channel (S4D-real)."""
-    del key
-    a_log = jnp.log(jnp.arange(1, shape[1] + 1, dtype=jnp.float32))
-    return jnp.broadcast_to(a_log, shape).astype(dtype)
-
-
-def document_starts(info: SeqInfo, cached: bool) -> jax.Array:
-    """bool [B, T]: real tokens before which the state resets. Without a cache every segment
-    change (and position 0) starts a document; with one, all real tokens of a row are one
-    sequence that continues the cache, and only position 0 starts afresh."""
-    real = info.segment_ids > 0
-    starts = info.positions == 0
-    if not cached:
-        prev = jnp.pad(info.segment_ids[:, :-1], ((0, 0), (1, 0)), constant_values=-1)
-        starts |= info.segment_ids != prev
-    return real & starts
 
 
 class Mamba(nnx.Module):
@@ -136,36 +104,6 @@ class Mamba(nnx.Module):
         else:
             self.in_proj_bias = self.out_proj_bias = None
 
-    def _conv(self, x: jax.Array, prev: jax.Array, last_start: jax.Array) -> jax.Array:
-        """Causal depthwise conv + SiLU of x [B, T, Di] after the K-1 inputs ``prev``
-        [B, K-1, Di]; a tap reaching before the latest document start ``last_start`` [B, T]
-        (call-relative index, -2K: none this call) reads zero. Float32 accumulation."""
-        k, t = self.conv_width, x.shape[1]
-        xs = jnp.concatenate([prev, x], axis=1).astype(jnp.float32)
-        w = cast(self.conv_weight, jnp.float32)
-        index = jnp.arange(t)
-        acc = 0.0
-        for tap in range(k):
-            valid = (index - (k - 1 - tap))[None, :] >= last_start
-            acc = acc + jnp.where(valid[..., None], xs[:, tap : tap + t] * w[tap], 0.0)
-        if self.conv_bias is not None:
-            acc = acc + cast(self.conv_bias, jnp.float32)
-        return jax.nn.silu(acc).astype(self.dtype)
-
-    def _conv_state(
-        self, x: jax.Array, prev: jax.Array, last_start: jax.Array, real: jax.Array
-    ) -> jax.Array:
-        """The last K-1 conv inputs [B, K-1, Di] up to each row's last real token; inputs from
-        before that token's document start are zeros. A row without real tokens keeps ``prev``."""
-        k, t = self.conv_width, x.shape[1]
-        xs = jnp.concatenate([prev, x.astype(prev.dtype)], axis=1)
-        length = jnp.max(jnp.where(real, jnp.arange(1, t + 1), 0), axis=1)  # [B]
-        idx = length[:, None] + jnp.arange(k - 1)  # into xs; call-relative index is idx - (K-1)
-        start = jnp.take_along_axis(last_start, jnp.maximum(length - 1, 0)[:, None], axis=1)
-        start = jnp.where(length[:, None] > 0, start, -2 * k)
-        kept = jnp.take_along_axis(xs, idx[..., None], axis=1)
-        return jnp.where((idx - (k - 1) >= start)[..., None], kept, 0)
-
     def __call__(
         self, x: jax.Array, info: SeqInfo, cache: dict | None = None
     ) -> tuple[jax.Array, dict | None, Aux]:
@@ -174,7 +112,7 @@ class Mamba(nnx.Module):
         Without a cache, rows may pack documents (segment ids, positions restarting at 0);
         with one, each row continues its cached sequence and may be right-padded."""
         b, t, _ = x.shape
-        di, n, k, r = self.d_inner, self.state_dim, self.conv_width, self.dt_rank
+        n, k, r = self.state_dim, self.conv_width, self.dt_rank
         cd = self.dtype
         xz = jnp.einsum("btd,dsi->btsi", x, cast(self.in_proj, cd))
         if self.in_proj_bias is not None:
@@ -184,11 +122,13 @@ class Mamba(nnx.Module):
         xc = jnp.where(real[..., None], xz[:, :, 0], 0)  # the conv input; 0 under padding
         z = xz[:, :, 1]
 
-        starts = document_starts(info, cached=cache is not None)
-        # Latest document start at or before each token (call-relative; -2K: none this call).
-        last_start = jax.lax.cummax(jnp.where(starts, jnp.arange(t), -2 * k), axis=1)
-        prev = jnp.zeros((b, k - 1, di), cd) if cache is None else cache["conv"].astype(cd)
-        u = jnp.where(real[..., None], self._conv(xc, prev, last_start), 0)
+        cached = cache is not None
+        starts = document_starts(info, cached)
+        since = tokens_since_start(info, cached)
+        hist = history(xc, None if cache is None else cache["conv"], k)
+        bias = None if self.conv_bias is None else cast(self.conv_bias, jnp.float32)
+        conv = causal_conv(hist, since, cast(self.conv_weight, jnp.float32), bias)
+        u = jnp.where(real[..., None], jax.nn.silu(conv).astype(cd), 0)
         u = constrain(u, ("batch", "length", "act_ssm_inner"))
 
         proj = jnp.einsum("bti,ip->btp", u, cast(self.x_proj, cd))
@@ -216,8 +156,8 @@ class Mamba(nnx.Module):
         out = checkpoint_name(constrain(out, ("batch", "length", "act_embed")), "ssm_out")
         new_cache = None
         if cache is not None:
-            conv = self._conv_state(xc, cache["conv"], last_start, real)
-            new_cache = {"conv": conv, "ssm": h.astype(cache["ssm"].dtype)}
+            conv_state = tail(hist, since, real, cache["conv"], k - 1)
+            new_cache = {"conv": conv_state, "ssm": h.astype(cache["ssm"].dtype)}
         return out, new_cache, {}
 
     @staticmethod

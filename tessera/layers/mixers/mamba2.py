@@ -31,9 +31,6 @@ has its conv input zeroed, dt = 0 and x = 0, so it never moves the state.
 
 from __future__ import annotations
 
-import math
-from collections.abc import Sequence
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -41,52 +38,20 @@ from jax.ad_checkpoint import checkpoint_name
 
 from tessera.configs.base import ConfigDict
 from tessera.kernels.ssd import ssd
-from tessera.layers.base import Initializer, cast, normal, ones, param, zeros
+from tessera.layers.base import cast, normal, ones, param, zeros
 from tessera.layers.mixers.base import Aux, SeqInfo
+from tessera.layers.mixers.recurrent import (
+    a_log_init,
+    causal_conv,
+    dt_bias_init,
+    history,
+    tail,
+    tokens_since_start,
+    uniform,
+)
 from tessera.sharding import constrain
 
 F32 = jnp.float32
-
-
-def dt_bias_init(dt_min: float, dt_max: float, floor: float) -> Initializer:
-    """softplus^-1 of dt drawn log-uniformly in [dt_min, dt_max] (floored), as Mamba does."""
-
-    def init(key: jax.Array, shape: Sequence[int], dtype: jnp.dtype) -> jax.Array:
-        u = jax.random.uniform(key, shape, F32)
-        dt = jnp.exp(u * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
-        dt = jnp.maximum(dt, floor)
-        return (dt + jnp.log(-jnp.expm1(-dt))).astype(dtype)
-
-    return init
-
-
-def a_log_init(key: jax.Array, shape: Sequence[int], dtype: jnp.dtype) -> jax.Array:
-    """A_log = log(1..H), i.e. A_h = -(h + 1), as HF initialises it."""
-    del key
-    return jnp.log(jnp.arange(1, shape[0] + 1, dtype=F32)).astype(dtype)
-
-
-def conv_init(width: int) -> Initializer:
-    """torch's Conv1d default for a depthwise kernel: U(-1/sqrt(K), 1/sqrt(K))."""
-    bound = 1.0 / math.sqrt(width)
-    return lambda key, shape, dtype: jax.random.uniform(key, shape, dtype, -bound, bound)
-
-
-def tokens_since_start(info: SeqInfo, cached: bool) -> jax.Array:
-    """int32 [B, T]: how many tokens back the current document began (0 at its first token).
-
-    ``positions`` counts from each document's start; without a cache a segment change also
-    starts one (rows packed without position resets). With a cache every row is one sequence
-    (segment ids only mark padding), so positions alone decide.
-    """
-    positions = info.positions.astype(jnp.int32)
-    if cached:
-        return positions
-    seg = info.segment_ids
-    t = jnp.arange(seg.shape[1], dtype=jnp.int32)
-    change = jnp.concatenate([jnp.ones_like(seg[:, :1], bool), seg[:, 1:] != seg[:, :-1]], axis=1)
-    last = jax.lax.cummax(jnp.where(change, t, 0), axis=1)
-    return jnp.minimum(positions, t - last)
 
 
 class Mamba2(nnx.Module):
@@ -134,7 +99,7 @@ class Mamba2(nnx.Module):
         self.in_proj_bias = param(rngs, zeros, (proj,), ("ssm_proj",), pd) if s.bias else None
         self.conv1d_weight = param(
             rngs,
-            conv_init(s.conv_width),
+            uniform(s.conv_width**-0.5),
             (s.conv_width, self.conv_channels),
             ("conv_width", "ssm_conv"),
             pd,
@@ -151,20 +116,12 @@ class Mamba2(nnx.Module):
         self.out_proj = param(rngs, init, (self.d_inner, d), ("ssm_inner", "embed"), pd)
         self.out_proj_bias = param(rngs, zeros, (d,), ("embed",), pd) if s.bias else None
 
-    def _conv(self, window: jax.Array, since_start: jax.Array) -> jax.Array:
-        """silu(causal depthwise conv): window [B, K-1+T, Cc] (K-1 earlier inputs first) ->
-        [B, T, Cc]; a tap never reaches before the token's document start."""
-        k = self.conv_width
-        t = window.shape[1] - (k - 1)
-        w = cast(self.conv1d_weight, self.dtype)
-        out = jnp.zeros((window.shape[0], t, window.shape[2]), self.dtype)
-        for i in range(k):
-            back = k - 1 - i
-            tap = window[:, i : i + t] * w[i]
-            out = out + (tap if back == 0 else jnp.where((since_start >= back)[..., None], tap, 0))
-        if self.conv1d_bias is not None:
-            out = out + cast(self.conv1d_bias, self.dtype)
-        return jax.nn.silu(out)
+    def _conv(self, hist: jax.Array, since_start: jax.Array) -> jax.Array:
+        """silu(causal depthwise conv) [B, T, Cc] in the compute dtype (``recurrent.causal_conv``:
+        float32 accumulation, no tap reaches before the token's document start)."""
+        bias = None if self.conv1d_bias is None else cast(self.conv1d_bias, F32)
+        out = causal_conv(hist, since_start, cast(self.conv1d_weight, F32), bias)
+        return jax.nn.silu(out).astype(self.dtype)
 
     def _gated_norm(self, y: jax.Array, z: jax.Array) -> jax.Array:
         """rmsnorm(y * silu(z)) per group of d_inner / G channels, times norm_weight; float32
@@ -190,13 +147,9 @@ class Mamba2(nnx.Module):
         real = info.segment_ids > 0
         since_start = tokens_since_start(info, cached=cache is not None)
         xbc = jnp.where(real[..., None], xbc, 0)
-        if cache is None:
-            earlier = jnp.zeros((b, self.conv_width - 1, self.conv_channels), xbc.dtype)
-        else:
-            earlier = cache["conv"].astype(xbc.dtype)
-        window = jnp.concatenate([earlier, xbc], axis=1)
+        hist = history(xbc, None if cache is None else cache["conv"], self.conv_width)
         xs, bs, cs = jnp.split(
-            self._conv(window, since_start), [self.d_inner, self.d_inner + gn], axis=-1
+            self._conv(hist, since_start), [self.d_inner, self.d_inner + gn], axis=-1
         )
 
         xs = jnp.where(real[..., None], xs, 0).reshape(b, t, h, p).astype(F32)
@@ -226,10 +179,8 @@ class Mamba2(nnx.Module):
             return out, None, {}
         # Conv state: the K-1 inputs ending at each row's last real token (padding is on the
         # right); the SSM state already stopped there (padding has dt = 0).
-        last = jnp.max(jnp.where(real, jnp.arange(t), -1), axis=1)
-        idx = last[:, None] + 1 + jnp.arange(self.conv_width - 1)
-        conv = jnp.take_along_axis(window, idx[..., None], axis=1)
-        return out, {"conv": conv.astype(cache["conv"].dtype), "ssm": state}, {}
+        conv = tail(hist, since_start, real, cache["conv"], self.conv_width - 1)
+        return out, {"conv": conv, "ssm": state}, {}
 
     @staticmethod
     def flops_per_token(cfg: ConfigDict, seq_len: int) -> float:
