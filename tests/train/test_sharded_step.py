@@ -95,8 +95,9 @@ def loss_and_grads(cfg, tmp_path, devices=None):
     return jax.device_get(trainer.grads(state["params"], batch))
 
 
-# mamba2 runs inside hybrid (three Mamba-2 blocks and an attention block).
-@pytest.mark.parametrize("family", ["mamba", "hybrid", "deepseek"])
+# mamba2 runs inside hybrid (three Mamba-2 blocks and an attention block); rwkv6 and retnet
+# have sharded forward tests of their own (tests/layers).
+@pytest.mark.parametrize("family", ["mamba", "hybrid", "deepseek", "rwkv7"])
 def test_other_families_sharded_step_matches_single_device(family, tmp_path):
     loss_1, grads_1 = loss_and_grads(tiny_config(family=family, data=1), tmp_path / "one",
                                      jax.devices()[:1])

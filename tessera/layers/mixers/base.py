@@ -23,6 +23,13 @@ config, called as ``mixer(x, info, cache) -> (y, new_cache, aux)``; a channel mi
                                                          by the optimizer (``layers/base.py``)
   check_mesh(cfg, sizes, rules) (optional)               a ValueError when the mesh cannot hold
                                                          it (MoE: experts / expert axis)
+  STREAMS: tuple[str, ...] (optional, sequence mixers)   cross-layer values it reads or sets;
+                                                         then it is called ``mixer(x, info,
+                                                         cache, streams) -> (y, cache, aux,
+                                                         streams)`` (``models/stack.py``)
+  init_cache / cache_axes (optional, channel mixers)     a stateful channel mixer (RWKV's token
+                                                         shift): called ``mixer(x, info, cache)
+                                                         -> (y, aux, cache)``
 
 Auxiliary outputs (``Aux``): a flat dict of arrays. Keys ending in ``_loss`` are scalar losses,
 already multiplied by the weight the layer's config gives them; the model sums them over layers

@@ -39,7 +39,8 @@ final_norm <- model.norm, embed.embedding <- model.embeddings.weight, head <- lm
 Layer 0: fla's first layer has no v_lora (it stores v_first instead). Our mixer always creates
 the v_lora parameters (the scanned layers must all have the same parameters, and a layer learns
 it is the first only at call time, from the streams); the first layer, a prefix block in the
-RWKV-7 configs, leaves them unused (zero gradients). An importer leaves them at their init.
+RWKV-7 configs, leaves them unused (zero gradients). The importer sets them to zero
+(`Rule(absent=...)` in convert/families/rwkv.py) and export leaves them out.
 
 Initialisation follows fla's ``_initialize_weights`` with the depth-dependent ratios fixed at
 mid-depth (ratio_0_to_1 = ratio_1_to_almost0 = 1/2): a mixer is built without its layer index
