@@ -19,7 +19,7 @@ from tessera.models.create import ModelSpec
 from tessera.sharding import make_mesh, make_rules, use_mesh
 from tessera.train.flops import forward_flops_per_token
 from tessera.train.trainer import train
-from tests.cached_decode import check_cached_decode
+from tests.cached_decode import check_cached_decode, random_tokens
 
 # Small enough to compile fast; chunks of 4 so prefills span several chunks and a padded one.
 SMALL = dict(d_model=32, vocab_size=61, num_layers=2, init_std=0.2)
@@ -78,10 +78,6 @@ def lm():
         return forward(params, tokens, positions, segment_ids, cache)
 
     return spec, random_params(spec), apply
-
-
-def random_tokens(shape, vocab, seed=0):
-    return jax.random.randint(jax.random.key(seed), shape, 0, vocab, jnp.int32)
 
 
 # -- parameters ------------------------------------------------------------------------------

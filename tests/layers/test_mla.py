@@ -24,7 +24,7 @@ from tessera.serve.engine import single_device_mesh
 from tessera.sharding import make_rules
 from tessera.train.flops import causal_saving_per_token, forward_flops_per_token
 from tessera.train.trainer import train
-from tests.cached_decode import check_cached_decode
+from tests.cached_decode import check_cached_decode, random_tokens
 from tests.serve.conftest import reference_greedy
 
 TINY = "deepseek:tiny,model.dtype=float32,model.init_std=0.1"
@@ -189,10 +189,6 @@ def build(spec_text, seed=0):
                                   cache=cache)
 
     return cfg, spec, params, apply
-
-
-def random_tokens(shape, vocab, seed=0):
-    return jax.random.randint(jax.random.key(seed), shape, 0, vocab, jnp.int32)
 
 
 @pytest.mark.parametrize("extra", ["", ",model.mla.q_lora_rank=0,model.sliding_window=4"],

@@ -19,7 +19,7 @@ from tessera.layers.mixers.retention import decay_log
 from tessera.models.create import ModelSpec
 from tessera.sharding import make_mesh, make_rules, use_mesh
 from tessera.train.trainer import train
-from tests.cached_decode import check_cached_decode
+from tests.cached_decode import build_lm, check_cached_decode, params_by_leaf, random_tokens
 
 TOL = dict(rtol=2e-5, atol=2e-5)
 # Chunks of 3 tokens, so prefills of 4 or 5 tokens cross a chunk boundary.
@@ -41,27 +41,13 @@ def leaf_value(rng, name, shape):
 
 
 def random_params(spec, seed=0):
-    rng = np.random.default_rng(seed)
-
-    def one(path, s):
-        return jnp.asarray(leaf_value(rng, path[-1].key, s.shape), s.dtype)
-
-    return jax.tree_util.tree_map_with_path(one, spec.shapes)
+    return params_by_leaf(spec, leaf_value, seed)
 
 
 @functools.cache
 def build(spec_text, seed=0):
     """(cfg, params, apply, model), shared between tests (so are apply's compilations)."""
-    cfg = load_config(spec_text).model
-    spec = ModelSpec(cfg)
-
-    @jax.jit
-    def apply(params, tokens, positions=None, segment_ids=None, cache=None):
-        model = spec.merge(params)
-        return model(tokens, positions=positions, segment_ids=segment_ids, cache=cache)
-
-    params = random_params(spec, seed)
-    return cfg, params, apply, spec.merge(params)
+    return build_lm(spec_text, random_params, seed)
 
 
 @functools.cache
@@ -73,10 +59,6 @@ def mixer(seed=0):
     values = {k: leaf_value(rng, k, v.shape) for k, v in nnx.to_pure_dict(state).items()}
     nnx.replace_by_pure_dict(state, {k: jnp.asarray(v, jnp.float32) for k, v in values.items()})
     return cfg, graphdef, state
-
-
-def random_tokens(shape, vocab, seed=0):
-    return jax.random.randint(jax.random.key(seed), shape, 0, vocab, jnp.int32)
 
 
 def arange_info(batch, length, segment_ids=None):

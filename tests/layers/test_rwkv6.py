@@ -21,7 +21,7 @@ from tessera.models.registry import build_model
 from tessera.sharding import make_mesh, make_rules, use_mesh
 from tessera.train.flops import forward_flops_per_token
 from tessera.train.trainer import train
-from tests.cached_decode import check_cached_decode
+from tests.cached_decode import build_lm, check_cached_decode, params_by_leaf, random_tokens
 
 TOL = dict(rtol=2e-5, atol=2e-5)
 # float32, 2 layers of width 64 (4 heads of 16), chunks of 3 tokens so prefills of 4 cross a
@@ -49,27 +49,13 @@ def leaf_value(rng, name, shape):
 
 
 def random_params(spec, seed=0):
-    rng = np.random.default_rng(seed)
-
-    def one(path, s):
-        return jnp.asarray(leaf_value(rng, path[-1].key, s.shape), s.dtype)
-
-    return jax.tree_util.tree_map_with_path(one, spec.shapes)
+    return params_by_leaf(spec, leaf_value, seed)
 
 
 @functools.cache
 def build(spec_text, seed=0):
     """(cfg, params, apply, model), shared between tests (so are apply's compilations)."""
-    cfg = load_config(spec_text).model
-    spec = ModelSpec(cfg)
-
-    @jax.jit
-    def apply(params, tokens, positions=None, segment_ids=None, cache=None):
-        model = spec.merge(params)
-        return model(tokens, positions=positions, segment_ids=segment_ids, cache=cache)
-
-    params = random_params(spec, seed)
-    return cfg, params, apply, spec.merge(params)
+    return build_lm(spec_text, random_params, seed)
 
 
 def random_mixer(cls, cfg, seed=1):
@@ -86,10 +72,6 @@ def info_for(segment_ids, positions=None):
     if positions is None:
         positions = jnp.broadcast_to(jnp.arange(segment_ids.shape[1]), segment_ids.shape)
     return SeqInfo(jnp.asarray(positions, jnp.int32), segment_ids)
-
-
-def random_tokens(shape, vocab, seed=0):
-    return jax.random.randint(jax.random.key(seed), shape, 0, vocab, jnp.int32)
 
 
 # -- fla's semantics -------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from tessera.models.create import ModelSpec
 from tessera.models.registry import build_model
 from tessera.train.flops import forward_flops_per_token
 from tessera.train.trainer import train
-from tests.cached_decode import check_cached_decode
+from tests.cached_decode import build_lm, check_cached_decode, params_by_leaf, random_tokens
 
 TOL = dict(rtol=2e-5, atol=2e-5)
 GOLDEN = pathlib.Path(__file__).parents[1] / "fixtures" / "fla" / "rwkv7_layers.npz"
@@ -243,38 +243,21 @@ def test_padding_does_not_move_the_state():
 RWKV7_LM = "rwkv7:tiny,model.dtype=float32,model.rwkv7.chunk_size=3"
 
 
-def random_params(spec, seed=0):
+def lm_leaf_value(rng, name, shape):
     """Every parameter moved off its init (zero projections, constant lerps)."""
-    rng = np.random.default_rng(seed)
+    if len(shape) >= 2 and name not in ("r_k",):  # (stacked) matrices: 1 / sqrt(fan_in)
+        return rng.normal(size=shape) / np.sqrt(shape[-2])
+    return 0.5 + 0.3 * rng.normal(size=shape)
 
-    def one(path, s):
-        name = path[-1].key
-        if len(s.shape) >= 2 and name not in ("r_k",):  # (stacked) matrices: 1 / sqrt(fan_in)
-            value = rng.normal(size=s.shape) / np.sqrt(s.shape[-2])
-        else:
-            value = 0.5 + 0.3 * rng.normal(size=s.shape)
-        return jnp.asarray(value, s.dtype)
 
-    return jax.tree_util.tree_map_with_path(one, spec.shapes)
+def random_params(spec, seed=0):
+    return params_by_leaf(spec, lm_leaf_value, seed)
 
 
 @functools.cache
 def build(spec_text=RWKV7_LM, seed=0):
     """(cfg, params, apply, model), shared between tests (so are apply's compilations)."""
-    cfg = load_config(spec_text).model
-    spec = ModelSpec(cfg)
-
-    @jax.jit
-    def apply(params, tokens, positions=None, segment_ids=None, cache=None):
-        model = spec.merge(params)
-        return model(tokens, positions=positions, segment_ids=segment_ids, cache=cache)
-
-    params = random_params(spec, seed)
-    return cfg, params, apply, spec.merge(params)
-
-
-def random_tokens(shape, vocab, seed=0):
-    return jax.random.randint(jax.random.key(seed), shape, 0, vocab, jnp.int32)
+    return build_lm(spec_text, random_params, seed)
 
 
 def test_lm_cached_decode_matches_full_forward():
