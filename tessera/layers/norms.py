@@ -62,3 +62,14 @@ def make_norm(cfg: ConfigDict, *, rngs: nnx.Rngs) -> nnx.Module:
     if cfg.norm not in NORMS:
         raise ValueError(f"model.norm: unknown norm {cfg.norm!r}; known: {sorted(NORMS)}")
     return NORMS[cfg.norm](cfg.d_model, eps=cfg.norm_eps, param_dtype=cfg.param_dtype, rngs=rngs)
+
+
+def head_group_norm(o: jax.Array, weight: jax.Array, bias: jax.Array, eps: float) -> jax.Array:
+    """GroupNorm with one group per head (RWKV-6/7's ``ln_x``): o [B, T, H, V] normalised over
+    each head's V channels in float32, then the affine ``weight`` / ``bias`` [H * V]; returns
+    float32 [B, T, H * V]."""
+    o = o.astype(jnp.float32)
+    mean = jnp.mean(o, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(o - mean), axis=-1, keepdims=True)
+    o = ((o - mean) * jax.lax.rsqrt(var + eps)).reshape(*o.shape[:2], -1)
+    return o * weight.astype(jnp.float32) + bias.astype(jnp.float32)

@@ -62,6 +62,7 @@ from tessera.kernels.gla import gla
 from tessera.layers.base import Initializer, cast, normal, ones, param, zeros
 from tessera.layers.mixers.base import Aux, SeqInfo
 from tessera.layers.mixers.recurrent import document_starts, token_shift
+from tessera.layers.norms import head_group_norm
 from tessera.sharding import constrain
 
 F32 = jnp.float32
@@ -178,13 +179,6 @@ class RWKV6(nnx.Module):
     def _dense(self, x: jax.Array, w: nnx.Param) -> jax.Array:
         return jnp.einsum("bti,io->bto", x, cast(w, self.dtype))
 
-    def _group_norm(self, o: jax.Array) -> jax.Array:
-        """Per-head GroupNorm of o [B, T, H, V] float32 -> [B, T, Vd] float32."""
-        mean = jnp.mean(o, axis=-1, keepdims=True)
-        var = jnp.mean(jnp.square(o - mean), axis=-1, keepdims=True)
-        o = ((o - mean) * jax.lax.rsqrt(var + self.eps)).reshape(*o.shape[:2], -1)
-        return o * self.g_norm_weight[...].astype(F32) + self.g_norm_bias[...].astype(F32)
-
     def __call__(
         self, x: jax.Array, info: SeqInfo, cache: dict | None = None
     ) -> tuple[jax.Array, dict | None, Aux]:
@@ -223,7 +217,8 @@ class RWKV6(nnx.Module):
             chunk_size=self.chunk_size,
         )
         o = constrain(o, heads)
-        o = (self._group_norm(o) * jax.nn.silu(gate.astype(F32))).astype(self.dtype)
+        o = head_group_norm(o, self.g_norm_weight[...], self.g_norm_bias[...], self.eps)
+        o = (o * jax.nn.silu(gate.astype(F32))).astype(self.dtype)
         out = constrain(self._dense(o, self.o_proj), ("batch", "length", "act_embed"))
         out = checkpoint_name(out, "rwkv_out")
         if cache is None:

@@ -73,6 +73,7 @@ from tessera.kernels.delta_rule.reference import DEFAULT_CHUNK, chunked_flops_pe
 from tessera.layers.base import Initializer, cast, param, zeros
 from tessera.layers.mixers.base import Aux, SeqInfo
 from tessera.layers.mixers.recurrent import document_starts, token_shift
+from tessera.layers.norms import head_group_norm
 from tessera.sharding import constrain
 
 F32 = jnp.float32
@@ -254,10 +255,7 @@ class RWKV7(nnx.Module):
         )
         o = checkpoint_name(constrain(o, act), "rwkv7_wkv").astype(F32)
 
-        mean = jnp.mean(o, -1, keepdims=True)
-        var = jnp.mean(jnp.square(o - mean), -1, keepdims=True)
-        o = ((o - mean) * jax.lax.rsqrt(var + self.eps)).reshape(b, t, d)
-        o = o * self.g_norm_weight[...].astype(F32) + self.g_norm_bias[...].astype(F32)
+        o = head_group_norm(o, self.g_norm_weight[...], self.g_norm_bias[...], self.eps)
         bonus = jnp.sum(r.astype(F32) * kh * self.r_k[...].astype(F32), -1, keepdims=True)
         o = (o + (bonus * vh.astype(F32)).reshape(b, t, d)) * g
         out = _dense(o.astype(self.dtype), self.o_proj, self.dtype)
