@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -115,6 +116,27 @@ def token_shift(
     keep = jnp.zeros_like(x[:, :1]) if prev is None else before
     last = tail(hist, since, info.segment_ids > 0, keep, 1)[:, 0]
     return lagged(hist, since, 1), last
+
+
+# -- the token-shift state in the decode cache --------------------------------------------------
+
+SHIFT_AXIS = "rwkv_shift"  # logical name of the shift state's channel axis (replicated)
+SHIFT_RULES: dict[str, tuple[str, ...]] = {SHIFT_AXIS: ()}
+
+
+class TokenShiftCache:
+    """``init_cache`` / ``cache_axes`` of a channel mixer whose decode state is the previous
+    token's input (RWKV's channel mixes): ``{"shift": [B, D]}``, the same size for any length.
+    Sequence mixers that also keep a shift (RWKV's time mixes) add their own state to these."""
+
+    @staticmethod
+    def init_cache(cfg: Any, batch: int, length: int, dtype: Any) -> dict:
+        del length
+        return {"shift": jnp.zeros((batch, cfg.d_model), dtype)}
+
+    @staticmethod
+    def cache_axes() -> dict:
+        return {"shift": ("cache_batch", SHIFT_AXIS)}
 
 
 # -- initialisers -------------------------------------------------------------------------------

@@ -61,7 +61,12 @@ from tessera.configs.base import ConfigDict
 from tessera.kernels.gla import gla
 from tessera.layers.base import Initializer, cast, normal, ones, param, zeros
 from tessera.layers.mixers.base import Aux, SeqInfo
-from tessera.layers.mixers.recurrent import document_starts, token_shift
+from tessera.layers.mixers.recurrent import (
+    SHIFT_RULES,
+    TokenShiftCache,
+    document_starts,
+    token_shift,
+)
 from tessera.layers.norms import head_group_norm
 from tessera.sharding import constrain
 
@@ -145,7 +150,7 @@ class RWKV6(nnx.Module):
         "rwkv_heads": ("tensor",),
         "rwkv_mix": (),
         "rwkv_lora": (),
-        "rwkv_shift": (),
+        **SHIFT_RULES,
         "cache_rwkv_heads": ("tensor",),
     }
 
@@ -242,27 +247,26 @@ class RWKV6(nnx.Module):
     def init_cache(cfg: ConfigDict, batch: int, length: int, dtype: jnp.dtype) -> dict:
         """The same size for any ``length``: shift [B, D] (``dtype``: the last token's input)
         and wkv [B, H, K, V] float32."""
-        del length
         _, vd, h, dk = _sizes(cfg)
         return {
-            "shift": jnp.zeros((batch, cfg.d_model), dtype),
+            **TokenShiftCache.init_cache(cfg, batch, length, dtype),
             "wkv": jnp.zeros((batch, h, dk, vd // h), F32),
         }
 
     @staticmethod
     def cache_axes() -> dict:
         return {
-            "shift": ("cache_batch", "rwkv_shift"),
+            **TokenShiftCache.cache_axes(),
             "wkv": ("cache_batch", "cache_rwkv_heads", "head_dim", "head_dim"),
         }
 
 
-class RWKV6ChannelMix(nnx.Module):
+class RWKV6ChannelMix(TokenShiftCache, nnx.Module):
     """[B, T, D] -> [B, T, D] through relu^2 keys of width ``cfg.mlp_dim``, gated by a sigmoid
     receptance; stateful (the token shift): cache {"shift": [B, D]}."""
 
     REMAT_SAVED = ("rwkv_cmix_out",)
-    LOGICAL_RULES = {"rwkv_receptance": ("tensor",), "rwkv_shift": ()}
+    LOGICAL_RULES = {"rwkv_receptance": ("tensor",), **SHIFT_RULES}
 
     def __init__(self, cfg: ConfigDict, *, rngs: nnx.Rngs):
         d, f, pd = cfg.d_model, cfg.mlp_dim, cfg.param_dtype
@@ -294,12 +298,3 @@ class RWKV6ChannelMix(nnx.Module):
         del seq_len
         return 2 * (2 * cfg.d_model * cfg.mlp_dim + cfg.d_model * cfg.d_model)
 
-    @staticmethod
-    def init_cache(cfg: ConfigDict, batch: int, length: int, dtype: jnp.dtype) -> dict:
-        """shift [B, D] (``dtype``): the last token's input, the same size for any length."""
-        del length
-        return {"shift": jnp.zeros((batch, cfg.d_model), dtype)}
-
-    @staticmethod
-    def cache_axes() -> dict:
-        return {"shift": ("cache_batch", "rwkv_shift")}

@@ -72,7 +72,12 @@ from tessera.kernels.delta_rule import delta_rule
 from tessera.kernels.delta_rule.reference import DEFAULT_CHUNK, chunked_flops_per_token
 from tessera.layers.base import Initializer, cast, param, zeros
 from tessera.layers.mixers.base import Aux, SeqInfo
-from tessera.layers.mixers.recurrent import document_starts, token_shift
+from tessera.layers.mixers.recurrent import (
+    SHIFT_RULES,
+    TokenShiftCache,
+    document_starts,
+    token_shift,
+)
 from tessera.layers.norms import head_group_norm
 from tessera.sharding import constrain
 
@@ -124,7 +129,7 @@ class RWKV7(nnx.Module):
         "rwkv_inner": ("tensor",),
         "rwkv_heads": ("tensor",),
         "lora_rank": (),
-        "cache_embed": (),
+        **SHIFT_RULES,
         "cache_rwkv_heads": ("tensor",),
     }
 
@@ -280,27 +285,26 @@ class RWKV7(nnx.Module):
     def init_cache(cfg: ConfigDict, batch: int, length: int, dtype: jnp.dtype) -> dict:
         """The same size for any ``length``: shift [B, D] (``dtype``, x at the last token) and
         wkv [B, H, K, K] (float32)."""
-        del length
         d, hd = cfg.d_model, cfg.head_dim
         return {
-            "shift": jnp.zeros((batch, d), dtype),
+            **TokenShiftCache.init_cache(cfg, batch, length, dtype),
             "wkv": jnp.zeros((batch, d // hd, hd, hd), F32),
         }
 
     @staticmethod
     def cache_axes() -> dict:
         return {
-            "shift": ("cache_batch", "cache_embed"),
+            **TokenShiftCache.cache_axes(),
             "wkv": ("cache_batch", "cache_rwkv_heads", "head_dim", None),
         }
 
 
-class RWKV7ChannelMix(nnx.Module):
+class RWKV7ChannelMix(TokenShiftCache, nnx.Module):
     """RWKV-7's channel mix: [B, T, D] -> [B, T, D] through relu(.)^2 of width ``mlp_dim``;
     called as ``(x, info, cache) -> (y, aux, cache)`` (cache {"shift": [B, D]} or None)."""
 
     REMAT_SAVED = ("rwkv7_cmix_out",)
-    LOGICAL_RULES: dict[str, tuple[str, ...]] = {"cache_embed": ()}
+    LOGICAL_RULES = SHIFT_RULES
 
     def __init__(self, cfg: ConfigDict, *, rngs: nnx.Rngs):
         d, f, pd = cfg.d_model, cfg.mlp_dim, cfg.param_dtype
@@ -327,12 +331,3 @@ class RWKV7ChannelMix(nnx.Module):
     def flops_per_token(cfg: ConfigDict, seq_len: int) -> float:
         del seq_len
         return 2 * 2 * cfg.d_model * cfg.mlp_dim
-
-    @staticmethod
-    def init_cache(cfg: ConfigDict, batch: int, length: int, dtype: jnp.dtype) -> dict:
-        del length
-        return {"shift": jnp.zeros((batch, cfg.d_model), dtype)}
-
-    @staticmethod
-    def cache_axes() -> dict:
-        return {"shift": ("cache_batch", "cache_embed")}
