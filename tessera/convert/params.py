@@ -215,7 +215,9 @@ def read_params(
     out = {}
     for pl in placements:
         layer_shapes = pl.layer_shapes(shapes)
-        buffers = [np.zeros(shapes[p].shape, shapes[p].dtype) for p in pl.paths]
+        # Every slice is written, except the zeros of layers where the tensor is absent.
+        alloc = np.zeros if None in pl.hf_names else np.empty
+        buffers = [alloc(shapes[p].shape, shapes[p].dtype) for p in pl.paths]
         dtype = buffers[0].dtype
         for i, name in enumerate(pl.hf_names):
             if name is None:
