@@ -201,6 +201,64 @@ def base_config() -> ConfigDict:
                     impl="auto",  # auto | megablox (TPU) | ragged | dense (kernels/moe)
                 )
             ),
+            # Diffusion models (model.name vae | unet | dit; tasks vae / diffusion). Images and
+            # latents are [B, H, W, C]; the denoisers take model.image_size x model.image_size x
+            # model.num_channels inputs (latents of the frozen VAE, or pixels without one) and
+            # model.num_classes class labels (index num_classes: the null class of classifier-free
+            # guidance).
+            vae=ConfigDict(
+                dict(
+                    # KL autoencoder (Stable Diffusion's AutoencoderKL): one resolution level per
+                    # entry, a 2x downsampling between levels (f = 2 ** (levels - 1)).
+                    block_out_channels=(128, 256, 512, 512),
+                    layers_per_block=2,
+                    latent_channels=4,
+                    norm_groups=32,
+                    norm_eps=1e-6,
+                    mid_attention=True,  # self-attention in the middle blocks
+                    scaling_factor=0.18215,  # latents fed to the denoiser: (z - shift) * scale
+                    shift_factor=0.0,
+                    kl_weight=1e-6,  # task vae: loss = reconstruction + kl_weight * KL
+                )
+            ),
+            unet=ConfigDict(
+                dict(
+                    # Stable Diffusion's UNet2DConditionModel: one level per entry, cross-attention
+                    # transformer blocks where attention_levels says so.
+                    block_out_channels=(320, 640, 1280, 1280),
+                    attention_levels=(True, True, True, False),
+                    layers_per_block=2,
+                    num_attention_heads=(5, 10, 20, 20),  # per level (SD 2.1: head_dim 64)
+                    transformer_layers=1,
+                    cross_attention_dim=1024,  # width of the conditioning sequence
+                    use_linear_projection=True,  # proj_in / proj_out as dense (SD 2) or 1x1 conv
+                    norm_groups=32,
+                    norm_eps=1e-5,
+                    flip_sin_to_cos=True,
+                    freq_shift=0,
+                )
+            ),
+            dit=ConfigDict(
+                dict(
+                    # DiT on latent patches of model.patch_size, width d_model, num_layers blocks of
+                    # num_heads x head_dim attention and an mlp_dim MLP, adaLN-Zero conditioning.
+                    learn_sigma=False,  # output 2 x num_channels (DiT-XL/2's learned variance)
+                    freq_dim=256,  # sinusoidal timestep features before the timestep MLP
+                )
+            ),
+            diffusion=ConfigDict(
+                dict(
+                    schedule="scaled_linear",  # linear | scaled_linear | cosine
+                    num_train_timesteps=1000,
+                    beta_start=0.00085,
+                    beta_end=0.012,
+                    prediction="epsilon",  # epsilon | v_prediction | sample (x0)
+                    # Task diffusion: the workdir of a trained VAE (task vae) whose latents the
+                    # denoiser learns, frozen; "": the denoiser works on pixels.
+                    vae_workdir="",
+                    cond_dropout=0.1,  # labels replaced by the null class (for guidance)
+                )
+            ),
         )
     )
 
@@ -300,6 +358,15 @@ def base_config() -> ConfigDict:
             top_p=1.0,
             min_p=0.0,
             seed=0,
+            # Diffusion sampling (python -m tessera.serve.sample): sampler ddpm | ddim |
+            # dpmpp_2m | euler, denoising steps, classifier-free guidance scale (1: none), DDIM's
+            # eta, images per run, class label (-1: classes in turn).
+            sampler="ddim",
+            steps=20,
+            guidance=1.0,
+            eta=0.0,
+            num_images=16,
+            class_label=-1,
         )
     )
     return c

@@ -82,7 +82,7 @@ def tessera_config(
     ``dtype``: the parameter dtype (``model.param_dtype``); ``overrides``: dotted keys applied
     last (``{"model.dtype": "float32", "mesh.fsdp": 2}``).
     """
-    family = family_for(hf.get("model_type"))
+    family = family_for(hf.get("model_type", hf.get("_class_name")))
     config = load_config(family.packaged) if family.packaged else base_config()
     config.unlock()  # lock() is a no-op on a locked config and would leave the new model open
     config.model = base_config().model  # the preset's model shape does not leak into the import

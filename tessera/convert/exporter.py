@@ -51,7 +51,8 @@ def save_hf(
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         files = write_safetensors(
-            tmp, hf_tensors(params, family, config.model, dtype), max_shard_bytes
+            tmp, hf_tensors(params, family, config.model, dtype), max_shard_bytes,
+            stem=family.weights_stem,
         )
         with open(os.path.join(tmp, HF_CONFIG), "w") as f:
             json.dump(hf, f, indent=2)

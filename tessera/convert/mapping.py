@@ -33,6 +33,7 @@ import numpy as np
 
 from tessera.configs.base import ConfigDict
 from tessera.convert.errors import ConversionError
+from tessera.convert.safetensors_io import DIFFUSERS_STEM, STEM
 
 Shape = tuple[int, ...]
 
@@ -380,7 +381,9 @@ class Family:
     ``model`` an import starts from: the task, data, optimizer and schedule of the family; ""
     (the LMs): the base config. The ``model`` section is always the base defaults plus the
     ``config`` parts. ``tokenizer``: the model reads token ids, so an import sets
-    ``data.tokenizer`` from the HF tokenizer files.
+    ``data.tokenizer`` from the HF tokenizer files. ``diffusers``: a diffusers model, keyed by
+    its config's ``_class_name`` (``model_type`` holds it; ``architecture`` is unused) and stored
+    as ``diffusion_pytorch_model.safetensors``.
     """
 
     model_type: str
@@ -390,6 +393,12 @@ class Family:
     ignore: tuple[str, ...] = ()
     packaged: str = ""
     tokenizer: bool = True
+    diffusers: bool = False
+
+    @property
+    def weights_stem(self) -> str:
+        """The safetensors file names' stem an export writes."""
+        return DIFFUSERS_STEM if self.diffusers else STEM
 
     def model_fields(self, hf: Mapping[str, Any]) -> dict[str, Any]:
         """Tessera ``model`` fields (dotted names) for an HF config of this family."""
@@ -403,7 +412,10 @@ class Family:
 
     def hf_config(self, model: ConfigDict) -> dict[str, Any]:
         """The HF ``config.json`` keys for a tessera model config of this family."""
-        out: dict[str, Any] = {"model_type": self.model_type, "architectures": [self.architecture]}
+        if self.diffusers:
+            out: dict[str, Any] = {"_class_name": self.model_type}
+        else:
+            out = {"model_type": self.model_type, "architectures": [self.architecture]}
         for part in self.config:
             try:
                 out.update(part.to_hf(model))

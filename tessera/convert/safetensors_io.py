@@ -1,10 +1,11 @@
 """Read and write Hugging Face safetensors checkpoints one tensor at a time.
 
 A model directory holds ``model.safetensors`` or ``model.safetensors.index.json`` plus the shards
-its ``weight_map`` names. Reading maps a file and returns a view of one tensor, so converting a
-model never holds more than the tensor at hand (plus what the caller keeps). The header is parsed
-here rather than through ``safetensors.safe_open`` because numpy has no bfloat16 / float8: those
-come back as ``ml_dtypes`` arrays. Writing goes through ``safetensors.numpy``.
+its ``weight_map`` names (diffusers models: the same with the stem ``diffusion_pytorch_model``).
+Reading maps a file and returns a view of one tensor, so converting a model never holds more
+than the tensor at hand (plus what the caller keeps). The header is parsed here rather than
+through ``safetensors.safe_open`` because numpy has no bfloat16 / float8: those come back as
+``ml_dtypes`` arrays. Writing goes through ``safetensors.numpy``.
 """
 
 from __future__ import annotations
@@ -20,8 +21,10 @@ from safetensors.numpy import save_file
 
 from tessera.convert.errors import ConversionError
 
-SINGLE_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
+STEM = "model"  # transformers' file names; diffusers' are DIFFUSERS_STEM.*
+DIFFUSERS_STEM = "diffusion_pytorch_model"
+SINGLE_FILE = f"{STEM}.safetensors"
+INDEX_FILE = f"{STEM}.safetensors.index.json"
 
 DTYPES: dict[str, np.dtype] = {
     "F64": np.dtype(np.float64),
@@ -56,20 +59,29 @@ def _read_header(path: str) -> tuple[dict, int]:
     return header, 8 + size
 
 
+_SUFFIXES = (".safetensors", ".safetensors.index.json")
+
+
 class SafetensorsReader:
     """The tensors of a HF model directory: ``names``, ``shape(name)``, ``get(name)``."""
 
     def __init__(self, directory: str):
         self.directory = directory
-        index = os.path.join(directory, INDEX_FILE)
+        stem = next(
+            (s for s in (STEM, DIFFUSERS_STEM)
+             if any(os.path.isfile(os.path.join(directory, f"{s}{e}")) for e in _SUFFIXES)),
+            STEM,
+        )
+        index = os.path.join(directory, f"{stem}.safetensors.index.json")
+        single = f"{stem}.safetensors"
         if os.path.isfile(index):
             with open(index) as f:
                 weight_map = json.load(f).get("weight_map")
             if not isinstance(weight_map, dict):
                 raise ConversionError(f"{index} has no weight_map")
             files = sorted(set(weight_map.values()))
-        elif os.path.isfile(os.path.join(directory, SINGLE_FILE)):
-            weight_map, files = None, [SINGLE_FILE]
+        elif os.path.isfile(os.path.join(directory, single)):
+            weight_map, files = None, [single]
         else:
             raise ConversionError(
                 f"no {SINGLE_FILE} or {INDEX_FILE} in {directory} (only safetensors checkpoints "
@@ -143,13 +155,16 @@ def _shard_groups(
 
 
 def write_safetensors(
-    directory: str, tensors: Iterable[tuple[str, np.ndarray]], max_shard_bytes: int
+    directory: str,
+    tensors: Iterable[tuple[str, np.ndarray]],
+    max_shard_bytes: int,
+    stem: str = STEM,
 ) -> list[str]:
     """Write ``(name, array)`` pairs as shards of at most ``max_shard_bytes`` (a single tensor
     may exceed it); more than one shard also writes the index. Returns the file names written.
 
     Shards are written as they fill, so only one shard's tensors are held at a time. They are
-    named ``model-XXXXX-of-YYYYY.safetensors`` once the count is known (renamed at the end).
+    named ``{stem}-XXXXX-of-YYYYY.safetensors`` once the count is known (renamed at the end).
     """
     os.makedirs(directory, exist_ok=True)
     written: list[tuple[str, list[str], int]] = []
@@ -158,16 +173,17 @@ def write_safetensors(
         save_file(group, tmp, metadata={"format": "pt"})
         written.append((tmp, list(group), sum(a.nbytes for a in group.values())))
     if len(written) == 1:
-        os.replace(written[0][0], os.path.join(directory, SINGLE_FILE))
-        return [SINGLE_FILE]
+        os.replace(written[0][0], os.path.join(directory, f"{stem}.safetensors"))
+        return [f"{stem}.safetensors"]
     names, weight_map = [], {}
     for i, (tmp, tensor_names, _) in enumerate(written):
-        name = f"model-{i + 1:05d}-of-{len(written):05d}.safetensors"
+        name = f"{stem}-{i + 1:05d}-of-{len(written):05d}.safetensors"
         os.replace(tmp, os.path.join(directory, name))
         names.append(name)
         weight_map.update(dict.fromkeys(tensor_names, name))
     index = {"metadata": {"total_size": sum(w[2] for w in written)}, "weight_map": weight_map}
-    with open(os.path.join(directory, INDEX_FILE), "w") as f:
+    index_file = f"{stem}.safetensors.index.json"
+    with open(os.path.join(directory, index_file), "w") as f:
         json.dump(index, f, indent=2)
         f.write("\n")
-    return [*names, INDEX_FILE]
+    return [*names, index_file]

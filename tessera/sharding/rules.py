@@ -61,6 +61,7 @@ def register_logical_rules(owner: str, rules: Mapping[str, Sequence[str]]) -> No
 
 def default_rules() -> dict[str, MeshAxes]:
     """The shared table plus every registered family's rules."""
+    import tessera.layers.conv  # noqa: F401  (the image layers')
     import tessera.layers.mixers  # noqa: F401  (registers the mixers' rules)
     import tessera.layers.vision  # noqa: F401  (and the vision layers')
 
