@@ -24,11 +24,16 @@ PyTree = Any
 
 
 def restore_params(
-    spec: ModelSpec, workdir: str, shardings: PyTree, step: int | None = None
+    spec: ModelSpec,
+    workdir: str,
+    shardings: PyTree,
+    step: int | None = None,
+    key: str = "params",
 ) -> tuple[int, PyTree]:
     """(step, params) from ``workdir``'s checkpoint ``step`` (default: the latest), each array
-    placed with ``shardings`` (a tree like ``spec.shapes``)."""
-    return load_params(workdir, abstract_arrays(spec.shapes, shardings), step)
+    placed with ``shardings`` (a tree like ``spec.shapes``); ``key="ema"``: the parameters'
+    moving average."""
+    return load_params(workdir, abstract_arrays(spec.shapes, shardings), step, key)
 
 
 def load_decoder(

@@ -300,12 +300,21 @@ class Checkpointer:
         )
         return step, out["state"], dict(out["data"] or {})
 
-    def restore_params(self, step: int | None, target: PyTree) -> tuple[int, PyTree]:
-        """Only the parameters (no optimizer state is read) onto the shardings of ``target``."""
+    def restore_params(
+        self, step: int | None, target: PyTree, key: str = "params"
+    ) -> tuple[int, PyTree]:
+        """Only the parameters (no optimizer state is read) onto the shardings of ``target``;
+        ``key`` names another parameter-shaped entry of the state instead (``"ema"``)."""
         step = self.resolve_step(step)
-        item = {"params": target}
+        item = {key: target}
         with self._verified(step), _quiet_orbax():
-            self.check_compatible(step, item, partial=True)
+            self.check_compatible(step, {"params": target}, partial=True)
+            state = self.manager.item_metadata(step)["state"]
+            if key not in state:
+                raise CheckpointError(
+                    f"checkpoint {self.directory} step {step} has no {key!r} state (saved: "
+                    f"{', '.join(sorted(state))})"
+                )
             out = self.manager.restore(
                 step,
                 args=ocp.args.Composite(
@@ -316,7 +325,7 @@ class Checkpointer:
                     )
                 ),
             )
-        return step, out["state"]["params"]
+        return step, out["state"][key]
 
     def close(self) -> None:
         self.manager.wait_until_finished()
@@ -324,14 +333,17 @@ class Checkpointer:
         self.manager.close()
 
 
-def load_params(workdir: str, target: PyTree, step: int | None = None) -> tuple[int, PyTree]:
+def load_params(
+    workdir: str, target: PyTree, step: int | None = None, key: str = "params"
+) -> tuple[int, PyTree]:
     """(step, params) of ``workdir``'s checkpoint ``step`` (default: the latest), read-only, each
-    array placed on the sharding of ``target`` (abstract arrays); no optimizer state is read."""
+    array placed on the sharding of ``target`` (abstract arrays); no optimizer state is read.
+    ``key="ema"`` reads the parameters' moving average instead (``train.ema_decay > 0``)."""
     if not os.path.isdir(workdir):
         raise FileNotFoundError(f"workdir {workdir} does not exist")
     ckpt = Checkpointer(workdir, read_only=True)
     try:
-        return ckpt.restore_params(step, target)
+        return ckpt.restore_params(step, target, key)
     except DamagedCheckpointError as e:
         others = [s for s in ckpt.all_steps() if s != e.step]
         hint = f"; pick another with --step (saved: {others})" if others else ""

@@ -180,3 +180,25 @@ def test_tensorboard_tags(tmp_path):
     assert tags == ["train/loss", "train/aux/moe_balance_loss", "eval/loss", "eval_ema/loss"]
     with pytest.raises(ValueError, match="an eval row needs 'eval/loss'"):
         writer.write_eval(2, {"loss": 1.0})
+
+
+@pytest.mark.slow
+def test_load_params_reads_the_ema_by_key(full, tmp_path):
+    """Samplers read the EMA the way decode reads the parameters: ``load_params(key="ema")``."""
+    from tessera.models.create import abstract_arrays
+    from tessera.train.checkpoints import load_params
+
+    workdir, _, _ = full
+    trainer = Trainer(tiny_config(RUN, data=1), workdir, ONE)
+    _, state, _ = Checkpointer(workdir).restore(5, trainer.abstract_state())
+    target = abstract_arrays(trainer.spec.shapes, trainer.state_shardings["params"])
+    step, ema = load_params(workdir, target, key="ema")
+    assert step == 5
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(ema), jax.device_get(state["ema"]))
+    _, params = load_params(workdir, target)
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(params),
+                 jax.device_get(state["params"]))
+    plain = tmp_path / "plain"
+    run(plain, "train.steps=1,train.ema_decay=0.0,eval.every=0")
+    with pytest.raises(CheckpointError, match="has no 'ema' state"):
+        load_params(str(plain), target, key="ema")
