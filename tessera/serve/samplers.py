@@ -32,8 +32,9 @@ no clipping): the schedule's fields of those names (config.model.diffusion) sele
 
 ``model_fn(x [B, ...], t [B] float32) -> output [B, ...]`` is traced inside the jitted step. A
 plain closure over parameters would bake them into the program as constants; a pytree callable
-(``jax.tree_util.Partial(apply, params)``, or what ``classifier_free_guidance`` returns) passes
-its array leaves as arguments instead, so new parameter values do not recompile.
+passes its array leaves as arguments instead, so new parameter values do not recompile: e.g.
+``jax.tree_util.Partial(lambda state, x, t: nnx.merge(graphdef, state)(x, t), state)`` for an NNX
+model split into ``graphdef, state``, or what ``classifier_free_guidance`` returns.
 """
 
 from __future__ import annotations
@@ -88,8 +89,14 @@ class Plan(NamedTuple):
 
 def _leading(schedule: NoiseSchedule, steps: int) -> np.ndarray:
     """diffusers' "leading" timesteps (ddpm, ddim), int64 [steps], descending."""
-    ratio = schedule.num_train_timesteps // steps
-    return np.arange(steps)[::-1] * ratio + schedule.steps_offset
+    T = schedule.num_train_timesteps
+    ts = np.arange(steps)[::-1] * (T // steps) + schedule.steps_offset
+    if ts[0] >= T:
+        raise ValueError(
+            f"{steps} steps with steps_offset={schedule.steps_offset} start at timestep {ts[0]} "
+            f">= num_train_timesteps={T}"
+        )
+    return ts
 
 
 def _coefs(steps: int, **tables: Any) -> Coefficients:
@@ -197,11 +204,8 @@ def make_plan(schedule: NoiseSchedule, sampler: str, steps: int, eta: float = 0.
     if eta and sampler != "ddim":
         raise ValueError(f"eta (DDIM's noise scale) is for sampler ddim, not {sampler!r}")
     coefs, init_sigma = _PLANS[sampler](schedule, steps, eta)
-    if coefs.t.max() >= T:
-        raise ValueError(
-            f"{sampler} with steps_offset={schedule.steps_offset} and {steps} steps starts at "
-            f"timestep {coefs.t.max():g} >= num_train_timesteps={T}"
-        )
+    if len(np.unique(coefs.t)) < steps:  # dpmpp_2m's rounded linspace near steps = T
+        raise ValueError(f"{sampler} with {steps} steps repeats timesteps; use fewer steps")
     clip = schedule.clip_sample and sampler in ("ddpm", "ddim")
     stochastic = bool(np.any(coefs.std > 0))
     return Plan(sampler, coefs, init_sigma, schedule.prediction, clip, stochastic)
