@@ -26,6 +26,7 @@ then ``/tmp/hfvenv/bin/python tools/make_diffusers_golden.py`` (all fixtures, or
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 from collections.abc import Callable
@@ -62,6 +63,130 @@ def save_reference(out_dir: str, **arrays: np.ndarray) -> None:
 def save_model(model: torch.nn.Module, out_dir: str) -> None:
     """``save_pretrained`` in float32 safetensors."""
     model.save_pretrained(out_dir, safe_serialization=True)
+
+
+# Scheduler parity: noise schedules as tessera's NoiseSchedule.build kwargs (diffusers' class
+# defaults; Stable Diffusion 2's v-prediction config; cosine with x0 prediction), and sampler runs
+# (name, sampler, schedule, steps, eta) whose every step tests/serve replays.
+_DEFAULT_SCHEDULE = dict(
+    schedule="linear",
+    beta_start=1e-4,
+    beta_end=0.02,
+    prediction="epsilon",
+    clip_sample=True,
+    steps_offset=0,
+    set_alpha_to_one=True,
+)
+SCHEDULER_CONFIGS = {
+    "default": _DEFAULT_SCHEDULE,
+    "sd_v": _DEFAULT_SCHEDULE
+    | dict(
+        schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        prediction="v_prediction",
+        clip_sample=False,
+        steps_offset=1,
+        set_alpha_to_one=False,
+    ),
+    "cosine_x0": _DEFAULT_SCHEDULE
+    | dict(schedule="cosine", prediction="sample", clip_sample=False),
+}
+SCHEDULER_RUNS = [
+    ("ddpm", "ddpm", "default", 10, 0.0),
+    ("ddim", "ddim", "default", 10, 0.0),
+    ("ddim_eta", "ddim", "default", 10, 0.5),
+    ("dpmpp_2m", "dpmpp_2m", "default", 10, 0.0),
+    ("euler", "euler", "default", 10, 0.0),
+    ("ddpm_sd_v", "ddpm", "sd_v", 7, 0.0),
+    ("ddim_sd_v", "ddim", "sd_v", 7, 0.0),
+    ("ddim_eta_sd_v", "ddim", "sd_v", 7, 1.0),
+    ("dpmpp_2m_sd_v", "dpmpp_2m", "sd_v", 20, 0.0),
+    ("euler_sd_v", "euler", "sd_v", 7, 0.0),
+    ("ddim_cosine_x0", "ddim", "cosine_x0", 10, 0.0),
+    ("dpmpp_2m_cosine_x0", "dpmpp_2m", "cosine_x0", 10, 0.0),
+    ("euler_cosine_x0", "euler", "cosine_x0", 10, 0.0),
+]
+
+
+def diffusers_scheduler(sampler: str, config: dict):
+    """The diffusers scheduler class for a sampler, configured from a SCHEDULER_CONFIGS entry
+    (only the options the class takes)."""
+    cls = {
+        "ddpm": diffusers.DDPMScheduler,
+        "ddim": diffusers.DDIMScheduler,
+        "dpmpp_2m": diffusers.DPMSolverMultistepScheduler,
+        "euler": diffusers.EulerDiscreteScheduler,
+    }[sampler]
+    kwargs = dict(
+        beta_schedule={"cosine": "squaredcos_cap_v2"}.get(config["schedule"], config["schedule"]),
+        beta_start=config["beta_start"],
+        beta_end=config["beta_end"],
+        prediction_type=config["prediction"],
+    )
+    accepted = inspect.signature(cls.__init__).parameters
+    options = ("clip_sample", "steps_offset", "set_alpha_to_one")
+    kwargs.update({k: config[k] for k in options if k in accepted})
+    return cls(**kwargs)
+
+
+def closed_form_model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The "denoiser" of the scheduler runs (tests/serve/test_scheduler_parity.py: the same)."""
+    return 0.3 * x + 0.1 * torch.cos(t.to(torch.float32) / 100)
+
+
+@golden("schedulers")
+def schedulers_golden(out_dir: str) -> None:
+    """Scheduler runs with a closed-form model; no weights. reference.npz:
+
+    runs                JSON: [[name, sampler, schedule config, steps, eta], ...];
+                        configs: JSON of SCHEDULER_CONFIGS
+    x_T                 [2, 4, 4, 3] unit Gaussian, every run's start (before init_noise_sigma)
+    <name>.timesteps    [steps] float64, the scheduler's timesteps
+    <name>.states       [steps, 2, 4, 4, 3] the sample after each step
+    <name>.noises       [steps, 2, 4, 4, 3] the noise each step drew (zeros: none)
+    betas.<schedule>, alphas_cumprod.<schedule>   [1000] for linear, scaled_linear, cosine
+    noise.x0, noise.eps [4, 2, 2, 3], noise.t [4]; noise.x_t, noise.v: DDPMScheduler(sd_v)'s
+                        add_noise and get_velocity
+    """
+    x_T = torch.randn(2, 3, 4, 4)
+    arrays = {"x_T": nhwc(x_T)}
+    for name, sampler, config, steps, eta in SCHEDULER_RUNS:
+        sched = diffusers_scheduler(sampler, SCHEDULER_CONFIGS[config])
+        sched.set_timesteps(steps)
+        gen, replay = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+        x = x_T * sched.init_noise_sigma
+        states, noises = [], []
+        for t in sched.timesteps:
+            out = closed_form_model(sched.scale_model_input(x, t), t)
+            noise = torch.zeros_like(x)
+            kwargs = {}
+            if sampler == "ddpm" and t > 0:
+                kwargs["generator"] = gen  # draws torch.randn(x.shape) as replay does
+                noise = torch.randn(x.shape, generator=replay)
+            elif sampler == "ddim" and eta > 0:
+                noise = torch.randn(x.shape, generator=replay)
+                kwargs.update(eta=eta, variance_noise=noise)
+            x = sched.step(out, t, x, **kwargs).prev_sample
+            states.append(nhwc(x))
+            noises.append(nhwc(noise))
+        arrays[f"{name}.timesteps"] = sched.timesteps.numpy().astype(np.float64)
+        arrays[f"{name}.states"] = np.stack(states)
+        if any(n.any() for n in noises):
+            arrays[f"{name}.noises"] = np.stack(noises)
+    named = {"linear": "default", "scaled_linear": "sd_v", "cosine": "cosine_x0"}
+    for schedule, config in named.items():
+        sched = diffusers_scheduler("ddpm", SCHEDULER_CONFIGS[config])
+        arrays[f"betas.{schedule}"] = sched.betas.numpy()
+        arrays[f"alphas_cumprod.{schedule}"] = sched.alphas_cumprod.numpy()
+    sched = diffusers_scheduler("ddpm", SCHEDULER_CONFIGS["sd_v"])
+    x0, eps, t = torch.randn(4, 3, 2, 2), torch.randn(4, 3, 2, 2), torch.tensor([0, 1, 500, 999])
+    arrays.update({"noise.x0": nhwc(x0), "noise.eps": nhwc(eps), "noise.t": t.numpy()})
+    arrays["noise.x_t"] = nhwc(sched.add_noise(x0, eps, t))
+    arrays["noise.v"] = nhwc(sched.get_velocity(x0, eps, t))
+    arrays["runs"] = np.array(json.dumps(SCHEDULER_RUNS))
+    arrays["configs"] = np.array(json.dumps(SCHEDULER_CONFIGS))
+    save_reference(out_dir, **arrays)
 
 
 def main() -> None:

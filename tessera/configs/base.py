@@ -253,6 +253,13 @@ def base_config() -> ConfigDict:
                     beta_start=0.00085,
                     beta_end=0.012,
                     prediction="epsilon",  # epsilon | v_prediction | sample (x0)
+                    # Sampler options as diffusers' scheduler configs name them (defaults: its
+                    # class defaults; Stable Diffusion's: steps_offset=1, set_alpha_to_one=False):
+                    # clip predicted x0 to [-1, 1] (ddpm, ddim), added to the "leading" timesteps
+                    # (ddpm, ddim), DDIM's last step to alpha_cumprod 1 (True) or alphas_cumprod[0].
+                    clip_sample=False,
+                    steps_offset=0,
+                    set_alpha_to_one=True,
                     # Task diffusion: the workdir of a trained VAE (task vae) whose latents the
                     # denoiser learns, frozen; "": the denoiser works on pixels.
                     vae_workdir="",
