@@ -57,6 +57,7 @@ from tessera.configs.base import ConfigDict
 from tessera.layers.base import normal, param
 from tessera.layers.conv import FEATURE_AXES, Conv2d, GroupNorm
 from tessera.layers.diffusion import TimestepMLP, indexed, listed, timestep_embedding
+from tessera.models.remat import remat_policy
 from tessera.models.unet_blocks import FF_MULT, Level, UNetLevel, UNetMid
 from tessera.sharding import constrain
 
@@ -99,6 +100,7 @@ def _check_config(cfg: ConfigDict) -> None:
             raise ValueError(f"model.unet.{key}={u[key]} must be at least 1")
     if cfg.num_classes < 0:
         raise ValueError(f"model.num_classes={cfg.num_classes} is negative")
+    remat_policy(cfg.get("remat", "none"))  # an unknown policy name is an error now
 
 
 def plan(cfg: ConfigDict) -> tuple[list[Level], Level, list[Level]]:
@@ -227,6 +229,15 @@ class UNet(nnx.Module):
         return h.astype(jnp.float32)
 
 
+def _conv_flops(size: int, cin: int, cout: int, *, k: int = 3, stride: int = 1) -> int:
+    """A k x k conv (padding k // 2) on a size x size input: 2 FLOPs per multiply-add of a
+    kernel tap that falls inside the input (XLA's count; taps on the zero padding are left out,
+    a few percent at the lowest resolutions)."""
+    pad, out = k // 2, (size + 2 * (k // 2) - k) // stride + 1
+    taps = sum(min(o * stride - pad + k, size) - max(o * stride - pad, 0) for o in range(out))
+    return 2 * taps * taps * cin * cout
+
+
 def _transformer_flops(c: int, pixels: int, cfg: ConfigDict, context_len: int) -> int:
     """One Transformer2D on ``pixels`` tokens of ``c`` channels (multiply-adds x 2)."""
     u = cfg.unet
@@ -241,16 +252,16 @@ def _transformer_flops(c: int, pixels: int, cfg: ConfigDict, context_len: int) -
 
 def _level_flops(level: Level, cfg: ConfigDict, context_len: int, *, up: bool) -> int:
     """One level (or the middle) of the U-Net, at its input resolution."""
-    pixels = (cfg.image_size // level.factor) ** 2
+    size = cfg.image_size // level.factor
     temb = TEMB_MULT * cfg.unet.block_out_channels[0]
     total = 0
     for cin, cout in level.resnets:
-        total += 2 * pixels * 9 * (cin * cout + cout * cout) + 2 * temb * cout
-        total += 2 * pixels * cin * cout if cin != cout else 0  # the 1x1 shortcut
-    total += level.attentions * _transformer_flops(level.channels, pixels, cfg, context_len)
-    if level.resample:  # 3x3 conv at the output resolution: 4x (up) or 1/4 (down) the pixels
-        out_pixels = pixels * 4 if up else pixels // 4
-        total += 2 * out_pixels * 9 * level.channels**2
+        total += _conv_flops(size, cin, cout) + _conv_flops(size, cout, cout) + 2 * temb * cout
+        total += _conv_flops(size, cin, cout, k=1) if cin != cout else 0  # the shortcut
+    total += level.attentions * _transformer_flops(level.channels, size**2, cfg, context_len)
+    if level.resample:  # stride-2 conv, or a conv after the 2x upsampling
+        c = level.channels
+        total += _conv_flops(size * 2, c, c) if up else _conv_flops(size, c, c, stride=2)
     return total
 
 
@@ -258,11 +269,11 @@ def flops_per_example(cfg: ConfigDict, context_len: int) -> float:
     """Forward FLOPs of one ``model.image_size`` example with a ``context_len``-token context
     (1 for class labels): the convolutions, dense layers and attention scores and values, at 2
     FLOPs per multiply-add (norms, activations and softmax are left out: a few percent at
-    small widths, less at SD's). ``cfg``: the model config."""
+    SD's widths, more at tiny ones). ``cfg``: the model config."""
     _check_config(cfg)
-    c0, pixels = cfg.unet.block_out_channels[0], cfg.image_size**2
+    c0, size = cfg.unet.block_out_channels[0], cfg.image_size
     temb = TEMB_MULT * c0
-    total = 2 * pixels * 9 * cfg.num_channels * c0 * 2  # conv_in and conv_out
+    total = 2 * _conv_flops(size, cfg.num_channels, c0)  # conv_in and conv_out
     total += 2 * (c0 * temb + temb * temb)  # the timestep MLP
     down, mid, up = plan(cfg)
     total += sum(_level_flops(lv, cfg, context_len, up=False) for lv in down)
