@@ -11,8 +11,9 @@ Conditioning is a sequence the transformer blocks cross-attend to: ``context`` [
 cross_attention_dim] (text encoder states: diffusers' ``encoder_hidden_states``), or class
 ``labels`` int [B] when ``model.num_classes > 0``: row ``labels`` of the model's ``class_embed``
 [num_classes + 1, cross_attention_dim] as a one-token context (row num_classes is the null class
-of classifier-free guidance; labels out of range are clamped, as ``jnp.take`` does). The U-Net
-has no dropout: ``rng`` and ``train`` are accepted for the denoisers' shared interface and unused.
+of classifier-free guidance; a label past it makes that example's output NaN, ``jnp.take``'s
+fill mode, and a negative one counts from the end). The U-Net has no dropout: ``rng`` and
+``train`` are accepted for the denoisers' shared interface and unused.
 
 Structure (L = len(block_out_channels) levels, c_i their channels, n = layers_per_block):
 ``conv_in``; timestep features (c_0 wide) -> ``time_embedding`` (4 c_0, fed to every resnet);
@@ -239,15 +240,17 @@ def _conv_flops(size: int, cin: int, cout: int, *, k: int = 3, stride: int = 1) 
 
 
 def _transformer_flops(c: int, pixels: int, cfg: ConfigDict, context_len: int) -> int:
-    """One Transformer2D on ``pixels`` tokens of ``c`` channels (multiply-adds x 2)."""
+    """One Transformer2D on ``pixels`` tokens of ``c`` channels."""
     u = cfg.unet
-    proj = 2 * pixels * c * c  # proj_in + proj_out (a dense layer or a 1x1 conv alike)
-    self_attn = 4 * pixels * c * c + 2 * pixels * pixels * c  # q, k, v, out; scores, values
-    cross_attn = 2 * pixels * c * c + 2 * context_len * u.cross_attention_dim * c + (
-        2 * pixels * context_len * c
-    )
-    ff = pixels * c * 2 * FF_MULT * c + pixels * FF_MULT * c * c
-    return 2 * proj + 2 * u.transformer_layers * (self_attn + cross_attn + ff)
+    # multiply-adds: proj_in + proj_out (a dense layer or a 1x1 conv alike); per layer
+    # self-attention (q, k, v, out; scores, values), cross-attention (q, out; k, v of the
+    # context; scores, values), the GEGLU feed-forward ([c, 2F], [F, c])
+    proj = 2 * pixels * c * c
+    self_attn = 4 * pixels * c * c + 2 * pixels * pixels * c
+    cross_attn = (2 * pixels * c * c + 2 * context_len * u.cross_attention_dim * c
+                  + 2 * pixels * context_len * c)
+    ff = 3 * pixels * c * FF_MULT * c
+    return 2 * (proj + u.transformer_layers * (self_attn + cross_attn + ff))
 
 
 def _level_flops(level: Level, cfg: ConfigDict, context_len: int, *, up: bool) -> int:

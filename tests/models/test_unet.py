@@ -111,6 +111,8 @@ def test_class_labels_are_a_one_token_context(classes):
     got = apply(params, x, t, labels=labels)
     null = apply(params, x, t, labels=jnp.full((4,), 3))
     assert np.abs(null - got).max() > 1e-3 and np.all(np.isfinite(null))
+    bad = apply(params, x, t, labels=jnp.array([0, 4, 3, 1]))  # label 4 is past the null class
+    assert np.isnan(bad[1]).all() and np.isfinite(np.delete(bad, 1, axis=0)).all()
 
 
 @pytest.mark.parametrize("unet, model, message", [
