@@ -189,6 +189,67 @@ def schedulers_golden(out_dir: str) -> None:
     save_reference(out_dir, **arrays)
 
 
+def randomize(model: torch.nn.Module, norm_std: float = 0.2) -> None:
+    """Every parameter random (seeded by the caller): weights ~ N(0, 1 / fan_in) so activations
+    stay O(1), biases ~ N(0, norm_std^2), norm scales ~ 1 + N(0, norm_std^2). diffusers starts
+    some outputs and all norm affines at constants, which would hide layout errors."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim > 1:
+                p.copy_(torch.randn_like(p) / np.sqrt(p[0].numel()))
+            elif "norm" in name and name.endswith("weight"):
+                p.copy_(1.0 + norm_std * torch.randn_like(p))
+            else:
+                p.copy_(norm_std * torch.randn_like(p))
+
+
+def unet_golden(out_dir: str, **config) -> None:
+    """A tiny random ``UNet2DConditionModel`` (``config``: its settings on top of 8 x 8 x 4
+    latents, 1 layer per block, GroupNorm over 4 groups, 8-wide context). reference.npz:
+    ``sample`` [2, 8, 8, 4] (NHWC), ``timesteps`` int32 [2], ``encoder_hidden_states``
+    [2, 5, 8], ``output`` [2, 8, 8, 4] (NHWC)."""
+    config = dict(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, norm_num_groups=4,
+        cross_attention_dim=8, **config,
+    )
+    model = diffusers.UNet2DConditionModel(**config).eval()
+    randomize(model)
+    sample = torch.randn(2, 4, 8, 8)
+    timesteps = torch.tensor([37, 981])
+    context = torch.randn(2, 5, 8)
+    with torch.no_grad():
+        output = model(sample, timesteps, encoder_hidden_states=context).sample
+    save_model(model, out_dir)
+    save_reference(
+        out_dir, sample=nhwc(sample), timesteps=timesteps.numpy().astype(np.int32),
+        encoder_hidden_states=context.numpy(), output=nhwc(output),
+    )
+
+
+@golden("unet")
+def unet(out_dir: str) -> None:
+    """Attention on the second (last) level, linear proj_in / proj_out (SD 2's), per-level
+    heads in ``attention_head_dim`` (diffusers' naming quirk). See ``unet_golden``."""
+    unet_golden(
+        out_dir, block_out_channels=(8, 16), attention_head_dim=(2, 4),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), use_linear_projection=True,
+    )
+
+
+@golden("unet_conv")
+def unet_conv(out_dir: str) -> None:
+    """SD 1's layout: attention on the first level, two transformer layers, 1x1-conv
+    proj_in / proj_out, one head count for every level, sin-before-cos features with a
+    frequency shift. See ``unet_golden``."""
+    unet_golden(
+        out_dir, block_out_channels=(8, 16), attention_head_dim=2,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), use_linear_projection=False,
+        transformer_layers_per_block=2, flip_sin_to_cos=False, freq_shift=1,
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", default="", help="comma-separated fixture names (default: all)")

@@ -8,6 +8,7 @@ Feature maps are [B, H, W, C] (``layers/conv.py``).
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 
 import jax
 import jax.numpy as jnp
@@ -136,3 +137,14 @@ class Upsample2D(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
         return self.conv(x)
+
+
+def indexed(modules: Iterable[nnx.Module]) -> nnx.Dict:
+    """Modules under the keys "0", "1", ...: parameter paths then read as diffusers' names
+    (``down_blocks/0/resnets/1``), which the converter's rules spell with string keys."""
+    return nnx.Dict({str(i): m for i, m in enumerate(modules)})
+
+
+def listed(modules: nnx.Dict) -> list[nnx.Module]:
+    """The modules of ``indexed`` in order."""
+    return [modules[str(i)] for i in range(len(modules))]

@@ -12,12 +12,14 @@ from flax import nnx
 from tessera.configs.base import ConfigDict
 from tessera.models.classifier import SequenceClassifier
 from tessera.models.lm import LM
+from tessera.models.unet import UNet
 from tessera.models.vit import ViT
 
 MODELS: dict[str, Callable[..., nnx.Module]] = {
     "lm": LM,
     "sequence_classifier": SequenceClassifier,
     "vit": ViT,
+    "unet": UNet,
 }
 
 
