@@ -64,6 +64,42 @@ def save_model(model: torch.nn.Module, out_dir: str) -> None:
     model.save_pretrained(out_dir, safe_serialization=True)
 
 
+def randomise(model: torch.nn.Module, bias_std: float = 0.1) -> None:
+    """Every parameter random (diffusers zero-initialises adaLN and output layers, which would
+    leave a parity test checking nothing): weights ~ N(0, 1 / fan_in), vectors ~ N(0, bias_std)."""
+    with torch.no_grad():
+        for p in model.parameters():
+            std = p[0].numel() ** -0.5 if p.ndim > 1 else bias_std
+            p.copy_(torch.randn_like(p) * std)
+
+
+@golden("dit")
+def dit(out_dir: str) -> None:
+    """A tiny ``DiTTransformer2DModel`` (2 layers, 2 heads x 16, 4 -> 8 channels (learned
+    sigma), 8 x 8 latents in 2 x 2 patches, 10 classes), every weight random; the conditioning
+    embedder that diffusers copies into each block is one set of weights, as in the hub's DiT
+    checkpoints. reference.npz: ``sample`` [3, 8, 8, 4] (NHWC), ``timesteps`` int [3],
+    ``class_labels`` int [3] (10: the null class), ``output`` [3, 8, 8, 8] (NHWC)."""
+    model = diffusers.DiTTransformer2DModel(
+        num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=8,
+        num_layers=2, sample_size=8, patch_size=2, num_embeds_ada_norm=10,
+    ).eval()
+    randomise(model)
+    shared = model.transformer_blocks[0].norm1.emb.state_dict()
+    for block in model.transformer_blocks[1:]:
+        block.norm1.emb.load_state_dict(shared)
+    sample = torch.randn(3, 4, 8, 8)
+    timesteps = torch.tensor([0, 437, 999])
+    class_labels = torch.tensor([3, 10, 7])
+    with torch.no_grad():
+        output = model(sample, timestep=timesteps, class_labels=class_labels).sample
+    save_model(model, out_dir)
+    save_reference(
+        out_dir, sample=nhwc(sample), timesteps=timesteps.numpy(),
+        class_labels=class_labels.numpy(), output=nhwc(output),
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", default="", help="comma-separated fixture names (default: all)")

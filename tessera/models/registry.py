@@ -11,6 +11,7 @@ from flax import nnx
 
 from tessera.configs.base import ConfigDict
 from tessera.models.classifier import SequenceClassifier
+from tessera.models.dit import DiT
 from tessera.models.lm import LM
 from tessera.models.vit import ViT
 
@@ -18,6 +19,7 @@ MODELS: dict[str, Callable[..., nnx.Module]] = {
     "lm": LM,
     "sequence_classifier": SequenceClassifier,
     "vit": ViT,
+    "dit": DiT,
 }
 
 
