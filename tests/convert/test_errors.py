@@ -47,7 +47,8 @@ def set_value(name, index, value):
 CASES = {
     "unsupported model_type": (
         dict(config={"model_type": "gpt2"}),
-        "unsupported model_type 'gpt2'; supported: deepseek_v2, deepseek_v3, llama, mamba, "
+        # diffusers' class names (capitalised) sort first
+        "unsupported model_type 'gpt2'; supported: .*deepseek_v2, deepseek_v3, llama, mamba, "
         "mamba2, mistral, mixtral, qwen2, qwen2_moe, qwen3, qwen3_moe, retnet, rwkv6, rwkv7, vit",
     ),
     "missing shard": (
