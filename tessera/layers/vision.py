@@ -1,5 +1,5 @@
 """Vision layers: patch embedding, fixed 2-D sin-cos position embeddings and multihead attention
-pooling (MAP), for the ViT (``models/vit.py``).
+pooling (MAP), for the ViT (``models/vit.py``); the DiT (``models/dit.py``) shares the first two.
 
 Logical axis names only vision uses, replicated by default: ``patch`` (a patch's pixel rows and
 columns), ``channels`` (image channels), ``position`` (patch / token positions of a learned

@@ -61,6 +61,10 @@ from tessera.layers.vision import PatchEmbed, sincos_2d
 from tessera.models.remat import remat_policy
 from tessera.sharding import constrain
 
+# The paper's sizes (Table 1): width, depth, heads (head width = width / heads, MLP 4 x width),
+# each with patches of 2, 4 or 8 ("DiT-XL/2": 1152 wide, 28 deep, 16 heads, 2 x 2 patches).
+SIZES = {"S": (384, 12, 6), "B": (768, 12, 12), "L": (1024, 24, 16), "XL": (1152, 28, 16)}
+PATCH_SIZES = (2, 4, 8)
 MODULATION_EPS = 1e-6  # the LayerNorm before attention and the final one (diffusers fixes it)
 TOKENS = ("batch", "length", "act_embed")
 
@@ -79,6 +83,18 @@ def _check_config(cfg: ConfigDict) -> None:
         raise ValueError(f"dit needs model.num_layers > 0, got {cfg.num_layers}")
     if cfg.dit.freq_dim <= 2 or cfg.dit.freq_dim % 2:
         raise ValueError(f"model.dit.freq_dim={cfg.dit.freq_dim} must be even and > 2")
+
+
+def size_fields(name: str) -> dict[str, int]:
+    """``model`` fields of the paper's size ``name`` ("S/2" ... "XL/8"): d_model, num_layers,
+    num_heads, num_kv_heads, head_dim, mlp_dim, patch_size."""
+    size, _, patch = name.partition("/")
+    if size not in SIZES or patch not in tuple(map(str, PATCH_SIZES)):
+        raise ValueError(f"unknown DiT size {name!r}; known: {', '.join(SIZES)} each with "
+                         f"/{', /'.join(map(str, PATCH_SIZES))} (e.g. 'XL/2')")
+    d, layers, heads = SIZES[size]
+    return dict(d_model=d, num_layers=layers, num_heads=heads, num_kv_heads=heads,
+                head_dim=d // heads, mlp_dim=4 * d, patch_size=int(patch))
 
 
 def block_config(cfg: ConfigDict) -> ml_collections.FrozenConfigDict:

@@ -13,7 +13,7 @@ from jax.sharding import PartitionSpec as P
 
 from tessera.configs.base import base_config
 from tessera.models.create import ModelSpec
-from tessera.models.dit import flops_per_example
+from tessera.models.dit import flops_per_example, size_fields
 from tessera.models.registry import build_model
 from tessera.models.remat import remat_policy
 from tessera.sharding import make_mesh, make_rules, use_mesh
@@ -96,6 +96,17 @@ def test_int_and_float_timesteps_agree(scanned):
     x, t, labels = inputs(seed=1)
     np.testing.assert_allclose(apply(params, x, t.astype(jnp.float32), labels),
                                apply(params, x, t, labels), **TOL)
+
+
+def test_bfloat16_compute_follows_float32(scanned):
+    """The same parameters in bfloat16 compute (the default): float32 output within bf16's
+    rounding of the float32 model's."""
+    _, params, apply = scanned
+    _, _, apply_bf16 = build(dit_cfg(dtype="bfloat16"))
+    x, t, labels = inputs(seed=6)
+    want, got = apply(params, x, t, labels), apply_bf16(params, x, t, labels)
+    assert got.dtype == jnp.float32
+    np.testing.assert_allclose(got, want, atol=0.03 * float(jnp.max(jnp.abs(want))))
 
 
 def test_null_class_row(scanned):
@@ -218,12 +229,21 @@ def test_dit_xl_2_size_and_flops():
     conditioning embedder (diffusers' copy in each of its 28 blocks makes 749.8M; the paper's
     675M), and 237.2 GFLOPs per 256px image at 2 per multiply-add: the paper's 118.6 Gflops
     count multiply-adds."""
-    cfg = dit_cfg(
-        image_size=32, patch_size=2, num_channels=4, d_model=1152, num_layers=28, num_heads=16,
-        head_dim=72, mlp_dim=4608, num_classes=1000,
-    )
+    cfg = dit_cfg(image_size=32, num_channels=4, num_classes=1000, **size_fields("XL/2"))
+    assert (cfg.d_model, cfg.num_layers, cfg.num_heads, cfg.head_dim, cfg.mlp_dim) == (
+        1152, 28, 16, 72, 4608)
     cfg.dit.freq_dim = 256
     model = nnx.eval_shape(lambda: build_model(cfg, rngs=nnx.Rngs(0)))
     count = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(nnx.state(model, nnx.Param)))
     assert count == 674_834_720
     assert round(flops_per_example(cfg) / 2e9, 1) == 118.6
+
+
+def test_sizes():
+    """The paper's sizes: S / B / L / XL widths and depths, each with patches 2, 4, 8."""
+    assert size_fields("S/8") == dict(d_model=384, num_layers=12, num_heads=6, num_kv_heads=6,
+                                      head_dim=64, mlp_dim=1536, patch_size=8)
+    assert size_fields("B/4")["d_model"] == 768 and size_fields("L/2")["num_layers"] == 24
+    for name in ("XL/3", "M/2", "XL"):
+        with pytest.raises(ValueError, match=rf"^unknown DiT size '{name}'; known: S, B, L, XL"):
+            size_fields(name)
