@@ -192,7 +192,8 @@ def schedulers_golden(out_dir: str) -> None:
 def randomize(model: torch.nn.Module, norm_std: float = 0.2) -> None:
     """Every parameter random (seeded by the caller): weights ~ N(0, 1 / fan_in) so activations
     stay O(1), biases ~ N(0, norm_std^2), norm scales ~ 1 + N(0, norm_std^2). diffusers starts
-    some outputs and all norm affines at constants, which would hide layout errors."""
+    some outputs (DiT's adaLN-Zero and output layers) and all norm affines at constants, which
+    would leave a parity test checking little."""
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.ndim > 1:
@@ -247,6 +248,33 @@ def unet_conv(out_dir: str) -> None:
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), use_linear_projection=False,
         transformer_layers_per_block=2, flip_sin_to_cos=False, freq_shift=1,
+    )
+
+
+@golden("dit")
+def dit(out_dir: str) -> None:
+    """A tiny ``DiTTransformer2DModel`` (2 layers, 2 heads x 16, 4 -> 8 channels (learned
+    sigma), 8 x 8 latents in 2 x 2 patches, 10 classes), every weight random; the conditioning
+    embedder that diffusers copies into each block is one set of weights, as in the hub's DiT
+    checkpoints. reference.npz: ``sample`` [3, 8, 8, 4] (NHWC), ``timesteps`` int [3],
+    ``class_labels`` int [3] (10: the null class), ``output`` [3, 8, 8, 8] (NHWC)."""
+    model = diffusers.DiTTransformer2DModel(
+        num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=8,
+        num_layers=2, sample_size=8, patch_size=2, num_embeds_ada_norm=10,
+    ).eval()
+    randomize(model)
+    shared = model.transformer_blocks[0].norm1.emb.state_dict()
+    for block in model.transformer_blocks[1:]:
+        block.norm1.emb.load_state_dict(shared)
+    sample = torch.randn(3, 4, 8, 8)
+    timesteps = torch.tensor([0, 437, 999])
+    class_labels = torch.tensor([3, 10, 7])
+    with torch.no_grad():
+        output = model(sample, timestep=timesteps, class_labels=class_labels).sample
+    save_model(model, out_dir)
+    save_reference(
+        out_dir, sample=nhwc(sample), timesteps=timesteps.numpy(),
+        class_labels=class_labels.numpy(), output=nhwc(output),
     )
 
 

@@ -98,11 +98,14 @@ def hf_config(
     config: ConfigDict, *, dtype: str, source: Mapping[str, Any] | None = None
 ) -> dict[str, Any]:
     """HF ``config.json`` for a tessera config: ``source`` (the imported HF config, for keys
-    tessera does not model such as token ids) overlaid with the family's mapped keys."""
+    tessera does not model such as token ids) overlaid with the family's mapped keys. Diffusers
+    configs carry no dtype (a diffusers model's constructor refuses the key)."""
     family = family_for(config.model.family)
     out = dict(source or {})
     out.update(family.hf_config(config.model))
-    out["dtype"] = out["torch_dtype"] = float_dtype(dtype)
+    dtype = float_dtype(dtype)
+    if not family.diffusers:
+        out["dtype"] = out["torch_dtype"] = dtype
     out.pop("transformers_version", None)
     return dict(sorted(out.items()))
 

@@ -194,6 +194,10 @@ class Rule:
     block has the parameter (fla's RWKV-7 first layer has no value-residual LoRA, which
     tessera's mixer keeps unused): import fills those layers' values with zeros, export writes
     nothing for them.
+
+    ``tied``: a per-layer HF tensor that is one tessera parameter (``ours`` from the root):
+    diffusers' DiT keeps a copy of the shared conditioning embedder in every block. Import
+    requires every layer's copy to be equal, export writes the parameter into each layer.
     """
 
     hf: str
@@ -202,6 +206,7 @@ class Rule:
     mixer: str | None
     channel: str | None
     absent: frozenset[int]
+    tied: bool
 
     def __init__(
         self,
@@ -212,6 +217,7 @@ class Rule:
         mixer: str | None = None,
         channel: str | None = None,
         absent: Sequence[int] = (),
+        tied: bool = False,
     ):
         object.__setattr__(self, "hf", hf)
         object.__setattr__(self, "ours", (ours,) if isinstance(ours, str) else tuple(ours))
@@ -219,6 +225,7 @@ class Rule:
         object.__setattr__(self, "mixer", mixer)
         object.__setattr__(self, "channel", channel)
         object.__setattr__(self, "absent", frozenset(absent))
+        object.__setattr__(self, "tied", tied)
 
     def applies_to(self, block: Any) -> bool:
         """Whether this per-layer rule fills a block of that layout spec (mixer and channel)."""

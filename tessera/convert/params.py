@@ -3,7 +3,8 @@
 ``plan`` expands the rules over the model's layers into ``Placement``s: each fills one or more
 tessera parameters, from one HF tensor per stacked layer (prefix blocks are HF layers
 ``0..P-1``; scanned stacks hold the repeats of the block pattern on a leading axis: HF layer
-``P + r * len(pattern) + j`` is slice ``r`` of block ``j``).
+``P + r * len(pattern) + j`` is slice ``r`` of block ``j``; a tied rule reads every layer's copy
+of one parameter).
 Every parameter of the model must be filled exactly once; that is checked before any tensor is
 read, and so are the names and shapes of the HF tensors.
 """
@@ -56,9 +57,10 @@ def path_str(path: Path) -> str:
 @dataclasses.dataclass(frozen=True)
 class Placement:
     """``rule`` filling tessera ``paths``: from ``hf_names[r]`` into slice ``r`` when stacked,
-    else from the one name. A per-expert rule (``experts`` > 0) reads one HF tensor per expert:
-    ``hf_names[r * experts + e]`` fills slice ``[r, e]`` (stacked) or ``[e]``. A name None (a
-    layer in ``rule.absent``) fills zeros and exports nothing."""
+    else from the one name (a tied rule: from each of its names, all equal). A per-expert rule
+    (``experts`` > 0) reads one HF tensor per expert: ``hf_names[r * experts + e]`` fills slice
+    ``[r, e]`` (stacked) or ``[e]``. A name None (a layer in ``rule.absent``) fills zeros and
+    exports nothing."""
 
     rule: Rule
     paths: tuple[Path, ...]
@@ -91,6 +93,8 @@ def plan(family: Family, model: ConfigDict, shapes: Mapping[Path, Any]) -> list[
         targets = [_split(o) for o in rule.ours]
         if not rule.per_layer:
             groups = [((), (rule.hf,), False)]
+        elif rule.tied:  # one parameter, a copy in every HF layer
+            groups = [((), tuple(rule.layer_name(i) for i in range(len(layout.layers()))), False)]
         else:
             groups = [
                 (("prefix", i), (rule.layer_name(i),), False)
@@ -223,6 +227,11 @@ def read_params(
             if name is None:
                 continue
             values = pl.rule.transform.to_ours(cast(reader.get(name), dtype, name), layer_shapes)
+            if pl.rule.tied and i and not all(map(np.array_equal, buffers, values)):
+                raise ConversionError(
+                    f"tensor {name} differs from {pl.hf_names[0]}: tessera shares one "
+                    f"{path_str(pl.paths[0])} across layers"
+                )
             for buffer, value in zip(buffers, values):
                 buffer[pl.slot(i)] = value
         for path, buffer in zip(pl.paths, buffers):

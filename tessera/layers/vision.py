@@ -1,5 +1,5 @@
 """Vision layers: patch embedding, fixed 2-D sin-cos position embeddings and multihead attention
-pooling (MAP), for the ViT (``models/vit.py``).
+pooling (MAP), for the ViT (``models/vit.py``); the DiT (``models/dit.py``) shares the first two.
 
 Logical axis names only vision uses, replicated by default: ``patch`` (a patch's pixel rows and
 columns), ``channels`` (image channels), ``position`` (patch / token positions of a learned
@@ -57,15 +57,19 @@ class PatchEmbed(nnx.Module):
         return constrain(x, ("batch", "length", "act_embed"))
 
 
-def sincos_2d(height: int, width: int, dim: int, temperature: float = 10_000.0) -> np.ndarray:
+def sincos_2d(
+    height: int, width: int, dim: int, temperature: float = 10_000.0, *, endpoint: bool = True
+) -> np.ndarray:
     """Fixed position embeddings float32 [height * width, dim] of a row-major grid (big_vision's
     ``posemb_sincos_2d``): features are ``[sin(x w), cos(x w), sin(y w), cos(y w)]`` for column x
-    and row y, over dim / 4 frequencies ``w_k = temperature ** (-k / (dim / 4 - 1))``."""
+    and row y, over dim / 4 frequencies ``w_k = temperature ** (-k / (dim / 4 - 1))``.
+    ``endpoint=False``: ``w_k = temperature ** (-k / (dim / 4))`` (MAE's and diffusers'
+    ``get_2d_sincos_pos_embed``, which DiT uses; same feature order)."""
     if dim % 4 or dim < 8:
         raise ValueError(f"sin-cos 2-D position embeddings need d_model a multiple of 4 >= 8, "
                          f"got {dim}")
     quarter = dim // 4
-    omega = temperature ** -(np.arange(quarter, dtype=np.float64) / (quarter - 1))
+    omega = temperature ** -(np.arange(quarter, dtype=np.float64) / (quarter - int(endpoint)))
     rows, cols = np.mgrid[:height, :width]
     x = cols.reshape(-1, 1) * omega
     y = rows.reshape(-1, 1) * omega

@@ -11,6 +11,7 @@ from flax import nnx
 
 from tessera.configs.base import ConfigDict
 from tessera.models.classifier import SequenceClassifier
+from tessera.models.dit import DiT
 from tessera.models.lm import LM
 from tessera.models.unet import UNet
 from tessera.models.vit import ViT
@@ -20,6 +21,7 @@ MODELS: dict[str, Callable[..., nnx.Module]] = {
     "sequence_classifier": SequenceClassifier,
     "vit": ViT,
     "unet": UNet,
+    "dit": DiT,
 }
 
 

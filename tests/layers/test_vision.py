@@ -33,15 +33,18 @@ def test_patch_embed_is_a_strided_conv_in_hf_layout():
     np.testing.assert_array_equal(jnp.transpose(weight, (2, 3, 1, 0)), embed.kernel[...])
 
 
-def test_sincos_2d_matches_the_formula():
+@pytest.mark.parametrize("endpoint", [True, False])
+def test_sincos_2d_matches_the_formula(endpoint):
+    """big_vision's frequencies (endpoint: the last is 1 / temperature), or MAE's / diffusers'
+    (``get_2d_sincos_pos_embed``, DiT's): dim / 4 steps short of it."""
     h, w, d = 3, 5, 16
-    got = sincos_2d(h, w, d)
+    got = sincos_2d(h, w, d, endpoint=endpoint)
     assert got.shape == (h * w, d) and got.dtype == np.float32
     quarter = d // 4
     for row in range(h):
         for col in range(w):
             for k in range(quarter):
-                omega = 1.0 / 10_000 ** (k / (quarter - 1))
+                omega = 1.0 / 10_000 ** (k / (quarter - endpoint))
                 want = [math.sin(col * omega), math.cos(col * omega),
                         math.sin(row * omega), math.cos(row * omega)]
                 np.testing.assert_allclose(got[row * w + col, k::quarter], want, atol=1e-6)
