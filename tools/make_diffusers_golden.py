@@ -64,6 +64,57 @@ def save_model(model: torch.nn.Module, out_dir: str) -> None:
     model.save_pretrained(out_dir, safe_serialization=True)
 
 
+def randomize(model: torch.nn.Module, seed: int) -> None:
+    """Every parameter drawn anew from ``seed``, so a wrong mapping cannot hide behind zero
+    biases or unit norms: norm scales 1 + N(0, 0.1^2), biases N(0, 0.1^2), weights
+    N(0, 1 / fan_in) (activations keep their scale through the network)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=gen)
+            if p.ndim == 1:
+                is_scale = "norm" in name and name.endswith("weight")
+                p.copy_(1.0 + 0.1 * noise if is_scale else 0.1 * noise)
+            else:
+                p.copy_(noise / p[0].numel() ** 0.5)
+
+
+@golden("vae")
+def vae(out_dir: str) -> None:
+    """A tiny ``AutoencoderKL`` (levels of 8 and 16 channels, f = 2, 2 resnets a level, 4 groups,
+    mid-block attention, SD's scaling factor and null shift), every weight random. Arrays:
+    ``images`` [2, 16, 16, 3] in [-1, 1]; the encoder's ``mean`` and ``logvar`` [2, 8, 8, 4];
+    ``latents`` [2, 8, 8, 4] (unscaled z) and their ``decoded`` images [2, 16, 16, 3]."""
+    model = diffusers.AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 16),
+        layers_per_block=2,
+        act_fn="silu",
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=16,
+    ).eval()
+    randomize(model, seed=1)
+    gen = torch.Generator().manual_seed(2)
+    images = torch.rand((2, 3, 16, 16), generator=gen) * 2 - 1
+    latents = torch.randn((2, 4, 8, 8), generator=gen)
+    with torch.no_grad():
+        posterior = model.encode(images).latent_dist
+        decoded = model.decode(latents).sample
+    save_model(model, out_dir)
+    save_reference(
+        out_dir,
+        images=nhwc(images),
+        mean=nhwc(posterior.mean),
+        logvar=nhwc(posterior.logvar),
+        latents=nhwc(latents),
+        decoded=nhwc(decoded),
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", default="", help="comma-separated fixture names (default: all)")

@@ -12,11 +12,13 @@ from flax import nnx
 from tessera.configs.base import ConfigDict
 from tessera.models.classifier import SequenceClassifier
 from tessera.models.lm import LM
+from tessera.models.vae import VAE
 from tessera.models.vit import ViT
 
 MODELS: dict[str, Callable[..., nnx.Module]] = {
     "lm": LM,
     "sequence_classifier": SequenceClassifier,
+    "vae": VAE,
     "vit": ViT,
 }
 
