@@ -162,7 +162,9 @@ class Level(nnx.Module):
     def __init__(
         self, cin: int, cout: int, count: int, resample: str | None, kw: _Kw, *, rngs: nnx.Rngs
     ):
-        self.resnets = _indexed(kw.resnet(cin if j == 0 else cout, cout, rngs) for j in range(count))
+        self.resnets = _indexed(
+            kw.resnet(cin if j == 0 else cout, cout, rngs) for j in range(count)
+        )
         args = dict(dtype=kw.dtype, param_dtype=kw.param_dtype, rngs=rngs)
         self.resample = (
             Downsample2D(cout, asymmetric_pad=True, **args) if resample == "down"
@@ -294,9 +296,16 @@ class VAE(nnx.Module):
         return self.decode(latents / v.scaling_factor + v.shift_factor)
 
 
-def _conv(size: int, cin: int, cout: int, k: int = 3) -> float:
-    """Forward FLOPs of a k x k conv with size x size outputs."""
-    return 2.0 * size * size * k * k * cin * cout
+def _taps(size: int, k: int, stride: int, pad: int) -> int:
+    """(output, kernel tap) pairs along one axis whose input pixel is inside the image (taps
+    on the zero padding do no work, and XLA does not count them)."""
+    out = (size + 2 * pad - k) // stride + 1
+    return sum(0 <= o * stride + t - pad < size for o in range(out) for t in range(k))
+
+
+def _conv(size: int, cin: int, cout: int, k: int = 3, stride: int = 1, pad: int = -1) -> float:
+    """Forward FLOPs of a k x k conv over a size x size input (padding k // 2 unless given)."""
+    return 2.0 * _taps(size, k, stride, k // 2 if pad < 0 else pad) ** 2 * cin * cout
 
 
 def _resnet(size: int, cin: int, cout: int) -> float:
@@ -313,22 +322,29 @@ def _mid(size: int, c: int, attention: bool) -> float:
 
 def _levels(size: int, ch: Sequence[int], count: int, resample: str) -> tuple[float, int]:
     """(FLOPs, output size) of the levels ``ch`` starting at ``size``, each of ``count`` ResNet
-    blocks and, except the last, a resampling conv (output at half / double the size)."""
+    blocks and, except the last, a resampling conv: stride 2 over the input padded by one
+    pixel bottom / right ("down"), or over the nearest-upsampled 2 size ("up")."""
     total = 0.0
     for i, c in enumerate(ch):
         total += _resnet(size, ch[max(i - 1, 0)], c) + (count - 1) * _resnet(size, c, c)
         if i < len(ch) - 1:
-            size = size // 2 if resample == "down" else size * 2
-            total += _conv(size, c, c)
+            if resample == "down":
+                total += _conv(size + 1, c, c, stride=2, pad=0)
+                size //= 2
+            else:
+                size *= 2
+                total += _conv(size, c, c)
     return total, size
 
 
 def flops_per_example(cfg: ConfigDict) -> float:
     """Forward FLOPs of one image through encode and decode (``__call__``) for ``cfg`` =
-    ``config.model``: convolutions (2 x outputs x k^2 x C_in x C_out) and the mid blocks'
-    attention projections and score / value products; norms and activations are not counted."""
+    ``config.model``: convolutions (2 x C_in x C_out per output pixel and kernel tap inside the
+    image) and the mid blocks' attention projections and score / value products; norms and
+    activations are not counted."""
     v = cfg.vae
-    ch, s, c_img, z = tuple(v.block_out_channels), cfg.image_size, cfg.num_channels, v.latent_channels
+    ch, z = tuple(v.block_out_channels), v.latent_channels
+    s, c_img = cfg.image_size, cfg.num_channels
     down, small = _levels(s, ch, v.layers_per_block, "down")
     encoder = _conv(s, c_img, ch[0]) + down + _mid(small, ch[-1], v.mid_attention)
     encoder += _conv(small, ch[-1], 2 * z) + _conv(small, 2 * z, 2 * z, 1)
