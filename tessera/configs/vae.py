@@ -2,9 +2,9 @@
 ``tiny`` trains on the embedded shapes images on CPU; ``sd`` is Stable Diffusion's f8 VAE
 (``AutoencoderKL``, 4 latent channels) on an image folder.
 
-The loss is the per-pixel reconstruction error plus ``model.vae.kl_weight`` times the KL to
-N(0, 1), both means over their elements (``train/tasks/vae.py``); no perceptual or adversarial
-term.
+The loss is the per-pixel reconstruction error (L1 as SD, or squared) plus
+``model.vae.kl_weight`` times the KL to N(0, 1), both means over their elements
+(``train/tasks/vae.py``); no perceptual or adversarial term.
 """
 
 from tessera.configs.base import ConfigDict, make_get_config
@@ -19,15 +19,19 @@ def _vae(c: ConfigDict, *, image_size: int, **vae) -> None:
 
 def _tiny(c: ConfigDict) -> None:
     """32 x 32 shapes images (``data.source="shapes"``, as ``vit:tiny``) to 8 x 8 x 4 latents
-    (f = 4): three levels of 32 / 64 / 64 channels, one ResNet block each (0.9M parameters)."""
+    (f = 4): three levels of 32 / 64 / 64 channels, one ResNet block each (0.95M parameters).
+    One group per GroupNorm and a squared-error loss: with 8 groups (each normalised on its
+    own, which hides an image's colours from the next layer) and L1, 300 steps reach 14.9 dB
+    PSNR on held-out images instead of 17.8 dB."""
     _vae(
         c,
         image_size=32,
         block_out_channels=(32, 64, 64),
         layers_per_block=1,
         latent_channels=4,
-        norm_groups=8,
+        norm_groups=1,
         kl_weight=1e-4,
+        reconstruction_loss="mse",
     )
     c.model.dtype = "float32"  # bf16 convolutions are slower than float32 on CPU
     c.data.update(source="shapes", global_batch_size=16, augment=False)

@@ -99,8 +99,9 @@ def _listed(modules: nnx.Dict) -> list[nnx.Module]:
     return [modules[str(i)] for i in range(len(modules))]
 
 
-class _Kw(NamedTuple):
-    """What every layer of one VAE is built with."""
+class LayerSettings(NamedTuple):
+    """What every layer of one VAE is built with (``model.vae``'s norm settings, the model's
+    dtypes and attention impl), and its builders of ResNet blocks, convs and GroupNorms."""
 
     groups: int
     eps: float
@@ -125,7 +126,7 @@ class SpatialSelfAttention(nnx.Module):
     x [B, H, W, C] -> x + attn(group_norm(x)) over the H*W positions, one head of all C
     channels, q/k/v/out projections with biases."""
 
-    def __init__(self, channels: int, kw: _Kw, *, rngs: nnx.Rngs):
+    def __init__(self, channels: int, kw: LayerSettings, *, rngs: nnx.Rngs):
         self.group_norm = kw.norm(channels, rngs)
         self.attn = CrossAttention(
             channels, heads=1, head_dim=channels, qkv_bias=True, impl=kw.impl, dtype=kw.dtype,
@@ -142,7 +143,7 @@ class MidBlock(nnx.Module):
     """ResNet, self-attention (``attention``: None without ``mid_attention``), ResNet at a fixed
     width: [B, h, w, C] -> [B, h, w, C]."""
 
-    def __init__(self, channels: int, attention: bool, kw: _Kw, *, rngs: nnx.Rngs):
+    def __init__(self, channels: int, attention: bool, kw: LayerSettings, *, rngs: nnx.Rngs):
         self.resnets = _indexed(kw.resnet(channels, channels, rngs) for _ in range(2))
         self.attention = SpatialSelfAttention(channels, kw, rngs=rngs) if attention else None
 
@@ -160,7 +161,14 @@ class Level(nnx.Module):
     None. diffusers' ``DownEncoderBlock2D`` / ``UpDecoderBlock2D``."""
 
     def __init__(
-        self, cin: int, cout: int, count: int, resample: str | None, kw: _Kw, *, rngs: nnx.Rngs
+        self,
+        cin: int,
+        cout: int,
+        count: int,
+        resample: str | None,
+        kw: LayerSettings,
+        *,
+        rngs: nnx.Rngs,
     ):
         self.resnets = _indexed(
             kw.resnet(cin if j == 0 else cout, cout, rngs) for j in range(count)
@@ -182,7 +190,7 @@ class Level(nnx.Module):
 class Encoder(nnx.Module):
     """images [B, H, W, C] -> moments [B, H/f, W/f, 2Z] (before ``quant_conv``)."""
 
-    def __init__(self, cfg: ConfigDict, kw: _Kw, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: ConfigDict, kw: LayerSettings, *, rngs: nnx.Rngs):
         v = cfg.vae
         ch, n = tuple(v.block_out_channels), v.layers_per_block
         self.conv_in = kw.conv(cfg.num_channels, ch[0], 3, rngs)
@@ -205,7 +213,7 @@ class Encoder(nnx.Module):
 class Decoder(nnx.Module):
     """z [B, h, w, Z] (after ``post_quant_conv``) -> images [B, f h, f w, C]."""
 
-    def __init__(self, cfg: ConfigDict, kw: _Kw, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: ConfigDict, kw: LayerSettings, *, rngs: nnx.Rngs):
         v = cfg.vae
         ch, n = tuple(reversed(v.block_out_channels)), v.layers_per_block + 1
         self.conv_in = kw.conv(v.latent_channels, ch[0], 3, rngs)
@@ -232,7 +240,9 @@ class VAE(nnx.Module):
         _check_config(cfg)
         self.cfg = cfg
         v = cfg.vae
-        kw = _Kw(v.norm_groups, v.norm_eps, cfg.dtype, cfg.param_dtype, cfg.attention_impl)
+        kw = LayerSettings(
+            v.norm_groups, v.norm_eps, cfg.dtype, cfg.param_dtype, cfg.attention_impl
+        )
         z = v.latent_channels
         self.encoder = Encoder(cfg, kw, rngs=rngs)
         self.quant_conv = kw.conv(2 * z, 2 * z, 1, rngs)

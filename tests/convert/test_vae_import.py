@@ -80,7 +80,7 @@ def test_tessera_vae_exports_as_diffusers(tmp_path):
     hf = read_hf_config(str(tmp_path / "out"))
     assert hf["_class_name"] == "AutoencoderKL" and hf["block_out_channels"] == [32, 64, 64]
     assert hf["down_block_types"] == ["DownEncoderBlock2D"] * 3 and hf["shift_factor"] == 0.5
-    assert (hf["layers_per_block"], hf["norm_num_groups"], hf["sample_size"]) == (1, 8, 32)
+    assert (hf["layers_per_block"], hf["norm_num_groups"], hf["sample_size"]) == (1, 1, 32)
     names = hf_tensors(str(tmp_path / "out"))
     assert "decoder.up_blocks.2.resnets.1.conv2.weight" in names
     assert "encoder.down_blocks.1.downsamplers.0.conv.weight" in names

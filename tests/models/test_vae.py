@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from tessera.configs import load_config
 from tessera.configs.base import base_config
 from tessera.models.create import ModelSpec
 from tessera.models.vae import VAE, flops_per_example
@@ -179,11 +180,22 @@ def test_flops_match_cost_analysis():
     assert ours < xla
 
 
+@pytest.mark.parametrize("preset, params", [("tiny", 954_567), ("sd", 83_653_863)])
+def test_presets_have_diffusers_parameter_counts(preset, params):
+    """Abstract shapes only; the counts are diffusers' AutoencoderKL's of the same shape (SD's
+    VAE: 83,653,863)."""
+    cfg = load_config(f"vae:{preset}")
+    assert (cfg.model.name, cfg.train.task) == ("vae", "vae")
+    assert ModelSpec(cfg.model).num_params() == params
+
+
 def _grads(cfg, tmp_path, devices=None):
+    """(trainer, params, batch, (loss, grads)) of the first train batch, from host-made
+    parameters placed with the trainer's shardings."""
     trainer = Trainer(cfg, str(tmp_path), devices)
-    state = trainer.init_state()
+    params = jax.device_put(random_params(trainer.spec), trainer.state_shardings["params"])
     batch = trainer.device_batch(next(trainer.task.make_data("train")))
-    return trainer, state, batch, jax.device_get(trainer.grads(state["params"], batch))
+    return trainer, params, batch, jax.device_get(trainer.grads(params, batch))
 
 
 @pytest.fixture(scope="module")
@@ -193,13 +205,14 @@ def single(tmp_path_factory):
     return _grads(cfg, tmp_path_factory.mktemp("single"), jax.devices()[:1])
 
 
+@pytest.mark.filterwarnings("ignore:parameter .* is not divisible by mesh axes")
 def test_sharded_loss_and_grads_match_unsharded(single, tmp_path):
     *_, (loss_1, grads_1) = single
     cfg = vae_config()
     cfg.mesh.update(data=2, fsdp=4)
-    trainer, state, _, (loss_n, grads_n) = _grads(cfg, tmp_path)
+    trainer, params, _, (loss_n, grads_n) = _grads(cfg, tmp_path)
     assert trainer.mesh.devices.size == 8
-    kernel = state["params"]["decoder"]["mid_block"]["resnets"]["0"]["conv1"]["kernel"]
+    kernel = params["decoder"]["mid_block"]["resnets"]["0"]["conv1"]["kernel"]
     assert tuple(kernel.sharding.spec) == (None, None, "fsdp", None)  # conv_in over fsdp
     np.testing.assert_allclose(loss_n, loss_1, rtol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
@@ -207,7 +220,9 @@ def test_sharded_loss_and_grads_match_unsharded(single, tmp_path):
 
 
 def test_trainer_steps_lower_the_loss(single):
-    trainer, state, batch, _ = single
+    trainer, params, batch, _ = single
+    state = {"params": params, "opt_state": jax.jit(trainer.tx.init)(params),
+             "step": jnp.zeros((), jnp.int32)}
     losses = []
     for _ in range(4):
         state, metrics = trainer.step(state, batch)
