@@ -47,8 +47,9 @@ def set_value(name, index, value):
 CASES = {
     "unsupported model_type": (
         dict(config={"model_type": "gpt2"}),
-        "unsupported model_type 'gpt2'; supported: deepseek_v2, deepseek_v3, llama, mamba, "
-        "mamba2, mistral, mixtral, qwen2, qwen2_moe, qwen3, qwen3_moe, retnet, rwkv6, rwkv7, vit",
+        "unsupported model_type 'gpt2'; supported: AutoencoderKL, deepseek_v2, deepseek_v3, "
+        "llama, mamba, mamba2, mistral, mixtral, qwen2, qwen2_moe, qwen3, qwen3_moe, retnet, "
+        "rwkv6, rwkv7, vit",
     ),
     "missing shard": (
         dict(name="llama", remove=["model-00002-of-00002.safetensors"]),
