@@ -278,6 +278,42 @@ def dit(out_dir: str) -> None:
     )
 
 
+@golden("vae")
+def vae(out_dir: str) -> None:
+    """A tiny ``AutoencoderKL`` (levels of 8 and 16 channels, f = 2, 2 resnets a level, 4 groups,
+    mid-block attention, SD's scaling factor and null shift), every weight random. Arrays:
+    ``images`` [2, 16, 16, 3] in [-1, 1]; the encoder's ``mean`` and ``logvar`` [2, 8, 8, 4];
+    ``latents`` [2, 8, 8, 4] (unscaled z) and their ``decoded`` images [2, 16, 16, 3]."""
+    model = diffusers.AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 16),
+        layers_per_block=2,
+        act_fn="silu",
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=16,
+    ).eval()
+    randomize(model)
+    gen = torch.Generator().manual_seed(2)
+    images = torch.rand((2, 3, 16, 16), generator=gen) * 2 - 1
+    latents = torch.randn((2, 4, 8, 8), generator=gen)
+    with torch.no_grad():
+        posterior = model.encode(images).latent_dist
+        decoded = model.decode(latents).sample
+    save_model(model, out_dir)
+    save_reference(
+        out_dir,
+        images=nhwc(images),
+        mean=nhwc(posterior.mean),
+        logvar=nhwc(posterior.logvar),
+        latents=nhwc(latents),
+        decoded=nhwc(decoded),
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", default="", help="comma-separated fixture names (default: all)")

@@ -219,6 +219,7 @@ def base_config() -> ConfigDict:
                     scaling_factor=0.18215,  # latents fed to the denoiser: (z - shift) * scale
                     shift_factor=0.0,
                     kl_weight=1e-6,  # task vae: loss = reconstruction + kl_weight * KL
+                    reconstruction_loss="l1",  # task vae: l1 | mse, per pixel
                 )
             ),
             unet=ConfigDict(

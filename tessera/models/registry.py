@@ -14,11 +14,13 @@ from tessera.models.classifier import SequenceClassifier
 from tessera.models.dit import DiT
 from tessera.models.lm import LM
 from tessera.models.unet import UNet
+from tessera.models.vae import VAE
 from tessera.models.vit import ViT
 
 MODELS: dict[str, Callable[..., nnx.Module]] = {
     "lm": LM,
     "sequence_classifier": SequenceClassifier,
+    "vae": VAE,
     "vit": ViT,
     "unet": UNet,
     "dit": DiT,

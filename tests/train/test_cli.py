@@ -48,7 +48,7 @@ def test_cli_trains_and_writes_metrics(tmp_path):
     (["--config.data.source=text", "--config.data.path={missing}"], "missing.txt"),
     (["--config.model.vocab_size=100"], "token id .* out of range for vocab_size 100"),
     (["--config=llama:huge"], "unknown preset 'huge'"),
-    (["--config.train.task=nope"], r"unknown task 'nope'; known: \['classify', 'lm'\]"),
+    (["--config.train.task=nope"], r"unknown task 'nope'; known: \['classify', 'lm', "),
     (["--config=classify:tiny", "--config.model.num_classes=0"],
      "task classify needs model.num_classes > 0"),
 ])
@@ -107,7 +107,8 @@ def test_unwritable_workdir(tmp_path, monkeypatch):
 def test_every_config_runs_one_step_at_tiny(name, tmp_path):
     cfg = load_config(f"{name}:tiny,train.steps=1,train.progress=False,train.tensorboard=False")
     result = train(cfg, str(tmp_path), devices=jax.devices()[:1])
-    # At init a model guesses near-uniformly: the first loss is near ln(number of outputs).
-    outputs = cfg.model.num_classes or cfg.model.vocab_size
-    assert result.step == 1
-    assert result.losses[1] == pytest.approx(math.log(outputs), rel=0.1), result.losses
+    assert result.step == 1 and math.isfinite(result.losses[1]), result.losses
+    if cfg.train.task in ("lm", "classify"):
+        # At init a model guesses near-uniformly: the first loss is near ln(number of outputs).
+        outputs = cfg.model.num_classes or cfg.model.vocab_size
+        assert result.losses[1] == pytest.approx(math.log(outputs), rel=0.1), result.losses

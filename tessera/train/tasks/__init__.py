@@ -6,8 +6,9 @@ from tessera.configs.base import ConfigDict
 from tessera.train.tasks.base import Feature, ParamState, Task, add_aux_losses
 from tessera.train.tasks.classify import ClassifyTask
 from tessera.train.tasks.lm import LMTask
+from tessera.train.tasks.vae import VAETask
 
-TASKS: dict[str, type[Task]] = {"lm": LMTask, "classify": ClassifyTask}
+TASKS: dict[str, type[Task]] = {"lm": LMTask, "classify": ClassifyTask, "vae": VAETask}
 
 
 def get_task(config: ConfigDict, workdir: str = "") -> Task:
@@ -25,6 +26,7 @@ __all__ = [
     "LMTask",
     "ParamState",
     "Task",
+    "VAETask",
     "add_aux_losses",
     "get_task",
 ]
