@@ -175,8 +175,10 @@ def _collective_rows(coll: dict, per: str) -> list[dict]:
 def _example(config: Any) -> str:
     """What one example of the batch is: ``4096 tokens`` or ``224x224x3 image``."""
     m = config.model
-    if m.name == "vit":
+    if m.name in ("vit", "vae"):
         return f"{m.image_size}x{m.image_size}x{m.num_channels} image"
+    if m.name in ("unet", "dit"):
+        return f"{m.image_size}x{m.image_size}x{m.num_channels} latent"
     return f"{int(config.data.seq_len)} tokens"
 
 

@@ -5,10 +5,16 @@ from __future__ import annotations
 from tessera.configs.base import ConfigDict
 from tessera.train.tasks.base import Feature, ParamState, Task, add_aux_losses
 from tessera.train.tasks.classify import ClassifyTask
+from tessera.train.tasks.diffusion import DiffusionTask
 from tessera.train.tasks.lm import LMTask
 from tessera.train.tasks.vae import VAETask
 
-TASKS: dict[str, type[Task]] = {"lm": LMTask, "classify": ClassifyTask, "vae": VAETask}
+TASKS: dict[str, type[Task]] = {
+    "lm": LMTask,
+    "classify": ClassifyTask,
+    "vae": VAETask,
+    "diffusion": DiffusionTask,
+}
 
 
 def get_task(config: ConfigDict, workdir: str = "") -> Task:
@@ -22,6 +28,7 @@ def get_task(config: ConfigDict, workdir: str = "") -> Task:
 __all__ = [
     "TASKS",
     "ClassifyTask",
+    "DiffusionTask",
     "Feature",
     "LMTask",
     "ParamState",
