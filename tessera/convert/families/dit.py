@@ -216,6 +216,7 @@ register(
         rules=RULES,
         tokenizer=False,
         diffusers=True,
+        packaged="ldm",  # an import trains (task diffusion) and samples like ldm's presets
     )
 )
 register(
@@ -226,5 +227,6 @@ register(
         rules=RULES,
         tokenizer=False,
         diffusers=True,
+        packaged="ldm",  # an import trains (task diffusion) and samples like ldm's presets
     )
 )

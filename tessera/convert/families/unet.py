@@ -17,8 +17,9 @@ Heads: diffusers' SD configs keep the number of heads per level in ``attention_h
 ``num_attention_heads`` when set, else ``attention_head_dim``; export writes
 ``attention_head_dim``.
 
-No packaged config exists yet for imports to start from (``Family.packaged=""``: the base
-config's task, data and optimizer). The rules cover ``MAX_LEVELS`` levels of
+An import starts from the packaged ``ldm`` config (task ``diffusion``, its data and optimizer;
+training and ``tessera.serve.sample`` need class labels, ``model.num_classes > 0``: SD's
+text-conditioned U-Nets import for their forward only). The rules cover ``MAX_LEVELS`` levels of
 ``MAX_LAYERS`` layers (+ 1 on the way up) with ``MAX_TRANSFORMER_LAYERS`` transformer layers;
 the ones a model lacks are skipped (``convert/params.py: plan``).
 """
@@ -284,7 +285,7 @@ register(
             Set(name="unet", num_classes=0),
         ),
         rules=RULES,
-        packaged="",
+        packaged="ldm",
         tokenizer=False,
         diffusers=True,
     )
