@@ -239,21 +239,26 @@ def _conv_flops(size: int, cin: int, cout: int, *, k: int = 3, stride: int = 1) 
     return 2 * taps * taps * cin * cout
 
 
-def _transformer_flops(c: int, pixels: int, cfg: ConfigDict, context_len: int) -> int:
-    """One Transformer2D on ``pixels`` tokens of ``c`` channels."""
+def _transformer_flops(
+    c: int, pixels: int, cfg: ConfigDict, context_len: int, scores: bool = True
+) -> int:
+    """One Transformer2D on ``pixels`` tokens of ``c`` channels (``scores=False``: without the
+    attention scores and weighted values)."""
     u = cfg.unet
     # multiply-adds: proj_in + proj_out (a dense layer or a 1x1 conv alike); per layer
     # self-attention (q, k, v, out; scores, values), cross-attention (q, out; k, v of the
     # context; scores, values), the GEGLU feed-forward ([c, 2F], [F, c])
     proj = 2 * pixels * c * c
-    self_attn = 4 * pixels * c * c + 2 * pixels * pixels * c
+    self_attn = 4 * pixels * c * c + scores * 2 * pixels * pixels * c
     cross_attn = (2 * pixels * c * c + 2 * context_len * u.cross_attention_dim * c
-                  + 2 * pixels * context_len * c)
+                  + scores * 2 * pixels * context_len * c)
     ff = 3 * pixels * c * FF_MULT * c
     return 2 * (proj + u.transformer_layers * (self_attn + cross_attn + ff))
 
 
-def _level_flops(level: Level, cfg: ConfigDict, context_len: int, *, up: bool) -> int:
+def _level_flops(
+    level: Level, cfg: ConfigDict, context_len: int, *, up: bool, scores: bool = True
+) -> int:
     """One level (or the middle) of the U-Net, at its input resolution."""
     size = cfg.image_size // level.factor
     temb = TEMB_MULT * cfg.unet.block_out_channels[0]
@@ -261,25 +266,29 @@ def _level_flops(level: Level, cfg: ConfigDict, context_len: int, *, up: bool) -
     for cin, cout in level.resnets:
         total += _conv_flops(size, cin, cout) + _conv_flops(size, cout, cout) + 2 * temb * cout
         total += _conv_flops(size, cin, cout, k=1) if cin != cout else 0  # the shortcut
-    total += level.attentions * _transformer_flops(level.channels, size**2, cfg, context_len)
+    total += level.attentions * _transformer_flops(
+        level.channels, size**2, cfg, context_len, scores
+    )
     if level.resample:  # stride-2 conv, or a conv after the 2x upsampling
         c = level.channels
         total += _conv_flops(size * 2, c, c) if up else _conv_flops(size, c, c, stride=2)
     return total
 
 
-def flops_per_example(cfg: ConfigDict, context_len: int) -> float:
+def flops_per_example(cfg: ConfigDict, context_len: int, *, scores: bool = True) -> float:
     """Forward FLOPs of one ``model.image_size`` example with a ``context_len``-token context
     (1 for class labels): the convolutions, dense layers and attention scores and values, at 2
     FLOPs per multiply-add (norms, activations and softmax are left out: a few percent at
-    SD's widths, more at tiny ones). ``cfg``: the model config."""
+    SD's widths, more at tiny ones). ``cfg``: the model config. ``scores=False`` leaves out the
+    attention scores and weighted values (the count SD 2.1's published 759 G follows, in
+    multiply-adds)."""
     _check_config(cfg)
     c0, size = cfg.unet.block_out_channels[0], cfg.image_size
     temb = TEMB_MULT * c0
     total = 2 * _conv_flops(size, cfg.num_channels, c0)  # conv_in and conv_out
     total += 2 * (c0 * temb + temb * temb)  # the timestep MLP
     down, mid, up = plan(cfg)
-    total += sum(_level_flops(lv, cfg, context_len, up=False) for lv in down)
-    total += _level_flops(mid, cfg, context_len, up=False)
-    total += sum(_level_flops(lv, cfg, context_len, up=True) for lv in up)
+    total += sum(_level_flops(lv, cfg, context_len, up=False, scores=scores) for lv in down)
+    total += _level_flops(mid, cfg, context_len, up=False, scores=scores)
+    total += sum(_level_flops(lv, cfg, context_len, up=True, scores=scores) for lv in up)
     return float(total)

@@ -89,8 +89,11 @@ def test_extrapolate_tree():
 # on each (the state-space ones on two of them), and the decode programs of the language models.
 TINY = ["llama:tiny", "mamba:tiny", "mamba2:tiny", "hybrid:tiny", "classify:tiny", "vit:tiny",
         "deepseek:tiny", "qwen_moe:tiny", "rwkv6:tiny", "retnet:tiny",
-        "rwkv7:tiny"]
-CLASSIFIERS = ("classify:tiny", "vit:tiny")
+        "rwkv7:tiny", "ldm:tiny_dit_latent"]
+# Models without a decode loop (the diffusion denoisers sample with tessera.serve.sample). The
+# convolutional ones (vae:tiny, ldm:tiny*'s U-Nets) are left out: their TPU compiles took 3-7
+# minutes each on a loaded 2-core machine (README, Latent diffusion).
+CLASSIFIERS = ("classify:tiny", "vit:tiny", "ldm:tiny_dit_latent")
 LAYOUTS = [
     ("v5e-4", {"mesh.data": 2, "mesh.fsdp": 2}),
     ("v5p-8", {"mesh.data": 1, "mesh.fsdp": 2, "mesh.tensor": 2}),
