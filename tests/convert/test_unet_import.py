@@ -104,7 +104,7 @@ def test_export_refuses_class_labels(tmp_path):
     (dict(layers_per_block=[1, 2]), "layers_per_block=[1, 2] is not supported"),
     (dict(attention_head_dim=[2, 4, 8]), "attention_head_dim=[2, 4, 8] is not an int or a list"),
     (dict(out_channels=8), "in_channels=4 != out_channels=8 is not supported"),
-    (dict(sample_size=[8, 16]), "sample_size=[8, 16] is not supported (square latents only)"),
+    (dict(sample_size=[8, 16]), "sample_size=[8, 16] is not supported (square inputs only)"),
     (dict(block_out_channels=[8] * 7), "block_out_channels has 7 levels"),
 ])
 def test_unsupported_configs_are_refused_in_one_line(changes, message, tmp_path):

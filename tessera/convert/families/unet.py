@@ -34,6 +34,7 @@ import numpy as np
 
 from tessera.configs.base import ConfigDict
 from tessera.convert.errors import ConversionError
+from tessera.convert.families.diffusers_parts import SameChannels, square_sample_size
 from tessera.convert.mapping import (
     CONV2D,
     IDENTITY,
@@ -226,34 +227,6 @@ class Structure:
         }
 
 
-class Channels:
-    """``in_channels`` = ``out_channels`` <-> ``num_channels`` (the denoiser predicts noise of
-    its input's shape)."""
-
-    def from_hf(self, hf: Mapping[str, Any]) -> dict[str, Any]:
-        cin, cout = int(hf.get("in_channels", 4)), int(hf.get("out_channels", 4))
-        if cin != cout:
-            raise ConversionError(
-                f"config.json in_channels={cin} != out_channels={cout} is not supported "
-                "(tessera's U-Net predicts its input's channels)"
-            )
-        return {"num_channels": cin}
-
-    def to_hf(self, model: ConfigDict) -> dict[str, Any]:
-        return {"in_channels": int(model.num_channels), "out_channels": int(model.num_channels)}
-
-
-def _sample_size(size: Any) -> int:
-    """diffusers' ``sample_size``: an int, or [h, w] (square only)."""
-    if isinstance(size, list | tuple):
-        if len(size) != 2 or size[0] != size[1]:
-            raise ConversionError(
-                f"config.json sample_size={list(size)} is not supported (square latents only)"
-            )
-        size = size[0]
-    return int(size)
-
-
 # diffusers settings whose other values change the math; the value tessera implements.
 REQUIRED = dict(
     mid_block_type="UNetMidBlock2DCrossAttn", center_input_sample=False, act_fn="silu",
@@ -273,8 +246,8 @@ register(
         architecture="",
         config=(
             Structure(),
-            Channels(),
-            Field("sample_size", "image_size", 64, _sample_size),
+            SameChannels(4, "U-Net"),
+            Field("sample_size", "image_size", 64, square_sample_size),
             Field("use_linear_projection", "unet.use_linear_projection", False),
             Field("norm_num_groups", "unet.norm_groups", 32),
             Field("norm_eps", "unet.norm_eps", 1e-5, float),

@@ -24,6 +24,7 @@ from typing import Any
 
 from tessera.configs.base import ConfigDict
 from tessera.convert.errors import ConversionError
+from tessera.convert.families.diffusers_parts import SameChannels, square_sample_size
 from tessera.convert.mapping import (
     CONV2D,
     LINEAR,
@@ -94,23 +95,6 @@ RULES = (
 )
 
 
-class Channels:
-    """``in_channels`` = ``out_channels`` <-> ``num_channels`` (tessera reconstructs its
-    input's channels)."""
-
-    def from_hf(self, hf: Mapping[str, Any]) -> dict[str, Any]:
-        cin, cout = int(hf.get("in_channels", 3)), int(hf.get("out_channels", 3))
-        if cin != cout:
-            raise ConversionError(
-                f"config.json in_channels={cin} != out_channels={cout} is not supported "
-                "(tessera's VAE reconstructs its input's channels)"
-            )
-        return {"num_channels": cin}
-
-    def to_hf(self, model: ConfigDict) -> dict[str, Any]:
-        return {"in_channels": int(model.num_channels), "out_channels": int(model.num_channels)}
-
-
 class Levels:
     """``block_out_channels`` <-> ``vae.block_out_channels``; ``down_block_types`` /
     ``up_block_types`` must be one plain encoder / decoder block per level."""
@@ -148,17 +132,6 @@ def _blocks_to_ours(count: Any) -> int:
     return int(count)
 
 
-def _sample_size(size: Any) -> int:
-    """diffusers' ``sample_size``: an int, or [h, w] (square only)."""
-    if isinstance(size, list | tuple):
-        if len(size) != 2 or size[0] != size[1]:
-            raise ConversionError(
-                f"config.json sample_size={list(size)} is not supported (square images only)"
-            )
-        size = size[0]
-    return int(size)
-
-
 register(
     Family(
         model_type="AutoencoderKL",
@@ -171,8 +144,8 @@ register(
             Field("mid_block_add_attention", "vae.mid_attention", True),
             Field("scaling_factor", "vae.scaling_factor", 0.18215, float),
             Field("shift_factor", "vae.shift_factor", 0.0, float, lambda v: v or None),
-            Field("sample_size", "image_size", 32, _sample_size),
-            Channels(),
+            Field("sample_size", "image_size", 32, square_sample_size),
+            SameChannels(3, "VAE"),
             Require("act_fn", "silu"),
             Require("use_quant_conv", True),
             Require("use_post_quant_conv", True),
