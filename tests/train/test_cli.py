@@ -48,7 +48,8 @@ def test_cli_trains_and_writes_metrics(tmp_path):
     (["--config.data.source=text", "--config.data.path={missing}"], "missing.txt"),
     (["--config.model.vocab_size=100"], "token id .* out of range for vocab_size 100"),
     (["--config=llama:huge"], "unknown preset 'huge'"),
-    (["--config.train.task=nope"], r"unknown task 'nope'; known: \['classify', 'lm', "),
+    (["--config.train.task=nope"],
+     r"unknown task 'nope'; known: \['classify', 'diffusion', 'lm', "),
     (["--config=classify:tiny", "--config.model.num_classes=0"],
      "task classify needs model.num_classes > 0"),
 ])

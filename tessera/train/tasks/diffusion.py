@@ -178,8 +178,10 @@ class DiffusionTask(Task):
         x_t = self.schedule.add_noise(x0, noise, t)
         null = self.config.model.num_classes
         valid = labels >= 0
-        drop = jax.random.bernoulli(drop_key, d.cond_dropout, (b,)) if train else False
-        cond = jnp.where(valid & ~drop, labels, null)
+        keep = valid
+        if train:
+            keep = keep & ~jax.random.bernoulli(drop_key, d.cond_dropout, (b,))
+        cond = jnp.where(keep, labels, null)
         out = model(x_t, t, labels=cond, rng=model_key, train=train)
         pred = out[..., :channels].astype(jnp.float32)
         target = self.schedule.target(x0, noise, t)
