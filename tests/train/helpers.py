@@ -18,3 +18,18 @@ def tiny_config(extra: str = "", family: str = "llama", **mesh):
         cfg.mesh.update(data=1)
         cfg.mesh.update(**mesh)
     return cfg
+
+
+def one_step(cfg, workdir, devices=None):
+    """(trainer, initial parameters, parameters after one train step, its metrics): one
+    compile of the train step."""
+    import jax
+
+    from tessera.train.trainer import Trainer
+
+    trainer = Trainer(cfg, str(workdir), devices)
+    state = trainer.init_state()
+    init = jax.device_get(state["params"])
+    batch = trainer.device_batch(next(trainer.task.make_data("train")))
+    state, metrics = trainer.step(state, batch)
+    return trainer, init, jax.device_get(state["params"]), jax.device_get(metrics)

@@ -10,7 +10,7 @@ from tessera.configs import load_config
 from tessera.data import make_image_pipeline
 from tessera.train.trainer import Trainer, train
 
-from .helpers import QUIET
+from .helpers import QUIET, one_step
 from .test_sharded_step import assert_same_update
 
 SMALL = f"data.global_batch_size=8,checkpoint.async_save=False,eval.every=0,{QUIET}"
@@ -31,22 +31,11 @@ def small(spec: str, extra: str = "", **mesh):
     return cfg
 
 
-def step_once(cfg, workdir, devices=None):
-    """(trainer, initial params, params after one step, step metrics); one compile (the model
-    tests compare sharded gradients themselves, ``tests/models/test_{vae,unet,dit}.py``)."""
-    trainer = Trainer(cfg, str(workdir), devices)
-    state = trainer.init_state()
-    init = jax.device_get(state["params"])
-    batch = trainer.device_batch(next(trainer.task.make_data("train")))
-    state, metrics = trainer.step(state, batch)
-    return trainer, init, jax.device_get(state["params"]), jax.device_get(metrics)
-
-
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_sharded_step_matches_single_device(name, tmp_path):
     spec = CONFIGS[name]
-    _, init_1, params_1, m_1 = step_once(small(spec), tmp_path / "one", jax.devices()[:1])
-    trainer, init_n, params_n, m_n = step_once(small(spec, fsdp=4, data=2), tmp_path / "eight")
+    _, init_1, params_1, m_1 = one_step(small(spec), tmp_path / "one", jax.devices()[:1])
+    trainer, init_n, params_n, m_n = one_step(small(spec, fsdp=4, data=2), tmp_path / "eight")
     assert trainer.mesh.devices.size == 8
     sharded = [p for p in jax.tree.leaves(trainer.state_shardings["params"])
                if any(trainer.mesh.shape[a] > 1 for axes in p.spec if axes

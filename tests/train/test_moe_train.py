@@ -12,22 +12,12 @@ from tessera.train.metrics import flatten_metrics, read_metrics
 from tessera.train.optimizers import make_optimizer
 from tessera.train.trainer import Trainer, train
 
-from .helpers import tiny_config
+from .helpers import one_step, tiny_config
 from .test_sharded_step import assert_same_update
 
 # Router bias balanced by rule, both router losses on: everything the step does for an MoE.
 MOE = ("model.moe.router_bias=True,model.moe.bias_update_rate=0.01,model.moe.aux_loss_coef=0.01,"
        "model.moe.z_loss_coef=0.001")
-
-
-def one_step(cfg, workdir, devices=None):
-    """(trainer, initial parameters, parameters after one train step, its metrics)."""
-    trainer = Trainer(cfg, str(workdir), devices)
-    state = trainer.init_state()
-    init = jax.device_get(state["params"])
-    batch = trainer.device_batch(next(trainer.task.make_data("train")))
-    state, metrics = trainer.step(state, batch)
-    return trainer, init, jax.device_get(state["params"]), jax.device_get(metrics)
 
 
 def test_expert_parallel_train_step_matches_single_device(tmp_path):
