@@ -21,3 +21,15 @@ if _CACHE:
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def pallas_interpret():
+    """Pallas TPU / GPU kernels run in interpret mode (on CPU) for the test's duration."""
+    from tessera.kernels.platform import interpreting
+
+    with interpreting():
+        yield

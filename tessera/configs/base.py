@@ -59,6 +59,7 @@ def base_config() -> ConfigDict:
             attn_out_bias=False,  # bias on the attention output projection
             qk_norm=False,
             sliding_window=0,  # 0: full causal attention
+            logit_soft_cap=0.0,  # > 0: attention scores squashed to c * tanh(s / c) (Gemma 2)
             rope_theta=10000.0,
             rope_scaling=ConfigDict(
                 dict(

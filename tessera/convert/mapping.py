@@ -419,6 +419,11 @@ class Family:
 
     def hf_config(self, model: ConfigDict) -> dict[str, Any]:
         """The HF ``config.json`` keys for a tessera model config of this family."""
+        if float(model.get("logit_soft_cap", 0.0)) > 0:
+            raise ConversionError(
+                f"export as {self.model_type}: model.logit_soft_cap has no key in this family's "
+                "HF config, so the export would drop it"
+            )
         if self.diffusers:
             out: dict[str, Any] = {"_class_name": self.model_type}
         else:

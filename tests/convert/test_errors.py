@@ -146,6 +146,11 @@ def test_export_refusals(tmp_path):
     config.model.qkv_bias = True  # llama in HF has no qkv-only bias
     with pytest.raises(ConversionError, match=r"model.qkv_bias=True has no equivalent"):
         save_hf(model.params, config, str(tmp_path / "a"))
+    config = model.config.copy_and_resolve_references()
+    config.model.logit_soft_cap = 30.0
+    with pytest.raises(ConversionError, match=r"logit_soft_cap has no key .* drop it"):
+        save_hf(model.params, config, str(tmp_path / "a"))
+    assert not os.path.exists(tmp_path / "a")
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("keep me")
     with pytest.raises(ConversionError, match="exists and is not empty"):

@@ -15,7 +15,7 @@ from tessera.kernels.attention import chunked, reference
 
 
 def naive_attention(q, k, v, q_pos, kv_pos, q_seg=None, kv_seg=None, causal=True, window=None,
-                    kv_valid=None, scale=None):
+                    kv_valid=None, scale=None, cap=None):
     """Float64 loop over batch, query head and query: the independent oracle."""
     q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
     b_, t_, hq, d = q.shape
@@ -38,6 +38,8 @@ def naive_attention(q, k, v, q_pos, kv_pos, q_seg=None, kv_seg=None, causal=True
                 if not keep.any():
                     continue
                 logits = k[b, keep, kh] @ q[b, t, h] * scale
+                if cap is not None:
+                    logits = cap * np.tanh(logits / cap)
                 w = np.exp(logits - logits.max())
                 out[b, t, h] = (w / w.sum()) @ v[b, keep, kh]
     return out
@@ -206,6 +208,33 @@ def test_value_dim_and_custom_scale_chunked_matches_reference(hq, hkv, d, dv, t,
     # The scale matters: the default one gives another result.
     assert not np.allclose(reference.attention(q, k, v, **(kw | dict(scale=None))), out_r,
                            atol=1e-3)
+
+
+def test_logit_soft_cap_reference_and_chunked():
+    """``logit_soft_cap=c`` (c * tanh(s / c) on the scaled scores): the reference equals the
+    naive loop, the chunked path equals the reference in values and gradients (its backward
+    carries the tanh's derivative), and the cap changes the result."""
+    case = dict(hq=4, hkv=2, packed=True, window=7)
+    b, t, cap = 2, 29, 0.8
+    q, k, v = make_inputs(13, b, t, t, 4, 2, 8)
+    q = q * 3.0  # scores well past the cap
+    kw = case_kwargs(case, b, t) | dict(logit_soft_cap=cap)
+    ct = jnp.asarray(np.random.default_rng(13).normal(size=(b, t, 4, 8)), jnp.float32)
+    out_r, grads_r = value_and_grads(reference.attention, q, k, v, kw, ct)
+    npy = {n: np.asarray(x) for n, x in kw.items() if n.endswith(("positions", "segment_ids"))}
+    want = naive_attention(q, k, v, npy["q_positions"], npy["kv_positions"],
+                           npy["q_segment_ids"], npy["kv_segment_ids"], True, 7, cap=cap)
+    np.testing.assert_allclose(out_r, want, atol=1e-5, rtol=1e-5)
+    for aligned in (False, True):
+        fn = functools.partial(chunked.attention, block_q=8, block_kv=16, index_aligned=aligned)
+        out_c, grads_c = value_and_grads(fn, q, k, v, kw, ct)
+        np.testing.assert_allclose(out_c, out_r, atol=1e-5, rtol=1e-5)
+        for name_, g_c, g_r in zip("qkv", grads_c, grads_r, strict=True):
+            np.testing.assert_allclose(g_c, g_r, atol=1e-5, rtol=1e-5, err_msg=f"d{name_}")
+    assert not np.allclose(reference.attention(q, k, v, **(kw | dict(logit_soft_cap=None))),
+                           out_r, atol=1e-2)
+    with pytest.raises(ValueError, match="logit_soft_cap must be > 0"):
+        attn.attention(q, k, v, **(kw | dict(logit_soft_cap=0.0)))
 
 
 def test_chunked_matches_reference_bfloat16():

@@ -93,7 +93,7 @@ def test_registry_auto_picks_ragged():
     args = (arrays["x"], ids, *(arrays[n] for n in NAMES[1:]))
     assert moe.OP.select("auto", *args).name == "ragged"
     assert moe.OP.explain(*args) == [
-        ("megablox", "a TPU kernel (backend is cpu)"),
+        ("megablox", "a TPU kernel (the program runs on cpu)"),
         ("ragged", None),
         ("dense", "auto skips it: only when named"),
     ]
@@ -105,14 +105,11 @@ def test_registry_auto_picks_ragged():
     assert issubclass(KernelUnavailableError, ValueError)
 
 
-def test_megablox_matches_dense_in_interpret_mode(monkeypatch):
+def test_megablox_matches_dense_in_interpret_mode(pallas_interpret):
     """jax's Pallas TPU grouped matmul (interpret mode on CPU) in the ragged dispatch: forward
     and gradients equal the dense oracle, no-expert rows included (their gradient is zero, not
     the kernel's unspecified values). Dimensions are the kernel's 128 tile; 40 tokens pad to
     the next row tile."""
-    from tessera.kernels.moe import megablox
-
-    monkeypatch.setattr(megablox, "INTERPRET", True)
     rng = np.random.default_rng(7)
     n, d, f, e, k = 40, 128, 128, 4, 2
     ids = np.argsort(rng.normal(size=(n, e)), axis=-1)[:, :k]

@@ -72,6 +72,7 @@ def attention(
     scale: float | None = None,
     kv_valid: jax.Array | None = None,
     index_aligned: bool = False,
+    logit_soft_cap: float | None = None,
     impl: str = "auto",
     block_q: int | None = None,
     block_kv: int | None = None,
@@ -83,10 +84,13 @@ def attention(
 
     ``index_aligned=True`` promises that query i and key i are the same token (self attention
     over one sequence with no cache: T == S, q_positions is kv_positions, and within a segment
-    positions strictly increase with the index), so whatever masking by position hides by index
-    (keys after the query, keys at least a window behind it) is hidden. It never changes the
-    result of a call that keeps the promise: xla ignores it, xla_chunked then skips the tiles
-    causal / sliding-window masking hides entirely.
+    positions rise by one per index, 0, 1, 2, ... as packing makes them), so masking by position
+    equals masking by index. It never changes the result of a call that keeps the promise: xla
+    ignores it, xla_chunked then skips the tiles causal / sliding-window masking hides entirely
+    (it needs only positions that strictly increase), and index-masked kernels (Pallas TPU)
+    accept only such calls.
+
+    ``logit_soft_cap=c`` squashes the scaled scores to ``c * tanh(s / c)`` before masking.
     """
     if impl == "xla" and (block_q is not None or block_kv is not None):
         given = [n for n, s in (("block_q", block_q), ("block_kv", block_kv)) if s is not None]
@@ -94,6 +98,6 @@ def attention(
     return OP(
         q, k, v, q_positions=q_positions, kv_positions=kv_positions, q_segment_ids=q_segment_ids,
         kv_segment_ids=kv_segment_ids, causal=causal, sliding_window=sliding_window, scale=scale,
-        kv_valid=kv_valid, index_aligned=index_aligned, block_q=block_q, block_kv=block_kv,
-        impl=impl,
+        kv_valid=kv_valid, index_aligned=index_aligned, logit_soft_cap=logit_soft_cap,
+        block_q=block_q, block_kv=block_kv, impl=impl,
     )

@@ -61,6 +61,7 @@ def attention(
     scale: float | None = None,
     kv_valid: jax.Array | None = None,
     index_aligned: bool = False,
+    logit_soft_cap: float | None = None,
     block_q: int = DEFAULT_BLOCK_Q,
     block_kv: int = DEFAULT_BLOCK_KV,
 ) -> jax.Array:
@@ -78,7 +79,8 @@ def attention(
     lose keys it should see.
     """
     check_inputs(
-        q, k, v, q_positions, kv_positions, q_segment_ids, kv_segment_ids, sliding_window, kv_valid
+        q, k, v, q_positions, kv_positions, q_segment_ids, kv_segment_ids, sliding_window, kv_valid,
+        logit_soft_cap,
     )
     if block_q < 1 or block_kv < 1:
         raise ValueError(f"block sizes must be >= 1, got block_q={block_q}, block_kv={block_kv}")
@@ -100,10 +102,11 @@ def attention(
     if kv_valid is not None:
         kv_segment_ids = jnp.where(kv_valid, kv_segment_ids, 0)
 
+    cap = None if logit_soft_cap is None else float(logit_soft_cap)
     out = _flash(
         causal,
         sliding_window,
-        float(scale),
+        (float(scale), cap),
         schedule,
         _to_blocks(q.reshape(b, t, hkv, hq // hkv, d), nq, bq),
         _to_blocks(k, nk, bk),
@@ -181,13 +184,19 @@ def _tile_mask(qpos, kpos, qseg, kseg, causal, window):
     return mask[:, None, None]
 
 
-def _scores(qi, kj, mask, scale):
-    """float32 [B, Hkv, G, bq, bk] scores of a tile, masked entries set to MASK_VALUE."""
+def _scores(qi, kj, mask, scaling):
+    """float32 [B, Hkv, G, bq, bk] scores of a tile, masked entries set to MASK_VALUE, and the
+    soft cap's derivative d capped / d raw (None without a cap). ``scaling`` is (scale, cap)."""
+    scale, cap = scaling
     s = jnp.einsum("bqkgd,bskd->bkgqs", qi, kj, preferred_element_type=jnp.float32) * scale
-    return jnp.where(mask, s, MASK_VALUE)
+    dcap = None
+    if cap is not None:
+        th = jnp.tanh(s / cap)
+        s, dcap = cap * th, 1.0 - th * th
+    return jnp.where(mask, s, MASK_VALUE), dcap
 
 
-def _forward(causal, window, scale, schedule, q, k, v, qpos, kpos, qseg, kseg):
+def _forward(causal, window, scaling, schedule, q, k, v, qpos, kpos, qseg, kseg):
     """Returns out [nq, B, bq, Hkv, G, Dv] (q's dtype) and logsumexp [nq, B, Hkv, G, bq] (f32)."""
     nq, b, bq, hkv, g, _ = q.shape
     dv = v.shape[-1]
@@ -204,7 +213,7 @@ def _forward(causal, window, scale, schedule, q, k, v, qpos, kpos, qseg, kseg):
         qi, kj, vj = _block(q, i), _block(k, j), _block(v, j)
         mask = _tile_mask(_block(qpos, i), _block(kpos, j), _block(qseg, i), _block(kseg, j),
                           causal, window)
-        s = _scores(qi, kj, mask, scale)
+        s, _ = _scores(qi, kj, mask, scaling)
         m_new = jnp.maximum(m, s.max(axis=-1))
         alpha = jnp.exp(m - m_new)
         p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
@@ -233,17 +242,17 @@ def _forward(causal, window, scale, schedule, q, k, v, qpos, kpos, qseg, kseg):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
-def _flash(causal, window, scale, schedule, q, k, v, qpos, kpos, qseg, kseg):
+def _flash(causal, window, scaling, schedule, q, k, v, qpos, kpos, qseg, kseg):
     """Blocked attention on pre-blocked inputs (see `_to_blocks`); returns blocked output."""
-    return _forward(causal, window, scale, schedule, q, k, v, qpos, kpos, qseg, kseg)[0]
+    return _forward(causal, window, scaling, schedule, q, k, v, qpos, kpos, qseg, kseg)[0]
 
 
-def _flash_fwd(causal, window, scale, schedule, q, k, v, qpos, kpos, qseg, kseg):
-    out, lse = _forward(causal, window, scale, schedule, q, k, v, qpos, kpos, qseg, kseg)
+def _flash_fwd(causal, window, scaling, schedule, q, k, v, qpos, kpos, qseg, kseg):
+    out, lse = _forward(causal, window, scaling, schedule, q, k, v, qpos, kpos, qseg, kseg)
     return out, (q, k, v, qpos, kpos, qseg, kseg, out, lse)
 
 
-def _flash_bwd(causal, window, scale, schedule, res, dout):
+def _flash_bwd(causal, window, scaling, schedule, res, dout):
     """One scan over the schedule sorted by key block: dk, dv of the current key block in the
     carry, each tile's dq added into a carried float32 [nq, ...] buffer."""
     q, k, v, qpos, kpos, qseg, kseg, out, lse = res
@@ -260,12 +269,15 @@ def _flash_bwd(causal, window, scale, schedule, res, dout):
         qi, kj, vj, doi = _block(q, i), _block(k, j), _block(v, j), _block(dout, i)
         mask = _tile_mask(_block(qpos, i), _block(kpos, j), _block(qseg, i), _block(kseg, j),
                           causal, window)
-        p = jnp.exp(_scores(qi, kj, mask, scale) - _block(lse, i)[..., None])
+        s, dcap = _scores(qi, kj, mask, scaling)
+        p = jnp.exp(s - _block(lse, i)[..., None])
         dv_j = dv_j + jnp.einsum(
             "bkgqs,bqkgd->bskd", p.astype(doi.dtype), doi, preferred_element_type=jnp.float32
         )
         dp = jnp.einsum("bqkgd,bskd->bkgqs", doi, vj, preferred_element_type=jnp.float32)
-        ds = p * (dp - _block(delta, i)[..., None]) * scale
+        ds = p * (dp - _block(delta, i)[..., None]) * scaling[0]
+        if dcap is not None:
+            ds = ds * dcap
         dq_i = jnp.einsum(
             "bkgqs,bskd->bqkgd", ds.astype(kj.dtype), kj, preferred_element_type=jnp.float32
         )

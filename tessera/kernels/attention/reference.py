@@ -59,6 +59,7 @@ def check_inputs(
     kv_segment_ids: jax.Array | None,
     sliding_window: int | None,
     kv_valid: jax.Array | None,
+    logit_soft_cap: float | None = None,
 ) -> None:
     """Raise ValueError naming the first argument whose shape does not fit the others."""
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
@@ -86,6 +87,8 @@ def check_inputs(
         raise ValueError("pass both q_segment_ids and kv_segment_ids, or neither")
     if sliding_window is not None and sliding_window < 1:
         raise ValueError(f"sliding_window must be >= 1, got {sliding_window}")
+    if logit_soft_cap is not None and not logit_soft_cap > 0:
+        raise ValueError(f"logit_soft_cap must be > 0 (or None), got {logit_soft_cap}")
 
 
 def attention(
@@ -101,16 +104,19 @@ def attention(
     sliding_window: int | None = None,
     scale: float | None = None,
     kv_valid: jax.Array | None = None,
+    logit_soft_cap: float | None = None,
 ) -> jax.Array:
     """Masked softmax attention: q [B, T, Hq, D], k [B, S, Hkv, D], v [B, S, Hkv, Dv] -> out
     [B, T, Hq, Dv].
 
     Hq must be a multiple of Hkv (query head h reads kv head h // (Hq // Hkv)). Scores and softmax
     are float32; the output has q's dtype. Queries with no visible key get 0 (finite gradients).
+    ``logit_soft_cap=c`` squashes the scaled scores to ``c * tanh(s / c)`` (Gemma 2, Grok).
     Materialises the [B, Hq, T, S] scores: use the chunked path for long sequences.
     """
     check_inputs(
-        q, k, v, q_positions, kv_positions, q_segment_ids, kv_segment_ids, sliding_window, kv_valid
+        q, k, v, q_positions, kv_positions, q_segment_ids, kv_segment_ids, sliding_window, kv_valid,
+        logit_soft_cap,
     )
     b, t, hq, d = q.shape
     hkv = k.shape[2]
@@ -121,6 +127,8 @@ def attention(
     )[:, None, None]  # [B, 1, 1, T, S]
     qg = q.reshape(b, t, hkv, hq // hkv, d)
     scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
+    if logit_soft_cap is not None:
+        scores = logit_soft_cap * jnp.tanh(scores / logit_soft_cap)
     scores = jnp.where(mask, scores, MASK_VALUE)
     m = jax.lax.stop_gradient(scores.max(axis=-1, keepdims=True))
     p = jnp.where(mask, jnp.exp(scores - m), 0.0)

@@ -8,7 +8,8 @@ the three grouped matmuls differ. Rows are padded to a multiple of the row tile,
 the last group (padding, no-expert assignments) are zeroed on the way in so that the kernel's
 unspecified values there never reach a gradient.
 
-Runs on TPU, and anywhere in Pallas interpret mode (``INTERPRET``: the tests' CPU check).
+Runs on TPU, and anywhere in Pallas interpret mode (`tessera.kernels.platform.interpreting`: the
+tests' CPU check).
 """
 
 from __future__ import annotations
@@ -17,9 +18,8 @@ import jax
 import jax.numpy as jnp
 
 from tessera.kernels.moe import reference
-from tessera.sharding.context import active
+from tessera.kernels.platform import interpret, kernel_platform_reason
 
-INTERPRET = False  # tests set True to run the kernel in Pallas interpret mode on CPU
 TILE = 128  # row / contraction / output tile of the kernel (the MXU's width)
 
 
@@ -29,19 +29,12 @@ def _gmm():
     return ops.gmm
 
 
-def _platform() -> str:
-    """The platform the program is built for: the active mesh's devices (an AOT compile for a
-    TPU topology on a CPU host), else the default backend."""
-    ctx = active()
-    return ctx[0].devices.flat[0].platform if ctx is not None else jax.default_backend()
-
-
 def supports(x: jax.Array, expert_ids: jax.Array, weights: jax.Array, wi_gate: jax.Array,
              wi_up: jax.Array, wo: jax.Array) -> str | None:
     """None when the kernel can run these inputs, else why not (static facts only)."""
-    platform = _platform()
-    if platform != "tpu" and not INTERPRET:
-        return f"a TPU kernel (backend is {platform})"
+    reason = kernel_platform_reason("tpu")
+    if reason is not None:
+        return reason
     d, f = wi_gate.shape[1], wi_gate.shape[2]
     if d % TILE or f % TILE:
         return f"d_model {d} and expert_dim {f} must be multiples of {TILE}"
@@ -59,7 +52,7 @@ def grouped_ffn(xs: jax.Array, group_sizes: jax.Array, wi_gate: jax.Array, wi_up
     out_type = xs.dtype
 
     def dot(a: jax.Array, w: jax.Array) -> jax.Array:
-        y = gmm(a, w, group_sizes, jnp.float32, (TILE, TILE, TILE), None, None, False, INTERPRET)
+        y = gmm(a, w, group_sizes, jnp.float32, (TILE, TILE, TILE), None, None, False, interpret())
         return jnp.where(valid[:, None], y, 0).astype(out_type)
 
     h = jax.nn.silu(dot(xs, wi_gate)) * dot(xs, wi_up)

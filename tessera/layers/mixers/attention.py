@@ -38,6 +38,7 @@ class Attention(nnx.Module):
         self.dtype = jnp.dtype(cfg.dtype)
         self.sliding_window = int(cfg.sliding_window) or None
         self.causal = bool(cfg.causal)
+        self.logit_soft_cap = float(cfg.logit_soft_cap) or None
         self.rope = bool(cfg.rope)
         self.impl = cfg.attention_impl
         self.rope_theta = float(cfg.rope_theta)
@@ -126,6 +127,7 @@ class Attention(nnx.Module):
             # hint only lets the kernel skip what causal / window masking hides by index, so it
             # holds for bidirectional attention too (then nothing is skipped but the window).
             index_aligned=cache is None,
+            logit_soft_cap=self.logit_soft_cap,
         )
         return self._output(out), new_cache, {}
 
@@ -146,6 +148,7 @@ class Attention(nnx.Module):
             q_positions=jnp.zeros((b, tq), jnp.int32),
             kv_positions=jnp.zeros((b, t), jnp.int32),
             causal=False,
+            logit_soft_cap=self.logit_soft_cap,
         )
         return self._output(out)
 
