@@ -16,7 +16,7 @@ from jax.ad_checkpoint import checkpoint_name
 from tessera.configs.base import ConfigDict
 from tessera.kernels.attention import attention
 from tessera.layers.base import cast, normal, param, zeros
-from tessera.layers.mixers.base import Aux, SeqInfo, write_cache
+from tessera.layers.mixers.base import Aux, SeqInfo, decode_keys, write_cache
 from tessera.layers.norms import RMSNorm
 from tessera.layers.positions import apply_rope, rope_frequencies
 from tessera.sharding import constrain
@@ -97,7 +97,17 @@ class Attention(nnx.Module):
 
         kv_k, kv_v, kv_pos, kv_seg = k, v, info.positions, info.segment_ids
         new_cache = None
-        if cache is not None:
+        if cache is not None and q.shape[1] == 1:
+            # Decode step: this token's k/v go into the cache first and the query attends over
+            # the updated cache alone, so a kernel reads only the slots in use (no concat copy).
+            new_cache = {
+                "k": write_cache(cache["k"], k, info.write_slots),
+                "v": write_cache(cache["v"], v, info.write_slots),
+            }
+            kv_k, kv_v = new_cache["k"].astype(k.dtype), new_cache["v"].astype(v.dtype)
+            kv_pos, kv_seg = decode_keys(info)
+            q_seg = (info.segment_ids > 0).astype(jnp.int32)
+        elif cache is not None:
             # Keys are the cache as it was plus this call's tokens; then this call's tokens are
             # written into their slots for the next call.
             old_seg = (info.cache_positions >= 0).astype(jnp.int32)

@@ -70,6 +70,23 @@ def write_cache(cache: jax.Array, new: jax.Array, slots: jax.Array) -> jax.Array
     return cache.at[b, slots].set(new.astype(cache.dtype), mode="drop")
 
 
+def decode_keys(info: SeqInfo) -> tuple[jax.Array, jax.Array]:
+    """Positions and segment ids [B, S] of the cache slots after a decode step (T = 1) wrote its
+    token: ``cache_positions`` with the written slots set, segment 1 where a slot is filled.
+
+    Attending over the cache after the write equals attending over the old cache plus the new
+    token (the concat form): the written slot is the only one that changes. Slots fill in
+    order, slot = position % S, so it held nothing (-1), or position p - S (ring buffer, S the
+    largest window), or the same position p (a rewritten token, replaced by its new value). A key
+    at p - S is outside every window (p - (p - S) = S >= W), and a cache without a window is
+    never longer than the sequence (S = max_len > p), so no visible key is lost (a rewritten
+    position keeps only its new key, where the concat form saw both). A padding query (segment
+    0) writes nothing and sees no key, in both forms.
+    """
+    kv_pos = write_cache(info.cache_positions, info.positions, info.write_slots)
+    return kv_pos, (kv_pos >= 0).astype(jnp.int32)
+
+
 def merge_aux(*parts: Aux) -> Aux:
     """One block's aux from its mixers'; a key emitted twice is an error (names must differ)."""
     out: Aux = {}

@@ -54,7 +54,7 @@ from jax.ad_checkpoint import checkpoint_name
 from tessera.configs.base import ConfigDict
 from tessera.kernels.attention import attention
 from tessera.layers.base import cast, normal, param
-from tessera.layers.mixers.base import Aux, SeqInfo, write_cache
+from tessera.layers.mixers.base import Aux, SeqInfo, decode_keys, write_cache
 from tessera.layers.norms import RMSNorm
 from tessera.layers.positions import apply_rope, rope_frequencies, yarn_softmax_scale
 from tessera.sharding import constrain
@@ -178,11 +178,12 @@ class MLA(nnx.Module):
             out = self._decompressed(q_nope, q_rope, latent, k_rope, w_uk, w_uv, info)
             new_cache = None
         else:
-            out = self._absorbed(q_nope, q_rope, latent, k_rope, w_uk, w_uv, info, cache)
             new_cache = {
                 "latent": write_cache(cache["latent"], latent, info.write_slots),
                 "k_rope": write_cache(cache["k_rope"], k_rope, info.write_slots),
             }
+            out = self._absorbed(q_nope, q_rope, latent, k_rope, w_uk, w_uv, info, cache,
+                                 new_cache)
         out = checkpoint_name(constrain(out, ("batch", "length", "act_heads", None)), "attn_out")
         y = jnp.einsum("bthv,hvd->btd", out, cast(self.wo, self.dtype))
         return constrain(y, ("batch", "length", "act_embed")), new_cache, {}
@@ -209,21 +210,28 @@ class MLA(nnx.Module):
 
     def _absorbed(
         self, q_nope: jax.Array, q_rope: jax.Array, latent: jax.Array, k_rope: jax.Array,
-        w_uk: jax.Array, w_uv: jax.Array, info: SeqInfo, cache: dict,
+        w_uk: jax.Array, w_uv: jax.Array, info: SeqInfo, cache: dict, new_cache: dict,
     ) -> jax.Array:
         """Cached form: attention over [latent | k_rope] of the old cache plus this call's
-        tokens, with q_nope absorbed into the latent space; -> [B, T, H, Dv]."""
+        tokens, with q_nope absorbed into the latent space; -> [B, T, H, Dv]. A decode step
+        (T = 1) attends over the updated cache ``new_cache`` alone (``decode_keys``)."""
         q_lat = jnp.einsum("bthk,rhk->bthr", q_nope, w_uk)
         q = jnp.concatenate([q_lat, q_rope], axis=-1)  # [B, T, H, R + Dr]
-        all_latent = jnp.concatenate([cache["latent"].astype(latent.dtype), latent], axis=1)
-        all_rope = jnp.concatenate([cache["k_rope"].astype(k_rope.dtype), k_rope], axis=1)
-        keys = jnp.concatenate([all_latent, all_rope], axis=-1)[:, :, None]  # one shared head
         real = (info.segment_ids > 0).astype(jnp.int32)
-        old = (info.cache_positions >= 0).astype(jnp.int32)
+        if q.shape[1] == 1:
+            all_latent = new_cache["latent"].astype(latent.dtype)
+            all_rope = new_cache["k_rope"].astype(k_rope.dtype)
+            kv_pos, kv_seg = decode_keys(info)
+        else:
+            all_latent = jnp.concatenate([cache["latent"].astype(latent.dtype), latent], axis=1)
+            all_rope = jnp.concatenate([cache["k_rope"].astype(k_rope.dtype), k_rope], axis=1)
+            kv_pos = jnp.concatenate([info.cache_positions, info.positions], axis=1)
+            old = (info.cache_positions >= 0).astype(jnp.int32)
+            kv_seg = jnp.concatenate([old, real], axis=1)
+        keys = jnp.concatenate([all_latent, all_rope], axis=-1)[:, :, None]  # one shared head
         out_lat = attention(
             q, keys, all_latent[:, :, None], impl=self.impl, q_positions=info.positions,
-            kv_positions=jnp.concatenate([info.cache_positions, info.positions], axis=1),
-            q_segment_ids=real, kv_segment_ids=jnp.concatenate([old, real], axis=1),
+            kv_positions=kv_pos, q_segment_ids=real, kv_segment_ids=kv_seg,
             causal=self.causal, sliding_window=self.sliding_window, scale=self.scale,
             index_aligned=False,
         )  # [B, T, H, R]: the heads' weighted latents
