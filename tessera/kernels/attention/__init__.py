@@ -1,6 +1,8 @@
 """Attention kernels behind one dispatch: `attention(q, k, v, ..., impl="auto")`.
 
 impls, in the order auto tries them (`OP`, a `tessera.kernels.registry.Op`):
+  pallas_tpu_decode  `decode.attention`, TPU (or interpret mode), T = 1 over a cache: a Pallas
+               kernel that DMAs only the kv blocks holding keys each row can see; no gradient.
   xla_chunked  `chunked.attention`, online softmax over a static schedule of (query block, key
                block) tiles with a blockwise custom backward; memory O(T + S) per head. Auto
                picks it once T * S >= CHUNKED_MIN_SCORES. With ``index_aligned=True`` it skips
@@ -15,7 +17,7 @@ from __future__ import annotations
 
 import jax
 
-from tessera.kernels.attention import chunked, reference
+from tessera.kernels.attention import chunked, decode, reference
 from tessera.kernels.attention.reference import make_attention_mask
 from tessera.kernels.registry import Impl, Op, drop_kwargs, impls_getattr
 
@@ -53,6 +55,11 @@ OP = Op(
         Impl("xla_chunked", _chunked, auto=_chunked_pays),
         Impl("xla", drop_kwargs(reference.attention, "block_q", "block_kv", "index_aligned")),
     ],
+)
+
+OP.register(
+    Impl("pallas_tpu_decode", decode.attention, supports=decode.supports),
+    before="xla_chunked",
 )
 
 __getattr__ = impls_getattr(OP)  # IMPLS = ("auto", *OP.names)

@@ -1,0 +1,257 @@
+"""Decode attention on TPU (Pallas Mosaic): one query token per row over a KV cache, reading only
+the cache blocks that hold a key the row can see.
+
+q [B, 1, Hq, D], k [B, S, Hkv, D], v [B, S, Hkv, Dv] (the cache in its own contiguous layout,
+slots filled from 0; a ring buffer for sliding-window models) -> [B, 1, Hq, Dv].
+
+The mask (positions, segment ids, kv_valid, causal, window) is one row per sequence when T = 1,
+so it is computed up front in jnp on [B, S]; from it each row gets the range of kv blocks
+holding any visible key, passed by scalar prefetch. The grid is (batch, kv head group, kv
+block); a step past a row's range maps K/V to the range's last block (an unchanged block index
+is not fetched again) and skips its compute, so blocks outside the range are never DMA'd. In a
+visited block the full mask, the custom scale and the soft cap apply as in `reference`; the
+online softmax state lives in VMEM scratch. All query heads of a kv head are one block (GQA and
+MQA without repeating K/V); Dv may differ from D (MLA's absorbed form: one shared key head of
+R + Dr features, values the latent of R features; this generic kernel serves it, reading the
+latent twice, as key features and as values).
+
+jax's shipped decode kernels do not fit this cache: ``paged_attention`` wants head-major pages
+[Hkv, pages, page_size, D] and ``ragged_paged_attention`` K and V interleaved in one page array
+with one head size; both mask by length only (a valid prefix), not by positions / segments /
+ring-buffer slots. Re-laying the cache out every step would cost what the kernel saves.
+
+No gradient: decode does not train (differentiating raises NotImplementedError).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from tessera.kernels.attention.reference import MASK_VALUE, check_inputs, make_attention_mask
+from tessera.kernels.platform import interpret, kernel_platform_reason
+from tessera.sharding.context import active
+from tessera.sharding.kernels import shard_map_kernel
+
+# Keys per kv block by device kind (jax.Device.device_kind); "default" for any other. A block is
+# a multiple of 128 (lanes of the mask row); a cache no longer than it is one block.
+BLOCK_KV = {"default": 512}
+LANES = 128
+
+
+def supports(q: jax.Array, k: jax.Array, v: jax.Array, **kw) -> str | None:
+    """None when the kernel can run these inputs, else why not (static facts only)."""
+    reason = kernel_platform_reason("tpu")
+    if reason is not None:
+        return reason
+    if q.ndim == 4 and q.shape[1] != 1:
+        return f"decode only: T = {q.shape[1]} > 1"
+    if kw.get("index_aligned"):
+        return "index_aligned self attention (no cache)"
+    block_kv = kw.get("block_kv")
+    if block_kv is not None and block_kv % LANES:
+        return f"block_kv = {block_kv} is not a multiple of {LANES}"
+    return None
+
+
+def _block_kv(block_kv: int | None) -> int:
+    if block_kv is not None:
+        return block_kv
+    ctx = active()
+    device = ctx[0].devices.flat[0] if ctx is not None else jax.devices()[0]
+    return BLOCK_KV.get(device.device_kind, BLOCK_KV["default"])
+
+
+def _heads_per_block(hkv: int, d: int, dv: int) -> int:
+    """Fewest kv heads whose features fill whole 128-lane tiles of K and V (all of them when
+    none does): a K/V block is [block_kv, heads * D] of the [B, S, Hkv * D] cache."""
+    for h in range(1, hkv + 1):
+        if hkv % h == 0 and (h * d) % LANES == 0 and (h * dv) % LANES == 0:
+            return h
+    return hkv
+
+
+def block_range(visible: jax.Array, bkv: int) -> tuple[jax.Array, jax.Array]:
+    """visible bool [B, S'] (S' a multiple of bkv) -> (first block, number of blocks) int32 [B]
+    spanning every visible key; (0, 0) for a row that sees none."""
+    s = visible.shape[1]
+    seen = visible.any(axis=1)
+    first = jnp.argmax(visible, axis=1) // bkv
+    last = (s - 1 - jnp.argmax(visible[:, ::-1], axis=1)) // bkv
+    lo = jnp.where(seen, first, 0).astype(jnp.int32)
+    return lo, jnp.where(seen, last - first + 1, 0).astype(jnp.int32)
+
+
+def visited_block(t, lo, n):
+    """The kv block a row with range (lo, n) reads at grid step t: its range's blocks in order,
+    then the last one again (not fetched again, its compute skipped)."""
+    return lo + jnp.minimum(t, jnp.maximum(n - 1, 0))
+
+
+def _kernel(lo_ref, n_ref, q_ref, k_ref, v_ref, row_ref, col_ref, o_ref, m_sc, l_sc, acc_sc, *,
+            scale: float, soft_cap: float | None, d: int, dv: int):
+    b, t = pl.program_id(0), pl.program_id(2)
+    # float32 products in full (as the reference); bfloat16 ones are exact in one pass (Mosaic
+    # rejects a float32-precision bfloat16 matmul, which jax_default_matmul_precision may ask).
+    full = q_ref.dtype == jnp.float32
+    precision = jax.lax.Precision.HIGHEST if full else jax.lax.Precision.DEFAULT
+
+    @pl.when(t == 0)
+    def _init():
+        m_sc[...] = jnp.full(m_sc.shape, MASK_VALUE, jnp.float32)
+        l_sc[...] = jnp.zeros(l_sc.shape, jnp.float32)
+        acc_sc[...] = jnp.zeros(acc_sc.shape, jnp.float32)
+
+    @pl.when(t < n_ref[b])
+    def _step():
+        row = row_ref[...] != 0  # [1, bkv]: which keys of the block the query sees
+        col = col_ref[...] != 0  # [bkv, 1]: the same, down the keys
+        for h in range(q_ref.shape[0]):
+            k = k_ref[:, h * d:(h + 1) * d]  # [bkv, D]
+            # Slots the row cannot see may hold anything (stale, or past the cache's end).
+            v = jnp.where(col, v_ref[:, h * dv:(h + 1) * dv], 0)  # [bkv, Dv]
+            s = jax.lax.dot_general(q_ref[h], k, (((1,), (1,)), ((), ())), precision=precision,
+                                    preferred_element_type=jnp.float32) * scale  # [G, bkv]
+            if soft_cap is not None:
+                s = soft_cap * jnp.tanh(s / soft_cap)
+            s = jnp.where(row, s, MASK_VALUE)
+            m_prev = m_sc[h]  # [G, 1]
+            m_new = jnp.maximum(m_prev, s.max(axis=1, keepdims=True))
+            p = jnp.where(row, jnp.exp(s - m_new), 0.0)
+            alpha = jnp.exp(m_prev - m_new)
+            l_sc[h] = alpha * l_sc[h] + p.sum(axis=1, keepdims=True)
+            acc_sc[h] = alpha * acc_sc[h] + jnp.dot(p.astype(v.dtype), v, precision=precision,
+                                                    preferred_element_type=jnp.float32)
+            m_sc[h] = m_new
+
+    @pl.when(t == pl.num_programs(2) - 1)
+    def _finish():
+        denom = l_sc[...]
+        o_ref[...] = (acc_sc[...] / jnp.where(denom > 0, denom, 1.0)).astype(o_ref.dtype)
+
+
+def _per_shard(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array, *, scale: float,
+               soft_cap: float | None, block_kv: int) -> jax.Array:
+    """One device's rows and heads: q [B, 1, Hq, D], k/v [B, S, Hkv, D/Dv], visible bool [B, S]
+    -> [B, 1, Hq, Dv]."""
+    b, _, hq, d = q.shape
+    s, hkv, dv = k.shape[1], k.shape[2], v.shape[3]
+    g = hq // hkv
+    bkv = s if s <= block_kv else block_kv
+    nblk = pl.cdiv(s, bkv)
+    # Only the mask is padded (cheap, [B, S]): the cache's last block may run past S, and the
+    # kernel masks what it reads there.
+    visible = jnp.pad(visible, ((0, 0), (0, nblk * bkv - s)))
+    lo, n = block_range(visible, bkv)
+    hb = _heads_per_block(hkv, d, dv)
+    mask = visible.astype(jnp.int32)
+
+    def kv_block(bi, j, t, lo_ref, n_ref):
+        return visited_block(t, lo_ref[bi], n_ref[bi])
+
+    def kv_map(bi, j, t, lo_ref, n_ref):
+        return bi, kv_block(bi, j, t, lo_ref, n_ref), j
+
+    def row_map(bi, j, t, lo_ref, n_ref):
+        return bi, 0, kv_block(bi, j, t, lo_ref, n_ref)
+
+    def col_map(bi, j, t, lo_ref, n_ref):
+        return bi, kv_block(bi, j, t, lo_ref, n_ref), 0
+
+    def head_map(bi, j, t, lo_ref, n_ref):
+        return bi, j, 0, 0
+
+    sq = pl.squeezed
+    grid_spec = pltpu.PrefetchScalarGridSpec(
+        num_scalar_prefetch=2,
+        grid=(b, hkv // hb, nblk),
+        in_specs=[
+            pl.BlockSpec((sq, hb, g, d), head_map),
+            pl.BlockSpec((sq, bkv, hb * d), kv_map),
+            pl.BlockSpec((sq, bkv, hb * dv), kv_map),
+            pl.BlockSpec((sq, 1, bkv), row_map),
+            pl.BlockSpec((sq, bkv, 1), col_map),
+        ],
+        out_specs=pl.BlockSpec((sq, hb, g, dv), head_map),
+        scratch_shapes=[
+            pltpu.VMEM((hb, g, 1), jnp.float32),
+            pltpu.VMEM((hb, g, 1), jnp.float32),
+            pltpu.VMEM((hb, g, dv), jnp.float32),
+        ],
+    )
+    out = pl.pallas_call(
+        functools.partial(_kernel, scale=scale, soft_cap=soft_cap, d=d, dv=dv),
+        grid_spec=grid_spec,
+        out_shape=jax.ShapeDtypeStruct((b, hkv, g, dv), q.dtype),
+        compiler_params=pltpu.CompilerParams(
+            dimension_semantics=("parallel", "parallel", "arbitrary")
+        ),
+        interpret=interpret(),
+        name="tessera_decode_attention",
+    )(
+        lo, n, q.reshape(b, hkv, g, d), k.reshape(b, s, hkv * d), v.reshape(b, s, hkv * dv),
+        mask[:, None, :], mask[:, :, None],
+    )
+    return out.reshape(b, 1, hq, dv)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _decode(q, k, v, visible, scale, soft_cap, block_kv):
+    heads = ("batch", None, "act_heads", None)  # q's and k's heads split together (GQA)
+    run = shard_map_kernel(
+        functools.partial(_per_shard, scale=scale, soft_cap=soft_cap, block_kv=block_kv),
+        in_axes=(heads, heads, heads, ("batch", None)),
+        out_axes=heads,
+    )
+    return run(q, k, v, visible)
+
+
+def _decode_fwd(q, k, v, visible, scale, soft_cap, block_kv):
+    return _decode(q, k, v, visible, scale, soft_cap, block_kv), None
+
+
+def _decode_bwd(scale, soft_cap, block_kv, res, g):
+    raise NotImplementedError(
+        "attention impl 'pallas_tpu_decode' has no gradient (decode does not train); "
+        "use impl='xla' or 'xla_chunked' to differentiate"
+    )
+
+
+_decode.defvjp(_decode_fwd, _decode_bwd)
+
+
+def attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    q_positions: jax.Array,
+    kv_positions: jax.Array,
+    q_segment_ids: jax.Array | None = None,
+    kv_segment_ids: jax.Array | None = None,
+    causal: bool = True,
+    sliding_window: int | None = None,
+    scale: float | None = None,
+    kv_valid: jax.Array | None = None,
+    index_aligned: bool = False,
+    logit_soft_cap: float | None = None,
+    block_q: int | None = None,
+    block_kv: int | None = None,
+) -> jax.Array:
+    """`reference.attention` for T = 1 with the Pallas decode kernel: q [B, 1, Hq, D], k [B, S,
+    Hkv, D], v [B, S, Hkv, Dv] -> [B, 1, Hq, Dv]. ``block_kv`` keys per kv block (a multiple of
+    128; default from ``BLOCK_KV``); ``block_q`` and ``index_aligned`` do not apply."""
+    check_inputs(q, k, v, q_positions, kv_positions, q_segment_ids, kv_segment_ids,
+                 sliding_window, kv_valid, logit_soft_cap)
+    if q.shape[1] != 1:
+        raise ValueError(f"decode attention takes one query token per row, got T = {q.shape[1]}")
+    visible = make_attention_mask(
+        q_positions, kv_positions, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
+        causal=causal, sliding_window=sliding_window, kv_valid=kv_valid,
+    )[:, 0]  # [B, S]
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    return _decode(q, k, v, visible, scale, logit_soft_cap, _block_kv(block_kv))
