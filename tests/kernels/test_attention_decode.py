@@ -109,6 +109,43 @@ def test_matches_reference_on_ragged_rows(name, lengths, pad_row, drop, seed):
                                **TOL[CASES[name][5]])
 
 
+@functools.cache
+def _latent_fns():
+    """(kernel, oracle): MLA's absorbed step, latent R = 32 and rope key Dr = 16, 4 heads."""
+    from tessera.kernels.attention.latent import latent_attention
+
+    def run(impl, q, latent, k_rope, q_pos, kv_pos, q_seg):
+        return latent_attention(
+            q, latent, k_rope, impl=impl, q_positions=q_pos, kv_positions=kv_pos,
+            q_segment_ids=q_seg, kv_segment_ids=(kv_pos >= 0).astype(jnp.int32), scale=0.2,
+        )
+
+    return jax.jit(functools.partial(run, "pallas_tpu_decode")), jax.jit(
+        functools.partial(run, "xla")
+    )
+
+
+@settings(max_examples=5, deadline=None, derandomize=True)
+@given(lengths=lengths_strategy, seed=st.integers(0, 3))
+def test_latent_form_matches_reference(lengths, seed):
+    """MLA's absorbed form read apart (latent once, as keys and values; no concat) equals
+    attention over the concatenated keys; unfilled slots hold NaN."""
+    s = 200
+    rng = np.random.default_rng(seed)
+    q = jnp.asarray(rng.normal(size=(BATCH, 1, 4, 48)), jnp.float32)
+    latent = jnp.asarray(rng.normal(size=(BATCH, s, 32)), jnp.float32)
+    k_rope = jnp.asarray(rng.normal(size=(BATCH, s, 16)), jnp.float32)
+    q_pos, kv_pos = cache_rows(lengths, s)
+    q_seg = jnp.ones((BATCH, 1), jnp.int32)
+    empty = (kv_pos < 0)[:, :, None]
+    kernel, xla = _latent_fns()
+    with interpreting():
+        got = kernel(q, jnp.where(empty, jnp.nan, latent), jnp.where(empty, jnp.nan, k_rope),
+                     q_pos, kv_pos, q_seg)
+    np.testing.assert_allclose(got, xla(q, latent, k_rope, q_pos, kv_pos, q_seg),
+                               **TOL[jnp.float32])
+
+
 def test_blocks_past_a_row_are_not_visited(pallas_interpret):
     """Each row visits exactly the blocks spanning its visible keys (an unchanged block index
     is not fetched again), and unfilled slots full of NaN leave the output finite and exact."""
@@ -212,18 +249,55 @@ def test_kernel_compiles_under_shard_map(topology, hq, hkv, d, dv):
 
 
 @needs_libtpu
-def test_llama_tiny_decode_program_uses_the_kernel():
-    """impl=auto picks the kernel in the Decoder's decode loop (not in prefill: T > 1), and the
-    donated cache is still updated in place."""
+@pytest.mark.parametrize(
+    "spec, topology, mesh",
+    [("llama:tiny", "v5e-4", {"mesh.data": 2, "mesh.fsdp": 2}),
+     ("deepseek:tiny", "v5p-8", {"mesh.data": 2, "mesh.tensor": 2})],  # MLA: the latent form
+)
+def test_decode_program_uses_the_kernel(spec, topology, mesh):
+    """impl=auto picks the kernel in the Decoder's decode loop, and the donated cache is still
+    updated in place."""
     from tessera.configs import load_config
     from tessera.models.create import ModelSpec
     from tessera.serve.engine import Decoder
     from tessera.sharding import make_mesh
 
-    config = load_config("llama:tiny", {"mesh.data": 2, "mesh.fsdp": 2})
-    target = _tpu_target("v5e-4")
+    config = load_config(spec, mesh)
+    target = _tpu_target(topology)
     mesh = make_mesh(config.mesh, target.devices)
     decoder = Decoder(ModelSpec(config.model), None, mesh, config.mesh.rules)
     compiled = decoder.lower(4, 20, 8)["decode"].compile()
     assert "tpu_custom_call" in compiled.as_text()
     assert compiled.memory_analysis().alias_size_in_bytes > 0
+
+
+# -- the models' decode steps through the kernel (interpret mode) -------------------------------
+@pytest.mark.slow
+def test_mla_model_decode_steps_through_the_kernel(monkeypatch):
+    """deepseek:tiny (MLA's absorbed form: one shared key head, Dv < D): prefill, then one token
+    at a time with impl=auto taking the kernel for every decode step; the logits equal one
+    uncached forward pass. (GQA rows and ring buffers: the sweep above; the layer change: the
+    cached-decode tests of tests/models and tests/layers.)"""
+    from tessera.serve.engine import single_device_mesh
+    from tessera.sharding import make_rules
+    from tests.cached_decode import build_lm, check_cached_decode, random_tokens
+
+    calls = []
+    per_shard = decode._per_shard
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return per_shard(*args, **kwargs)
+
+    monkeypatch.setattr(decode, "_per_shard", spy)
+    with interpreting():
+        cfg, params, apply, model = build_lm(
+            "deepseek:tiny,model.dtype=float32,model.init_std=0.1",
+            lambda spec, seed: spec.init(seed, single_device_mesh(), make_rules()),
+        )
+        tokens = random_tokens((2, 8), cfg.vocab_size, seed=3)
+        full = apply(params, tokens).logits
+        assert not calls  # no cache: the kernel declines
+        check_cached_decode(apply, params, tokens, full, model.init_cache(2, 8), (5,),
+                            dict(rtol=1e-4, atol=1e-4))
+    assert calls

@@ -66,11 +66,11 @@ def _block_kv(block_kv: int | None) -> int:
     return BLOCK_KV.get(device.device_kind, BLOCK_KV["default"])
 
 
-def _heads_per_block(hkv: int, d: int, dv: int) -> int:
-    """Fewest kv heads whose features fill whole 128-lane tiles of K and V (all of them when
-    none does): a K/V block is [block_kv, heads * D] of the [B, S, Hkv * D] cache."""
+def _heads_per_block(hkv: int, dims: tuple[int, ...]) -> int:
+    """Fewest kv heads whose features fill whole 128-lane tiles in every K / V array (all of them
+    when none does): a block is [block_kv, heads * D] of a [B, S, Hkv * D] cache."""
     for h in range(1, hkv + 1):
-        if hkv % h == 0 and (h * d) % LANES == 0 and (h * dv) % LANES == 0:
+        if hkv % h == 0 and all((h * d) % LANES == 0 for d in dims):
             return h
     return hkv
 
@@ -92,12 +92,20 @@ def visited_block(t, lo, n):
     return lo + jnp.minimum(t, jnp.maximum(n - 1, 0))
 
 
-def _kernel(lo_ref, n_ref, q_ref, k_ref, v_ref, row_ref, col_ref, o_ref, m_sc, l_sc, acc_sc, *,
-            scale: float, soft_cap: float | None, d: int, dv: int):
+def _kernel(lo_ref, n_ref, *refs, parts: int, dims: tuple[int, ...], dv: int, shared_v: bool,
+            scale: float, soft_cap: float | None):
+    """refs: ``parts`` query blocks [hb, G, D_i], ``parts`` key blocks [bkv, hb * D_i], the value
+    block [bkv, hb * Dv] unless ``shared_v`` (values: the first key part), the mask as a row
+    [1, bkv] and a column [bkv, 1], the output block [hb, G, Dv], scratch m, l [hb, G, 1] and
+    acc [hb, G, Dv]. A head's scores sum the parts' q_i k_i^T."""
+    q_refs, k_refs = refs[:parts], refs[parts:2 * parts]
+    rest = refs[2 * parts:]
+    v_ref = k_refs[0] if shared_v else rest[0]
+    row_ref, col_ref, o_ref, m_sc, l_sc, acc_sc = rest[0 if shared_v else 1:]
     b, t = pl.program_id(0), pl.program_id(2)
     # float32 products in full (as the reference); bfloat16 ones are exact in one pass (Mosaic
     # rejects a float32-precision bfloat16 matmul, which jax_default_matmul_precision may ask).
-    full = q_ref.dtype == jnp.float32
+    full = q_refs[0].dtype == jnp.float32
     precision = jax.lax.Precision.HIGHEST if full else jax.lax.Precision.DEFAULT
 
     @pl.when(t == 0)
@@ -110,12 +118,15 @@ def _kernel(lo_ref, n_ref, q_ref, k_ref, v_ref, row_ref, col_ref, o_ref, m_sc, l
     def _step():
         row = row_ref[...] != 0  # [1, bkv]: which keys of the block the query sees
         col = col_ref[...] != 0  # [bkv, 1]: the same, down the keys
-        for h in range(q_ref.shape[0]):
-            k = k_ref[:, h * d:(h + 1) * d]  # [bkv, D]
+        for h in range(m_sc.shape[0]):
+            s = sum(
+                jax.lax.dot_general(q_ref[h], k_ref[:, h * d:(h + 1) * d],
+                                    (((1,), (1,)), ((), ())), precision=precision,
+                                    preferred_element_type=jnp.float32)
+                for q_ref, k_ref, d in zip(q_refs, k_refs, dims)
+            ) * scale  # [G, bkv]
             # Slots the row cannot see may hold anything (stale, or past the cache's end).
             v = jnp.where(col, v_ref[:, h * dv:(h + 1) * dv], 0)  # [bkv, Dv]
-            s = jax.lax.dot_general(q_ref[h], k, (((1,), (1,)), ((), ())), precision=precision,
-                                    preferred_element_type=jnp.float32) * scale  # [G, bkv]
             if soft_cap is not None:
                 s = soft_cap * jnp.tanh(s / soft_cap)
             s = jnp.where(row, s, MASK_VALUE)
@@ -134,12 +145,16 @@ def _kernel(lo_ref, n_ref, q_ref, k_ref, v_ref, row_ref, col_ref, o_ref, m_sc, l
         o_ref[...] = (acc_sc[...] / jnp.where(denom > 0, denom, 1.0)).astype(o_ref.dtype)
 
 
-def _per_shard(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array, *, scale: float,
+def _per_shard(visible: jax.Array, v: jax.Array | None, *qk: jax.Array, scale: float,
                soft_cap: float | None, block_kv: int) -> jax.Array:
-    """One device's rows and heads: q [B, 1, Hq, D], k/v [B, S, Hkv, D/Dv], visible bool [B, S]
-    -> [B, 1, Hq, Dv]."""
-    b, _, hq, d = q.shape
-    s, hkv, dv = k.shape[1], k.shape[2], v.shape[3]
+    """One device's rows and heads: visible bool [B, S]; v [B, S, Hkv, Dv], or None when the
+    values are the first key part; qk: pairs q_i [B, 1, Hq, D_i], k_i [B, S, Hkv, D_i] whose
+    scores add up -> [B, 1, Hq, Dv]."""
+    qs, ks = qk[0::2], qk[1::2]
+    b, _, hq, _ = qs[0].shape
+    s, hkv = ks[0].shape[1], ks[0].shape[2]
+    dims = tuple(k.shape[3] for k in ks)
+    dv = dims[0] if v is None else v.shape[3]
     g = hq // hkv
     bkv = s if s <= block_kv else block_kv
     nblk = pl.cdiv(s, bkv)
@@ -147,7 +162,7 @@ def _per_shard(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array, *, 
     # kernel masks what it reads there.
     visible = jnp.pad(visible, ((0, 0), (0, nblk * bkv - s)))
     lo, n = block_range(visible, bkv)
-    hb = _heads_per_block(hkv, d, dv)
+    hb = _heads_per_block(hkv, (*dims, dv))
     mask = visible.astype(jnp.int32)
 
     def kv_block(bi, j, t, lo_ref, n_ref):
@@ -166,13 +181,15 @@ def _per_shard(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array, *, 
         return bi, j, 0, 0
 
     sq = pl.squeezed
+    values = [] if v is None else [v.reshape(b, s, hkv * dv)]
+    value_specs = [] if v is None else [pl.BlockSpec((sq, bkv, hb * dv), kv_map)]
     grid_spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=2,
         grid=(b, hkv // hb, nblk),
         in_specs=[
-            pl.BlockSpec((sq, hb, g, d), head_map),
-            pl.BlockSpec((sq, bkv, hb * d), kv_map),
-            pl.BlockSpec((sq, bkv, hb * dv), kv_map),
+            *(pl.BlockSpec((sq, hb, g, d), head_map) for d in dims),
+            *(pl.BlockSpec((sq, bkv, hb * d), kv_map) for d in dims),
+            *value_specs,
             pl.BlockSpec((sq, 1, bkv), row_map),
             pl.BlockSpec((sq, bkv, 1), col_map),
         ],
@@ -183,35 +200,39 @@ def _per_shard(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array, *, 
             pltpu.VMEM((hb, g, dv), jnp.float32),
         ],
     )
+    kernel = functools.partial(_kernel, parts=len(dims), dims=dims, dv=dv, shared_v=v is None,
+                               scale=scale, soft_cap=soft_cap)
     out = pl.pallas_call(
-        functools.partial(_kernel, scale=scale, soft_cap=soft_cap, d=d, dv=dv),
+        kernel,
         grid_spec=grid_spec,
-        out_shape=jax.ShapeDtypeStruct((b, hkv, g, dv), q.dtype),
+        out_shape=jax.ShapeDtypeStruct((b, hkv, g, dv), qs[0].dtype),
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("parallel", "parallel", "arbitrary")
         ),
         interpret=interpret(),
         name="tessera_decode_attention",
     )(
-        lo, n, q.reshape(b, hkv, g, d), k.reshape(b, s, hkv * d), v.reshape(b, s, hkv * dv),
+        lo, n, *(q.reshape(b, hkv, g, d) for q, d in zip(qs, dims)),
+        *(k.reshape(b, s, hkv * d) for k, d in zip(ks, dims)), *values,
         mask[:, None, :], mask[:, :, None],
     )
     return out.reshape(b, 1, hq, dv)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def _decode(q, k, v, visible, scale, soft_cap, block_kv):
-    heads = ("batch", None, "act_heads", None)  # q's and k's heads split together (GQA)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _decode(scale, soft_cap, block_kv, visible, v, *qk):
+    """`_per_shard` under shard_map: rows split over batch, q's and k's heads together (GQA)."""
+    heads = ("batch", None, "act_heads", None)
     run = shard_map_kernel(
         functools.partial(_per_shard, scale=scale, soft_cap=soft_cap, block_kv=block_kv),
-        in_axes=(heads, heads, heads, ("batch", None)),
+        in_axes=(("batch", None), heads, *(heads for _ in qk)),
         out_axes=heads,
     )
-    return run(q, k, v, visible)
+    return run(visible, v, *qk)
 
 
-def _decode_fwd(q, k, v, visible, scale, soft_cap, block_kv):
-    return _decode(q, k, v, visible, scale, soft_cap, block_kv), None
+def _decode_fwd(scale, soft_cap, block_kv, *args):
+    return _decode(scale, soft_cap, block_kv, *args), None
 
 
 def _decode_bwd(scale, soft_cap, block_kv, res, g):
@@ -254,4 +275,41 @@ def attention(
         causal=causal, sliding_window=sliding_window, kv_valid=kv_valid,
     )[:, 0]  # [B, S]
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    return _decode(q, k, v, visible, scale, logit_soft_cap, _block_kv(block_kv))
+    return _decode(scale, logit_soft_cap, _block_kv(block_kv), visible, v, q, k)
+
+
+def latent_attention(
+    q: jax.Array,
+    latent: jax.Array,
+    k_rope: jax.Array,
+    *,
+    q_positions: jax.Array,
+    kv_positions: jax.Array,
+    q_segment_ids: jax.Array | None = None,
+    kv_segment_ids: jax.Array | None = None,
+    causal: bool = True,
+    sliding_window: int | None = None,
+    scale: float | None = None,
+    kv_valid: jax.Array | None = None,
+    logit_soft_cap: float | None = None,
+    block_kv: int | None = None,
+) -> jax.Array:
+    """MLA's absorbed decode step: q [B, 1, H, R + Dr] over one shared key head [latent | k_rope]
+    (latent [B, S, R], k_rope [B, S, Dr]) with values the latent -> [B, 1, H, R]; equals
+    ``attention(q, concat([latent, k_rope])[:, :, None], latent[:, :, None], ...)``. The kernel
+    reads each latent block once, as key features and as values, and never builds the concat
+    (a copy of the whole cache per step)."""
+    r = latent.shape[-1]
+    keys = jax.ShapeDtypeStruct((*latent.shape[:2], 1, r + k_rope.shape[-1]), latent.dtype)
+    values = jax.ShapeDtypeStruct((*latent.shape[:2], 1, r), latent.dtype)
+    check_inputs(q, keys, values, q_positions, kv_positions, q_segment_ids, kv_segment_ids,
+                 sliding_window, kv_valid, logit_soft_cap)
+    if q.shape[1] != 1:
+        raise ValueError(f"decode attention takes one query token per row, got T = {q.shape[1]}")
+    visible = make_attention_mask(
+        q_positions, kv_positions, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
+        causal=causal, sliding_window=sliding_window, kv_valid=kv_valid,
+    )[:, 0]
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    return _decode(scale, logit_soft_cap, _block_kv(block_kv), visible, None,
+                   q[..., :r], latent[:, :, None], q[..., r:], k_rope[:, :, None])

@@ -53,6 +53,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from tessera.configs.base import ConfigDict
 from tessera.kernels.attention import attention
+from tessera.kernels.attention.latent import latent_attention
 from tessera.layers.base import cast, normal, param
 from tessera.layers.mixers.base import Aux, SeqInfo, decode_keys, write_cache
 from tessera.layers.norms import RMSNorm
@@ -228,12 +229,10 @@ class MLA(nnx.Module):
             kv_pos = jnp.concatenate([info.cache_positions, info.positions], axis=1)
             old = (info.cache_positions >= 0).astype(jnp.int32)
             kv_seg = jnp.concatenate([old, real], axis=1)
-        keys = jnp.concatenate([all_latent, all_rope], axis=-1)[:, :, None]  # one shared head
-        out_lat = attention(
-            q, keys, all_latent[:, :, None], impl=self.impl, q_positions=info.positions,
+        out_lat = latent_attention(  # keys [latent | rope], one head shared by all queries
+            q, all_latent, all_rope, impl=self.impl, q_positions=info.positions,
             kv_positions=kv_pos, q_segment_ids=real, kv_segment_ids=kv_seg,
             causal=self.causal, sliding_window=self.sliding_window, scale=self.scale,
-            index_aligned=False,
         )  # [B, T, H, R]: the heads' weighted latents
         return jnp.einsum("bthr,rhv->bthv", out_lat, w_uv)
 
