@@ -292,7 +292,8 @@ def test_mla_model_decode_steps_through_the_kernel(monkeypatch):
     monkeypatch.setattr(decode, "_per_shard", spy)
     with interpreting():
         cfg, params, apply, model = build_lm(
-            "deepseek:tiny,model.dtype=float32,model.init_std=0.1",
+            "deepseek:tiny,model.dtype=float32,model.init_std=0.1,model.prefix=(),"
+            "model.pattern=('mla:mlp',),model.num_layers=1",
             lambda spec, seed: spec.init(seed, single_device_mesh(), make_rules()),
         )
         tokens = random_tokens((2, 8), cfg.vocab_size, seed=3)

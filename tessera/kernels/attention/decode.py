@@ -11,9 +11,12 @@ block); a step past a row's range maps K/V to the range's last block (an unchang
 is not fetched again) and skips its compute, so blocks outside the range are never DMA'd. In a
 visited block the full mask, the custom scale and the soft cap apply as in `reference`; the
 online softmax state lives in VMEM scratch. All query heads of a kv head are one block (GQA and
-MQA without repeating K/V); Dv may differ from D (MLA's absorbed form: one shared key head of
-R + Dr features, values the latent of R features; this generic kernel serves it, reading the
-latent twice, as key features and as values).
+MQA without repeating K/V); Dv may differ from D. Every row runs all S / block_kv grid steps;
+a skipped step costs the grid's per-step overhead only.
+
+Keys may come in parts whose scores add up, and the values may be the first part: MLA's absorbed
+form (`latent_attention`: one shared key head [latent | k_rope], values the latent) reads each
+latent block once and never builds the concatenated keys.
 
 jax's shipped decode kernels do not fit this cache: ``paged_attention`` wants head-major pages
 [Hkv, pages, page_size, D] and ``ragged_paged_attention`` K and V interleaved in one page array
