@@ -1,21 +1,27 @@
 """Attention kernels behind one dispatch: `attention(q, k, v, ..., impl="auto")`.
 
 impls, in the order auto tries them (`OP`, a `tessera.kernels.registry.Op`):
+  pallas_tpu   `splash.attention`, jax's Pallas splash attention on TPU (or in interpret mode)
+               under shard_map: index_aligned calls only (training, no-cache prefill), causal /
+               bidirectional, packed segments, sliding window, soft cap, GQA / MQA, any head
+               dims (Dv != D too), any length (padded to 128). Auto picks it for every call it
+               supports.
   xla_chunked  `chunked.attention`, online softmax over a static schedule of (query block, key
                block) tiles with a blockwise custom backward; memory O(T + S) per head. Auto
                picks it once T * S >= CHUNKED_MIN_SCORES. With ``index_aligned=True`` it skips
                the tiles causal / window masking hides by index.
   xla          `reference.attention`, plain jnp; builds the [T, S] scores. CPU path and oracle;
                runs anything; ignores ``index_aligned`` (a skipping hint).
-  auto         the first of these that accepts the inputs: xla while T * S < CHUNKED_MIN_SCORES,
-               xla_chunked above. Pallas kernels join with `OP.register(impl, before=...)`.
+  auto         the first of these that accepts the inputs: pallas_tpu on TPU for index_aligned
+               calls; otherwise xla while T * S < CHUNKED_MIN_SCORES, xla_chunked above. More
+               kernels join with `OP.register(impl, before=...)`.
 """
 
 from __future__ import annotations
 
 import jax
 
-from tessera.kernels.attention import chunked, reference
+from tessera.kernels.attention import chunked, reference, splash
 from tessera.kernels.attention.reference import make_attention_mask
 from tessera.kernels.registry import Impl, Op, drop_kwargs, impls_getattr
 
@@ -50,6 +56,7 @@ def _chunked_pays(q: jax.Array, k: jax.Array, *args, **kw) -> str | None:
 OP = Op(
     "attention",
     [
+        Impl("pallas_tpu", splash.attention, supports=splash.supports),
         Impl("xla_chunked", _chunked, auto=_chunked_pays),
         Impl("xla", drop_kwargs(reference.attention, "block_q", "block_kv", "index_aligned")),
     ],
