@@ -108,11 +108,10 @@ def _fit(block: int, length: int) -> int:
     return block
 
 
-def block_sizes(gen: str, length: int):
-    """splash ``BlockSizes`` for generation ``gen`` and padded sequence ``length``."""
+def block_sizes(b: Blocks, length: int):
+    """splash ``BlockSizes`` from a `BLOCKS` row, clipped to the padded sequence ``length``."""
     from jax.experimental.pallas.ops.tpu import splash_attention as sa
 
-    b = BLOCKS.get(gen, BLOCKS["default"])
     q, kv, q_bwd, kv_bwd = (_fit(x, length) for x in (b.q, b.kv, b.q_bwd, b.kv_bwd))
     return sa.BlockSizes(
         block_q=q, block_kv=kv, block_kv_compute=_fit(min(b.kv_compute, kv), kv),
@@ -213,7 +212,7 @@ def install_cost_estimates() -> None:
 # -- the kernel ----------------------------------------------------------------------------------
 @functools.lru_cache(maxsize=64)
 def _kernel(heads: int, length: int, causal: bool, window: int | None, soft_cap: float | None,
-            gen: str, interpret_mode: bool):
+            blocks_row: Blocks, interpret_mode: bool):
     """A splash MHA kernel for [heads, length, D] queries (one batch element)."""
     from jax.experimental.pallas.ops.tpu import splash_attention as sa
 
@@ -225,7 +224,7 @@ def _kernel(heads: int, length: int, causal: bool, window: int | None, soft_cap:
         mask = sa.CausalMask(shape)
     else:
         mask = sa.FullMask(shape)
-    blocks = block_sizes(gen, length)
+    blocks = block_sizes(blocks_row, length)
     # Concrete mask-info arrays (not the current trace's constants): the kernel is cached
     # across traces, and its block counts are read here.
     with jax.ensure_compile_time_eval():
@@ -267,7 +266,8 @@ def _local(q: jax.Array, k: jax.Array, v: jax.Array, q_seg: jax.Array | None,
             q=jnp.pad(q_seg.astype(jnp.int32), ((0, 0), (0, pad))),
             kv=jnp.pad(kv_seg.astype(jnp.int32), ((0, 0), (0, pad))),
         )
-    kernel = _kernel(hq, padded, causal, window, soft_cap, gen, interpret())
+    kernel = _kernel(hq, padded, causal, window, soft_cap, BLOCKS.get(gen, BLOCKS["default"]),
+                     interpret())
     heads_first = lambda x: x.transpose(0, 2, 1, 3)  # noqa: E731
     q, k, v = heads_first(q), heads_first(k), heads_first(v)
     if segs is None:
