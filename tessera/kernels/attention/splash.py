@@ -40,6 +40,7 @@ Runs on TPU, and anywhere in Pallas interpret mode (`tessera.kernels.platform.in
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import types
@@ -245,6 +246,46 @@ def _kernel(heads: int, length: int, causal: bool, window: int | None, soft_cap:
     return kernel
 
 
+def _batched(config: tuple, q: jax.Array, k: jax.Array, v: jax.Array, segs: Any) -> jax.Array:
+    """splash over the batch: q [B, Hq, T, D], k [B, Hkv, T, D], v [B, Hkv, T, Dv]."""
+    kernel = _kernel(*config)
+    if segs is None:
+        return jax.vmap(lambda q, k, v: kernel(q, k, v))(q, k, v)
+    return jax.vmap(lambda q, k, v, s: kernel(q, k, v, segment_ids=s))(q, k, v, segs)
+
+
+def _precision(dtype: Any):
+    """The matmul precision splash's kernels are traced under: Mosaic cannot contract bfloat16
+    operands at float32 precision, so a ``highest`` default (set for the CPU tests) would not
+    compile; float32 inputs keep the caller's setting."""
+    if jnp.dtype(dtype) == jnp.bfloat16:
+        return jax.default_matmul_precision("default")
+    return contextlib.nullcontext()
+
+
+# splash under our own VJP only to trace its backward kernels under `_precision` too (jax
+# traces a custom VJP's backward when the caller differentiates, outside this module's frames).
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _splash(config: tuple, q: jax.Array, k: jax.Array, v: jax.Array, segs: Any) -> jax.Array:
+    with _precision(q.dtype):
+        return _batched(config, q, k, v, segs)
+
+
+def _splash_fwd(config, q, k, v, segs):
+    with _precision(q.dtype):
+        out, vjp = jax.vjp(functools.partial(_batched, config), q, k, v, segs)
+    return out, vjp
+
+
+def _splash_bwd(config, vjp, g):
+    with _precision(g.dtype):  # the output's dtype: q's
+        dq, dk, dv, _ = vjp(g)
+    return dq, dk, dv, None
+
+
+_splash.defvjp(_splash_fwd, _splash_bwd)
+
+
 def _local(q: jax.Array, k: jax.Array, v: jax.Array, q_seg: jax.Array | None,
            kv_seg: jax.Array | None, *, causal: bool, window: int | None, scale: float,
            soft_cap: float | None, gen: str) -> jax.Array:
@@ -266,14 +307,10 @@ def _local(q: jax.Array, k: jax.Array, v: jax.Array, q_seg: jax.Array | None,
             q=jnp.pad(q_seg.astype(jnp.int32), ((0, 0), (0, pad))),
             kv=jnp.pad(kv_seg.astype(jnp.int32), ((0, 0), (0, pad))),
         )
-    kernel = _kernel(hq, padded, causal, window, soft_cap, BLOCKS.get(gen, BLOCKS["default"]),
-                     interpret())
+    config = (hq, padded, causal, window, soft_cap, BLOCKS.get(gen, BLOCKS["default"]),
+              interpret())
     heads_first = lambda x: x.transpose(0, 2, 1, 3)  # noqa: E731
-    q, k, v = heads_first(q), heads_first(k), heads_first(v)
-    if segs is None:
-        out = jax.vmap(lambda q, k, v: kernel(q, k, v))(q, k, v)
-    else:
-        out = jax.vmap(lambda q, k, v, s: kernel(q, k, v, segment_ids=s))(q, k, v, segs)
+    out = _splash(config, heads_first(q), heads_first(k), heads_first(v), segs)
     out = heads_first(out)[:, :t]
     if q_seg is not None:  # segment 0 is padding: no keys, output 0 (as reference)
         out = jnp.where((q_seg > 0)[:, :, None, None], out, 0)
