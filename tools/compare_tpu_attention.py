@@ -4,8 +4,10 @@ Candidates: tessera's ``pallas_tpu`` (jax's splash attention, `tessera.kernels.a
 tokamax's ``dot_product_attention(implementation="mosaic_tpu")`` (its own splash fork) when
 tokamax is importable, and tessera's ``xla_chunked`` as the XLA baseline. For each shape it
 compiles forward + backward (grads of q, k, v) for one chip and prints XLA's
-``memory_analysis()`` temp bytes, ``cost_analysis()`` FLOPs and ``optimal_seconds``; then it
-compiles each feature (masks, GQA, head dims, odd lengths) at a small shape and prints which
+``memory_analysis()`` temp bytes, ``cost_analysis()`` FLOPs, bytes and ``optimal_seconds``, and
+the roofline max(FLOPs / peak, bytes / HBM bandwidth) of the chip (XLA's optimal_seconds turns
+negative, about -1 s per kernel, once one Pallas call's estimate passes a few hundred GFLOP);
+then it compiles each feature (masks, GQA, head dims, odd lengths) at a small shape and prints which
 kernels take it.
 
     PYTHONPATH=. python tools/compare_tpu_attention.py --topology=v5e-1
@@ -111,9 +113,11 @@ def candidates(case: dict) -> dict[str, Callable]:
     return out
 
 
-def figures(device, shapes: list[tuple[int, ...]], unroll_max: int) -> None:
-    print("| kernel | B,H,Hkv,T,D | temp MiB | GFLOP (XLA) | optimal_seconds ms | compile s |")
-    print("|---|---|---|---|---|---|")
+def figures(target, shapes: list[tuple[int, ...]], unroll_max: int) -> None:
+    device = target.devices[0]
+    print("| kernel | B,H,Hkv,T,D | temp MiB | GFLOP (XLA) | GB accessed | optimal_seconds ms | "
+          "roofline ms | compile s |")
+    print("|---|---|---|---|---|---|---|---|")
     for b, h, hkv, t, d in shapes:
         for name, fn in candidates({"causal": True}).items():
             # unrolled xla_chunked compiles take minutes from T = 4096 on: its loops count once
@@ -126,10 +130,13 @@ def figures(device, shapes: list[tuple[int, ...]], unroll_max: int) -> None:
                 print(f"| {name} | {b},{h},{hkv},{t},{d} | failed: {str(e).splitlines()[0][:80]} |")
                 continue
             mem, cost = c.memory_analysis(), c.cost_analysis()
+            flops, nbytes = cost.get("flops", 0.0), cost.get("bytes accessed", 0.0)
+            roofline = max(flops / target.peak_flops_per_device,
+                           nbytes / target.hbm_bandwidth_per_device)
             print(
                 f"| {name} | {b},{h},{hkv},{t},{d} | {mem.temp_size_in_bytes / 2**20:.1f} | "
-                f"{cost.get('flops', 0) / 1e9:.1f} | {cost.get('optimal_seconds', 0) * 1e3:.3f} | "
-                f"{secs:.1f} |"
+                f"{flops / 1e9:.1f} | {nbytes / 1e9:.2f} | "
+                f"{cost.get('optimal_seconds', 0) * 1e3:.3f} | {roofline * 1e3:.3f} | {secs:.1f} |"
             )
 
 
@@ -175,13 +182,14 @@ def main() -> None:
     p.add_argument("--unroll_max", type=int, default=2048,
                    help="longest T at which xla_chunked's loops are unrolled for its cost")
     args = p.parse_args()
-    device = make_target(parse_topology(args.topology)).devices[0]
+    target = make_target(parse_topology(args.topology))
+    device = target.devices[0]
     if tokamax is not None:  # lowered on a CPU host for a TPU target, backward pass included
         tokamax.config.cross_compile(True).__enter__()
     print(f"{args.topology} ({device.device_kind}), jax {jax.__version__}, tokamax "
           f"{getattr(tokamax, '__version__', 'not installed')}\n")
     shapes = [tuple(int(x) for x in s.split(",")) for s in args.shapes.split(";")]
-    figures(device, shapes, args.unroll_max)
+    figures(target, shapes, args.unroll_max)
     if not args.no_coverage:
         print()
         coverage(device)
