@@ -33,7 +33,10 @@ clipped to the padded length. They are compile-checked, not tuned on hardware.
 XLA's cost model cannot see inside a Pallas call (``cost_analysis()`` gives it no FLOPs, bytes
 or time) and splash passes no ``pl.CostEstimate``. `install_cost_estimates` gives splash's
 ``pallas_call`` one for each of its kernels from the blocks the kernel visits (registered
-here when a kernel is built), so `tessera.aot`'s predicted step time counts attention.
+here when a kernel is built), so `tessera.aot`'s predicted step time counts attention. XLA's TPU
+cost model then answers about -1 s of ``optimal_seconds`` per Pallas call whose estimate passes a
+few hundred GFLOP (the dk/dv kernel at B=1, H=8, T=8192, D=128 on v5e; tokamax's kernels, which
+carry their own estimates, alike); `tessera.aot` then predicts from its roofline instead.
 
 Runs on TPU, and anywhere in Pallas interpret mode (`tessera.kernels.platform.interpreting`).
 """
