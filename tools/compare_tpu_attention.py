@@ -175,7 +175,8 @@ def coverage(device) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--topology", default="v5e-1", help="one-chip topology, e.g. v5e-1, v5p-2")
+    p.add_argument("--topology", default="v5e-1",
+                   help="a topology; its first device compiles, e.g. v5e-1, v5p-8")
     p.add_argument("--shapes", default="1,8,8,2048,128;1,8,8,8192,128",
                    help="B,H,Hkv,T,D;... (bf16, causal)")
     p.add_argument("--no-coverage", action="store_true")
