@@ -457,7 +457,7 @@ def test_dispatch_errors():
     kw = dict(q_positions=arange_positions(1, 4), kv_positions=arange_positions(1, 4))
     # Pallas kernels register before these (their tests check their own names).
     assert attn.IMPLS[0] == "auto" and attn.IMPLS[-2:] == ("xla_chunked", "xla")
-    for impl in ("flash", "pallas_tpu"):
+    for impl in ("flash", "pallas"):
         with pytest.raises(ValueError, match=f"unknown attention impl '{impl}'; valid: auto, "
                                              ".*xla_chunked, xla$"):
             attn.attention(q, k, v, impl=impl, **kw)

@@ -1,6 +1,11 @@
 """Attention kernels behind one dispatch: `attention(q, k, v, ..., impl="auto")`.
 
 impls, in the order auto tries them (`OP`, a `tessera.kernels.registry.Op`):
+  pallas_tpu   `splash.attention`, jax's Pallas splash attention on TPU (or in interpret mode)
+               under shard_map: index_aligned calls only (training, no-cache prefill), causal /
+               bidirectional, packed segments, sliding window, soft cap, GQA / MQA, any head
+               dims (Dv != D too), any length (padded to 128). Auto picks it for every call it
+               supports.
   pallas_tpu_decode  `decode.attention`, TPU (or interpret mode), T = 1 over a cache: a Pallas
                kernel that DMAs only the kv blocks holding keys each row can see; no gradient.
   xla_chunked  `chunked.attention`, online softmax over a static schedule of (query block, key
@@ -9,15 +14,16 @@ impls, in the order auto tries them (`OP`, a `tessera.kernels.registry.Op`):
                the tiles causal / window masking hides by index.
   xla          `reference.attention`, plain jnp; builds the [T, S] scores. CPU path and oracle;
                runs anything; ignores ``index_aligned`` (a skipping hint).
-  auto         the first of these that accepts the inputs: xla while T * S < CHUNKED_MIN_SCORES,
-               xla_chunked above. Pallas kernels join with `OP.register(impl, before=...)`.
+  auto         the first of these that accepts the inputs: pallas_tpu on TPU for index_aligned
+               calls; otherwise xla while T * S < CHUNKED_MIN_SCORES, xla_chunked above. More
+               kernels join with `OP.register(impl, before=...)`.
 """
 
 from __future__ import annotations
 
 import jax
 
-from tessera.kernels.attention import chunked, decode, reference
+from tessera.kernels.attention import chunked, decode, reference, splash
 from tessera.kernels.attention.reference import make_attention_mask
 from tessera.kernels.registry import Impl, Op, drop_kwargs, impls_getattr
 
@@ -52,14 +58,11 @@ def _chunked_pays(q: jax.Array, k: jax.Array, *args, **kw) -> str | None:
 OP = Op(
     "attention",
     [
+        Impl("pallas_tpu", splash.attention, supports=splash.supports),
+        Impl("pallas_tpu_decode", decode.attention, supports=decode.supports),
         Impl("xla_chunked", _chunked, auto=_chunked_pays),
         Impl("xla", drop_kwargs(reference.attention, "block_q", "block_kv", "index_aligned")),
     ],
-)
-
-OP.register(
-    Impl("pallas_tpu_decode", decode.attention, supports=decode.supports),
-    before="xla_chunked",
 )
 
 __getattr__ = impls_getattr(OP)  # IMPLS = ("auto", *OP.names)
