@@ -186,16 +186,16 @@ def test_dispatch():
     """Auto takes it on TPU (here: interpret mode) for one query token over a cache only."""
     q, k, v = (jnp.ones((1, t, 2, 8)) for t in (1, 5, 5))
     kw = dict(q_positions=jnp.zeros((1, 1), jnp.int32), kv_positions=jnp.zeros((1, 5), jnp.int32))
-    assert attn.OP.explain(q, k, v, **kw)[0] == (
-        "pallas_tpu_decode", "a TPU kernel (the program runs on cpu)"
-    )
+    def why(q, k, v, **kw):
+        return dict(attn.OP.explain(q, k, v, **kw))["pallas_tpu_decode"]
+
+    assert why(q, k, v, **kw) == "a TPU kernel (the program runs on cpu)"
     with interpreting():
-        assert attn.OP.explain(q, k, v, **kw)[0] == ("pallas_tpu_decode", None)
-        assert attn.OP.explain(q, k, v, **kw, block_kv=64)[0][1] == (
-            "block_kv = 64 is not a multiple of 128"
-        )
-        assert attn.OP.explain(k, k, v, **kw | {"q_positions": kw["kv_positions"]})[0] == (
-            "pallas_tpu_decode", "decode only: T = 5 > 1"
+        assert why(q, k, v, **kw) is None
+        assert attn.OP.select("auto", q, k, v, **kw).name == "pallas_tpu_decode"
+        assert why(q, k, v, **kw, block_kv=64) == "block_kv = 64 is not a multiple of 128"
+        assert why(k, k, v, **kw | {"q_positions": kw["kv_positions"]}) == (
+            "decode only: T = 5 > 1"
         )
 
 
