@@ -1,6 +1,10 @@
 """Attention kernels behind one dispatch: `attention(q, k, v, ..., impl="auto")`.
 
 impls, in the order auto tries them (`OP`, a `tessera.kernels.registry.Op`):
+  cudnn        `gpu.cudnn_attention`, cuDNN flash attention via jax.nn.dot_product_attention on a
+               CUDA GPU: bf16 / f16, causal (+ window) or bidirectional, no segment ids.
+  pallas_gpu   `gpu.pallas_attention`, jax's Pallas Triton flash attention (GPU or interpret
+               mode): f32 / bf16 / f16, causal or bidirectional, packed segments, T == S.
   xla_chunked  `chunked.attention`, online softmax over a static schedule of (query block, key
                block) tiles with a blockwise custom backward; memory O(T + S) per head. Auto
                picks it once T * S >= CHUNKED_MIN_SCORES. With ``index_aligned=True`` it skips
@@ -15,7 +19,7 @@ from __future__ import annotations
 
 import jax
 
-from tessera.kernels.attention import chunked, reference
+from tessera.kernels.attention import chunked, gpu, reference
 from tessera.kernels.attention.reference import make_attention_mask
 from tessera.kernels.registry import Impl, Op, drop_kwargs, impls_getattr
 
@@ -54,6 +58,10 @@ OP = Op(
         Impl("xla", drop_kwargs(reference.attention, "block_q", "block_kv", "index_aligned")),
     ],
 )
+
+OP.register(Impl("cudnn", gpu.cudnn_attention, supports=gpu.cudnn_supports), before="xla_chunked")
+OP.register(Impl("pallas_gpu", gpu.pallas_attention, supports=gpu.pallas_supports),
+            before="xla_chunked")
 
 __getattr__ = impls_getattr(OP)  # IMPLS = ("auto", *OP.names)
 
