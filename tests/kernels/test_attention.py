@@ -455,10 +455,10 @@ def test_scanned_remat_layers_keep_no_stacked_score_tiles_on_tpu(monkeypatch):
 def test_dispatch_errors():
     q, k, v = make_inputs(6, 1, 4, 4, 2, 2, 8)
     kw = dict(q_positions=arange_positions(1, 4), kv_positions=arange_positions(1, 4))
-    assert attn.IMPLS == ("auto", "xla_chunked", "xla")
+    assert attn.IMPLS[0] == "auto" and attn.IMPLS[-2:] == ("xla_chunked", "xla")
     for impl in ("flash", "pallas_tpu"):  # Pallas names exist only once a kernel is registered
         with pytest.raises(ValueError, match=f"unknown attention impl '{impl}'; valid: auto, "
-                                             "xla_chunked, xla$"):
+                                             ".*xla_chunked, xla$"):
             attn.attention(q, k, v, impl=impl, **kw)
     with pytest.raises(ValueError, match="block_q"):
         attn.attention(q, k, v, impl="xla", block_q=2, **kw)
@@ -487,6 +487,6 @@ def test_auto_picks_by_size(monkeypatch):
     monkeypatch.setattr(attn, "CHUNKED_MIN_SCORES", 64)
     np.testing.assert_allclose(attn.attention(q, k, v, block_q=4, **kw), want, atol=1e-5)
     assert len(calls) == 1 and calls[0]["block_q"] == 4
-    assert attn.OP.explain(q, k, v, **kw, block_q=None, block_kv=None) == [
+    assert attn.OP.explain(q, k, v, **kw, block_q=None, block_kv=None)[-2:] == [
         ("xla_chunked", None), ("xla", None)
     ]

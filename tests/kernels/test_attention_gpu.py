@@ -164,3 +164,44 @@ def test_cudnn_arguments_say_what_the_reference_does(case, dtype):
     tol = 2e-6 if dtype == jnp.float32 else 2e-2
     np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
                                atol=tol, rtol=tol)
+
+
+def test_auto_picks_pallas_gpu_but_not_for_full_precision_float32():
+    """conftest asks for 'highest' matmul precision: f32 stays on the XLA paths under auto."""
+    kw = kwargs_for(1, 8, True, None)
+    with interpreting():
+        f32, bf16 = inputs(0, 1, 8, 2, 2, 16), inputs(0, 1, 8, 2, 2, 16, jnp.bfloat16)
+        assert attn.OP.select("auto", *bf16, **kw, index_aligned=True).name == "pallas_gpu"
+        explained = dict(attn.OP.explain(*f32, **kw, index_aligned=True))
+        assert "the Triton kernel's dots run at TF32" in explained["pallas_gpu"]
+        with jax.default_matmul_precision("tensorfloat32"):
+            assert attn.OP.select("auto", *f32, **kw, index_aligned=True).name == "pallas_gpu"
+
+
+def test_pallas_gpu_sharded_matches_unsharded():
+    """Under a data x tensor mesh the kernel runs per shard (batch and heads split, GQA groups
+    kept together, a shard_map in the program); values and gradients equal the unsharded
+    reference's."""
+    from jax.sharding import Mesh
+
+    from tessera.sharding import MESH_AXES
+    from tessera.sharding.context import use_mesh
+
+    b, t = 2, 16
+    q, k, v = inputs(5, b, t, 4, 2, 16)
+    cot = jnp.asarray(np.random.default_rng(2).normal(size=q.shape), jnp.float32)
+    kw = kwargs_for(b, t, True, (9, 5))
+
+    def run(q, k, v):
+        return value_and_grads(
+            lambda q, k, v: attn.attention(q, k, v, **kw, index_aligned=True, impl="pallas_gpu"),
+            q, k, v, cot)
+
+    mesh = Mesh(np.array(jax.devices()[:4]).reshape(2, 1, 1, 1, 2), MESH_AXES)
+    with interpreting(), use_mesh(mesh):
+        assert "shard_map" in str(jax.make_jaxpr(run)(q, k, v))
+        got = jax.jit(run)(q, k, v)
+    want = value_and_grads(lambda q, k, v: reference.attention(q, k, v, **kw), q, k, v, cot)
+    for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=2e-5, rtol=2e-5,
+                                   err_msg=name)

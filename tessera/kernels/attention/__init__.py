@@ -60,8 +60,8 @@ OP = Op(
 )
 
 OP.register(Impl("cudnn", gpu.cudnn_attention, supports=gpu.cudnn_supports), before="xla_chunked")
-OP.register(Impl("pallas_gpu", gpu.pallas_attention, supports=gpu.pallas_supports),
-            before="xla_chunked")
+OP.register(Impl("pallas_gpu", gpu.pallas_attention, supports=gpu.pallas_supports,
+                 auto=gpu.pallas_auto), before="xla_chunked")
 
 __getattr__ = impls_getattr(OP)  # IMPLS = ("auto", *OP.names)
 

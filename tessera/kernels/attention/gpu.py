@@ -18,8 +18,10 @@ Two impls of the attention op, both index-masked flash kernels with their own ba
   get segment 0. The kernel's segment mask is plain equality, so queries of segment 0 (padding,
   which sees nothing in our contract) are zeroed after it. GQA repeats K / V per query head (the
   kernel reads one kv head per query head); repeat's gradient sums the groups back. f32 runs at
-  Triton's default dot precision (TF32 on Ampere and later), as XLA's default f32 dot on GPU.
-  Runs on a GPU, and anywhere in Pallas interpret mode (the CPU tests).
+  Triton's default dot precision (TF32 on Ampere and later), as XLA's default f32 dot on GPU
+  does; where ``jax_default_matmul_precision`` asks for full float32, auto passes it over for
+  f32 inputs (it runs when named). Runs on a GPU, and anywhere in Pallas interpret mode (the CPU
+  tests).
 
 Both mask by index, so a causal, windowed or packed call must promise ``index_aligned=True``
 (positions then mask exactly as indices do); a bidirectional call with no segments, window or
@@ -152,6 +154,20 @@ def pallas_supports(q: jax.Array, k: jax.Array, v: jax.Array, *, q_segment_ids=N
         return "sliding_window (the kernel has no window)"
     if q.shape[1] != k.shape[1]:
         return f"T = {q.shape[1]} != S = {k.shape[1]} (the kernel's backward needs T == S)"
+    return None
+
+
+# jax_default_matmul_precision values that ask for more than TF32 from a float32 dot.
+FULL_F32_PRECISIONS = ("highest", "float32", "F32_F32_F32", "F64_F64_F64", "BF16_BF16_F32_X6",
+                       "BF16_BF16_F32_X9", "TF32_TF32_F32_X3")
+
+
+def pallas_auto(q: jax.Array, *args, **kwargs) -> str | None:
+    """Why auto passes pallas_gpu over: float32 when full-precision dots were asked for."""
+    precision = jax.config.jax_default_matmul_precision
+    if q.dtype == jnp.float32 and precision in FULL_F32_PRECISIONS:
+        return (f"float32 with jax_default_matmul_precision={precision!r}: the Triton kernel's "
+                "dots run at TF32")
     return None
 
 
