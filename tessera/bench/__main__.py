@@ -88,6 +88,8 @@ def _attention_flags(parser: argparse.ArgumentParser) -> None:
                        help="attention: skip the TPU section")
     group.add_argument("--tpu_lengths", default=None,
                        help="attention: lengths for the TPU section (default: --lengths)")
+    group.add_argument("--cost_max_length", type=int, default=4096,
+                       help="attention: TPU cost from unrolled kernel loops up to this length")
 
 
 def _attention(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -105,7 +107,8 @@ def _attention(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
                       head_dim=args.head_dim, dtype=args.dtype, causal=args.causal)
     try:
         run_attention_bench(problem, lengths, repeats=args.repeats, tpu=tpu,
-                            tpu_lengths=tpu_lengths, max_scores_gib=args.max_scores_gib)
+                            tpu_lengths=tpu_lengths, max_scores_gib=args.max_scores_gib,
+                            cost_max_length=args.cost_max_length)
     except (*USER_ERRORS, LibtpuMissingError) as e:
         fail(str(e))
 

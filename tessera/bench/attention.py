@@ -10,9 +10,10 @@ with a sum-of-outputs loss:
   scores, softmax residuals and tile buffers, on top of inputs and outputs).
 - a TPU topology, compiled ahead of time with libtpu (``tessera.aot``) on a mesh of its devices
   with the batch split over ``data`` (``--batch`` per device): temporary memory per device and
-  XLA's ``optimal_seconds``. XLA's cost counts a loop's body once, so the cost program is traced
-  inside ``kernels.loops.unrolled()`` (xla_chunked's tile loops unrolled); the memory comes from
-  the program as it runs. XLA cannot see inside a Pallas call unless it carries a cost estimate.
+  XLA's FLOPs and ``optimal_seconds``. XLA's cost counts a loop's body once, so up to
+  ``cost_max_length`` the cost program is traced inside ``kernels.loops.unrolled()`` (xla_chunked's
+  tile loops unrolled; its compile time grows with the tile count); the memory comes from the
+  program as it runs. XLA cannot see inside a Pallas call unless it carries a cost estimate.
 
 The plain ``xla`` impl builds [B, H, T, T] float32 scores: past ``max_scores_gib`` it is skipped
 with the size it would need.
@@ -154,9 +155,14 @@ def _tpu_mesh(devices: list) -> Any:
 
 
 def measure_tpu(problem: Problem, lengths: Sequence[int], topology: str,
-                max_scores_gib: float = 2.0) -> tuple[list[dict], dict[str, str], str]:
-    """Per-device temp memory and XLA optimal_seconds of every impl that accepts the inputs on
-    ``topology`` (AOT, nothing runs); also the declined impls and the target's description."""
+                max_scores_gib: float = 2.0, cost_max_length: int = 4096
+                ) -> tuple[list[dict], dict[str, str], str]:
+    """Per-device temp memory and XLA's FLOPs and optimal_seconds of every impl that accepts the
+    inputs on ``topology`` (AOT, nothing runs); also the declined impls and the target's name.
+
+    Up to ``cost_max_length`` the cost comes from a second program with the kernel loops
+    unrolled (cost "unrolled"); above it (unrolled compiles grow with the tile count) from the
+    program as it runs, whose loop bodies XLA counts once (cost "loops once": a lower bound)."""
     from jax.sharding import NamedSharding, PartitionSpec
 
     from tessera.aot.compile import make_target
@@ -177,19 +183,23 @@ def measure_tpu(problem: Problem, lengths: Sequence[int], topology: str,
             if i == 0:
                 declined_first = declined
             for impl in impls:
-                row = {"T": length, "impl": impl, "temp (MiB)": "", "optimal (ms)": ""}
+                row = {"T": length, "impl": impl, "temp (MiB)": "", "GFLOP": "",
+                       "optimal (ms)": "", "cost": ""}
                 rows.append(row)
                 skip = _skip_reason(problem, impl, length, max_scores_gib)
                 if skip is not None:
-                    row["temp (MiB)"], row["optimal (ms)"] = skip, "-"
+                    row.update({"temp (MiB)": skip, "GFLOP": "-", "optimal (ms)": "-"})
                     continue
-                step = train_step(problem, impl)
-                compiled = jax.jit(step).lower(*shapes).compile()
+                costed = compiled = jax.jit(train_step(problem, impl)).lower(*shapes).compile()
                 row["temp (MiB)"] = compiled.memory_analysis().temp_size_in_bytes / MiB
-                with loops.unrolled():
-                    costed = jax.jit(step).lower(*shapes).compile()
+                row["cost"] = "loops once"
+                if length <= cost_max_length:
+                    with loops.unrolled():  # a new function: jit would reuse the rolled trace
+                        costed = jax.jit(train_step(problem, impl)).lower(*shapes).compile()
+                    row["cost"] = "unrolled"
                 cost = costed.cost_analysis()
                 cost = cost[0] if isinstance(cost, list | tuple) else cost
+                row["GFLOP"] = float(cost.get("flops", float("nan"))) / 1e9
                 row["optimal (ms)"] = 1e3 * float(cost.get("optimal_seconds", float("nan")))
     return rows, declined_first, f"{target.topology.name}, {n} devices"
 
@@ -201,7 +211,8 @@ def _footer(declined: dict[str, str]) -> None:
 
 def run_attention_bench(problem: Problem, lengths: Sequence[int], *, repeats: int = 3,
                         tpu: str | None = None, tpu_lengths: Sequence[int] | None = None,
-                        max_scores_gib: float = 2.0) -> dict[str, list[dict]]:
+                        max_scores_gib: float = 2.0, cost_max_length: int = 4096
+                        ) -> dict[str, list[dict]]:
     """Print the local table and, with ``tpu`` (a topology name), the AOT TPU table."""
     what = (f"B={problem.batch} H={problem.heads} Hkv={problem.kv_heads} D={problem.head_dim} "
             f"{problem.dtype} {'causal' if problem.causal else 'bidirectional'}")
@@ -212,11 +223,13 @@ def run_attention_bench(problem: Problem, lengths: Sequence[int], *, repeats: in
     _footer(declined)
     out = {"local": local}
     if tpu:
-        rows, declined, name = measure_tpu(problem, tpu_lengths or lengths, tpu, max_scores_gib)
+        rows, declined, name = measure_tpu(problem, tpu_lengths or lengths, tpu, max_scores_gib,
+                                           cost_max_length)
         print()
         print_table(rows, title=f"attention fwd+bwd AOT-compiled for {name}, {what} per device")
         _footer(declined)
-        print("  optimal (ms): XLA's cost model with kernel loops unrolled; XLA cannot see "
-              "inside a Pallas call unless it carries a cost estimate.")
+        print("  GFLOP / optimal (ms): XLA's cost model per device; 'unrolled': kernel loops "
+              "unrolled for costing, 'loops once': each loop body counted once (a lower bound).")
+        print("  XLA cannot see inside a Pallas call unless it carries a cost estimate.")
         out["tpu"] = rows
     return out
