@@ -200,7 +200,10 @@ def measure_tpu(problem: Problem, lengths: Sequence[int], topology: str,
                 cost = costed.cost_analysis()
                 cost = cost[0] if isinstance(cost, list | tuple) else cost
                 row["GFLOP"] = float(cost.get("flops", float("nan"))) / 1e9
-                row["optimal (ms)"] = 1e3 * float(cost.get("optimal_seconds", float("nan")))
+                seconds = float(cost.get("optimal_seconds", float("nan")))
+                # XLA's TPU cost model can return a negative time (seen: xla_chunked, v5e, T=4096).
+                row["optimal (ms)"] = (
+                    1e3 * seconds if seconds >= 0 else f"n/a (XLA: {seconds:.3g} s)")
     return rows, declined_first, f"{target.topology.name}, {n} devices"
 
 
