@@ -1,5 +1,5 @@
 """``python -m tessera.bench {train,decode,sample} --config=llama:small [--config=...]
-[--config.a.b=v]``.
+[--config.a.b=v]``, and ``python -m tessera.bench attention [--lengths=1024,4096] [--tpu=v5e-4]``.
 
 ``--config`` may repeat: each config is benchmarked with the same overrides, e.g. two families at
 the same width. Benchmarks print tables; they are never timed assertions in tests.
@@ -15,9 +15,10 @@ from tessera.cli import USER_ERRORS, config_overrides, fail
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m tessera.bench")
-    parser.add_argument("bench", choices=["train", "decode", "sample"])
-    parser.add_argument("--config", required=True, action="append",
-                        help="e.g. llama:small or path.py:arg; repeat to compare configs")
+    parser.add_argument("bench", choices=["train", "decode", "sample", "attention"])
+    parser.add_argument("--config", action="append",
+                        help="e.g. llama:small or path.py:arg; repeat to compare configs "
+                             "(train, decode, sample)")
     parser.add_argument("--steps", type=int, default=5, help="timed steps (train)")
     parser.add_argument("--contexts", default="256,2048",
                         help="decode: cache contexts for the per-token decode time")
@@ -34,8 +35,14 @@ def main(argv: list[str] | None = None) -> None:
                         help="sample: CONFIG@WORKDIR of a classifier that judges the classes")
     parser.add_argument("--flops_only", action="store_true",
                         help="sample: print only each denoiser's analytic FLOPs (no workdir)")
+    _attention_flags(parser)
     args, rest = parser.parse_known_args(argv)
     overrides = config_overrides(parser, rest)
+    if args.bench == "attention":
+        _attention(parser, args)
+        return
+    if not args.config:
+        parser.error(f"bench {args.bench} needs --config")
     try:
         contexts = [int(c) for c in args.contexts.split(",") if c]
         if args.bench == "sample":
@@ -56,6 +63,53 @@ def main(argv: list[str] | None = None) -> None:
 
                 run_decode_bench(spec, overrides, contexts=contexts)
     except USER_ERRORS as e:
+        fail(str(e))
+
+
+def _attention_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("attention")
+    group.add_argument("--lengths", default="1024,2048,4096,8192,16384,32768",
+                       help="attention: sequence lengths T")
+    group.add_argument("--batch", type=int, default=1, help="attention: batch (per TPU device)")
+    group.add_argument("--heads", type=int, default=8, help="attention: query heads")
+    group.add_argument("--kv_heads", type=int, default=None,
+                       help="attention: key / value heads (default: --heads)")
+    group.add_argument("--head_dim", type=int, default=128, help="attention: head dim")
+    group.add_argument("--dtype", default="bfloat16", help="attention: q / k / v dtype")
+    group.add_argument("--causal", action=argparse.BooleanOptionalAction, default=True,
+                       help="attention: causal (--no-causal: bidirectional)")
+    group.add_argument("--repeats", type=int, default=3, help="attention: timed runs (median)")
+    group.add_argument("--max_scores_gib", type=float, default=2.0,
+                       help="attention: skip the plain xla impl past this many GiB of scores")
+    group.add_argument("--tpu", default=None,
+                       help="attention: TPU topology to AOT-compile for (default v5p-8 when "
+                            "libtpu is installed)")
+    group.add_argument("--no-tpu", dest="no_tpu", action="store_true",
+                       help="attention: skip the TPU section")
+    group.add_argument("--tpu_lengths", default=None,
+                       help="attention: lengths for the TPU section (default: --lengths)")
+    group.add_argument("--cost_max_length", type=int, default=4096,
+                       help="attention: TPU cost from unrolled kernel loops up to this length")
+
+
+def _attention(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    from tessera.aot.topology import LibtpuMissingError, have_libtpu
+    from tessera.bench.attention import Problem, run_attention_bench
+
+    try:
+        lengths = [int(n) for n in args.lengths.split(",") if n]
+        tpu_lengths = [int(n) for n in args.tpu_lengths.split(",") if n] if args.tpu_lengths \
+            else None
+    except ValueError:
+        parser.error("--lengths / --tpu_lengths take comma-separated integers")
+    tpu = None if args.no_tpu else args.tpu or ("v5p-8" if have_libtpu() else None)
+    problem = Problem(batch=args.batch, heads=args.heads, kv_heads=args.kv_heads or args.heads,
+                      head_dim=args.head_dim, dtype=args.dtype, causal=args.causal)
+    try:
+        run_attention_bench(problem, lengths, repeats=args.repeats, tpu=tpu,
+                            tpu_lengths=tpu_lengths, max_scores_gib=args.max_scores_gib,
+                            cost_max_length=args.cost_max_length)
+    except (*USER_ERRORS, LibtpuMissingError) as e:
         fail(str(e))
 
 

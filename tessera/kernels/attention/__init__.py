@@ -8,6 +8,10 @@ impls, in the order auto tries them (`OP`, a `tessera.kernels.registry.Op`):
                supports.
   pallas_tpu_decode  `decode.attention`, TPU (or interpret mode), T = 1 over a cache: a Pallas
                kernel that DMAs only the kv blocks holding keys each row can see; no gradient.
+  cudnn        `gpu.cudnn_attention`, cuDNN flash attention via jax.nn.dot_product_attention on a
+               CUDA GPU: bf16 / f16, causal (+ window) or bidirectional, no segment ids.
+  pallas_gpu   `gpu.pallas_attention`, jax's Pallas Triton flash attention (GPU or interpret
+               mode): f32 / bf16 / f16, causal or bidirectional, packed segments, T == S.
   xla_chunked  `chunked.attention`, online softmax over a static schedule of (query block, key
                block) tiles with a blockwise custom backward; memory O(T + S) per head. Auto
                picks it once T * S >= CHUNKED_MIN_SCORES. With ``index_aligned=True`` it skips
@@ -23,7 +27,7 @@ from __future__ import annotations
 
 import jax
 
-from tessera.kernels.attention import chunked, decode, reference, splash
+from tessera.kernels.attention import chunked, decode, gpu, reference, splash
 from tessera.kernels.attention.reference import make_attention_mask
 from tessera.kernels.registry import Impl, Op, drop_kwargs, impls_getattr
 
@@ -60,6 +64,9 @@ OP = Op(
     [
         Impl("pallas_tpu", splash.attention, supports=splash.supports),
         Impl("pallas_tpu_decode", decode.attention, supports=decode.supports),
+        Impl("cudnn", gpu.cudnn_attention, supports=gpu.cudnn_supports),
+        Impl("pallas_gpu", gpu.pallas_attention, supports=gpu.pallas_supports,
+             auto=gpu.pallas_auto),
         Impl("xla_chunked", _chunked, auto=_chunked_pays),
         Impl("xla", drop_kwargs(reference.attention, "block_q", "block_kv", "index_aligned")),
     ],
