@@ -6,8 +6,9 @@ default backend. Impl ``supports`` checks read it instead of ``jax.default_backe
 ``tessera.aot`` picks the TPU kernels on a CPU-only machine.
 
 ``interpret()`` says whether Pallas kernels run in interpret mode; the tests turn it on with
-``with interpreting():`` (or the ``pallas_interpret`` fixture) to check TPU and GPU kernels on
-CPU. Read at trace time.
+``with interpreting():`` (TPU kernels; the ``pallas_interpret`` fixture) or
+``with interpreting("gpu"):`` to check TPU or GPU kernels on CPU. Interpret mode stands in for
+one platform at a time, so that auto picks what it would pick there. Read at trace time.
 """
 
 from __future__ import annotations
@@ -30,25 +31,34 @@ def target_platform() -> str:
     return "gpu" if platform in ("cuda", "rocm") else platform
 
 
+def _stack() -> list[str]:
+    if not hasattr(_state, "platforms"):
+        _state.platforms = []
+    return _state.platforms
+
+
 def interpret() -> bool:
     """Whether Pallas kernels run in interpret mode (set by `interpreting`)."""
-    return getattr(_state, "depth", 0) > 0
+    return bool(_stack())
 
 
 @contextlib.contextmanager
-def interpreting() -> Iterator[None]:
-    """Run Pallas kernels traced inside in interpret mode, on any backend (CPU tests)."""
-    _state.depth = getattr(_state, "depth", 0) + 1
+def interpreting(platform: str = "tpu") -> Iterator[None]:
+    """Run the ``platform`` ("tpu" / "gpu") Pallas kernels traced inside in interpret mode, on
+    any backend (CPU tests)."""
+    if platform not in ("tpu", "gpu"):
+        raise ValueError(f"interpreting: platform must be 'tpu' or 'gpu', got {platform!r}")
+    _stack().append(platform)
     try:
         yield
     finally:
-        _state.depth -= 1
+        _stack().pop()
 
 
 def kernel_platform_reason(want: str) -> str | None:
     """None when a ``want`` ("tpu" / "gpu") kernel can run here (the target platform, or interpret
     mode), else the reason, for an impl's ``supports`` check."""
     platform = target_platform()
-    if platform == want or interpret():
+    if platform == want or (_stack() and _stack()[-1] == want):
         return None
     return f"a {want.upper()} kernel (the program runs on {platform})"

@@ -66,7 +66,7 @@ def test_pallas_gpu_matches_reference(t, heads, d, dtype, causal, lengths):
     cot = jnp.asarray(np.random.default_rng(1).normal(size=q.shape), jnp.float32)
     kw = kwargs_for(b, t, causal, lengths)
 
-    with interpreting():
+    with interpreting("gpu"):
         got = value_and_grads(
             lambda q, k, v: attn.attention(q, k, v, **kw, index_aligned=True, impl="pallas_gpu"),
             q, k, v, cot)
@@ -83,7 +83,7 @@ def test_pallas_gpu_declines_what_it_cannot_express():
     kw = kwargs_for(1, 8, True, None)
     assert gpu.pallas_supports(q, k, v, **kw, index_aligned=True) == (
         "a GPU kernel (the program runs on cpu)")
-    with interpreting():
+    with interpreting("gpu"):
         assert gpu.pallas_supports(q, k, v, **kw, index_aligned=True) is None
         reasons = {
             "index": gpu.pallas_supports(q, k, v, **kw),
@@ -111,7 +111,7 @@ def test_padded_length_fits_every_block():
 def test_cudnn_needs_a_gpu_even_in_interpret_mode():
     q, k, v = inputs(0, 1, 8, 2, 2, 16, jnp.bfloat16)
     kw = kwargs_for(1, 8, True, None)
-    with interpreting():
+    with interpreting("gpu"):
         assert gpu.cudnn_supports(q, k, v, **kw, index_aligned=True) == (
             "cuDNN needs a CUDA GPU (the program runs on cpu)")
         with pytest.raises(KernelUnavailableError, match="cuDNN needs a CUDA GPU"):
@@ -169,7 +169,7 @@ def test_cudnn_arguments_say_what_the_reference_does(case, dtype):
 def test_auto_picks_pallas_gpu_but_not_for_full_precision_float32():
     """conftest asks for 'highest' matmul precision: f32 stays on the XLA paths under auto."""
     kw = kwargs_for(1, 8, True, None)
-    with interpreting():
+    with interpreting("gpu"):
         f32, bf16 = inputs(0, 1, 8, 2, 2, 16), inputs(0, 1, 8, 2, 2, 16, jnp.bfloat16)
         assert attn.OP.select("auto", *bf16, **kw, index_aligned=True).name == "pallas_gpu"
         explained = dict(attn.OP.explain(*f32, **kw, index_aligned=True))
@@ -198,7 +198,7 @@ def test_pallas_gpu_sharded_matches_unsharded():
             q, k, v, cot)
 
     mesh = Mesh(np.array(jax.devices()[:4]).reshape(2, 1, 1, 1, 2), MESH_AXES)
-    with interpreting(), use_mesh(mesh):
+    with interpreting("gpu"), use_mesh(mesh):
         assert "shard_map" in str(jax.make_jaxpr(run)(q, k, v))
         got = jax.jit(run)(q, k, v)
     want = value_and_grads(lambda q, k, v: reference.attention(q, k, v, **kw), q, k, v, cot)
