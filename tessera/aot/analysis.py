@@ -100,6 +100,20 @@ def collectives(hlo_text: str) -> dict[str, dict[str, float]]:
     return {k: v for k, v in out.items() if v["count"]}
 
 
+_MOSAIC = re.compile(r'%(?P<name>[\w\-]+?)(?:\.\d+)* = .*custom_call_target="tpu_custom_call"')
+
+
+def pallas_kernels(hlo_text: str) -> dict[str, int]:
+    """Pallas (Mosaic) kernels in optimized TPU HLO by name (``{"splash_mha_fwd": 2}``): which
+    fast paths the program really runs. Static occurrences, as for `collectives`."""
+    out: dict[str, int] = {}
+    for line in hlo_text.splitlines():
+        m = _MOSAIC.search(line)
+        if m:
+            out[m.group("name")] = out.get(m.group("name"), 0) + 1
+    return out
+
+
 def extrapolate(one: float, two: float, repeats: float) -> float:
     """A figure of ``repeats`` repeating units from programs with one and two units:
     ``one + (repeats - 1) * (two - one)``."""

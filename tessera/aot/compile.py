@@ -156,6 +156,7 @@ def _program_report(compiled: Any, seconds: float) -> dict:
         "memory": analysis.memory(compiled),
         "xla": analysis.cost(compiled),
         "collectives": analysis.collectives(compiled.as_text()),
+        "kernels": analysis.pallas_kernels(compiled.as_text()),
         "compile_seconds": seconds,
     }
 

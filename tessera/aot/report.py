@@ -47,6 +47,7 @@ def train_report(
         "hbm": hbm(compiled["memory"], target),
         "xla": {**compiled["xla"], "note": "raw: every loop body counted once"},
         "collectives_static": compiled["collectives"],
+        "kernels": compiled["kernels"],
         "analytic_flops_per_step": analytic,
         "analytic_flops_per_step_causal": (
             None if analytic is None else analytic - 3.0 * causal_saving
@@ -76,6 +77,7 @@ def decode_report(
             "hbm": hbm(compiled[name]["memory"], target),
             "xla": compiled[name]["xla"],
             "collectives_static": compiled[name]["collectives"],
+            "kernels": compiled[name]["kernels"],
             "compile_seconds": compiled[name]["compile_seconds"],
         }
         for name in ("prefill", "decode")
@@ -148,6 +150,14 @@ def _memory_rows(h: dict) -> list[dict]:
     return [{"HBM per device": k, name: _size(v, unit)} for k, v in rows]
 
 
+def kernels_line(kernels: dict[str, int]) -> str:
+    """Which Pallas kernels the program runs (or that it runs none: XLA code only)."""
+    if not kernels:
+        return "Pallas kernels: none (XLA code only)"
+    listed = ", ".join(f"{name} x{n}" if n > 1 else name for name, n in sorted(kernels.items()))
+    return f"Pallas kernels in the program: {listed}"
+
+
 def fit_line(h: dict) -> str:
     used = h["total_bytes"] / h["capacity_bytes"]
     if h["fits"]:
@@ -193,6 +203,7 @@ def print_train(r: dict) -> None:
     print()
     print_table(_memory_rows(r["hbm"]))
     print(fit_line(r["hbm"]))
+    print(kernels_line(r["kernels"]))
     print()
     rows = []
     if r["analytic_flops_per_step"] is not None:
@@ -251,5 +262,6 @@ def print_decode(r: dict) -> None:
               "bodies counted once)")
         print_table(_memory_rows(p["hbm"]))
         print(fit_line(p["hbm"]))
+        print(kernels_line(p["kernels"]))
         if p["collectives_static"]:
             print_table(_collective_rows(p["collectives_static"], "in the program"))

@@ -101,6 +101,11 @@ LAYOUTS = [
 ]
 
 
+# Configs whose train step runs softmax attention (the splash kernel's calls).
+USES_ATTENTION = {"llama:tiny", "hybrid:tiny", "classify:tiny", "vit:tiny", "deepseek:tiny",
+                  "qwen_moe:tiny", "ldm:tiny_dit_latent"}
+
+
 def _target(name: str):
     from tessera.aot.compile import make_target
 
@@ -144,6 +149,10 @@ def test_tiny_train_step_compiles(spec, topology, mesh):
     assert mem.alias > 0  # the donated train state is updated in place
     assert "all-gather" in out["collectives"]  # fsdp gathers parameters
     assert out["xla"]["flops"] > 0
+    # Attention's training calls take the splash kernel on TPU (impl=auto); the attention-free
+    # families run XLA code and their own kernels only.
+    splash = any(name.startswith("splash_mha") for name in out["kernels"])
+    assert splash == (spec in USES_ATTENTION), out["kernels"]
 
 
 @needs_libtpu
@@ -189,6 +198,9 @@ def test_tiny_decode_compiles(spec, topology, mesh):
     for name in ("prefill", "decode"):
         assert out[name]["memory"].total > 0
     assert out["decode"]["memory"].alias > 0  # the cache is donated
+    # Decode steps over a KV (or latent) cache take the Pallas decode kernel.
+    kernels = out["decode"]["kernels"]
+    assert ("tessera_decode_attention" in kernels) == (spec in USES_ATTENTION), kernels
 
 
 @needs_libtpu
