@@ -375,7 +375,7 @@ def test_flops_match_cost_analysis(monkeypatch):
 def test_tiny_config_trains(tmp_path):
     config = load_config(
         "mamba:tiny,train.steps=30,train.progress=False,train.tensorboard=False,"
-        "model.dtype=float32,checkpoint.async_save=False,data.seq_len=32,data.global_batch_size=8"
+        "model.dtype=float32,checkpoint.async_save=False,data.seq_len=32,data.global_batch_size=8,eval.every=0"
     )
     result = train(config, str(tmp_path))
     losses = [result.losses[s] for s in sorted(result.losses)]

@@ -300,7 +300,7 @@ def test_tiny_config_trains(name, tmp_path):
     config = load_config(
         f"{name}:tiny,train.steps=30,train.progress=False,train.tensorboard=False,"
         "model.dtype=float32,data.seq_len=32,data.global_batch_size=8,optim.warmup_steps=0,"
-        "checkpoint.async_save=False"
+        "checkpoint.async_save=False,eval.every=0"
     )
     result = train(config, str(tmp_path), devices=jax.devices()[:1])
     losses = [result.losses[s] for s in sorted(result.losses)]

@@ -317,7 +317,7 @@ def test_tiny_config_trains(tmp_path):
     config = load_config(
         "rwkv7:tiny,train.steps=20,train.progress=False,train.tensorboard=False,"
         "data.seq_len=32,data.global_batch_size=8,optim.warmup_steps=0,"
-        "checkpoint.async_save=False"
+        "checkpoint.async_save=False,eval.every=0"
     )
     result = train(config, str(tmp_path), devices=jax.devices()[:1])
     losses = [result.losses[s] for s in sorted(result.losses)]
