@@ -1,6 +1,7 @@
 """Where a kernel's program will run, and Pallas interpret mode for CPU tests.
 
-``target_platform()`` is the platform of the program being built: the active mesh's devices when
+``target_platform()`` is the platform of the program being built (``target_device()`` one of
+its devices): the active mesh's devices when
 one is active (an AOT compile for a TPU topology on a CPU host has TPU devices there), else the
 default backend. Impl ``supports`` checks read it instead of ``jax.default_backend()``, so that
 ``tessera.aot`` picks the TPU kernels on a CPU-only machine.
@@ -24,10 +25,16 @@ from tessera.sharding.context import active
 _state = threading.local()
 
 
+def target_device() -> jax.Device:
+    """A device of the program being traced: the active mesh's first, else the default one
+    (its ``device_kind`` keys the kernels' per-generation block tables)."""
+    ctx = active()
+    return ctx[0].devices.flat[0] if ctx is not None else jax.devices()[0]
+
+
 def target_platform() -> str:
     """"tpu", "gpu" (cuda / rocm report "gpu") or "cpu": where the program being traced runs."""
-    ctx = active()
-    platform = ctx[0].devices.flat[0].platform if ctx is not None else jax.default_backend()
+    platform = target_device().platform
     return "gpu" if platform in ("cuda", "rocm") else platform
 
 

@@ -36,8 +36,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from tessera.kernels.attention.reference import MASK_VALUE, check_inputs, make_attention_mask
-from tessera.kernels.platform import interpret, kernel_platform_reason
-from tessera.sharding.context import active
+from tessera.kernels.platform import interpret, kernel_platform_reason, target_device
 from tessera.sharding.kernels import shard_map_kernel
 
 # Keys per kv block by device kind (jax.Device.device_kind); "default" for any other. A block is
@@ -64,9 +63,7 @@ def supports(q: jax.Array, k: jax.Array, v: jax.Array, **kw) -> str | None:
 def _block_kv(block_kv: int | None) -> int:
     if block_kv is not None:
         return block_kv
-    ctx = active()
-    device = ctx[0].devices.flat[0] if ctx is not None else jax.devices()[0]
-    return BLOCK_KV.get(device.device_kind, BLOCK_KV["default"])
+    return BLOCK_KV.get(target_device().device_kind, BLOCK_KV["default"])
 
 
 def _heads_per_block(hkv: int, dims: tuple[int, ...]) -> int:
@@ -248,6 +245,21 @@ def _decode_bwd(scale, soft_cap, block_kv, res, g):
 _decode.defvjp(_decode_fwd, _decode_bwd)
 
 
+def _checked_row_mask(q, k, v, q_positions, kv_positions, q_segment_ids, kv_segment_ids,
+                      causal, sliding_window, scale, kv_valid, logit_soft_cap):
+    """Check a decode call's inputs (k / v may be shape structs) and return the one query row's
+    visibility mask bool [B, S] and the softmax scale (default 1 / sqrt(q's features))."""
+    check_inputs(q, k, v, q_positions, kv_positions, q_segment_ids, kv_segment_ids,
+                 sliding_window, kv_valid, logit_soft_cap)
+    if q.shape[1] != 1:
+        raise ValueError(f"decode attention takes one query token per row, got T = {q.shape[1]}")
+    visible = make_attention_mask(
+        q_positions, kv_positions, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
+        causal=causal, sliding_window=sliding_window, kv_valid=kv_valid,
+    )[:, 0]
+    return visible, q.shape[-1] ** -0.5 if scale is None else float(scale)
+
+
 def attention(
     q: jax.Array,
     k: jax.Array,
@@ -269,15 +281,10 @@ def attention(
     """`reference.attention` for T = 1 with the Pallas decode kernel: q [B, 1, Hq, D], k [B, S,
     Hkv, D], v [B, S, Hkv, Dv] -> [B, 1, Hq, Dv]. ``block_kv`` keys per kv block (a multiple of
     128; default from ``BLOCK_KV``); ``block_q`` and ``index_aligned`` do not apply."""
-    check_inputs(q, k, v, q_positions, kv_positions, q_segment_ids, kv_segment_ids,
-                 sliding_window, kv_valid, logit_soft_cap)
-    if q.shape[1] != 1:
-        raise ValueError(f"decode attention takes one query token per row, got T = {q.shape[1]}")
-    visible = make_attention_mask(
-        q_positions, kv_positions, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
-        causal=causal, sliding_window=sliding_window, kv_valid=kv_valid,
-    )[:, 0]  # [B, S]
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    visible, scale = _checked_row_mask(
+        q, k, v, q_positions, kv_positions, q_segment_ids, kv_segment_ids, causal,
+        sliding_window, scale, kv_valid, logit_soft_cap,
+    )
     return _decode(scale, logit_soft_cap, _block_kv(block_kv), visible, v, q, k)
 
 
@@ -305,14 +312,9 @@ def latent_attention(
     r = latent.shape[-1]
     keys = jax.ShapeDtypeStruct((*latent.shape[:2], 1, r + k_rope.shape[-1]), latent.dtype)
     values = jax.ShapeDtypeStruct((*latent.shape[:2], 1, r), latent.dtype)
-    check_inputs(q, keys, values, q_positions, kv_positions, q_segment_ids, kv_segment_ids,
-                 sliding_window, kv_valid, logit_soft_cap)
-    if q.shape[1] != 1:
-        raise ValueError(f"decode attention takes one query token per row, got T = {q.shape[1]}")
-    visible = make_attention_mask(
-        q_positions, kv_positions, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
-        causal=causal, sliding_window=sliding_window, kv_valid=kv_valid,
-    )[:, 0]
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    visible, scale = _checked_row_mask(
+        q, keys, values, q_positions, kv_positions, q_segment_ids, kv_segment_ids, causal,
+        sliding_window, scale, kv_valid, logit_soft_cap,
+    )
     return _decode(scale, logit_soft_cap, _block_kv(block_kv), visible, None,
                    q[..., :r], latent[:, :, None], q[..., r:], k_rope[:, :, None])

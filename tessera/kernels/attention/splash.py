@@ -54,7 +54,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tessera.kernels.attention import reference
-from tessera.kernels.platform import interpret, kernel_platform_reason
+from tessera.kernels.platform import interpret, kernel_platform_reason, target_device
 from tessera.sharding.context import active
 from tessera.sharding.kernels import shard_map_kernel
 
@@ -97,12 +97,6 @@ def generation(device_kind: str) -> str:
         if any(n in kind for n in names):
             return key
     return "default"
-
-
-def _target_kind() -> str:
-    ctx = active()
-    device = ctx[0].devices.flat[0] if ctx is not None else jax.devices()[0]
-    return device.device_kind
 
 
 def _fit(block: int, length: int) -> int:
@@ -370,7 +364,7 @@ def attention(
     local = functools.partial(
         _local, causal=causal, window=sliding_window,
         scale=q.shape[-1] ** -0.5 if scale is None else scale, soft_cap=logit_soft_cap,
-        gen=generation(_target_kind()),
+        gen=generation(target_device().device_kind),
     )
     # q's and k's heads share one logical name so that they split together (GQA groups stay
     # whole); a single kv head (MQA) is replicated instead, so q's heads can still split.
