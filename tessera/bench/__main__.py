@@ -1,5 +1,6 @@
 """``python -m tessera.bench {train,decode,sample} --config=llama:small [--config=...]
-[--config.a.b=v]``, and ``python -m tessera.bench attention [--lengths=1024,4096] [--tpu=v5e-4]``.
+[--config.a.b=v]``, ``python -m tessera.bench attention [--lengths=1024,4096] [--tpu=v5e-4]``, and
+``python -m tessera.bench recurrence [--ops=ssd,rwkv6] [--lengths=...] [--tpu=v5p-8]``.
 
 ``--config`` may repeat: each config is benchmarked with the same overrides, e.g. two families at
 the same width. Benchmarks print tables; they are never timed assertions in tests.
@@ -15,7 +16,7 @@ from tessera.cli import USER_ERRORS, config_overrides, fail
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m tessera.bench")
-    parser.add_argument("bench", choices=["train", "decode", "sample", "attention"])
+    parser.add_argument("bench", choices=["train", "decode", "sample", "attention", "recurrence"])
     parser.add_argument("--config", action="append",
                         help="e.g. llama:small or path.py:arg; repeat to compare configs "
                              "(train, decode, sample)")
@@ -36,10 +37,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--flops_only", action="store_true",
                         help="sample: print only each denoiser's analytic FLOPs (no workdir)")
     _attention_flags(parser)
+    _recurrence_flags(parser)
     args, rest = parser.parse_known_args(argv)
     overrides = config_overrides(parser, rest)
     if args.bench == "attention":
         _attention(parser, args)
+        return
+    if args.bench == "recurrence":
+        _recurrence(parser, args)
         return
     if not args.config:
         parser.error(f"bench {args.bench} needs --config")
@@ -66,10 +71,14 @@ def main(argv: list[str] | None = None) -> None:
         fail(str(e))
 
 
+ATTENTION_LENGTHS = "1024,2048,4096,8192,16384,32768"
+
+
 def _attention_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("attention")
-    group.add_argument("--lengths", default="1024,2048,4096,8192,16384,32768",
-                       help="attention: sequence lengths T")
+    group.add_argument("--lengths", default=ATTENTION_LENGTHS,
+                       help="attention: sequence lengths T (recurrence: default "
+                            "1024,4096,16384,65536)")
     group.add_argument("--batch", type=int, default=1, help="attention: batch (per TPU device)")
     group.add_argument("--heads", type=int, default=8, help="attention: query heads")
     group.add_argument("--kv_heads", type=int, default=None,
@@ -109,6 +118,48 @@ def _attention(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         run_attention_bench(problem, lengths, repeats=args.repeats, tpu=tpu,
                             tpu_lengths=tpu_lengths, max_scores_gib=args.max_scores_gib,
                             cost_max_length=args.cost_max_length)
+    except (*USER_ERRORS, LibtpuMissingError) as e:
+        fail(str(e))
+
+
+def _recurrence_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("recurrence (--lengths, --tpu, --no-tpu, --repeats and "
+                                      "--tpu_lengths as for attention)")
+    group.add_argument("--ops", default="ssd,retention,rwkv6,delta_rule,selective_scan",
+                       help="recurrence: ops to run")
+    group.add_argument("--impls", default="",
+                       help="recurrence: also run these impls auto never picks (parallel, "
+                            "associative)")
+    group.add_argument("--local_divisor", type=int, default=8,
+                       help="recurrence: divide heads / channels by this on this machine")
+    group.add_argument("--no-local", dest="no_local", action="store_true",
+                       help="recurrence: skip the table on this machine")
+    group.add_argument("--tpu_batch", type=int, default=4,
+                       help="recurrence: batch per TPU device")
+
+
+def _recurrence(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    from tessera.aot.topology import LibtpuMissingError, have_libtpu
+    from tessera.bench.recurrence import run_recurrence_bench
+
+    default = "1024,4096,16384,65536"
+    try:
+        lengths = [int(n) for n in args.lengths.split(",") if n] \
+            if args.lengths != ATTENTION_LENGTHS else [int(n) for n in default.split(",")]
+        tpu_lengths = [int(n) for n in args.tpu_lengths.split(",") if n] if args.tpu_lengths \
+            else None
+    except ValueError:
+        parser.error("--lengths / --tpu_lengths take comma-separated integers")
+    if args.local_divisor < 1 or args.tpu_batch < 1:
+        parser.error("--local_divisor and --tpu_batch must be >= 1")
+    tpu = None if args.no_tpu else args.tpu or ("v5p-8" if have_libtpu() else None)
+    try:
+        run_recurrence_bench(
+            [n for n in args.ops.split(",") if n], lengths, batch=args.batch,
+            divisor=args.local_divisor, repeats=args.repeats, tpu=tpu, tpu_lengths=tpu_lengths,
+            tpu_batch=args.tpu_batch, named=[n for n in args.impls.split(",") if n],
+            local=not args.no_local,
+        )
     except (*USER_ERRORS, LibtpuMissingError) as e:
         fail(str(e))
 

@@ -80,6 +80,10 @@ class Op:
         """Registered impl names in order of preference, then the aliases."""
         return (*(impl.name for impl in self._impls), *self._aliases)
 
+    def impl(self, name: str) -> Impl:
+        """The impl registered as ``name``; an alias gives its target."""
+        return self._find(self._aliases.get(name, name), given=name)
+
     def register(self, impl: Impl, *, before: str | None = None) -> None:
         """Add ``impl`` before the impl named ``before`` (auto tries it first), else last."""
         self._check_new_name(impl.name)
@@ -102,7 +106,7 @@ class Op:
             raise KernelUnavailableError(
                 f"no {self.name} impl can run these inputs ({'; '.join(reasons)})"
             )
-        chosen = self._find(self._aliases.get(impl, impl), given=impl)
+        chosen = self.impl(impl)
         reason = chosen.supports(*args, **kwargs)
         if reason is not None:
             raise KernelUnavailableError(
