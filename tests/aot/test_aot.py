@@ -104,6 +104,8 @@ LAYOUTS = [
 # Configs whose train step runs softmax attention (the splash kernel's calls).
 USES_ATTENTION = {"llama:tiny", "hybrid:tiny", "classify:tiny", "vit:tiny", "deepseek:tiny",
                   "qwen_moe:tiny", "ldm:tiny_dit_latent"}
+# Configs whose decode step updates a matrix state with the Pallas state-step kernel.
+USES_STATE_STEP = {"rwkv6:tiny", "rwkv7:tiny"}
 
 
 def _target(name: str):
@@ -201,6 +203,7 @@ def test_tiny_decode_compiles(spec, topology, mesh):
     # Decode steps over a KV (or latent) cache take the Pallas decode kernel.
     kernels = out["decode"]["kernels"]
     assert ("tessera_decode_attention" in kernels) == (spec in USES_ATTENTION), kernels
+    assert ("tessera_state_step" in kernels) == (spec in USES_STATE_STEP), kernels
 
 
 @needs_libtpu

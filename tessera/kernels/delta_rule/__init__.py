@@ -2,6 +2,8 @@
 
 impls, in the order auto tries them (`OP`, a `tessera.kernels.registry.Op`; the recurrence, state
 layout and the chunked derivation are in `reference`):
+  pallas_tpu_decode  `tessera.kernels.state_step`: one token on TPU (or in interpret mode), the
+              state read and written once, in place; no gradient. Auto's pick for T = 1 there.
   sequential  lax.scan over time: the oracle and the decode step. Auto picks it for a single token
               (T = 1).
   chunked     the chunk-parallel WY / UT-transform form: training and prefill path; auto's pick
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import jax
 
+from tessera.kernels import state_step
 from tessera.kernels.delta_rule import reference
 from tessera.kernels.registry import Impl, Op, drop_kwargs, impls_getattr
 
@@ -23,9 +26,15 @@ def _single_token(r: jax.Array, *args, **kw) -> str | None:
     return None if r.shape[1] == 1 else f"T = {r.shape[1]} > 1 (it is the decode step)"
 
 
+def _state_step(r, w, k, v, a, b, *, h0=None, reset=None, scale=1.0, chunk_size=None):
+    reference.check_inputs(r, w, k, v, a, b, h0, reset)
+    return state_step.step(r, k, v, w, a=a, b=b, h0=h0, reset=reset, scale=scale)
+
+
 OP = Op(
     "delta_rule",
     [
+        Impl("pallas_tpu_decode", _state_step, supports=state_step.supports),
         Impl("sequential", drop_kwargs(reference.sequential, "chunk_size"), auto=_single_token),
         Impl("chunked", reference.chunked),
     ],

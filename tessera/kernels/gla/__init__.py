@@ -4,6 +4,9 @@ One op for RetNet (scalar decay per head), GLA and RWKV-6 (per-channel decay; RW
 bonus ``u``). The recurrence and shapes are in `reference`.
 
 impls, in the order auto tries them (`OP`, a `tessera.kernels.registry.Op`):
+  pallas_tpu_decode  `tessera.kernels.state_step`: one token on TPU (or in interpret mode), the
+               state read and written once, in place; no gradient. Auto picks it for per-channel
+               decays only: XLA's step for a scalar decay already moves the state just once.
   sequential   lax.scan over time: the oracle and the decode step. Auto picks it for a single
                token (T = 1).
   chunked      state passed between chunks, exact quadratic form inside them. Training and
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import jax
 
+from tessera.kernels import state_step
 from tessera.kernels.gla import reference
 from tessera.kernels.registry import Impl, Op, drop_kwargs, impls_getattr
 
@@ -27,9 +31,19 @@ def _single_token(q: jax.Array, *args, **kw) -> str | None:
     return None if q.shape[1] == 1 else f"T = {q.shape[1]} > 1 (it is the decode step)"
 
 
+def _state_step(q, k, v, g, *, u=None, h0=None, reset=None, scale=1.0, chunk_size=None):
+    reference.check_inputs(q, k, v, g, u, h0, reset)
+    return state_step.step(q, k, v, g, u=u, h0=h0, reset=reset, scale=scale)
+
+
+def _per_channel(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array, **kw) -> str | None:
+    return None if g.ndim == 4 else "scalar decay: XLA's step already moves the state once"
+
+
 OP = Op(
     "gla",
     [
+        Impl("pallas_tpu_decode", _state_step, supports=state_step.supports, auto=_per_channel),
         Impl("sequential", drop_kwargs(reference.sequential, "chunk_size"), auto=_single_token),
         Impl("chunked", reference.chunked),
         Impl("parallel", drop_kwargs(reference.parallel, "chunk_size"), auto=False),
