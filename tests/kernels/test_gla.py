@@ -163,10 +163,11 @@ def test_random_sweep():
                                    decay=float(rng.choice([0.1, 1.0, 8.0])))
         reset = jnp.asarray(rng.random((b, t)) < 0.15)
         u = u if bonus else None
-        want = reference.sequential(q, k, v, g, u=u, h0=h0, reset=reset, scale=0.3)
+        want = jit_gla(q, k, v, g, u=u, h0=h0, reset=reset, scale=0.3, impl="sequential")
         size = int(rng.integers(1, 12))
         for impl, cs in (("chunked", size), ("parallel", None)):
-            got = gla(q, k, v, g, u=u, h0=h0, reset=reset, scale=0.3, impl=impl, chunk_size=cs)
+            got = jit_gla(q, k, v, g, u=u, h0=h0, reset=reset, scale=0.3, impl=impl,
+                          chunk_size=cs)
             msg = f"trial {trial} {impl} {(b, t, h, dk, dv, scalar, bonus, size)}"
             np.testing.assert_allclose(got[0], want[0], **TOL, err_msg=msg)
             np.testing.assert_allclose(got[1], want[1], **TOL, err_msg=msg)
