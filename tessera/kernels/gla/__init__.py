@@ -4,6 +4,9 @@ One op for RetNet (scalar decay per head), GLA and RWKV-6 (per-channel decay; RW
 bonus ``u``). The recurrence and shapes are in `reference`.
 
 impls, in the order auto tries them (`OP`, a `tessera.kernels.registry.Op`):
+  pallas_gpu   Pallas Triton kernels, forward and backward (`pallas_gpu`): one program per
+               batch row and head looping over chunks. On a GPU (or in GPU interpret mode) for
+               T > 1; auto skips it for float32 under full-precision matmuls (TF32 dots).
   sequential   lax.scan over time: the oracle and the decode step. Auto picks it for a single
                token (T = 1).
   chunked      state passed between chunks, exact quadratic form inside them. Training and
@@ -17,7 +20,7 @@ from __future__ import annotations
 
 import jax
 
-from tessera.kernels.gla import reference
+from tessera.kernels.gla import pallas_gpu, reference
 from tessera.kernels.registry import Impl, Op, drop_kwargs, impls_getattr
 
 __all__ = ["IMPLS", "OP", "gla"]
@@ -30,6 +33,7 @@ def _single_token(q: jax.Array, *args, **kw) -> str | None:
 OP = Op(
     "gla",
     [
+        Impl("pallas_gpu", pallas_gpu.gla, pallas_gpu.supports, auto=pallas_gpu.auto_skips),
         Impl("sequential", drop_kwargs(reference.sequential, "chunk_size"), auto=_single_token),
         Impl("chunked", reference.chunked),
         Impl("parallel", drop_kwargs(reference.parallel, "chunk_size"), auto=False),
