@@ -111,7 +111,7 @@ def check_gla(scalar, bonus, use_h0, reset, dtype, seed=0, decay=1.0, t=37, dk=4
             names)
 
 
-@settings(max_examples=6, deadline=None, derandomize=True)
+@settings(max_examples=5, deadline=None, derandomize=True)
 @given(
     scalar=st.booleans(), bonus=st.booleans(), use_h0=st.booleans(),
     reset=st.sampled_from([None, "fixed", "random"]),
@@ -129,8 +129,10 @@ def test_gla_matches_sequential(scalar, bonus, use_h0, reset, dtype, decay, seed
 def test_gla_strong_decays(scalar):
     """Per-step log decays of exactly -20 on every other token (and -0.01 between: the
     in-chunk log-decay sums reach -320 / -640 while the decays between neighbours matter),
-    with the bonus, h0 and resets: finite, and equal to the oracle at the float32 tolerance."""
-    b, t, h, dk, dv = 2, 37, 2, 4, 3
+    with the bonus, h0 and resets: finite, and equal to the oracle at the float32 tolerance.
+    Per channel with head dims 20 / 17 (padded to 32 inside the kernel)."""
+    b, t, h = 2, 37, 2
+    dk, dv = (4, 3) if scalar else (20, 17)
     q, k, v, g, u, h0 = gla_inputs(b, t, h, dk, dv, scalar=scalar, seed=3)
     steps = jnp.where(jnp.arange(t) % 2 == 0, -20.0, -0.01)
     g = jnp.broadcast_to(steps.reshape(1, t, *(1,) * (g.ndim - 2)), g.shape)
@@ -141,11 +143,6 @@ def test_gla_strong_decays(scalar):
 
     compare(call(gla_gpu.gla), call(gla_ref.sequential), (q, k, v, g, u, h0), tuple(range(6)),
             F32_TOL, ["o", "state", "dq", "dk", "dv", "dg", "du", "dh0"])
-
-
-def test_gla_head_dims_padded_to_the_dot_size():
-    """Head dims 20 / 17 pad to 32 inside the kernel (values and gradients unchanged)."""
-    check_gla(False, True, True, None, jnp.float32, t=19, dk=20, dv=17)
 
 
 # ------------------------------------------------------------------------------------------
@@ -164,18 +161,16 @@ def ssd_inputs(b=2, t=37, h=4, p=3, g=2, n=5, seed=0, dtype=jnp.float32):
     return (*(a.astype(dtype) for a in (x, dt, A, B, C, D)), h0)
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_ssd_matches_sequential(dtype):
-    """Groups (4 heads over 2 groups), h0, resets, T = 37 (chunks of 32): y, final state and
-    gradients wrt x, dt, A, B, C, D, h0."""
-    *args, h0 = ssd_inputs(dtype=jnp.dtype(dtype))
+def test_ssd_matches_sequential():
+    """Groups (4 heads over 2 groups), h0, resets, T = 37 (chunks of 32), float32: y, final
+    state and gradients wrt x, dt, A, B, C, D, h0 (bf16 goes through the same gla kernel)."""
+    *args, h0 = ssd_inputs()
     reset = resets(2, 37)
 
     def call(fn):
         return lambda x, dt, A, B, C, D, h0: fn(x, dt, A, B, C, D, h0=h0, reset=reset)
 
-    tol = F32_TOL if dtype == "float32" else BF16_TOL
-    compare(call(ssd_gpu.ssd), call(ssd_ref.sequential), (*args, h0), tuple(range(7)), tol,
+    compare(call(ssd_gpu.ssd), call(ssd_ref.sequential), (*args, h0), tuple(range(7)), F32_TOL,
             ["y", "state", "dx", "ddt", "dA", "dB", "dC", "dD", "dh0"])
 
 
@@ -195,7 +190,7 @@ def scan_inputs(b=2, t=37, di=6, n=5, seed=0, dtype=jnp.float32):
     return (*(a.astype(dtype) for a in (x, dt, A, B, C, D)), h0)
 
 
-@settings(max_examples=4, deadline=None, derandomize=True)
+@settings(max_examples=3, deadline=None, derandomize=True)
 @given(
     di=st.sampled_from([6, 70]), use_h0=st.booleans(), reset=st.booleans(),
     dtype=st.sampled_from(["float32", "bfloat16"]), seed=st.integers(0, 2**16),
