@@ -154,12 +154,13 @@ def test_dispatch():
         *[a[:, :1] for a in (x, dt)], A, B[:, :1], C[:, :1], D
     )
     assert "scan" in str(step) and "cumsum" not in str(step)
-    assert IMPLS == ("auto", "sequential", "chunked", "associative", "xla")
+    assert IMPLS == ("auto", "pallas_gpu", "sequential", "chunked", "associative", "xla")
     for impl in ("fast", "pallas_tpu"):
-        with pytest.raises(ValueError, match=f"unknown ssd impl '{impl}'; valid: auto, sequential"):
+        with pytest.raises(ValueError, match=f"unknown ssd impl '{impl}'; valid: auto, pallas_gpu"):
             ssd(x, dt, A, B, C, D, impl=impl)
     assert [reason for _, reason in OP.explain(x, dt, A, B, C, D, h0=None, reset=None,
                                                  chunk_size=4)] == [
+        "a GPU kernel (the program runs on cpu)",
         "auto skips it: T = 9 > 1 (it is the decode step)", None, "auto skips it: only when named"
     ]
 
