@@ -41,7 +41,8 @@ scalar decays, A v, the state reads and updates) run at Triton's default dot pre
 Ampere and later, as `tessera.kernels.attention.gpu`'s pallas_gpu does: auto passes the kernel
 over for float32 inputs when ``jax_default_matmul_precision`` asks for full float32 (it runs
 when named). The log-decay sums never go through a dot: they are exact float32 additions.
-Runs on a GPU, and anywhere in Pallas interpret mode (the CPU tests).
+Runs on a GPU, and anywhere in Pallas interpret mode (the CPU tests). Under an active mesh the
+kernel runs per shard (``shard_map_kernel``: batch and heads split, the sequence gathered).
 """
 
 from __future__ import annotations
@@ -56,6 +57,8 @@ from jax.experimental.pallas import triton as plgpu
 from tessera.kernels.attention.gpu import FULL_F32_PRECISIONS
 from tessera.kernels.gla.reference import check_inputs
 from tessera.kernels.platform import interpret, kernel_platform_reason
+from tessera.sharding.context import active
+from tessera.sharding.kernels import shard_map_kernel
 
 F32 = jnp.float32
 DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
@@ -419,6 +422,25 @@ def gla(
     """
     del chunk_size
     check_inputs(q, k, v, g, u, h0, reset)
+    qkv = ("batch", "length", "act_heads", None)
+    state = ("batch", "act_heads", None, None)
+    run = shard_map_kernel(
+        functools.partial(_gla_shard, scale=float(scale)),
+        in_axes=(qkv, qkv, qkv, qkv[: g.ndim], ("act_heads", None), state, ("batch", "length")),
+        out_axes=(qkv, state),
+        unsplit=unsplit_sequence(),
+    )
+    return run(q, k, v, g, u, h0, reset)
+
+
+def unsplit_sequence() -> tuple[str, ...]:
+    """The sequence axis, where the active mesh has one: the kernels need whole sequences."""
+    ctx = active()
+    return ("sequence",) if ctx is not None and "sequence" in ctx[0].axis_names else ()
+
+
+def _gla_shard(q, k, v, g, u, h0, reset, *, scale: float):
+    """One shard of `gla`: pad, move heads before time, run the kernels, cut the padding."""
     b, t, h, dk = q.shape
     dv = v.shape[-1]
     kp, vp, size = padded_dim(dk), padded_dim(dv), chunk_length(g)
@@ -440,6 +462,6 @@ def gla(
     up = jnp.zeros((h, kp), u_dtype) if u is None else jnp.pad(u, [(0, 0), (0, kp - dk)])
     h0p = jnp.zeros((b, h, kp, vp), F32) if h0 is None else jnp.pad(
         h0.astype(F32), [(0, 0), (0, 0), (0, kp - dk), (0, vp - dv)])
-    o, final = _gla_padded(qp, kp_, vpad, gp, r, up, h0p, size, bonus, float(scale), v.dtype)
+    o, final = _gla_padded(qp, kp_, vpad, gp, r, up, h0p, size, bonus, scale, v.dtype)
     o = jnp.moveaxis(o[:, :, :t, :dv], 1, 2)
     return o, final[:, :, :dk, :dv]

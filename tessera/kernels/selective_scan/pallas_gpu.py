@@ -27,6 +27,8 @@ dh <- decay_t dh. dB, dC are per channel block and dA per batch row; XLA sums th
 
 All math is float32 (inputs cast after the load). Runs on a GPU, and anywhere in Pallas
 interpret mode (the CPU tests). No dots, so no TF32 caveat: auto may pick it for float32.
+Under an active mesh the kernel runs per shard (``shard_map_kernel``: batch and channels
+(``act_ssm_inner``) split, the sequence gathered).
 """
 
 from __future__ import annotations
@@ -38,7 +40,9 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from tessera.kernels.gla.pallas_gpu import unsplit_sequence
 from tessera.kernels.platform import interpret, kernel_platform_reason
+from tessera.sharding.kernels import shard_map_kernel
 
 F32 = jnp.float32
 DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
@@ -247,6 +251,19 @@ def selective_scan(
     in x's dtype, final state [B, Di, N] float32). ``chunk_size`` is not read (the kernel saves
     a state every `CHUNK` steps). Layout, grid and algorithm in the module docstring."""
     del chunk_size
+    rows, state = ("batch", "length", "act_ssm_inner"), ("batch", "act_ssm_inner", None)
+    run = shard_map_kernel(
+        _scan_shard,
+        in_axes=(rows, rows, ("act_ssm_inner", None), ("batch", "length", None),
+                 ("batch", "length", None), ("act_ssm_inner",), state, ("batch", "length")),
+        out_axes=(rows, state),
+        unsplit=unsplit_sequence(),
+    )
+    return run(x, dt, A, B, C, D, h0, reset)
+
+
+def _scan_shard(x, dt, A, B, C, D, h0, reset):
+    """One shard of `selective_scan`: pad, run the kernels, cut the padding, add D x."""
     b, t, di = x.shape
     n = A.shape[1]
     block = channel_block(di)
