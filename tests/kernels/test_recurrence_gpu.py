@@ -1,8 +1,9 @@
-"""Pallas GPU (Triton) recurrence kernels on CPU: gla, ssd (through via_gla) and selective_scan
-in Pallas GPU interpret mode against the sequential oracles (outputs, final states and gradients
-wrt every input: odd lengths, h0, resets at chunk starts / twice in a row / the last token,
-strong decays, float32 and bfloat16); dispatch; and the Triton lowering of forward + backward
-for an (abstract) H100, which runs on a CPU host up to the Triton IR (no PTX: that needs a GPU).
+"""Pallas GPU (Triton) recurrence kernels on CPU: gla, ssd (through via_gla), selective_scan and
+delta_rule in Pallas GPU interpret mode against the sequential oracles (outputs, final states
+and gradients wrt every input: odd lengths, h0, resets at chunk starts / twice in a row / the
+last token, strong decays, float32 and bfloat16); dispatch; and the Triton lowering of forward
++ backward for an (abstract) H100, which runs on a CPU host up to the Triton IR (no PTX: that
+needs a GPU).
 """
 
 import warnings
@@ -14,9 +15,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import tessera.kernels.delta_rule as delta_op
 import tessera.kernels.gla as gla_op
 import tessera.kernels.selective_scan as scan_op
 import tessera.kernels.ssd as ssd_op
+from tessera.kernels.delta_rule import pallas_gpu as delta_gpu
+from tessera.kernels.delta_rule import reference as delta_ref
 from tessera.kernels.gla import pallas_gpu as gla_gpu
 from tessera.kernels.gla import reference as gla_ref
 from tessera.kernels.platform import interpreting
@@ -215,6 +219,47 @@ def test_selective_scan_matches_sequential(di, use_h0, reset, dtype, seed):
 
 
 # ------------------------------------------------------------------------------------------
+# delta_rule (RWKV-7)
+
+
+def delta_inputs(b=2, t=37, h=2, dk=5, dv=4, seed=0, dtype=jnp.float32, strong=False):
+    """r, w, k, v, a, b, h0 as RWKV-7 makes them (w in [-0.61, 0], a = -kk, b = kk * iclr with
+    kk unit-norm); ``strong``: w down to -20."""
+    ks = jax.random.split(jax.random.key(seed), 7)
+    r = jax.random.normal(ks[0], (b, t, h, dk))
+    k = 0.5 * jax.random.normal(ks[1], (b, t, h, dk))
+    v = jax.random.normal(ks[2], (b, t, h, dv))
+    low = 20.0 if strong else float(np.exp(-0.5))
+    w = -low * jax.nn.sigmoid(2.0 * jax.random.normal(ks[3], (b, t, h, dk)))
+    kk = jax.random.normal(ks[4], (b, t, h, dk))
+    kk = kk / jnp.linalg.norm(kk, axis=-1, keepdims=True)
+    iclr = jax.nn.sigmoid(jax.random.normal(ks[5], (b, t, h, dk)))
+    h0 = jax.random.normal(ks[6], (b, h, dk, dv))
+    return (*(x.astype(dtype) for x in (r, w, k, v, -kk, kk * iclr)), h0)
+
+
+@pytest.mark.parametrize("case", ["f32_h0_reset_strong", "bf16"])
+def test_delta_rule_matches_sequential(case):
+    """T = 37 (states saved every 32 tokens), head dims 5 / 4 padded to 16: o, final state and
+    gradients wrt r, w, k, v, a, b (and h0); float32 with h0, resets and log decays down to -20;
+    bf16 inputs."""
+    f32 = case.startswith("f32")
+    *args, h0 = delta_inputs(dtype=jnp.float32 if f32 else jnp.bfloat16, strong=f32)
+    reset = resets(2, 37) if f32 else None
+    names = ["o", "state", "dr", "dw", "dk", "dv", "da", "db"] + (["dh0"] if f32 else [])
+    if f32:
+        args.append(h0)
+
+    def call(fn):
+        def run(r, w, k, v, a, b, *h):
+            return fn(r, w, k, v, a, b, h0=h[0] if h else None, reset=reset, scale=0.5)
+        return run
+
+    compare(call(delta_gpu.delta_rule), call(delta_ref.sequential), args,
+            tuple(range(len(args))), F32_TOL if f32 else BF16_TOL, names)
+
+
+# ------------------------------------------------------------------------------------------
 # dispatch
 
 
@@ -228,6 +273,7 @@ def test_dispatch():
     x, dt, A, B, C, D, _ = ssd_inputs(t=9, dtype=jnp.bfloat16)
     xs, dts, As, Bs, Cs, Ds, _ = scan_inputs(t=9)
     sk = dict(h0=None, reset=None, chunk_size=64)
+    kw_delta = dict(h0=None, reset=None, scale=1.0, chunk_size=None)
     with interpreting("gpu"):
         assert gla_op.OP.select("auto", q, k, v, g, **kw).name == "pallas_gpu"
         assert gla_op.OP.select("auto", *(a[:, :1] for a in (q, k, v, g)), **kw).name == (
@@ -244,6 +290,10 @@ def test_dispatch():
         assert scan_op.OP.select("auto", xs, dts, As, Bs, Cs, Ds, **sk).name == "pallas_gpu"
         assert scan_op.OP.select("auto", xs[:, :1], dts[:, :1], As, Bs[:, :1], Cs[:, :1], Ds,
                                  **sk).name == "chunked"
+        dr = delta_inputs(t=9)[:6]
+        assert delta_op.OP.select("auto", *dr, **kw_delta).name == "pallas_gpu"
+        assert delta_op.OP.select("auto", *(x[:, :1] for x in dr), **kw_delta).name == (
+            "sequential")
         assert "dtype int32" in gla_gpu.supports(q.astype(jnp.int32), k, v, g)
         assert "up to 256" in gla_gpu.supports(*(jnp.zeros((1, 2, 1, 300)),) * 3,
                                                jnp.zeros((1, 2, 1)))
@@ -253,7 +303,9 @@ def test_dispatch():
     assert gla_op.OP.select("auto", q, k, v, g, **kw).name == "chunked"
     assert ssd_op.OP.select("auto", x, dt, A, B, C, D, **sk).name == "chunked"
     assert scan_op.OP.select("auto", xs, dts, As, Bs, Cs, Ds, **sk).name == "chunked"
+    assert delta_op.OP.select("auto", *delta_inputs(t=9)[:6], **kw_delta).name == "chunked"
     for op, args in ((gla_op.gla, (q, k, v, g)), (ssd_op.ssd, (x, dt, A, B, C, D)),
+                     (delta_op.delta_rule, delta_inputs(t=9)[:6]),
                      (scan_op.selective_scan, (xs, dts, As, Bs, Cs, Ds))):
         with pytest.raises(KernelUnavailableError, match=r"a GPU kernel \(the program runs on"):
             op(*args, impl="pallas_gpu")
@@ -295,6 +347,12 @@ def test_forward_and_backward_lower_to_triton():
         return jnp.sum(y) + jnp.sum(s)
 
     assert triton_calls(loss, x.astype(jnp.bfloat16), dt, A, B, B) == 2
+
+    def loss(r, w, k, v, a, b_, h0):
+        o, s = delta_gpu.delta_rule(r, w, k, v, a, b_, h0=h0, reset=reset)
+        return jnp.sum(o.astype(jnp.float32)) + jnp.sum(s)
+
+    assert triton_calls(loss, *(q,) * 6, jnp.zeros((b, h, d, d))) == 2
 
 
 # ------------------------------------------------------------------------------------------

@@ -2,6 +2,9 @@
 
 impls, in the order auto tries them (`OP`, a `tessera.kernels.registry.Op`; the recurrence, state
 layout and the chunked derivation are in `reference`):
+  pallas_gpu  Pallas Triton kernels, forward and backward (`pallas_gpu`): the fused recurrent
+              form, one program per batch row and head. On a GPU (or in GPU interpret mode) for
+              T > 1.
   sequential  lax.scan over time: the oracle and the decode step. Auto picks it for a single token
               (T = 1).
   chunked     the chunk-parallel WY / UT-transform form: training and prefill path; auto's pick
@@ -13,7 +16,7 @@ from __future__ import annotations
 
 import jax
 
-from tessera.kernels.delta_rule import reference
+from tessera.kernels.delta_rule import pallas_gpu, reference
 from tessera.kernels.registry import Impl, Op, drop_kwargs, impls_getattr
 
 __all__ = ["IMPLS", "OP", "delta_rule"]
@@ -26,6 +29,7 @@ def _single_token(r: jax.Array, *args, **kw) -> str | None:
 OP = Op(
     "delta_rule",
     [
+        Impl("pallas_gpu", pallas_gpu.delta_rule, pallas_gpu.supports, auto=pallas_gpu.auto_skips),
         Impl("sequential", drop_kwargs(reference.sequential, "chunk_size"), auto=_single_token),
         Impl("chunked", reference.chunked),
     ],
