@@ -194,15 +194,14 @@ def scan_inputs(b=2, t=37, di=6, n=5, seed=0, dtype=jnp.float32):
     return (*(a.astype(dtype) for a in (x, dt, A, B, C, D)), h0)
 
 
-@settings(max_examples=3, deadline=None, derandomize=True)
-@given(
-    di=st.sampled_from([6, 70]), use_h0=st.booleans(), reset=st.booleans(),
-    dtype=st.sampled_from(["float32", "bfloat16"]), seed=st.integers(0, 2**16),
-)
-def test_selective_scan_matches_sequential(di, use_h0, reset, dtype, seed):
-    """T = 37 (states saved every 32 steps), Di = 6 (one channel block) or 70 (two blocks of 64:
-    dB, dC summed over blocks), N = 5 padded to 8: y, final state and every gradient."""
-    *args, h0 = scan_inputs(di=di, seed=seed, dtype=jnp.dtype(dtype))
+@settings(max_examples=2, deadline=None, derandomize=True)
+@given(use_h0=st.booleans(), reset=st.booleans(), dtype=st.sampled_from(["float32", "bfloat16"]),
+       seed=st.integers(0, 2**16))
+def test_selective_scan_matches_sequential(use_h0, reset, dtype, seed):
+    """T = 37 (states saved every 32 steps), Di = 70 (two programs' channel blocks of 64: dB, dC
+    summed over blocks; the sharded test runs 3 channels a shard), N = 5 padded to 8: y, final
+    state and every gradient."""
+    *args, h0 = scan_inputs(di=70, seed=seed, dtype=jnp.dtype(dtype))
     reset = resets(2, 37) if reset else None
     names = ["y", "state", "dx", "ddt", "dA", "dB", "dC", "dD"] + (["dh0"] if use_h0 else [])
     if use_h0:
