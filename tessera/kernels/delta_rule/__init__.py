@@ -4,6 +4,9 @@ impls, in the order auto tries them (`OP`, a `tessera.kernels.registry.Op`; the 
 layout and the chunked derivation are in `reference`):
   pallas_tpu_decode  `tessera.kernels.state_step`: one token on TPU (or in interpret mode), the
               state read and written once, in place; no gradient. Auto's pick for T = 1 there.
+  pallas_gpu  Pallas Triton kernels, forward and backward (`pallas_gpu`): the fused recurrent
+              form, one program per batch row and head. On a GPU (or in GPU interpret mode) for
+              T > 1.
   sequential  lax.scan over time: the oracle and the decode step. Auto picks it for a single token
               (T = 1).
   chunked     the chunk-parallel WY / UT-transform form: training and prefill path; auto's pick
@@ -16,7 +19,7 @@ from __future__ import annotations
 import jax
 
 from tessera.kernels import state_step
-from tessera.kernels.delta_rule import reference
+from tessera.kernels.delta_rule import pallas_gpu, reference
 from tessera.kernels.registry import Impl, Op, drop_kwargs, impls_getattr
 
 __all__ = ["IMPLS", "OP", "delta_rule"]
@@ -35,6 +38,7 @@ OP = Op(
     "delta_rule",
     [
         Impl("pallas_tpu_decode", _state_step, supports=state_step.supports),
+        Impl("pallas_gpu", pallas_gpu.delta_rule, pallas_gpu.supports, auto=pallas_gpu.auto_skips),
         Impl("sequential", drop_kwargs(reference.sequential, "chunk_size"), auto=_single_token),
         Impl("chunked", reference.chunked),
     ],

@@ -7,6 +7,9 @@ impls, in the order auto tries them (`OP`, a `tessera.kernels.registry.Op`):
   pallas_tpu_decode  `tessera.kernels.state_step`: one token on TPU (or in interpret mode), the
                state read and written once, in place; no gradient. Auto picks it for per-channel
                decays only: XLA's step for a scalar decay already moves the state just once.
+  pallas_gpu   Pallas Triton kernels, forward and backward (`pallas_gpu`): one program per
+               batch row and head looping over chunks. On a GPU (or in GPU interpret mode) for
+               T > 1; auto skips it for float32 under full-precision matmuls (TF32 dots).
   sequential   lax.scan over time: the oracle and the decode step. Auto picks it for a single
                token (T = 1).
   chunked      state passed between chunks, exact quadratic form inside them. Training and
@@ -21,7 +24,7 @@ from __future__ import annotations
 import jax
 
 from tessera.kernels import state_step
-from tessera.kernels.gla import reference
+from tessera.kernels.gla import pallas_gpu, reference
 from tessera.kernels.registry import Impl, Op, drop_kwargs, impls_getattr
 
 __all__ = ["IMPLS", "OP", "gla"]
@@ -44,6 +47,7 @@ OP = Op(
     "gla",
     [
         Impl("pallas_tpu_decode", _state_step, supports=state_step.supports, auto=_per_channel),
+        Impl("pallas_gpu", pallas_gpu.gla, pallas_gpu.supports, auto=pallas_gpu.auto_skips),
         Impl("sequential", drop_kwargs(reference.sequential, "chunk_size"), auto=_single_token),
         Impl("chunked", reference.chunked),
         Impl("parallel", drop_kwargs(reference.parallel, "chunk_size"), auto=False),

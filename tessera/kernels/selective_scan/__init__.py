@@ -1,12 +1,16 @@
 """Mamba-1 selective scan behind one dispatch: `selective_scan(x, dt, A, B, C, D, impl="auto")`.
 
-impls, in the order auto tries them (`OP`, a `tessera.kernels.registry.Op`; all in `reference`,
-plain jnp):
+impls, in the order auto tries them (`OP`, a `tessera.kernels.registry.Op`; all but the Pallas
+kernels in `reference`, plain jnp):
+  pallas_gpu   Pallas Triton kernels, forward and backward (`pallas_gpu`): one program per batch
+               row and channel block stepping through time. On a GPU (or in GPU interpret mode)
+               for T > 1.
   chunked      associative scan within chunks, lax.scan across them, rematerialised chunk body;
                memory O(chunk) per step. The training and prefill path.
   associative  one jax.lax.associative_scan over T; memory [B, T, Di, N]. Only when named.
   sequential   lax.scan over time; the oracle and the decode step. Only when named.
-  auto         chunked. Pallas kernels join with `OP.register(impl, before=...)`.
+  auto         pallas_gpu on a GPU for T > 1, else chunked. Pallas kernels join with
+               `OP.register(impl, before=...)`.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from __future__ import annotations
 import jax
 
 from tessera.kernels.registry import Impl, Op, drop_kwargs, impls_getattr
-from tessera.kernels.selective_scan import reference
+from tessera.kernels.selective_scan import pallas_gpu, reference
 
 __all__ = ["IMPLS", "OP", "selective_scan"]
 
@@ -44,6 +48,8 @@ def _check_shapes(x, dt, A, B, C, D, h0, reset) -> None:
 OP = Op(
     "selective_scan",
     [
+        Impl("pallas_gpu", pallas_gpu.selective_scan, pallas_gpu.supports,
+             auto=pallas_gpu.auto_skips),
         Impl("chunked", reference.chunked),
         Impl("associative", drop_kwargs(reference.associative, "chunk_size"), auto=False),
         Impl("sequential", drop_kwargs(reference.sequential, "chunk_size"), auto=False),

@@ -2,6 +2,9 @@
 
 impls, in the order auto tries them (`OP`, a `tessera.kernels.registry.Op`; the recurrence and
 shapes are in `reference`):
+  pallas_gpu   the Pallas Triton GLA kernels through `via_gla` (`pallas_gpu`). On a GPU (or in
+               GPU interpret mode) for T > 1; auto skips it for float32 under full-precision
+               matmuls (TF32 dots).
   sequential   lax.scan over time: the oracle and the decode step. Auto picks it for a single
                token (T = 1), where both forms are exact and the step skips the chunk bookkeeping.
   chunked      the SSD algorithm: quadratic form inside chunks, recurrence between them. Training
@@ -16,7 +19,7 @@ from __future__ import annotations
 import jax
 
 from tessera.kernels.registry import Impl, Op, drop_kwargs, impls_getattr
-from tessera.kernels.ssd import reference
+from tessera.kernels.ssd import pallas_gpu, reference
 
 __all__ = ["IMPLS", "OP", "ssd"]
 
@@ -28,6 +31,7 @@ def _single_token(x: jax.Array, *args, **kw) -> str | None:
 OP = Op(
     "ssd",
     [
+        Impl("pallas_gpu", pallas_gpu.ssd, pallas_gpu.supports, auto=pallas_gpu.auto_skips),
         Impl("sequential", drop_kwargs(reference.sequential, "chunk_size"), auto=_single_token),
         Impl("chunked", reference.chunked),
         Impl("associative", drop_kwargs(reference.associative, "chunk_size"), auto=False),
