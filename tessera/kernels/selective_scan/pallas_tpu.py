@@ -1,0 +1,454 @@
+"""Mamba-1's selective scan on TPU (Pallas Mosaic), forward and backward.
+
+    h_t = a_t * h_{t-1} + u_t B_t,   a_t = keep_t exp(dt_t A),   u_t = dt_t x_t
+    y_t = C_t . h_t + D x_t
+
+Per batch row the state h is [Di, N]; the kernel holds it transposed, ``[N, bd]`` float32 (the
+N = 16 state entries on sublanes, a block of ``bd`` channels on lanes), so that every per-token
+step is elementwise on whole vregs: ``exp(dt_row A)`` with dt_row [1, bd] broadcast down the
+sublanes, ``u_row * B_col`` with B_t as a column [N, 1] broadcast along the lanes, and the
+readout ``C . h`` a sum over the N sublanes.
+
+Layout (one shard's arrays; the wrapper pads T to a multiple of the chunk L and Di to one of bd):
+  x, dt, y [B, Tp, Dp] (their dtype)   blocks [L, bd]
+  A^T [N, Dp] f32, D [1, Dp] f32       blocks [N, bd], [1, bd]
+  W [B, K, R, L] f32                   block [R, L]: rows B_t (N), C_t (N), keep_t (1), zeros
+                                       (R = 2N + 1 rounded up to 8); tokens on lanes
+  h0, final state [B, N, Dp] f32       blocks [N, bd]
+  starts [B, K, N, Dp] f32             the state entering each chunk (saved for the backward)
+
+Grid (B "parallel", Dp / bd "parallel", K = Tp / L "arbitrary"); the state lives in VMEM scratch
+across the chunk axis. A chunk first casts its x / dt block to float32 scratch (u = dt x, dt),
+then a ``fori_loop`` over its L tokens (unrolled by 8) runs the recurrence. Token t's column of
+W (B_t, C_t, keep_t) is taken with a lane mask and a lane sum of the [R, L] block (no dynamic
+lane slicing); x / dt rows are dynamic sublane reads of the float32 scratch; y rows go to a
+float32 scratch that is cast and stored, with ``D x`` added, once per chunk. Padding tokens have
+dt = 0, x = 0, keep = 1 (a = 1, no input: the state is unchanged); padded channels have
+A = 0, x = dt = 0, D = 0 and h0 = 0 (their state stays 0 and their outputs are dropped).
+
+Backward (the custom VJP). With g_t = dL/dh_t (all paths through h_t),
+
+    g_t = C_t dy_t + a_{t+1} g_{t+1},   g_{T-1} = C_{T-1} dy_{T-1} + dh_T     (dh_T: the final
+                                                                               state's cotangent)
+and for each token, from h_t = a_t h_{t-1} + u_t B_t, y_t = C_t . h_t + D x_t:
+
+    du_t[d]  = sum_n g_t[d, n] B_t[n]          dx_t  = du_t dt_t + D dy_t
+    dz_t     = g_t h_{t-1} a_t                 (z = dt A, a = keep exp(z): da/dz = a)
+    ddt_t[d] = du_t[d] x_t[d] + sum_n dz_t[d, n] A[d, n]
+    dA      += dz_t dt_t[d]                    (summed over batch and time)
+    dB_t[n]  = sum_d g_t[d, n] u_t[d]          dC_t[n] = sum_d dy_t[d] h_t[d, n]
+    dD      += dy_t x_t                        dh0 = a_0 g_0
+
+The backward grid is the forward's with the chunks in reverse; the adjoint g [N, bd] lives in
+VMEM scratch across chunks. Each chunk recomputes its L + 1 states from its saved start into a
+VMEM scratch [L + 1, N, bd] (one forward pass over the chunk), then runs the adjoint recurrence
+over its tokens in reverse. dB and dC are sums over channels: each channel block writes its own
+partial [B, Dp / bd, K, N, L] (tokens on lanes, accumulated per chunk as a masked [N, L] update),
+and the wrapper adds the blocks; dA and dD are per-batch-row partials [B, N, Dp], [B, 1, Dp]
+written at the last chunk and summed over the batch in the wrapper (outside shard_map, where
+XLA reduces across devices).
+
+HBM kept for the backward besides the inputs: one state per chunk, ``N * Dp * 4 / L`` bytes per
+token and row (512 B at N = 16, Di = 4096, L = 512... 2 KiB at L = 128). VMEM per program:
+forward about ``4 L bd + 2 (R L + N bd) `` floats plus double-buffered blocks; backward adds the
+[L + 1, N, bd] state scratch (4.2 MiB at L = 128, bd = 512).
+
+The kernel runs per shard under ``shard_map_kernel``: batch on ``batch``, channels on
+``act_ssm_inner`` (the Mamba mixer's activation name); T is never split (the scan needs it
+whole; an input split over ``sequence`` is gathered).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from tessera.kernels.platform import interpret, kernel_platform_reason, target_device
+from tessera.sharding.kernels import shard_map_kernel
+
+LANES = 128
+UNROLL = 8
+# Channel block bd (lanes) and chunk L (tokens) by device kind (jax.Device.device_kind).
+BLOCKS = {"default": (512, 128)}
+F32 = jnp.float32
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+def supports(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.Array,
+             D: jax.Array, **kw) -> str | None:
+    """None when the kernel can run these inputs, else why not (static facts only)."""
+    reason = kernel_platform_reason("tpu")
+    if reason is not None:
+        return reason
+    for name, a in (("x", x), ("dt", dt)):
+        if a.dtype not in (jnp.float32, jnp.bfloat16):
+            return f"{name} is {a.dtype}, not float32 or bfloat16"
+    return None
+
+
+def auto_skips(x: jax.Array, *args, **kw) -> str | None:
+    """Auto leaves one-token calls (decode steps) to the sequential form."""
+    t = x.shape[1]
+    return f"T = {t}: a decode step (the sequential form is cheaper)" if t == 1 else None
+
+
+def _blocks(t: int, di: int, block: tuple[int, int] | None) -> tuple[int, int, int, int]:
+    """(bd, Dp, L, Tp) for a shard with T tokens and Di channels; ``block`` (bd, L) overrides
+    the table."""
+    bd, chunk = block or BLOCKS.get(target_device().device_kind, BLOCKS["default"])
+    dp = _round_up(di, LANES)
+    bd = min(bd, dp)
+    while dp % bd:
+        bd -= LANES
+    length = min(chunk, _round_up(t, 16))
+    return bd, dp, length, _round_up(t, length)
+
+
+def _column(w: jax.Array, lane: jax.Array, t: jax.Array, n: int):
+    """Token t's (B_t, C_t, keep_t) as columns [N, 1], [N, 1], [1, 1] of the W block [R, L]."""
+    col = jnp.sum(jnp.where(lane == t, w, 0.0), axis=1, keepdims=True)
+    return col[:n], col[n:2 * n], col[2 * n:2 * n + 1]
+
+
+def _fwd_kernel(x_ref, dt_ref, a_ref, w_ref, d_ref, h0_ref, y_ref, ht_ref, *rest, n: int,
+                save: bool):
+    if save:
+        starts_ref, h_sc, u_sc, dt_sc, y_sc = rest
+    else:
+        h_sc, u_sc, dt_sc, y_sc = rest
+    k = pl.program_id(2)
+    length = x_ref.shape[0]
+
+    @pl.when(k == 0)
+    def _init():
+        h_sc[...] = h0_ref[...]
+
+    if save:
+        starts_ref[...] = h_sc[...]
+    x = x_ref[...].astype(F32)
+    dt = dt_ref[...].astype(F32)
+    dt_sc[...] = dt
+    u_sc[...] = dt * x
+    a = a_ref[...]
+    w = w_ref[...]
+    lane = jax.lax.broadcasted_iota(jnp.int32, w.shape, 1)
+
+    def step(t, h):
+        b_t, c_t, keep_t = _column(w, lane, t, n)
+        dt_row = dt_sc[pl.ds(t, 1), :]
+        h = jnp.exp(dt_row * a) * keep_t * h + u_sc[pl.ds(t, 1), :] * b_t
+        y_sc[pl.ds(t, 1), :] = jnp.sum(c_t * h, axis=0, keepdims=True)
+        return h
+
+    h = jax.lax.fori_loop(0, length, step, h_sc[...], unroll=UNROLL)
+    h_sc[...] = h
+    y_ref[...] = (y_sc[...] + d_ref[...] * x).astype(y_ref.dtype)
+
+    @pl.when(k == pl.num_programs(2) - 1)
+    def _final():
+        ht_ref[...] = h
+
+
+def _bwd_kernel(x_ref, dt_ref, a_ref, w_ref, d_ref, start_ref, dy_ref, dht_ref,
+                dx_ref, ddt_ref, db_ref, dc_ref, da_ref, dd_ref, dh0_ref,
+                g_sc, da_sc, dd_sc, hs_sc, x_sc, u_sc, dt_sc, dy_sc, dx_sc, ddt_sc, *, n: int):
+    k = pl.program_id(2)  # the chunk is K - 1 - k: chunks in reverse
+    length = x_ref.shape[0]
+
+    @pl.when(k == 0)
+    def _init():
+        g_sc[...] = dht_ref[...]
+        da_sc[...] = jnp.zeros(da_sc.shape, F32)
+        dd_sc[...] = jnp.zeros(dd_sc.shape, F32)
+
+    x = x_ref[...].astype(F32)
+    dt = dt_ref[...].astype(F32)
+    dy = dy_ref[...].astype(F32)
+    x_sc[...] = x
+    dt_sc[...] = dt
+    u_sc[...] = dt * x
+    dy_sc[...] = dy
+    a = a_ref[...]
+    w = w_ref[...]
+    lane = jax.lax.broadcasted_iota(jnp.int32, w.shape, 1)
+    lane_n = jax.lax.broadcasted_iota(jnp.int32, (n, w.shape[1]), 1)
+
+    # The chunk's states: hs[t] enters token t, hs[t + 1] leaves it.
+    hs_sc[0] = start_ref[...]
+
+    def forward(t, h):
+        b_t, _, keep_t = _column(w, lane, t, n)
+        h = jnp.exp(dt_sc[pl.ds(t, 1), :] * a) * keep_t * h + u_sc[pl.ds(t, 1), :] * b_t
+        hs_sc[t + 1] = h
+        return h
+
+    jax.lax.fori_loop(0, length, forward, start_ref[...], unroll=UNROLL)
+
+    def backward(i, carry):
+        g, da, db, dc = carry
+        t = length - 1 - i
+        b_t, c_t, keep_t = _column(w, lane, t, n)
+        dt_row = dt_sc[pl.ds(t, 1), :]
+        u_row = u_sc[pl.ds(t, 1), :]
+        dy_row = dy_sc[pl.ds(t, 1), :]
+        g = g + c_t * dy_row  # g_t
+        h_t = hs_sc[t + 1]
+        decay = jnp.exp(dt_row * a) * keep_t
+        du = jnp.sum(g * b_t, axis=0, keepdims=True)
+        dz = g * hs_sc[t] * decay
+        dx_sc[pl.ds(t, 1), :] = du * dt_row
+        ddt_sc[pl.ds(t, 1), :] = du * x_sc[pl.ds(t, 1), :] + jnp.sum(dz * a, axis=0,
+                                                                      keepdims=True)
+        da = da + dz * dt_row
+        here = lane_n == t
+        db = db + jnp.where(here, jnp.sum(g * u_row, axis=1, keepdims=True), 0.0)
+        dc = dc + jnp.where(here, jnp.sum(h_t * dy_row, axis=1, keepdims=True), 0.0)
+        return decay * g, da, db, dc
+
+    zeros_nl = jnp.zeros((n, length), F32)
+    g, da, db, dc = jax.lax.fori_loop(
+        0, length, backward, (g_sc[...], jnp.zeros(a.shape, F32), zeros_nl, zeros_nl),
+        unroll=UNROLL)
+    g_sc[...] = g
+    da_sc[...] += da
+    dd_sc[...] += jnp.sum(dy * x, axis=0, keepdims=True)
+    dx_ref[...] = (dx_sc[...] + d_ref[...] * dy).astype(dx_ref.dtype)
+    ddt_ref[...] = ddt_sc[...].astype(ddt_ref.dtype)
+    db_ref[...] = db
+    dc_ref[...] = dc
+
+    @pl.when(k == pl.num_programs(2) - 1)
+    def _final():
+        dh0_ref[...] = g
+        da_ref[...] = da_sc[...]
+        dd_ref[...] = dd_sc[...]
+
+
+def _cost(b: int, tp: int, dp: int, n: int, r: int, nj: int, length: int, itemsize: int,
+          backward: bool) -> pl.CostEstimate:
+    """The work the kernel does, counted per (token, channel, state) element and per token row:
+    forward 7 flops and one exp per element (exp(dt A), keep, a h, u B, +, C h, the N-sum),
+    plus the masked lane sum picking W's column (2 R L per token and channel block); the
+    backward recomputes the forward (6 + exp) and runs the adjoint (17 + exp)."""
+    elems = b * tp * dp * n
+    pick = b * tp * nj * 2 * r * length
+    if not backward:
+        flops = 7 * elems + 3 * b * tp * dp + pick
+        trans = elems
+        bytes_ = b * tp * dp * (3 * itemsize) + b * nj * r * tp * 4 + b * (tp // 128 + 3) * n * dp * 4
+    else:
+        flops = 23 * elems + 8 * b * tp * dp + 2 * pick + 2 * b * tp * nj * n * length * 2
+        trans = 2 * elems
+        bytes_ = (b * tp * dp * 5 * itemsize + b * nj * (r + 2 * n) * tp * 4
+                  + b * (tp // 128 + 4) * n * dp * 4)
+    return pl.CostEstimate(flops=int(flops), transcendentals=int(trans), bytes_accessed=int(bytes_))
+
+
+def _prepare(x, dt, A, B, C, D, keep, block):
+    """Pad one shard's inputs to the kernel's layout: (x, dt [B, Tp, Dp], A^T [N, Dp],
+    W [B, K, R, L], D [1, Dp], (bd, L))."""
+    b, t, di = x.shape
+    n = A.shape[1]
+    bd, dp, length, tp = _blocks(t, di, block)
+    r = _round_up(2 * n + 1, 8)
+    pad3 = ((0, 0), (0, tp - t), (0, dp - di))
+    xp = jnp.pad(x, pad3)
+    dtp = jnp.pad(dt, pad3)
+    at = jnp.pad(A.astype(F32).T, ((0, 0), (0, dp - di)))
+    w = jnp.concatenate(
+        [B.astype(F32), C.astype(F32), keep.astype(F32)[..., None],
+         jnp.zeros((b, t, r - 2 * n - 1), F32)], axis=-1)
+    # Padded tokens: keep = 1 (with dt = 0: the state is unchanged); B = C = 0.
+    w = jnp.pad(w, ((0, 0), (0, tp - t), (0, 0)))
+    w = w.at[:, t:, 2 * n].set(1.0)
+    w = w.reshape(b, tp // length, length, r).transpose(0, 1, 3, 2)  # [B, K, R, L]
+    dpad = jnp.pad(D.astype(F32), (0, dp - di))[None, :]
+    return xp, dtp, at, w, dpad, (bd, length)
+
+
+def _forward(x, dt, A, B, C, D, h0, keep, *, save: bool, block: tuple[int, int] | None):
+    """One shard: x, dt [B, T, Di]; A [Di, N]; B, C [B, T, N]; D [Di]; h0 [B, Di, N] f32;
+    keep [B, T] f32 -> y [B, T, Di], final state [B, Di, N], and with ``save`` the chunk
+    starts [B, K, N, Dp]."""
+    b, t, di = x.shape
+    n = A.shape[1]
+    xp, dtp, at, w, dpad, (bd, length) = _prepare(x, dt, A, B, C, D, keep, block)
+    tp, dp = xp.shape[1:]
+    r = w.shape[2]
+    nj, nk = dp // bd, tp // length
+    h0t = jnp.pad(h0.astype(F32).transpose(0, 2, 1), ((0, 0), (0, 0), (0, dp - di)))
+    sq = pl.squeezed
+    tok = pl.BlockSpec((sq, length, bd), lambda bi, j, k: (bi, k, j))
+    chan = pl.BlockSpec((n, bd), lambda bi, j, k: (0, j))
+    state = pl.BlockSpec((sq, n, bd), lambda bi, j, k: (bi, 0, j))
+    out_shape = [jax.ShapeDtypeStruct(xp.shape, x.dtype), jax.ShapeDtypeStruct((b, n, dp), F32)]
+    out_specs = [tok, state]
+    if save:
+        out_shape.append(jax.ShapeDtypeStruct((b, nk, n, dp), F32))
+        out_specs.append(pl.BlockSpec((sq, sq, n, bd), lambda bi, j, k: (bi, k, 0, j)))
+    outs = pl.pallas_call(
+        functools.partial(_fwd_kernel, n=n, save=save),
+        grid=(b, nj, nk),
+        in_specs=[
+            tok, tok, chan,
+            pl.BlockSpec((sq, sq, r, length), lambda bi, j, k: (bi, k, 0, 0)),
+            pl.BlockSpec((1, bd), lambda bi, j, k: (0, j)),
+            state,
+        ],
+        out_specs=out_specs,
+        out_shape=out_shape,
+        scratch_shapes=[pltpu.VMEM((n, bd), F32)] + [pltpu.VMEM((length, bd), F32)] * 3,
+        compiler_params=pltpu.CompilerParams(
+            dimension_semantics=("parallel", "parallel", "arbitrary")),
+        cost_estimate=_cost(b, tp, dp, n, r, nj, length, x.dtype.itemsize, backward=False),
+        interpret=interpret(),
+        name="tessera_selective_scan_fwd",
+    )(xp, dtp, at, w, dpad, h0t)
+    y = outs[0][:, :t, :di]
+    ht = outs[1][:, :, :di].transpose(0, 2, 1)
+    return (y, ht, outs[2]) if save else (y, ht)
+
+
+def _backward(x, dt, A, B, C, D, keep, starts, dy, dht, *, block: tuple[int, int] | None):
+    """One shard: the forward's inputs, its chunk starts, the cotangents dy [B, T, Di] and
+    dht [B, Di, N] -> dx, ddt [B, T, Di]; per-row partials dA [B, Di, N], dD [B, Di]; dB, dC
+    [B, T, N] summed over this shard's channels; dh0 [B, Di, N]."""
+    b, t, di = x.shape
+    n = A.shape[1]
+    xp, dtp, at, w, dpad, (bd, length) = _prepare(x, dt, A, B, C, D, keep, block)
+    tp, dp = xp.shape[1:]
+    r = w.shape[2]
+    nj, nk = dp // bd, tp // length
+    pad3 = ((0, 0), (0, tp - t), (0, dp - di))
+    dyp = jnp.pad(dy, pad3)
+    dhtt = jnp.pad(dht.astype(F32).transpose(0, 2, 1), ((0, 0), (0, 0), (0, dp - di)))
+    sq = pl.squeezed
+    last = nk - 1
+    tok = pl.BlockSpec((sq, length, bd), lambda bi, j, k: (bi, last - k, j))
+    chan = pl.BlockSpec((n, bd), lambda bi, j, k: (0, j))
+    state = pl.BlockSpec((sq, n, bd), lambda bi, j, k: (bi, 0, j))
+    part = pl.BlockSpec((sq, sq, sq, n, length), lambda bi, j, k: (bi, j, last - k, 0, 0))
+    row = pl.BlockSpec((sq, 1, bd), lambda bi, j, k: (bi, 0, j))
+    outs = pl.pallas_call(
+        functools.partial(_bwd_kernel, n=n),
+        grid=(b, nj, nk),
+        in_specs=[
+            tok, tok, chan,
+            pl.BlockSpec((sq, sq, r, length), lambda bi, j, k: (bi, last - k, 0, 0)),
+            pl.BlockSpec((1, bd), lambda bi, j, k: (0, j)),
+            pl.BlockSpec((sq, sq, n, bd), lambda bi, j, k: (bi, last - k, 0, j)),
+            tok, state,
+        ],
+        out_specs=[tok, tok, part, part, state, row, state],
+        out_shape=[
+            jax.ShapeDtypeStruct(xp.shape, x.dtype),
+            jax.ShapeDtypeStruct(xp.shape, dt.dtype),
+            jax.ShapeDtypeStruct((b, nj, nk, n, length), F32),
+            jax.ShapeDtypeStruct((b, nj, nk, n, length), F32),
+            jax.ShapeDtypeStruct((b, n, dp), F32),
+            jax.ShapeDtypeStruct((b, 1, dp), F32),
+            jax.ShapeDtypeStruct((b, n, dp), F32),
+        ],
+        scratch_shapes=[
+            pltpu.VMEM((n, bd), F32), pltpu.VMEM((n, bd), F32), pltpu.VMEM((1, bd), F32),
+            pltpu.VMEM((length + 1, n, bd), F32),
+            *[pltpu.VMEM((length, bd), F32)] * 6,
+        ],
+        compiler_params=pltpu.CompilerParams(
+            dimension_semantics=("parallel", "parallel", "arbitrary")),
+        cost_estimate=_cost(b, tp, dp, n, r, nj, length, x.dtype.itemsize, backward=True),
+        interpret=interpret(),
+        name="tessera_selective_scan_bwd",
+    )(xp, dtp, at, w, dpad, starts, dyp, dhtt)
+    dx, ddt, db, dc, da, dd, dh0 = outs
+    dx = dx[:, :t, :di]
+    ddt = ddt[:, :t, :di]
+    db = db.sum(axis=1).transpose(0, 1, 3, 2).reshape(b, tp, n)[:, :t]
+    dc = dc.sum(axis=1).transpose(0, 1, 3, 2).reshape(b, tp, n)[:, :t]
+    da = da[:, :, :di].transpose(0, 2, 1)
+    dd = dd[:, 0, :di]
+    dh0 = dh0[:, :, :di].transpose(0, 2, 1)
+    return dx, ddt, da, db[:, None], dc[:, None], dd, dh0
+
+
+# Logical axes: batch rows on "batch", channels on the Mamba mixer's "act_ssm_inner".
+_TOKENS = ("batch", None, "act_ssm_inner")
+_STATE = ("batch", "act_ssm_inner", None)
+_IN_AXES = (_TOKENS, _TOKENS, ("act_ssm_inner", None), ("batch", None, None),
+            ("batch", None, None), ("act_ssm_inner",))
+
+
+def _scan_nograd(block, x, dt, A, B, C, D, h0, keep):
+    run = shard_map_kernel(
+        functools.partial(_forward, save=False, block=block),
+        in_axes=(*_IN_AXES, _STATE, ("batch", None)),
+        out_axes=(_TOKENS, _STATE),
+    )
+    return run(x, dt, A, B, C, D, h0, keep)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _scan(block, x, dt, A, B, C, D, h0, keep):
+    """The sharded kernel (no chunk states saved when not differentiated)."""
+    return _scan_nograd(block, x, dt, A, B, C, D, h0, keep)
+
+
+def _scan_fwd(block, x, dt, A, B, C, D, h0, keep):
+    run = shard_map_kernel(
+        functools.partial(_forward, save=True, block=block),
+        in_axes=(*_IN_AXES, _STATE, ("batch", None)),
+        out_axes=(_TOKENS, _STATE, ("batch", None, None, "act_ssm_inner")),
+    )
+    y, ht, starts = run(x, dt, A, B, C, D, h0, keep)
+    return (y, ht), (x, dt, A, B, C, D, keep, starts)
+
+
+def _scan_bwd(block, res, cotangents):
+    x, dt, A, B, C, D, keep, starts = res
+    dy, dht = cotangents
+    run = shard_map_kernel(
+        functools.partial(_backward, block=block),
+        in_axes=(*_IN_AXES, ("batch", None), ("batch", None, None, "act_ssm_inner"),
+                 _TOKENS, _STATE),
+        out_axes=(_TOKENS, _TOKENS, _STATE, ("batch", "act_ssm_inner", None, None),
+                  ("batch", "act_ssm_inner", None, None), ("batch", "act_ssm_inner"), _STATE),
+    )
+    dx, ddt, da, db, dc, dd, dh0 = run(x, dt, A, B, C, D, keep, starts, dy.astype(x.dtype), dht)
+    # Sums over batch rows (dA, dD) and over the channel shards (dB, dC): XLA reduces across
+    # devices here.
+    return (dx, ddt, da.sum(0).astype(A.dtype), db.sum(1).astype(B.dtype),
+            dc.sum(1).astype(C.dtype), dd.sum(0).astype(D.dtype), dh0.astype(F32),
+            jnp.zeros_like(keep))
+
+
+_scan.defvjp(_scan_fwd, _scan_bwd)
+
+
+def selective_scan(
+    x: jax.Array,
+    dt: jax.Array,
+    A: jax.Array,
+    B: jax.Array,
+    C: jax.Array,
+    D: jax.Array,
+    *,
+    h0: jax.Array | None = None,
+    reset: jax.Array | None = None,
+    block: tuple[int, int] | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """The kernel: x, dt [B, T, Di] (float32 or bfloat16); A [Di, N]; B, C [B, T, N]; D [Di];
+    h0 [B, Di, N] (default zeros); reset bool [B, T] -> (y [B, T, Di] in x's dtype, final
+    state [B, Di, N] float32). Differentiable wrt every float input. ``block`` = (bd, L)
+    overrides the per-generation table (bd a multiple of 128, L of 16; tests use small L)."""
+    b, t, di = x.shape
+    n = A.shape[1]
+    h0 = jnp.zeros((b, di, n), F32) if h0 is None else h0.astype(F32)
+    keep = jnp.ones((b, t), F32) if reset is None else 1.0 - reset.astype(F32)
+    return _scan(block, x, dt, A, B, C, D, h0, keep)
