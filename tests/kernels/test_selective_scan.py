@@ -157,8 +157,8 @@ def test_dispatch():
         scan = jax.jit(functools.partial(selective_scan, impl=impl, chunk_size=4))
         y, _ = scan(*args, **kw)
         np.testing.assert_allclose(y, want, **TOL, err_msg=impl)
-    assert IMPLS == ("auto", "chunked", "associative", "sequential")
-    for impl in ("cuda", "pallas_tpu"):
+    assert IMPLS == ("auto", "pallas_tpu", "chunked", "associative", "sequential")
+    for impl in ("cuda", "triton"):
         with pytest.raises(ValueError, match=f"unknown selective_scan impl '{impl}'; valid: auto"):
             selective_scan(*args, impl=impl)
     with pytest.raises(ValueError, match="B must have shape"):

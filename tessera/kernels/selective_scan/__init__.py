@@ -1,12 +1,15 @@
 """Mamba-1 selective scan behind one dispatch: `selective_scan(x, dt, A, B, C, D, impl="auto")`.
 
-impls, in the order auto tries them (`OP`, a `tessera.kernels.registry.Op`; all in `reference`,
-plain jnp):
+impls, in the order auto tries them (`OP`, a `tessera.kernels.registry.Op`):
+  pallas_tpu   Pallas Mosaic kernel (`pallas_tpu`): the state [N, Di block] in VMEM, a token loop
+               per chunk, a custom-VJP backward that saves one state per chunk and recomputes
+               each chunk's states; under shard_map (batch, act_ssm_inner). On TPU (or in
+               interpret mode) for T > 1; ignores ``chunk_size`` (its own per-generation table).
   chunked      associative scan within chunks, lax.scan across them, rematerialised chunk body;
-               memory O(chunk) per step. The training and prefill path.
+               memory O(chunk) per step. The training and prefill path off TPU (auto: T > 1).
   associative  one jax.lax.associative_scan over T; memory [B, T, Di, N]. Only when named.
-  sequential   lax.scan over time; the oracle and the decode step. Only when named.
-  auto         chunked. Pallas kernels join with `OP.register(impl, before=...)`.
+  sequential   lax.scan over time; the oracle and the decode step (auto: T = 1).
+  auto         pallas_tpu on TPU, else chunked, for T > 1; sequential for T = 1 (decode).
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from __future__ import annotations
 import jax
 
 from tessera.kernels.registry import Impl, Op, drop_kwargs, impls_getattr
-from tessera.kernels.selective_scan import reference
+from tessera.kernels.selective_scan import pallas_tpu, reference
 
 __all__ = ["IMPLS", "OP", "selective_scan"]
 
@@ -41,12 +44,28 @@ def _check_shapes(x, dt, A, B, C, D, h0, reset) -> None:
             raise ValueError(f"selective_scan: {name} must have shape {shape}, got {a.shape}")
 
 
+def _multi_token(x: jax.Array, *args, **kwargs) -> str | None:
+    """Auto's check for the chunked forms: T = 1 (a decode step) goes to the sequential form."""
+    return "T = 1: a decode step (the sequential form)" if x.shape[1] == 1 else None
+
+
+def _one_token(x: jax.Array, *args, **kwargs) -> str | None:
+    """Auto runs the sequential form for decode steps (T = 1) only."""
+    return None if x.shape[1] == 1 else f"T = {x.shape[1]} > 1 (only for decode steps)"
+
+
 OP = Op(
     "selective_scan",
     [
-        Impl("chunked", reference.chunked),
+        Impl(
+            "pallas_tpu",
+            drop_kwargs(pallas_tpu.selective_scan, "chunk_size"),
+            supports=pallas_tpu.supports,
+            auto=_multi_token,
+        ),
+        Impl("chunked", reference.chunked, auto=_multi_token),
         Impl("associative", drop_kwargs(reference.associative, "chunk_size"), auto=False),
-        Impl("sequential", drop_kwargs(reference.sequential, "chunk_size"), auto=False),
+        Impl("sequential", drop_kwargs(reference.sequential, "chunk_size"), auto=_one_token),
     ],
 )
 

@@ -93,12 +93,6 @@ def supports(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.Arr
     return None
 
 
-def auto_skips(x: jax.Array, *args, **kw) -> str | None:
-    """Auto leaves one-token calls (decode steps) to the sequential form."""
-    t = x.shape[1]
-    return f"T = {t}: a decode step (the sequential form is cheaper)" if t == 1 else None
-
-
 def _blocks(t: int, di: int, block: tuple[int, int] | None) -> tuple[int, int, int, int]:
     """(bd, Dp, L, Tp) for a shard with T tokens and Di channels; ``block`` (bd, L) overrides
     the table."""
@@ -231,24 +225,28 @@ def _bwd_kernel(x_ref, dt_ref, a_ref, w_ref, d_ref, start_ref, dy_ref, dht_ref,
         dd_ref[...] = dd_sc[...]
 
 
-def _cost(b: int, tp: int, dp: int, n: int, r: int, nj: int, length: int, itemsize: int,
-          backward: bool) -> pl.CostEstimate:
-    """The work the kernel does, counted per (token, channel, state) element and per token row:
-    forward 7 flops and one exp per element (exp(dt A), keep, a h, u B, +, C h, the N-sum),
-    plus the masked lane sum picking W's column (2 R L per token and channel block); the
-    backward recomputes the forward (6 + exp) and runs the adjoint (17 + exp)."""
+def _cost(b: int, tp: int, dp: int, n: int, r: int, nj: int, length: int, x_bytes: int,
+          dt_bytes: int, backward: bool) -> pl.CostEstimate:
+    """The work the kernels do, counted from their code. Per (token, channel, state) element:
+    the forward 7 flops and one exp (exp(dt A), keep, a h, u B, +, C h, the N-sum); the backward
+    recomputes the forward (6 + exp) and runs the adjoint (19 + exp: g += C dy, the decay, du,
+    dz, dz A, dA, dB, dC, a g). Per token and channel a few more (u, D x, dx, ddt, dD). Per token
+    and channel block: picking W's column (a masked lane sum, 2 R L) and, backward, the masked
+    dB / dC accumulation (4 N L). Bytes: every block the grid fetches or writes once."""
     elems = b * tp * dp * n
-    pick = b * tp * nj * 2 * r * length
+    tokens = b * tp * dp
+    pick = 2 * r * length * b * tp * nj
+    w_bytes = nj * b * tp * r * 4
+    state = b * n * dp * 4  # one [N, Dp] f32 per row: A, h0, final state, dA, dh0, ...
+    starts = (tp // length) * state
     if not backward:
-        flops = 7 * elems + 3 * b * tp * dp + pick
-        trans = elems
-        bytes_ = b * tp * dp * (3 * itemsize) + b * nj * r * tp * 4 + b * (tp // 128 + 3) * n * dp * 4
-    else:
-        flops = 23 * elems + 8 * b * tp * dp + 2 * pick + 2 * b * tp * nj * n * length * 2
-        trans = 2 * elems
-        bytes_ = (b * tp * dp * 5 * itemsize + b * nj * (r + 2 * n) * tp * 4
-                  + b * (tp // 128 + 4) * n * dp * 4)
-    return pl.CostEstimate(flops=int(flops), transcendentals=int(trans), bytes_accessed=int(bytes_))
+        flops = 7 * elems + 3 * tokens + pick
+        bytes_ = tokens * (2 * x_bytes + dt_bytes) + w_bytes + 3 * state + starts
+        return pl.CostEstimate(flops=flops, transcendentals=elems, bytes_accessed=bytes_)
+    flops = 25 * elems + 8 * tokens + 2 * pick + 4 * n * length * b * tp * nj
+    bytes_ = (tokens * (3 * x_bytes + 2 * dt_bytes) + w_bytes + 2 * nj * b * tp * n * 4
+              + 5 * state + starts)
+    return pl.CostEstimate(flops=flops, transcendentals=2 * elems, bytes_accessed=bytes_)
 
 
 def _prepare(x, dt, A, B, C, D, keep, block):
@@ -307,7 +305,8 @@ def _forward(x, dt, A, B, C, D, h0, keep, *, save: bool, block: tuple[int, int] 
         scratch_shapes=[pltpu.VMEM((n, bd), F32)] + [pltpu.VMEM((length, bd), F32)] * 3,
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("parallel", "parallel", "arbitrary")),
-        cost_estimate=_cost(b, tp, dp, n, r, nj, length, x.dtype.itemsize, backward=False),
+        cost_estimate=_cost(b, tp, dp, n, r, nj, length, x.dtype.itemsize, dt.dtype.itemsize,
+                            backward=False),
         interpret=interpret(),
         name="tessera_selective_scan_fwd",
     )(xp, dtp, at, w, dpad, h0t)
@@ -363,7 +362,8 @@ def _backward(x, dt, A, B, C, D, keep, starts, dy, dht, *, block: tuple[int, int
         ],
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("parallel", "parallel", "arbitrary")),
-        cost_estimate=_cost(b, tp, dp, n, r, nj, length, x.dtype.itemsize, backward=True),
+        cost_estimate=_cost(b, tp, dp, n, r, nj, length, x.dtype.itemsize, dt.dtype.itemsize,
+                            backward=True),
         interpret=interpret(),
         name="tessera_selective_scan_bwd",
     )(xp, dtp, at, w, dpad, starts, dyp, dhtt)
