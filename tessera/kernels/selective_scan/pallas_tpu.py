@@ -166,7 +166,7 @@ def _fwd_kernel(x_ref, dt_ref, a_ref, w_ref, d_ref, h0_ref, y_ref, ht_ref, *rest
 
 def _bwd_kernel(x_ref, dt_ref, a_ref, w_ref, d_ref, start_ref, dy_ref, dht_ref,
                 dx_ref, ddt_ref, db_ref, dc_ref, da_ref, dd_ref, dh0_ref,
-                g_sc, da_sc, dd_sc, hs_sc, dec_sc, x_sc, u_sc, dt_sc, dy_sc, dx_sc, ddt_sc, *,
+                g_sc, da_sc, dd_sc, hd_sc, dec_sc, x_sc, u_sc, dt_sc, dy_sc, dx_sc, ddt_sc, *,
                 n: int):
     k = pl.program_id(2)  # the chunk is K - 1 - k: chunks in reverse
     length = x_ref.shape[0]
@@ -189,43 +189,39 @@ def _bwd_kernel(x_ref, dt_ref, a_ref, w_ref, d_ref, start_ref, dy_ref, dht_ref,
     w = w_ref[...]
     lane_n = jax.lax.broadcasted_iota(jnp.int32, (n, w.shape[1]), 1)
 
-    # The chunk's states (hs[t] enters token t, hs[t + 1] leaves it) and decays a_t.
-    hs_sc[0] = start_ref[...]
-
-    def forward(t, cols, h):
+    # Recompute the chunk: keep each token's decay a_t and carried-over state a_t h_{t-1}
+    # (what the adjoint needs), and take dC_t = sum_d dy_t h_t on the way (h_t is at hand).
+    def forward(t, cols, carry):
+        h, dc = carry
         b_t, _, keep_t = cols
         decay = jnp.exp2(dt_sc[pl.ds(t, 1), :] * a2) * keep_t
         dec_sc[t] = decay
-        h = decay * h + u_sc[pl.ds(t, 1), :] * b_t
-        hs_sc[t + 1] = h
-        return h
+        kept = decay * h
+        hd_sc[t] = kept
+        h = kept + u_sc[pl.ds(t, 1), :] * b_t
+        dc_t = jnp.sum(h * dy_sc[pl.ds(t, 1), :], axis=1, keepdims=True)
+        return h, dc + jnp.where(lane_n == t, dc_t, 0.0)
 
-    _token_loop(w, n, length, forward, start_ref[...])
+    zeros_nl = jnp.zeros(lane_n.shape, F32)
+    _, dc = _token_loop(w, n, length, forward, (start_ref[...], zeros_nl))
 
     def backward(t, cols, carry):
-        g, da, db, dc = carry
+        g, da, db = carry
         b_t, c_t, _ = cols
         dt_row = dt_sc[pl.ds(t, 1), :]
         u_row = u_sc[pl.ds(t, 1), :]
-        dy_row = dy_sc[pl.ds(t, 1), :]
-        g = g + c_t * dy_row  # g_t
-        h_t = hs_sc[t + 1]
-        decay = dec_sc[t]
+        g = g + c_t * dy_sc[pl.ds(t, 1), :]  # g_t
         du = jnp.sum(g * b_t, axis=0, keepdims=True)
-        dz = g * hs_sc[t] * decay
+        dz = g * hd_sc[t]
         dx_sc[pl.ds(t, 1), :] = du * dt_row
         ddt_sc[pl.ds(t, 1), :] = du * x_sc[pl.ds(t, 1), :] + jnp.sum(dz * a, axis=0,
                                                                       keepdims=True)
         da = da + dz * dt_row
-        here = lane_n == t
-        db = db + jnp.where(here, jnp.sum(g * u_row, axis=1, keepdims=True), 0.0)
-        dc = dc + jnp.where(here, jnp.sum(h_t * dy_row, axis=1, keepdims=True), 0.0)
-        return decay * g, da, db, dc
+        db = db + jnp.where(lane_n == t, jnp.sum(g * u_row, axis=1, keepdims=True), 0.0)
+        return dec_sc[t] * g, da, db
 
-    zeros_nl = jnp.zeros(lane_n.shape, F32)
-    g, da, db, dc = _token_loop(
-        w, n, length, backward, (g_sc[...], jnp.zeros(a.shape, F32), zeros_nl, zeros_nl),
-        reverse=True)
+    g, da, db = _token_loop(
+        w, n, length, backward, (g_sc[...], jnp.zeros(a.shape, F32), zeros_nl), reverse=True)
     g_sc[...] = g
     da_sc[...] += da
     dd_sc[...] += jnp.sum(dy * x, axis=0, keepdims=True)
@@ -375,7 +371,7 @@ def _backward(x, dt, A, B, C, D, keep, starts, dy, dht, *, block: tuple[int, int
         ],
         scratch_shapes=[
             pltpu.VMEM((n, bd), F32), pltpu.VMEM((n, bd), F32), pltpu.VMEM((1, bd), F32),
-            pltpu.VMEM((length + 1, n, bd), F32), pltpu.VMEM((length, n, bd), F32),
+            pltpu.VMEM((length, n, bd), F32), pltpu.VMEM((length, n, bd), F32),
             *[pltpu.VMEM((length, bd), F32)] * 6,
         ],
         compiler_params=pltpu.CompilerParams(
