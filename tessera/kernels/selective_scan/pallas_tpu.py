@@ -12,19 +12,21 @@ readout ``C . h`` a sum over the N sublanes.
 Layout (one shard's arrays; the wrapper pads T to a multiple of the chunk L and Di to one of bd):
   x, dt, y [B, Tp, Dp] (their dtype)   blocks [L, bd]
   A^T [N, Dp] f32, D [1, Dp] f32       blocks [N, bd], [1, bd]
-  W [B, K, R, L] f32                   block [R, L]: rows B_t (N), C_t (N), keep_t (1), zeros
-                                       (R = 2N + 1 rounded up to 8); tokens on lanes
+  W [B, K, R, LW] f32                  block [R, LW]: rows B_t (N), C_t (N), keep_t (1), zeros
+                                       (R = 2N + 1 rounded up to 8); tokens on lanes (LW: L
+                                       rounded up to 128)
   h0, final state [B, N, Dp] f32       blocks [N, bd]
   starts [B, K, N, Dp] f32             the state entering each chunk (saved for the backward)
 
 Grid (B "parallel", Dp / bd "parallel", K = Tp / L "arbitrary"); the state lives in VMEM scratch
 across the chunk axis. A chunk first casts its x / dt block to float32 scratch (u = dt x, dt),
-then a ``fori_loop`` over its L tokens (unrolled by 8) runs the recurrence. Token t's column of
-W (B_t, C_t, keep_t) is taken with a lane mask and a lane sum of the [R, L] block (no dynamic
-lane slicing); x / dt rows are dynamic sublane reads of the float32 scratch; y rows go to a
-float32 scratch that is cast and stored, with ``D x`` added, once per chunk. Padding tokens have
-dt = 0, x = 0, keep = 1 (a = 1, no input: the state is unchanged); padded channels have
-A = 0, x = dt = 0, D = 0 and h0 = 0 (their state stays 0 and their outputs are dropped).
+then a ``fori_loop`` over its L tokens (unrolled by 16) runs the recurrence, with
+exp(dt A) = exp2(dt (A log2 e)). Token t's column of W (B_t, C_t, keep_t) is taken with a lane
+mask and a lane sum of the [R, LW] block (no dynamic lane slicing); x / dt rows are dynamic
+sublane reads of the float32 scratch; y rows go to a float32 scratch that is cast and stored,
+with ``D x`` added, once per chunk. Padding tokens have dt = 0, x = 0, keep = 1 (a = 1, no
+input: the state is unchanged); padded channels have A = 0, x = dt = 0, D = 0 and h0 = 0 (their
+state stays 0 and their outputs are dropped).
 
 Backward (the custom VJP). With g_t = dL/dh_t (all paths through h_t),
 
@@ -40,18 +42,26 @@ and for each token, from h_t = a_t h_{t-1} + u_t B_t, y_t = C_t . h_t + D x_t:
     dD      += dy_t x_t                        dh0 = a_0 g_0
 
 The backward grid is the forward's with the chunks in reverse; the adjoint g [N, bd] lives in
-VMEM scratch across chunks. Each chunk recomputes its L + 1 states from its saved start into a
-VMEM scratch [L + 1, N, bd] (one forward pass over the chunk), then runs the adjoint recurrence
-over its tokens in reverse. dB and dC are sums over channels: each channel block writes its own
-partial [B, Dp / bd, K, N, L] (tokens on lanes, accumulated per chunk as a masked [N, L] update),
-and the wrapper adds the blocks; dA and dD are per-batch-row partials [B, N, Dp], [B, 1, Dp]
+VMEM scratch across chunks. Each chunk first recomputes its states from its saved start (one
+forward pass over the chunk), keeping per token the decay a_t and the carried-over state
+a_t h_{t-1} in VMEM scratch [L, N, bd] each (dz_t = g_t (a_t h_{t-1}); no second exp), and
+taking dC_t on the way (h_t is at hand there); then it runs the adjoint recurrence over its
+tokens in reverse. dB and dC are sums over channels: each channel block writes its own partial
+[B, Dp / bd, K, N, LW] (tokens on lanes, accumulated per chunk as a masked [N, LW] update), and
+the wrapper adds the blocks; dA and dD are per-batch-row partials [B, N, Dp], [B, 1, Dp]
 written at the last chunk and summed over the batch in the wrapper (outside shard_map, where
 XLA reduces across devices).
 
 HBM kept for the backward besides the inputs: one state per chunk, ``N * Dp * 4 / L`` bytes per
-token and row (512 B at N = 16, Di = 4096, L = 512... 2 KiB at L = 128). VMEM per program:
-forward about ``4 L bd + 2 (R L + N bd) `` floats plus double-buffered blocks; backward adds the
-[L + 1, N, bd] state scratch (4.2 MiB at L = 128, bd = 512).
+token and row (2 KiB at N = 16, Di = 4096, L = 128: a quarter of x's bf16 row). VMEM per
+program: the forward's f32 scratch is 3 L bd + N bd floats plus the double-buffered blocks
+(about 2 MiB at L = 128, bd = 512); the backward's adds the two [L, N, bd] f32 scratches
+(8 MiB) to six [L, bd] ones, about 12 MiB in all (BWD_VMEM_LIMIT raises the scoped limit).
+
+Static cost on v5p (LLO bundles of the compiled loops, per token and 512-channel block): the
+forward's token loop 31 bundles (+ 4 per token of chunk overhead), the backward's recompute 29
+and reverse 54 (+ 8): about 125 cycles per token and 512 channels for forward + backward, the
+VALU slots close to full (per element: exp2 on the EUP, about 5 VALU ops forward, 12 backward).
 
 The kernel runs per shard under ``shard_map_kernel``: batch on ``batch``, channels on
 ``act_ssm_inner`` (the Mamba mixer's activation name); T is never split (the scan needs it
