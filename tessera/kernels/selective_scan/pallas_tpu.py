@@ -86,6 +86,7 @@ LOG2E = 1.4426950408889634
 # The backward's state and decay scratch is 2 (L + 1) N bd 4 bytes (8.4 MiB at L = 128,
 # bd = 512), over some generations' default scoped VMEM with the blocks.
 BWD_VMEM_LIMIT = 32 * 2**20
+BWD_SCRATCH = 8 * 2**20
 # Channel block bd (lanes) and chunk L (tokens) by device kind (jax.Device.device_kind).
 BLOCKS = {"default": (512, 128)}
 F32 = jnp.float32
@@ -107,10 +108,15 @@ def supports(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.Arr
     return None
 
 
-def _blocks(t: int, di: int, block: tuple[int, int] | None) -> tuple[int, int, int, int]:
-    """(bd, Dp, L, Tp) for a shard with T tokens and Di channels; ``block`` (bd, L) overrides
-    the table."""
+def _blocks(t: int, di: int, n: int,
+            block: tuple[int, int] | None) -> tuple[int, int, int, int]:
+    """(bd, Dp, L, Tp) for a shard with T tokens, Di channels and N states; ``block`` (bd, L)
+    overrides the table. A large N narrows bd, then shortens L, to keep the backward's two
+    [L, N, bd] float32 scratches within BWD_SCRATCH bytes."""
     bd, chunk = block or BLOCKS.get(target_device().device_kind, BLOCKS["default"])
+    if block is None:
+        bd = min(bd, max(LANES, BWD_SCRATCH // (8 * chunk * n) // LANES * LANES))
+        chunk = min(chunk, max(16, BWD_SCRATCH // (8 * bd * n) // 16 * 16))
     dp = _round_up(di, LANES)
     bd = min(bd, dp)
     while dp % bd:
@@ -276,7 +282,7 @@ def _prepare(x, dt, A, B, C, D, keep, block):
     W [B, K, R, L], D [1, Dp], (bd, L))."""
     b, t, di = x.shape
     n = A.shape[1]
-    bd, dp, length, tp = _blocks(t, di, block)
+    bd, dp, length, tp = _blocks(t, di, A.shape[1], block)
     r = _round_up(2 * n + 1, 8)
     pad3 = ((0, 0), (0, tp - t), (0, dp - di))
     xp = jnp.pad(x, pad3)
