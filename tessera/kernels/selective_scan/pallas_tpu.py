@@ -182,7 +182,7 @@ def _fwd_kernel(x_ref, dt_ref, a_ref, w_ref, d_ref, h0_ref, y_ref, ht_ref, *rest
 
 def _bwd_kernel(x_ref, dt_ref, a_ref, w_ref, d_ref, start_ref, dy_ref, dht_ref,
                 dx_ref, ddt_ref, db_ref, dc_ref, da_ref, dd_ref, dh0_ref,
-                g_sc, da_sc, dd_sc, hd_sc, dec_sc, x_sc, u_sc, dt_sc, dy_sc, dx_sc, ddt_sc, *,
+                g_sc, da_sc, dd_sc, hd_sc, dec_sc, u_sc, dt_sc, dy_sc, du_sc, dza_sc, *,
                 n: int):
     k = pl.program_id(2)  # the chunk is K - 1 - k: chunks in reverse
     length = x_ref.shape[0]
@@ -196,7 +196,6 @@ def _bwd_kernel(x_ref, dt_ref, a_ref, w_ref, d_ref, start_ref, dy_ref, dht_ref,
     x = x_ref[...].astype(F32)
     dt = dt_ref[...].astype(F32)
     dy = dy_ref[...].astype(F32)
-    x_sc[...] = x
     dt_sc[...] = dt
     u_sc[...] = dt * x
     dy_sc[...] = dy
@@ -229,9 +228,8 @@ def _bwd_kernel(x_ref, dt_ref, a_ref, w_ref, d_ref, start_ref, dy_ref, dht_ref,
         g = g + c_t * dy_sc[pl.ds(t, 1), :]  # g_t
         du = jnp.sum(g * b_t, axis=0, keepdims=True)
         dz = g * hd_sc[t]
-        dx_sc[pl.ds(t, 1), :] = du * dt_row
-        ddt_sc[pl.ds(t, 1), :] = du * x_sc[pl.ds(t, 1), :] + jnp.sum(dz * a, axis=0,
-                                                                      keepdims=True)
+        du_sc[pl.ds(t, 1), :] = du  # dx = du dt + D dy, ddt = du x + dza: after the loop
+        dza_sc[pl.ds(t, 1), :] = jnp.sum(dz * a, axis=0, keepdims=True)
         da = da + dz * dt_row
         db = db + jnp.where(lane_n == t, jnp.sum(g * u_row, axis=1, keepdims=True), 0.0)
         return dec_sc[t] * g, da, db
@@ -241,8 +239,9 @@ def _bwd_kernel(x_ref, dt_ref, a_ref, w_ref, d_ref, start_ref, dy_ref, dht_ref,
     g_sc[...] = g
     da_sc[...] += da
     dd_sc[...] += jnp.sum(dy * x, axis=0, keepdims=True)
-    dx_ref[...] = (dx_sc[...] + d_ref[...] * dy).astype(dx_ref.dtype)
-    ddt_ref[...] = ddt_sc[...].astype(ddt_ref.dtype)
+    du = du_sc[...]
+    dx_ref[...] = (du * dt + d_ref[...] * dy).astype(dx_ref.dtype)
+    ddt_ref[...] = (du * x + dza_sc[...]).astype(ddt_ref.dtype)
     db_ref[...] = db
     dc_ref[...] = dc
 
@@ -388,7 +387,7 @@ def _backward(x, dt, A, B, C, D, keep, starts, dy, dht, *, block: tuple[int, int
         scratch_shapes=[
             pltpu.VMEM((n, bd), F32), pltpu.VMEM((n, bd), F32), pltpu.VMEM((1, bd), F32),
             pltpu.VMEM((length, n, bd), F32), pltpu.VMEM((length, n, bd), F32),
-            *[pltpu.VMEM((length, bd), F32)] * 6,
+            *[pltpu.VMEM((length, bd), F32)] * 5,
         ],
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("parallel", "parallel", "arbitrary"),
