@@ -56,11 +56,11 @@ HBM kept for the backward besides the inputs: one state per chunk, ``N * Dp * 4 
 token and row (2 KiB at N = 16, Di = 4096, L = 128: a quarter of x's bf16 row). VMEM per
 program: the forward's f32 scratch is 3 L bd + N bd floats plus the double-buffered blocks
 (about 2 MiB at L = 128, bd = 512); the backward's adds the two [L, N, bd] f32 scratches
-(8 MiB) to six [L, bd] ones, about 12 MiB in all (BWD_VMEM_LIMIT raises the scoped limit).
+(8 MiB) to five [L, bd] ones, about 12 MiB in all (BWD_VMEM_LIMIT raises the scoped limit).
 
 Static cost on v5p (LLO bundles of the compiled loops, per token and 512-channel block): the
 forward's token loop 31 bundles (+ 4 per token of chunk overhead), the backward's recompute 29
-and reverse 54 (+ 8): about 125 cycles per token and 512 channels for forward + backward, the
+and reverse 51 (+ 8): about 123 cycles per token and 512 channels for forward + backward, the
 VALU slots close to full (per element: exp2 on the EUP, about 5 VALU ops forward, 12 backward).
 
 The kernel runs per shard under ``shard_map_kernel``: batch on ``batch``, channels on
