@@ -27,16 +27,19 @@ needs_libtpu = pytest.mark.skipif(
 )
 
 # Static shapes per case (each compiles once in interpret mode); hypothesis draws the values,
-# the resets, h0 and the decay strength.   name: (B, T, Di, N, dtype, block (bd, L) or None)
+# the resets, h0 and the decay strength.
+#   name: (B, T, Di, N, dtype of x / B / C, dtype of dt, block (bd, L) or None)
 CASES = {
     # 3 chunks of 16 (the last one padded), Di = 6 padded to one 128-lane block
-    "f32_chunks": (2, 37, 6, 4, jnp.float32, (128, 16)),
+    "f32_chunks": (2, 37, 6, 4, jnp.float32, jnp.float32, (128, 16)),
     # bf16 x / dt / B / C; Di = 130: two 128-channel blocks, the second padded; N = 16
-    "bf16_two_blocks": (1, 33, 130, 16, jnp.bfloat16, (128, 16)),
-    # the default table: one chunk (T = 21 padded to 32)
-    "f32_default": (2, 21, 40, 16, jnp.float32, None),
+    "bf16_two_blocks": (1, 33, 130, 16, jnp.bfloat16, jnp.bfloat16, (128, 16)),
+    # the Mamba mixer's dtypes (x, B, C bf16, dt f32), the default table: one chunk (T = 21
+    # padded to 32)
+    "mixed_default": (2, 21, 40, 16, jnp.bfloat16, jnp.float32, None),
 }
 NAMES = ("x", "dt", "A", "B", "C", "D", "h0")
+F32 = jnp.float32
 
 
 def _loss(form, wy, wh, x, dt, A, B, C, D, h0, reset):
@@ -58,7 +61,7 @@ def _grad_fns(name):
 
 
 def _inputs(name, seed, strong, h0_scale, resets):
-    b, t, di, n, dtype, _ = CASES[name]
+    b, t, di, n, dtype, dt_dtype, _ = CASES[name]
     rng = np.random.default_rng(seed)
     dt = np.log1p(np.exp(rng.normal(size=(b, t, di)) - 1.0))  # softplus: positive
     log_a = rng.normal(size=(di, n)) * 0.5
@@ -66,10 +69,9 @@ def _inputs(name, seed, strong, h0_scale, resets):
         dt = dt * 20.0
         log_a = log_a + 1.5
     cast = lambda a, d=dtype: jnp.asarray(a, d)  # noqa: E731
-    args = [cast(rng.normal(size=(b, t, di))), cast(dt), cast(-np.exp(log_a), jnp.float32),
+    args = [cast(rng.normal(size=(b, t, di))), cast(dt, dt_dtype), cast(-np.exp(log_a), F32),
             cast(rng.normal(size=(b, t, n))), cast(rng.normal(size=(b, t, n))),
-            cast(rng.normal(size=(di,)), jnp.float32),
-            cast(rng.normal(size=(b, di, n)) * h0_scale, jnp.float32)]
+            cast(rng.normal(size=(di,)), F32), cast(rng.normal(size=(b, di, n)) * h0_scale, F32)]
     reset = np.zeros((b, t), bool)
     for row, pattern in enumerate(resets[:b]):
         if pattern == "packed":  # a chunk start, twice in a row, the last token
@@ -143,6 +145,8 @@ def test_dispatch():
     np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
     with pytest.raises(KernelUnavailableError, match="cannot run these inputs: a TPU kernel"):
         ss.selective_scan(*args(9), impl="pallas_tpu")
+    with pytest.raises(ValueError, match="h0 must have shape"):  # called directly: checked too
+        pallas_tpu.selective_scan(*args(9), h0=jnp.zeros((1, 4, 8)))
 
 
 # -- TPU compiles (libtpu on any host) ----------------------------------------------------------

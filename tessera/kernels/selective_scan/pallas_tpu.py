@@ -477,6 +477,9 @@ def selective_scan(
     h0 [B, Di, N] (default zeros); reset bool [B, T] -> (y [B, T, Di] in x's dtype, final
     state [B, Di, N] float32). Differentiable wrt every float input. ``block`` = (bd, L)
     overrides the per-generation table (bd a multiple of 128, L of 16; tests use small L)."""
+    from tessera.kernels.selective_scan import _check_shapes  # the op's check (a cycle)
+
+    _check_shapes(x, dt, A, B, C, D, h0, reset)
     b, t, di = x.shape
     n = A.shape[1]
     h0 = jnp.zeros((b, di, n), F32) if h0 is None else h0.astype(F32)
