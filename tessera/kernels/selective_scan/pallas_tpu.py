@@ -83,11 +83,14 @@ from tessera.sharding.kernels import shard_map_kernel
 LANES = 128
 UNROLL = 16  # tokens per fori_loop iteration (v5p bundles per token: 8: 33, 16: 31, 4: 41)
 LOG2E = 1.4426950408889634
-# The backward's state and decay scratch is 2 (L + 1) N bd 4 bytes (8.4 MiB at L = 128,
-# bd = 512), over some generations' default scoped VMEM with the blocks.
+# The backward's two [L, N, bd] f32 scratches (a_t h_{t-1}, a_t) take 2 L N bd 4 bytes (8 MiB at
+# L = 128, N = 16, bd = 512), capped at BWD_SCRATCH (a large N narrows bd, then L); with the
+# blocks that is over v5e's 16 MiB default scoped VMEM, so the backward asks for 32 MiB.
 BWD_VMEM_LIMIT = 32 * 2**20
 BWD_SCRATCH = 8 * 2**20
-# Channel block bd (lanes) and chunk L (tokens) by device kind (jax.Device.device_kind).
+# Channel block bd (lanes) and chunk L (tokens) by device kind (jax.Device.device_kind). On v5p
+# (static LLO bundles per token and 512 channels, forward + backward) bd = 512, L = 128: 123;
+# bd = 256: 152; L = 256: 130; bd = 1024 does not fit the backward's VMEM.
 BLOCKS = {"default": (512, 128)}
 F32 = jnp.float32
 
