@@ -90,7 +90,7 @@ BWD_VMEM_LIMIT = 32 * 2**20
 BWD_SCRATCH = 8 * 2**20
 # Channel block bd (lanes) and chunk L (tokens) by device kind (jax.Device.device_kind). On v5p
 # (static LLO bundles per token and 512 channels, forward + backward) bd = 512, L = 128: 123;
-# bd = 256: 152; L = 256: 130; bd = 1024 does not fit the backward's VMEM.
+# bd = 256: 146; L = 256: 130; bd = 1024 does not fit the backward's VMEM.
 BLOCKS = {"default": (512, 128)}
 F32 = jnp.float32
 
