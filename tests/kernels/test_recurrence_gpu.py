@@ -288,7 +288,7 @@ def test_dispatch():
                                                 **sk))["pallas_gpu"]
         assert scan_op.OP.select("auto", xs, dts, As, Bs, Cs, Ds, **sk).name == "pallas_gpu"
         assert scan_op.OP.select("auto", xs[:, :1], dts[:, :1], As, Bs[:, :1], Cs[:, :1], Ds,
-                                 **sk).name == "chunked"
+                                 **sk).name == "sequential"
         dr = delta_inputs(t=9)[:6]
         assert delta_op.OP.select("auto", *dr, **kw_delta).name == "pallas_gpu"
         assert delta_op.OP.select("auto", *(x[:, :1] for x in dr), **kw_delta).name == (

@@ -2,15 +2,19 @@
 
 impls, in the order auto tries them (`OP`, a `tessera.kernels.registry.Op`; all but the Pallas
 kernels in `reference`, plain jnp):
+  pallas_tpu   Pallas Mosaic kernel (`pallas_tpu`): the state [N, Di block] in VMEM, a token loop
+               per chunk, a custom-VJP backward that saves one state per chunk and recomputes
+               each chunk's states; under shard_map (batch, act_ssm_inner). On TPU (or in
+               interpret mode) for T > 1; ignores ``chunk_size`` (its own per-generation table).
   pallas_gpu   Pallas Triton kernels, forward and backward (`pallas_gpu`): one program per batch
                row and channel block stepping through time. On a GPU (or in GPU interpret mode)
                for T > 1.
   chunked      associative scan within chunks, lax.scan across them, rematerialised chunk body;
-               memory O(chunk) per step. The training and prefill path.
+               memory O(chunk) per step. The training and prefill path off TPU (auto: T > 1).
   associative  one jax.lax.associative_scan over T; memory [B, T, Di, N]. Only when named.
-  sequential   lax.scan over time; the oracle and the decode step. Only when named.
-  auto         pallas_gpu on a GPU for T > 1, else chunked. Pallas kernels join with
-               `OP.register(impl, before=...)`.
+  sequential   lax.scan over time; the oracle and the decode step (auto: T = 1).
+  auto         pallas_tpu on TPU, pallas_gpu on a GPU, else chunked, for T > 1; sequential for
+               T = 1 (decode). Pallas kernels join with `OP.register(impl, before=...)`.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from __future__ import annotations
 import jax
 
 from tessera.kernels.registry import Impl, Op, drop_kwargs, impls_getattr
-from tessera.kernels.selective_scan import pallas_gpu, reference
+from tessera.kernels.selective_scan import pallas_gpu, pallas_tpu, reference
 
 __all__ = ["IMPLS", "OP", "selective_scan"]
 
@@ -45,14 +49,30 @@ def _check_shapes(x, dt, A, B, C, D, h0, reset) -> None:
             raise ValueError(f"selective_scan: {name} must have shape {shape}, got {a.shape}")
 
 
+def _multi_token(x: jax.Array, *args, **kwargs) -> str | None:
+    """Auto's check for the chunked forms: T = 1 (a decode step) goes to the sequential form."""
+    return "T = 1: a decode step (the sequential form)" if x.shape[1] == 1 else None
+
+
+def _one_token(x: jax.Array, *args, **kwargs) -> str | None:
+    """Auto runs the sequential form for decode steps (T = 1) only."""
+    return None if x.shape[1] == 1 else f"T = {x.shape[1]} > 1 (only for decode steps)"
+
+
 OP = Op(
     "selective_scan",
     [
+        Impl(
+            "pallas_tpu",
+            drop_kwargs(pallas_tpu.selective_scan, "chunk_size"),
+            supports=pallas_tpu.supports,
+            auto=_multi_token,
+        ),
         Impl("pallas_gpu", pallas_gpu.selective_scan, pallas_gpu.supports,
              auto=pallas_gpu.auto_skips),
-        Impl("chunked", reference.chunked),
+        Impl("chunked", reference.chunked, auto=_multi_token),
         Impl("associative", drop_kwargs(reference.associative, "chunk_size"), auto=False),
-        Impl("sequential", drop_kwargs(reference.sequential, "chunk_size"), auto=False),
+        Impl("sequential", drop_kwargs(reference.sequential, "chunk_size"), auto=_one_token),
     ],
 )
 
