@@ -177,12 +177,16 @@ def test_dispatch():
         np.testing.assert_allclose(got[0], want[0], **TOL, err_msg=impl)
     step = jax.make_jaxpr(lambda *x: delta_rule(*x, impl="auto"))(*[x[:, :1] for x in args])
     assert "scan" in str(step) and "cumsum" not in str(step)
-    assert IMPLS == ("auto", "sequential", "chunked", "xla")
-    with pytest.raises(ValueError, match="unknown delta_rule impl 'fast'; valid: auto, sequential"):
+    assert IMPLS == ("auto", "pallas_tpu", "sequential", "chunked", "xla")
+    with pytest.raises(ValueError, match="unknown delta_rule impl 'fast'; valid: auto, pallas_tpu"):
         delta_rule(*args, impl="fast")
     assert [
         reason for _, reason in OP.explain(*args, h0=None, reset=None, scale=1.0, chunk_size=None)
-    ] == ["auto skips it: T = 9 > 1 (it is the decode step)", None]
+    ] == [
+        "a TPU kernel (the program runs on cpu)",
+        "auto skips it: T = 9 > 1 (it is the decode step)",
+        None,
+    ]
 
 
 @pytest.mark.parametrize(

@@ -2,10 +2,13 @@
 
 impls, in the order auto tries them (`OP`, a `tessera.kernels.registry.Op`; the recurrence, state
 layout and the chunked derivation are in `reference`):
+  pallas_tpu  `pallas_tpu.delta_rule`: Pallas TPU (Mosaic) forward and backward kernels, the
+              chunked WY form per chunk of 16 tokens with the state in VMEM, grid (batch, head
+              group, chunk); on TPU (or in interpret mode). Auto picks it for T > 1.
   sequential  lax.scan over time: the oracle and the decode step. Auto picks it for a single token
               (T = 1).
-  chunked     the chunk-parallel WY / UT-transform form: training and prefill path; auto's pick
-              for T > 1. ``xla`` is an alias.
+  chunked     the chunk-parallel WY / UT-transform form (XLA): training and prefill path; auto's
+              pick for T > 1 off TPU. ``xla`` is an alias.
 Pallas kernels join with `OP.register(impl, before=...)`.
 """
 
@@ -13,7 +16,7 @@ from __future__ import annotations
 
 import jax
 
-from tessera.kernels.delta_rule import reference
+from tessera.kernels.delta_rule import pallas_tpu, reference
 from tessera.kernels.registry import Impl, Op, drop_kwargs, impls_getattr
 
 __all__ = ["IMPLS", "OP", "delta_rule"]
@@ -26,6 +29,12 @@ def _single_token(r: jax.Array, *args, **kw) -> str | None:
 OP = Op(
     "delta_rule",
     [
+        Impl(
+            "pallas_tpu",
+            pallas_tpu.delta_rule,
+            supports=pallas_tpu.supports,
+            auto=lambda r, *args, **kw: None if r.shape[1] > 1 else "T = 1 (the decode step)",
+        ),
         Impl("sequential", drop_kwargs(reference.sequential, "chunk_size"), auto=_single_token),
         Impl("chunked", reference.chunked),
     ],

@@ -171,11 +171,12 @@ def _valid_rows(size: int, t: int, chunk_index):
     return rows < t - chunk_index * size
 
 
-def _fwd_kernel(r_ref, w_ref, k_ref, v_ref, a_ref, b_ref, rst_ref, h0_ref,
-                o_ref, states_ref, final_ref, s_sc, *, t: int, scale: float):
+def _fwd_kernel(r_ref, w_ref, k_ref, v_ref, a_ref, b_ref, rst_ref, h0_ref, o_ref, *refs,
+                t: int, scale: float, save: bool):
     """Blocks: inputs [L, hb * K] ([L, hb * V] for v), rst [L, 1], h0^T [hb, V, K]; outputs
-    o [L, hb * V], the chunk's incoming states [hb, V, K], the final state [hb, V, K]; scratch
-    S^T [hb, V, K]."""
+    o [L, hb * V], (when ``save``) the chunk's incoming states [hb, V, K], the final state
+    [hb, V, K]; scratch S^T [hb, V, K]."""
+    states_ref, final_ref, s_sc = refs if save else (None, *refs)
     c = pl.program_id(2)
     hb, dv, dk = s_sc.shape
     size = r_ref.shape[0]
@@ -189,7 +190,8 @@ def _fwd_kernel(r_ref, w_ref, k_ref, v_ref, a_ref, b_ref, rst_ref, h0_ref,
     for h in range(hb):
         xs = _load((r_ref, w_ref, k_ref, v_ref, a_ref, b_ref), h, dk, dv, valid)
         s0t = s_sc[h]
-        states_ref[h] = s0t
+        if save:
+            states_ref[h] = s0t
         o, s_end = _chunk(s0t, *xs, rst, scale=scale)
         o_ref[:, h * dv:(h + 1) * dv] = o.astype(o_ref.dtype)
         s_sc[h] = s_end
@@ -283,25 +285,28 @@ def _specs(size, hb, dk, dv, chunk_map):
     )
 
 
-def _fwd_shard(r, w, k, v, a, b, h0t, rst, *, size: int, scale: float):
+def _fwd_shard(r, w, k, v, a, b, h0t, rst, *, size: int, scale: float, save: bool):
     """One device's rows and heads: [B, T, H, *] inputs, h0^T [B, H, V, K], rst float [B, T, 1]
-    -> (o [B, T, H, V], saved incoming states [B, H, C, V, K], final state^T [B, H, V, K])."""
+    -> (o [B, T, H, V], final state^T [B, H, V, K], and when ``save`` the incoming states
+    [B, H, C, V, K] of the chunks)."""
     bsz, t, h, dk, dv, hb = _layout(r, v)
     chunks = pl.cdiv(t, size)
     spec = _specs(size, hb, dk, dv, lambda s: s)
     flops, trans = _chunk_cost(size, dk, dv, False)
     units = bsz * h * chunks
     io_bytes = t * bsz * h * (5 * dk * r.dtype.itemsize + 2 * dv * v.dtype.itemsize) + 4 * bsz * t
-    state_bytes = 4 * bsz * h * dv * dk * (chunks + 2)
-    o, saved, final = pl.pallas_call(
-        functools.partial(_fwd_kernel, t=t, scale=scale),
+    state_bytes = 4 * bsz * h * dv * dk * ((chunks if save else 0) + 2)
+    saved_spec = [spec["saved"]] if save else []
+    saved_shape = [jax.ShapeDtypeStruct((bsz, h, chunks, dv, dk), F32)] if save else []
+    o, *saved, final = pl.pallas_call(
+        functools.partial(_fwd_kernel, t=t, scale=scale, save=save),
         grid=(bsz, h // hb, chunks),
         in_specs=[spec["keys"]] * 3 + [spec["values"]] + [spec["keys"]] * 2
         + [spec["reset"], spec["state"]],
-        out_specs=[spec["values"], spec["saved"], spec["state"]],
+        out_specs=[spec["values"], *saved_spec, spec["state"]],
         out_shape=[
             jax.ShapeDtypeStruct((bsz, t, h * dv), v.dtype),
-            jax.ShapeDtypeStruct((bsz, h, chunks, dv, dk), F32),
+            *saved_shape,
             jax.ShapeDtypeStruct((bsz, h, dv, dk), F32),
         ],
         scratch_shapes=[pltpu.VMEM((hb, dv, dk), F32)],
@@ -317,7 +322,7 @@ def _fwd_shard(r, w, k, v, a, b, h0t, rst, *, size: int, scale: float):
     )(
         *(x.reshape(bsz, t, h * x.shape[3]) for x in (r, w, k, v, a, b)), rst, h0t,
     )
-    return o.reshape(bsz, t, h, dv), saved, final
+    return (o.reshape(bsz, t, h, dv), final, *saved)
 
 
 def _bwd_shard(r, w, k, v, a, b, rst, saved, do, dfinal_t, *, size: int, scale: float):
@@ -365,23 +370,23 @@ SAVED = ("batch", "act_heads", None, None, None)
 RESET = ("batch", None, None)
 
 
-def _run_fwd(size, scale, r, w, k, v, a, b, h0t, rst):
+def _run_fwd(size, scale, save, r, w, k, v, a, b, h0t, rst):
     run = shard_map_kernel(
-        functools.partial(_fwd_shard, size=size, scale=scale),
+        functools.partial(_fwd_shard, size=size, scale=scale, save=save),
         in_axes=(TOKENS,) * 6 + (STATE, RESET),
-        out_axes=(TOKENS, SAVED, STATE),
+        out_axes=(TOKENS, STATE, SAVED) if save else (TOKENS, STATE),
     )
     return run(r, w, k, v, a, b, h0t, rst)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
 def _delta(size, scale, r, w, k, v, a, b, h0t, rst):
-    o, _, final = _run_fwd(size, scale, r, w, k, v, a, b, h0t, rst)
-    return o, final
+    """The primal (no gradient taken): the forward kernel without saved states."""
+    return _run_fwd(size, scale, False, r, w, k, v, a, b, h0t, rst)
 
 
 def _delta_fwd(size, scale, r, w, k, v, a, b, h0t, rst):
-    o, saved, final = _run_fwd(size, scale, r, w, k, v, a, b, h0t, rst)
+    o, final, saved = _run_fwd(size, scale, True, r, w, k, v, a, b, h0t, rst)
     return (o, final), (r, w, k, v, a, b, rst, saved)
 
 
