@@ -67,7 +67,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4, help="rows per chip")
     parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 16384])
     parser.add_argument("--dtype", default="bfloat16")
-    parser.add_argument("--chunk", type=int, default=None, help="kernel chunk (default 16)")
+    parser.add_argument("--chunks", type=int, nargs="+", default=[16], help="kernel chunk sizes")
     parser.add_argument("--extrapolate-from", type=int, nargs=2, default=[512, 1024])
     args = parser.parse_args()
     devices = np.array(make_target(parse_topology(args.topology)).devices)
@@ -80,20 +80,21 @@ def main() -> None:
     with loops.unrolled():
         small = [compile_once(mesh, "chunked", batch, t, dtype, None) for t in (t1, t2)]
     for t in args.lengths:
-        kernel = compile_once(mesh, "pallas_tpu", batch, t, dtype, args.chunk)
+        kernels = {c: compile_once(mesh, "pallas_tpu", batch, t, dtype, c) for c in args.chunks}
         rolled = compile_once(mesh, "chunked", batch, t, dtype, None)
         frac = (t - t1) / (t2 - t1)
         seconds = small[0]["seconds"] + frac * (small[1]["seconds"] - small[0]["seconds"])
         flops = small[0]["flops"] + frac * (small[1]["flops"] - small[0]["flops"])
         print(f"T={t}")
-        print(f"  pallas_tpu         temp {kernel['temp'] / 2**30:8.3f} GiB  "
-              f"optimal {kernel['seconds'] * 1e3:9.3f} ms  flops {kernel['flops']:.3e}  "
-              f"(kernel in program: {kernel['kernel']})")
+        for c, kernel in kernels.items():
+            print(f"  pallas_tpu L={c:<4d}  temp {kernel['temp'] / 2**30:8.3f} GiB  "
+                  f"optimal {kernel['seconds'] * 1e3:9.3f} ms  flops {kernel['flops']:.3e}  "
+                  f"(kernel in program: {kernel['kernel']}; "
+                  f"/ chunked unrolled: {kernel['seconds'] / seconds:.3f})")
         print(f"  chunked (rolled)   temp {rolled['temp'] / 2**30:8.3f} GiB  "
               f"optimal {rolled['seconds'] * 1e3:9.3f} ms  flops {rolled['flops']:.3e}")
         print(f"  chunked (unrolled) {'':19} optimal {seconds * 1e3:9.3f} ms  flops {flops:.3e}"
               f"  (extrapolated from T={t1}, {t2})")
-        print(f"  kernel / chunked (unrolled) optimal_seconds: {kernel['seconds'] / seconds:.3f}")
 
 
 if __name__ == "__main__":

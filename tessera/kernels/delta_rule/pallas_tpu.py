@@ -15,16 +15,16 @@ T is not padded: the last chunk's rows past T are masked in the kernel to a padd
 Grid (batch "parallel", head group "parallel", chunk "arbitrary"): the chunk axis walks the
 sequence in order with S^T for each head of the group in VMEM scratch (float32).
 
-Per chunk (`_chunk`, float32 throughout, every product an MXU matmul at HIGHEST precision):
+Per chunk (`_chunk`, float32 throughout, matmuls on the MXU at HIGHEST precision):
   G = tril(1) @ w (inclusive cumulative log decay), G_ = G - w, n = tril(1) @ reset (resets so far).
-  Pair scores over the L^2 (i, j) pairs as rows of a [L^2, K] slab: Ei / Ej [L^2, L] are the 0/1
-  row selectors (row (i, j) picks token i / token j), so Ei @ G, Ej @ G, Ei @ r ... are matmuls,
-    D_incl = exp(where(j <= i and n_i == n_j, Ei G - Ej G, -inf)),
-    D_strict = exp(where(j < i and n_i == n_j, Ei G_ - Ej G, -inf)),
-  every exponent a log-decay difference <= 0 (never exp(-G_j)). A score matrix is the lane sum of
-  the pair slab scattered back to [L, L] by Ei^T diag(.) Ej:
-    A_rk = scat((Ei r) (Ej k) D_incl), A_rb = scat((Ei r) (Ej b) D_incl),
-    A_ak = scat((Ei a) (Ej k) D_strict), A_ab = scat((Ei a) (Ej b) D_strict).
+  Pair scores: the L^2 (i, j) pairs are the rows of [L^2, K] slabs (a view of [L, L, K]); x_i
+  broadcast down j and x_j broadcast down i give, per channel (VPU and EUP work),
+    D_incl = exp(where(j <= i and n_i == n_j, G_i - G_j, -inf)),
+    D_strict = exp(where(j < i and n_i == n_j, G__i - G_j, -inf)),
+  every exponent a log-decay difference <= 0 (never exp(-G_j)); a score matrix [L, L] is the sum
+  over the K channels of a product slab:
+    A_rk = sum_c r_i k_j D_incl, A_rb = sum_c r_i b_j D_incl,
+    A_ak = sum_c a_i k_j D_strict, A_ab = sum_c a_i b_j D_strict.
   (I - A_ab)^-1 = (I + N)(I + N^2)(I + N^4)... (log2 L factors, N = A_ab nilpotent).
   With W = a exp(G_ | n == 0), R = r exp(G | n == 0) (masked to -inf where a reset precedes):
     u = (I - A_ab)^-1 (A_ak v + W S_0)                          (u_i = S_{i-1}^T a_i, [L, V])
@@ -37,7 +37,7 @@ above, so by the chain rule, sweeping chunks in reverse with dS (the cotangent o
     (dS_0, dr, dw, dk, dv, da, db)_c = F_c'(S_0c, inputs_c)^T (do_c, dS_L),   dS_L <- dS_0,
 starting from dS_L = d(final state) at the last chunk and ending with dh0 = dS_0 of chunk 0.
 The chunk's own adjoint F_c'^T is reverse-mode of `_chunk` inside the kernel (`jax.vjp` traced
-into the Mosaic body: the same matmuls transposed, so forward and backward share one formula):
+into the Mosaic body: the same ops transposed, so forward and backward share one formula):
 with X = (I - A_ab)^-1 and Y = A_ak v + W S_0 (u = X Y), its key steps are
     dX = du Y^T, dY = X^T du; dA_ab = X^T dX X^T (strictly lower part; X = (I - A_ab)^-1),
     dA_ak = dY v^T, dW = dY S_0^T, dS_0 += W^T dY + R^T do' + exp(G_L) dS_L, ...
@@ -110,27 +110,30 @@ def _chunk(s0t, r, w, k, v, a, b, rst, *, scale: float):
     g_before = g - w  # G_{i-1}
     n = _dot(tri, rst)  # resets so far in the chunk [L, 1]
 
-    # Pair (i, j) = row i * L + j of the [L^2, *] slabs.
+    # Pair (i, j) = row i * L + j of the [L^2, K] slabs (a free view of [L, L, K]).
     p = jax.lax.broadcasted_iota(jnp.int32, (pairs, 1), 0)
     pi, pj = p // size, p % size
     sel = jax.lax.broadcasted_iota(jnp.int32, (pairs, size), 1)
-    ei, ej = (pi == sel).astype(F32), (pj == sel).astype(F32)  # [L^2, L]
-    ei_t = (
-        jax.lax.broadcasted_iota(jnp.int32, (size, pairs), 0)
-        == jax.lax.broadcasted_iota(jnp.int32, (size, pairs), 1) // size
-    ).astype(F32)  # Ei^T [L, L^2]
+    ei, ej = (pi == sel).astype(F32), (pj == sel).astype(F32)  # 0/1 selectors [L^2, L]
+
+    def left(x: jax.Array) -> jax.Array:  # row (i, j) holds x_i
+        return jnp.broadcast_to(x[:, None, :], (size, *x.shape)).reshape(pairs, x.shape[1])
+
+    def right(x: jax.Array) -> jax.Array:  # row (i, j) holds x_j
+        return jnp.broadcast_to(x[None], (size, *x.shape)).reshape(pairs, x.shape[1])
+
+    def scores(x: jax.Array) -> jax.Array:  # [L^2, K] -> [L, L]: sums over the K channels
+        return jnp.sum(x.reshape(size, size, x.shape[1]), axis=2)
+
     same = _dot(ei, n) == _dot(ej, n)  # no reset between j and i [L^2, 1]
-    g_j = _dot(ej, g)
-    d_incl = jnp.exp(jnp.where(same & (pi >= pj), _dot(ei, g) - g_j, -jnp.inf))
-    d_strict = jnp.exp(jnp.where(same & (pi > pj), _dot(ei, g_before) - g_j, -jnp.inf))
-    r_i, a_i = _dot(ei, r) * d_incl, _dot(ei, a) * d_strict
-    k_j, b_j = _dot(ej, k), _dot(ej, b)
+    g_j = right(g)
+    d_incl = jnp.exp(jnp.where(same & (pi >= pj), left(g) - g_j, -jnp.inf))
+    d_strict = jnp.exp(jnp.where(same & (pi > pj), left(g_before) - g_j, -jnp.inf))
+    r_i, a_i = left(r) * d_incl, left(a) * d_strict
+    k_j, b_j = right(k), right(b)
 
-    def scatter(x: jax.Array) -> jax.Array:  # [L^2, K] -> [L, L]: lane sums into (i, j)
-        return _dot(ei_t, jnp.sum(x, axis=1, keepdims=True) * ej)
-
-    a_rk, a_rb = scatter(r_i * k_j), scatter(r_i * b_j)
-    a_ak, a_ab = scatter(a_i * k_j), scatter(a_i * b_j)
+    a_rk, a_rb = scores(r_i * k_j), scores(r_i * b_j)
+    a_ak, a_ab = scores(a_i * k_j), scores(a_i * b_j)
 
     inverse = (row == col).astype(F32) + a_ab  # (I - A_ab)^-1 by doubling
     power, span = a_ab, 2
