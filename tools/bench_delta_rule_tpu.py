@@ -80,13 +80,21 @@ def main() -> None:
     with loops.unrolled():
         small = [compile_once(mesh, "chunked", batch, t, dtype, None) for t in (t1, t2)]
     for t in args.lengths:
-        kernels = {c: compile_once(mesh, "pallas_tpu", batch, t, dtype, c) for c in args.chunks}
+        kernels = {}
+        for c in args.chunks:
+            try:
+                kernels[c] = compile_once(mesh, "pallas_tpu", batch, t, dtype, c)
+            except jax.errors.JaxRuntimeError as err:  # e.g. the chunk's blocks overflow VMEM
+                kernels[c] = str(err).splitlines()[0][:100]
         rolled = compile_once(mesh, "chunked", batch, t, dtype, None)
         frac = (t - t1) / (t2 - t1)
         seconds = small[0]["seconds"] + frac * (small[1]["seconds"] - small[0]["seconds"])
         flops = small[0]["flops"] + frac * (small[1]["flops"] - small[0]["flops"])
         print(f"T={t}")
         for c, kernel in kernels.items():
+            if isinstance(kernel, str):
+                print(f"  pallas_tpu L={c:<4d}  does not compile: {kernel}")
+                continue
             print(f"  pallas_tpu L={c:<4d}  temp {kernel['temp'] / 2**30:8.3f} GiB  "
                   f"optimal {kernel['seconds'] * 1e3:9.3f} ms  flops {kernel['flops']:.3e}  "
                   f"(kernel in program: {kernel['kernel']}; "

@@ -129,16 +129,19 @@ def test_bf16_two_head_groups_no_h0():
     assert_close(got, want, 2e-2, 1e-3, "bf16")
 
 
-@pytest.mark.parametrize("t", [5, 32])
-def test_forward_short_and_whole_chunks(t):
-    """T = 5 (one chunk of T tokens) and T = 32 (two whole chunks): forward equal to the
-    sequential oracle and to the chunked form, with h0 and a reset at a chunk start."""
+@pytest.mark.parametrize("t, chunk", [(5, 16), (32, 16), (45, 32)])
+def test_forward_short_whole_and_long_chunks(t, chunk):
+    """T = 5 (one chunk of T tokens), T = 32 (two whole chunks of 16), T = 45 in chunks of 32:
+    forward equal to the sequential oracle and to the chunked form, with h0 and a reset at a
+    chunk start."""
     args, h0 = rwkv7_inputs(jax.random.key(t), (2, t, 2, 5, 4))
     reset = jnp.zeros((2, t), bool).at[1, min(16, t - 1)].set(True)
     want = reference.sequential(*args, h0=h0, reset=reset, scale=0.5)
     chunked = reference.chunked(*args, h0=h0, reset=reset, scale=0.5)
     with interpreting():
-        got = jax.jit(lambda *x: delta_rule(*x, h0=h0, reset=reset, scale=0.5))(*args)
+        got = jax.jit(
+            lambda *x: delta_rule(*x, h0=h0, reset=reset, scale=0.5, chunk_size=chunk)
+        )(*args)
     for ref in (want, chunked):
         np.testing.assert_allclose(got[0], ref[0], rtol=1e-4, atol=1e-4)
         np.testing.assert_allclose(got[1], ref[1], rtol=1e-4, atol=1e-4)
@@ -156,14 +159,14 @@ def test_dispatch_and_errors():
         assert OP.explain(*[x[:, :1] for x in args], **kw)[0] == (
             "pallas_tpu", "auto skips it: T = 1 (the decode step)"
         )
-        assert pallas_tpu.supports(*args, **kw | {"chunk_size": 8}) == (
-            "chunk_size = 8 is not a multiple of 16"
+        assert pallas_tpu.supports(*args, **kw | {"chunk_size": 64}) == (
+            "chunk_size = 64 is not 16 or 32 (a multiple of 16, <= 32)"
         )
     assert OP.select("auto", *args, **kw).name == "chunked"
     assert OP.explain(*args, **kw)[0][1] == "a TPU kernel (the program runs on cpu)"
     with pytest.raises(ValueError, match=r"w shape \(1, 9, 1, 3\), want \(1, 9, 1, 4\)"):
         pallas_tpu.delta_rule(args[0], args[1][..., :3], *args[2:])
-    with pytest.raises(ValueError, match="chunk_size must be a multiple of 16"):
+    with pytest.raises(ValueError, match="chunk_size = 24 is not 16 or 32"):
         pallas_tpu.delta_rule(*args, chunk_size=24)
 
 

@@ -62,7 +62,7 @@ def delta_rule(
 
     r, w (log decay, <= 0), k, a, b [B, T, H, K]; v [B, T, H, V]; h0 [B, H, K, V] or None
     (zeros); reset bool [B, T] or None (zero the state before a token) -> (o [B, T, H, V] in
-    v.dtype, final state [B, H, K, V] float32). ``chunk_size`` (default 16) only applies to the
-    chunked form. For RWKV-7, a = -kk and b = kk * iclr.
+    v.dtype, final state [B, H, K, V] float32). ``chunk_size`` (default 16) applies to the
+    chunked form and to pallas_tpu (which takes 16 or 32). For RWKV-7, a = -kk and b = kk * iclr.
     """
     return OP(r, w, k, v, a, b, h0=h0, reset=reset, scale=scale, chunk_size=chunk_size, impl=impl)

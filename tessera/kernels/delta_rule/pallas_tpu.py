@@ -70,6 +70,13 @@ HIGHEST = jax.lax.Precision.HIGHEST
 LANES = 128
 DEFAULT_CHUNK = 16
 SUBLANES = 16  # a chunk is a multiple of this (bf16 tiles are 16 rows)
+MAX_CHUNK = 32  # at 64 the backward's [L^2, K] slabs overflow the 16 MiB of scoped VMEM
+
+
+def _chunk_reason(chunk: int) -> str | None:
+    if chunk < 1 or chunk % SUBLANES or chunk > MAX_CHUNK:
+        return f"chunk_size = {chunk} is not 16 or 32 (a multiple of {SUBLANES}, <= {MAX_CHUNK})"
+    return None
 
 
 def supports(r: jax.Array, w: jax.Array, k: jax.Array, v: jax.Array, *args, **kw) -> str | None:
@@ -78,9 +85,7 @@ def supports(r: jax.Array, w: jax.Array, k: jax.Array, v: jax.Array, *args, **kw
     if reason is not None:
         return reason
     chunk = kw.get("chunk_size")
-    if chunk is not None and (chunk < 1 or chunk % SUBLANES):
-        return f"chunk_size = {chunk} is not a multiple of {SUBLANES}"
-    return None
+    return None if chunk is None else _chunk_reason(chunk)
 
 
 def _heads_per_block(h: int, dims: tuple[int, ...]) -> int:
@@ -424,11 +429,11 @@ def delta_rule(
     """`reference.sequential`'s semantics with the Pallas kernels (differentiable wrt r, w, k, v,
     a, b and h0): r, w, k, a, b [B, T, H, K], v [B, T, H, V], h0 [B, H, K, V] or None, reset bool
     [B, T] or None -> (o [B, T, H, V] in v.dtype, final state [B, H, K, V] float32). Chunks of
-    ``chunk_size`` tokens (a multiple of 16, default 16; one chunk of T when T is shorter)."""
+    ``chunk_size`` tokens (16, the default, or 32; one chunk of T when T is shorter)."""
     check_inputs(r, w, k, v, a, b, h0, reset)
     chunk = DEFAULT_CHUNK if chunk_size is None else chunk_size
-    if chunk < 1 or chunk % SUBLANES:
-        raise ValueError(f"delta_rule: chunk_size must be a multiple of {SUBLANES}, got {chunk}")
+    if _chunk_reason(chunk):
+        raise ValueError(f"delta_rule: {_chunk_reason(chunk)}")
     bsz, t, h, dk = r.shape
     dv = v.shape[3]
     size = min(chunk, t)
