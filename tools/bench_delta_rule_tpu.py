@@ -1,7 +1,8 @@
 """AOT figures for the delta_rule Pallas TPU kernel vs the XLA chunked form (no TPU needed).
 
-    ALLOW_MULTIPLE_LIBTPU_LOAD=1 JAX_PLATFORMS=cpu python tools/bench_delta_rule_tpu.py \
-        [--topology v5p-8] [--batch 4] [--lengths 4096 16384] [--dtype bfloat16]
+    ALLOW_MULTIPLE_LIBTPU_LOAD=1 JAX_PLATFORMS=cpu python tools/bench_delta_rule_tpu.py \\
+        [--topology v5p-8] [--batch 4] [--lengths 4096 16384] [--dtype bfloat16] \\
+        [--chunks 16 32] [--flat]
 
 Compiles jit(value_and_grad(sum of o and final state)) of ``delta_rule`` at RWKV-7 1.5B's
 mixer shape (32 heads of 64, tessera/configs/rwkv7.py), ``--batch`` rows per chip, data
@@ -38,14 +39,15 @@ from tessera.sharding.context import use_mesh  # noqa: E402
 HEADS, HEAD_SIZE = 32, 64
 
 
-def compile_once(mesh, impl: str, batch: int, t: int, dtype, chunk: int | None):
+def compile_once(mesh, impl: str, batch: int, t: int, dtype, chunk: int | None, flat: bool):
     def arg(shape, dt, *spec):
         return jax.ShapeDtypeStruct(shape, dt, sharding=NamedSharding(mesh, P(*spec)))
 
-    tok = arg((batch, t, HEADS, HEAD_SIZE), dtype, "data")
+    heads = (batch, t, HEADS, HEAD_SIZE)
+    tok = arg((batch, t, HEADS * HEAD_SIZE) if flat else heads, dtype, "data")
 
-    def loss(r, w, k, v, a, b):
-        o, s = delta_rule(r, w, k, v, a, b, impl=impl, chunk_size=chunk)
+    def loss(*xs):
+        o, s = delta_rule(*(x.reshape(heads) for x in xs), impl=impl, chunk_size=chunk)
         return jnp.sum(o.astype(jnp.float32)) + jnp.sum(s)
 
     with use_mesh(mesh):
@@ -68,6 +70,9 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 16384])
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--chunks", type=int, nargs="+", default=[16], help="kernel chunk sizes")
+    parser.add_argument("--flat", action="store_true",
+                        help="inputs [B, T, H * K] reshaped to heads (as the model's projections "
+                        "make them) instead of [B, T, H, K] arguments")
     parser.add_argument("--extrapolate-from", type=int, nargs=2, default=[512, 1024])
     args = parser.parse_args()
     devices = np.array(make_target(parse_topology(args.topology)).devices)
@@ -75,18 +80,19 @@ def main() -> None:
     batch = args.batch * devices.size
     dtype = jnp.dtype(args.dtype)
     print(f"{args.topology}: {devices.size} chips, {args.batch} rows per chip, H={HEADS}, "
-          f"K=V={HEAD_SIZE}, {args.dtype}; one chip's program, jit(value_and_grad)")
+          f"K=V={HEAD_SIZE}, {args.dtype}{', flat inputs' if args.flat else ''}; "
+          "one chip's program, jit(value_and_grad)")
     t1, t2 = args.extrapolate_from
     with loops.unrolled():
-        small = [compile_once(mesh, "chunked", batch, t, dtype, None) for t in (t1, t2)]
+        small = [compile_once(mesh, "chunked", batch, t, dtype, None, args.flat) for t in (t1, t2)]
     for t in args.lengths:
         kernels = {}
         for c in args.chunks:
             try:
-                kernels[c] = compile_once(mesh, "pallas_tpu", batch, t, dtype, c)
+                kernels[c] = compile_once(mesh, "pallas_tpu", batch, t, dtype, c, args.flat)
             except jax.errors.JaxRuntimeError as err:  # e.g. the chunk's blocks overflow VMEM
                 kernels[c] = str(err).splitlines()[0][:100]
-        rolled = compile_once(mesh, "chunked", batch, t, dtype, None)
+        rolled = compile_once(mesh, "chunked", batch, t, dtype, None, args.flat)
         frac = (t - t1) / (t2 - t1)
         seconds = small[0]["seconds"] + frac * (small[1]["seconds"] - small[0]["seconds"])
         flops = small[0]["flops"] + frac * (small[1]["flops"] - small[0]["flops"])

@@ -43,7 +43,8 @@ with X = (I - A_ab)^-1 and Y = A_ak v + W S_0 (u = X Y), its key steps are
     dA_ak = dY v^T, dW = dY S_0^T, dS_0 += W^T dY + R^T do' + exp(G_L) dS_L, ...
     a pair score's cotangent dA_ij spreads to both vectors and to the decay:
     d(left_i) += dA_ij right_j D_ij, d(right_j) += dA_ij left_i D_ij, dG_i += dA_ij x_ij,
-    dG_j -= dA_ij x_ij (x_ij = left_i right_j D_ij, per channel), and dw = tril(1)^T dG;
+    dG_j -= dA_ij x_ij (x_ij = left_i right_j D_ij, per channel; G__i for the strict pairs), and
+    dw = tril(1)^T (dG + dG_) - dG_ (G = tril(1) w, G_ = G - w);
 masked pairs carry exp(-inf) = 0 and a zero cotangent, so no inf or NaN arises. The forward
 saves each chunk's incoming state S_0 [B, H, T / L, V, K] float32 (K V / L floats per token and
 head: 256 at K = V = 64, L = 16) and the backward recomputes the chunk from it.
