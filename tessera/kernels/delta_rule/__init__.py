@@ -2,6 +2,9 @@
 
 impls, in the order auto tries them (`OP`, a `tessera.kernels.registry.Op`; the recurrence, state
 layout and the chunked derivation are in `reference`):
+  pallas_tpu  `pallas_tpu.delta_rule`: Pallas TPU (Mosaic) forward and backward kernels, the
+              chunked WY form per chunk of 16 tokens with the state in VMEM, grid (batch, head
+              group, chunk); on TPU (or in interpret mode). Auto picks it for T > 1.
   pallas_tpu_decode  `tessera.kernels.state_step`: one token on TPU (or in interpret mode), the
               state read and written once, in place; no gradient. Auto's pick for T = 1 there.
   pallas_gpu  Pallas Triton kernels, forward and backward (`pallas_gpu`): the fused recurrent
@@ -9,8 +12,8 @@ layout and the chunked derivation are in `reference`):
               T > 1.
   sequential  lax.scan over time: the oracle and the decode step. Auto picks it for a single token
               (T = 1).
-  chunked     the chunk-parallel WY / UT-transform form: training and prefill path; auto's pick
-              for T > 1. ``xla`` is an alias.
+  chunked     the chunk-parallel WY / UT-transform form (XLA): training and prefill path; auto's
+              pick for T > 1 off TPU. ``xla`` is an alias.
 Pallas kernels join with `OP.register(impl, before=...)`.
 """
 
@@ -19,7 +22,7 @@ from __future__ import annotations
 import jax
 
 from tessera.kernels import state_step
-from tessera.kernels.delta_rule import pallas_gpu, reference
+from tessera.kernels.delta_rule import pallas_gpu, pallas_tpu, reference
 from tessera.kernels.registry import Impl, Op, drop_kwargs, impls_getattr
 
 __all__ = ["IMPLS", "OP", "delta_rule"]
@@ -37,6 +40,12 @@ def _state_step(r, w, k, v, a, b, *, h0=None, reset=None, scale=1.0, chunk_size=
 OP = Op(
     "delta_rule",
     [
+        Impl(
+            "pallas_tpu",
+            pallas_tpu.delta_rule,
+            supports=pallas_tpu.supports,
+            auto=lambda r, *args, **kw: None if r.shape[1] > 1 else "T = 1 (the decode step)",
+        ),
         Impl("pallas_tpu_decode", _state_step, supports=state_step.supports),
         Impl("pallas_gpu", pallas_gpu.delta_rule, pallas_gpu.supports, auto=pallas_gpu.auto_skips),
         Impl("sequential", drop_kwargs(reference.sequential, "chunk_size"), auto=_single_token),
@@ -66,7 +75,7 @@ def delta_rule(
 
     r, w (log decay, <= 0), k, a, b [B, T, H, K]; v [B, T, H, V]; h0 [B, H, K, V] or None
     (zeros); reset bool [B, T] or None (zero the state before a token) -> (o [B, T, H, V] in
-    v.dtype, final state [B, H, K, V] float32). ``chunk_size`` (default 16) only applies to the
-    chunked form. For RWKV-7, a = -kk and b = kk * iclr.
+    v.dtype, final state [B, H, K, V] float32). ``chunk_size`` (default 16) applies to the
+    chunked form and to pallas_tpu (which takes 16 or 32). For RWKV-7, a = -kk and b = kk * iclr.
     """
     return OP(r, w, k, v, a, b, h0=h0, reset=reset, scale=scale, chunk_size=chunk_size, impl=impl)
