@@ -46,6 +46,7 @@ MiB = 1024**2
 F32 = jnp.float32
 REFERENCE = "chunked"  # the XLA form every row is compared with
 COST_LENGTHS = (2048, 4096)  # the unrolled compiles the TPU cost is fitted on
+RWKV7_HEAD = 64  # RWKV-7 1.5B: 32 heads of 64
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +67,13 @@ def _sds(*shape: int, dtype: Any = F32) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(shape, dtype)
 
 
+def _heads(x: jax.Array, width: int) -> jax.Array:
+    """[B, T, H * width] -> [B, T, H, width]: per-head arrays arrive as the model's projections
+    make them (a reshape inside the program, as in the mixers), not as [B, T, H, D] arguments
+    whose TPU layout would need a copy."""
+    return x.reshape(*x.shape[:2], -1, width)
+
+
 def _ssd_problem() -> Problem:
     from tessera.kernels import ssd
 
@@ -73,11 +81,12 @@ def _ssd_problem() -> Problem:
 
     def inputs(b: int, t: int, d: int) -> tuple:
         h = max(1, heads // d)
-        return (_sds(b, t, h, p), _sds(b, t, h), _sds(h), _sds(b, t, 1, n), _sds(b, t, 1, n),
-                _sds(h))
+        return (_sds(b, t, h * p), _sds(b, t, h), _sds(h), _sds(b, t, n), _sds(b, t, n), _sds(h))
 
-    return Problem("ssd", "Mamba-2 1.3B", ssd.OP, inputs,
-                   lambda impl, *a: ssd.ssd(*a, impl=impl),
+    def call(impl: str, x, dt, A, B, C, D):
+        return ssd.ssd(_heads(x, p), dt, A, _heads(B, n), _heads(C, n), D, impl=impl)
+
+    return Problem("ssd", "Mamba-2 1.3B", ssd.OP, inputs, call,
                    lambda d: f"H={max(1, heads // d)} P={p} N={n} G=1")
 
 
@@ -87,12 +96,14 @@ def _gla_problem(name: str, model: str, heads: int, dk: int, dv: int, per_channe
 
     def inputs(b: int, t: int, d: int) -> tuple:
         h = max(1, heads // d)
-        g = _sds(b, t, h, dk) if per_channel else _sds(b, t, h)
+        g = _sds(b, t, h * dk) if per_channel else _sds(b, t, h)
         extra = (_sds(h, dk),) if per_channel else ()
-        return (_sds(b, t, h, dk), _sds(b, t, h, dk), _sds(b, t, h, dv), g, *extra)
+        return (_sds(b, t, h * dk), _sds(b, t, h * dk), _sds(b, t, h * dv), g, *extra)
 
     def call(impl: str, q, k, v, g, u=None):
-        return gla.gla(q, k, v, g, u=u, scale=dk**-0.5, impl=impl)
+        g = _heads(g, dk) if per_channel else g
+        return gla.gla(_heads(q, dk), _heads(k, dk), _heads(v, dv), g, u=u, scale=dk**-0.5,
+                       impl=impl)
 
     decay = "per-channel decay, bonus u" if per_channel else "scalar decay"
     return Problem(name, model, gla.OP, inputs, call,
@@ -102,14 +113,15 @@ def _gla_problem(name: str, model: str, heads: int, dk: int, dv: int, per_channe
 def _delta_problem() -> Problem:
     from tessera.kernels import delta_rule
 
-    heads, dk = 32, 64
+    heads, dk = 32, RWKV7_HEAD
 
     def inputs(b: int, t: int, d: int) -> tuple:
         h = max(1, heads // d)
-        return tuple(_sds(b, t, h, dk) for _ in range(6))
+        return tuple(_sds(b, t, h * dk) for _ in range(6))
 
     return Problem("delta_rule", "RWKV-7 1.5B", delta_rule.OP, inputs,
-                   lambda impl, *a: delta_rule.delta_rule(*a, impl=impl),
+                   lambda impl, *a: delta_rule.delta_rule(*(_heads(x, dk) for x in a),
+                                                          impl=impl),
                    lambda d: f"H={max(1, heads // d)} K=V={dk}")
 
 
@@ -153,7 +165,8 @@ def realistic(problem: Problem, shapes: Sequence[jax.ShapeDtypeStruct], seed: in
         return (q, k, v, -jnp.exp(g - 1.0), *u)
     if problem.name == "delta_rule":
         r, w, k, v, kk, iclr = normal
-        kk = kk / jnp.linalg.norm(kk, axis=-1, keepdims=True)
+        kk = _heads(kk, RWKV7_HEAD)
+        kk = (kk / jnp.linalg.norm(kk, axis=-1, keepdims=True)).reshape(w.shape)
         w = -jnp.exp(-0.5) * jax.nn.sigmoid(w)
         return r, w, k, v, -kk, kk * jax.nn.sigmoid(iclr)
     x, dt, a, b, c, d = normal
