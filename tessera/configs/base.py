@@ -118,7 +118,7 @@ def base_config() -> ConfigDict:
                     dt_limit_max=float("inf"),
                     conv_bias=True,
                     bias=False,  # in/out projection biases
-                    impl="auto",  # auto | chunked | associative | sequential
+                    impl="auto",  # auto | pallas_tpu | pallas_gpu | chunked | ... (kernels/ssd)
                 )
             ),
             # RWKV-6 "Finch" time mix (rwkv6) and its channel mix (rwkv6_cmix, width mlp_dim).
@@ -131,7 +131,7 @@ def base_config() -> ConfigDict:
                     gate_low_rank_dim=64,  # rank of the data-dependent decay LoRA
                     group_norm_eps=1e-5,  # per-head GroupNorm of the WKV output (fla norm_eps)
                     chunk_size=16,  # chunked WKV: tokens per chunk (kernels/gla)
-                    impl="auto",  # auto | chunked | sequential | parallel (kernels/gla)
+                    impl="auto",  # auto | pallas_tpu | pallas_gpu | chunked | ... (kernels/gla)
                 )
             ),
             # RetNet multi-scale retention (retention); heads = num_heads, rotary with
@@ -141,7 +141,7 @@ def base_config() -> ConfigDict:
                     expand_k=1.0,  # query/key width = expand_k * d_model
                     expand_v=2.0,  # value/gate width = expand_v * d_model
                     chunk_size=64,  # chunked form's chunk length
-                    impl="auto",  # kernels/gla: auto | chunked | parallel | sequential
+                    impl="auto",  # auto | pallas_tpu | pallas_gpu | chunked | ... (kernels/gla)
                 )
             ),
             # RWKV-7 time mix (rwkv7); heads of model.head_dim channels (H = d_model / head_dim).
@@ -153,7 +153,7 @@ def base_config() -> ConfigDict:
                     v_low_rank_dim=0,
                     gate_low_rank_dim=0,
                     chunk_size=16,  # chunked delta rule: tokens per chunk
-                    impl="auto",  # auto | chunked | sequential (kernels/delta_rule)
+                    impl="auto",  # kernels/delta_rule: auto | pallas_tpu | pallas_gpu | chunked ...
                 )
             ),
             # Multi-head latent attention (mla, DeepSeek-V2/V3); heads = num_heads. Queries
