@@ -118,7 +118,7 @@ def base_config() -> ConfigDict:
                     dt_limit_max=float("inf"),
                     conv_bias=True,
                     bias=False,  # in/out projection biases
-                    impl="auto",  # auto | pallas_tpu | pallas_gpu | chunked | ... (kernels/ssd)
+                    impl="auto",  # auto | pallas_tpu | pallas_gpu | chunked ... (ssd / scan ops)
                 )
             ),
             # RWKV-6 "Finch" time mix (rwkv6) and its channel mix (rwkv6_cmix, width mlp_dim).
