@@ -212,13 +212,14 @@ def test_dispatch():
     # auto takes the sequential step for one token (its jaxpr has no chunk cumsums).
     step = jax.make_jaxpr(lambda *a: gla(*a, u=u, impl="auto"))(*(a[:, :1] for a in (q, k, v, g)))
     assert "scan" in str(step) and "cumsum" not in str(step)
-    assert IMPLS == ("auto", "sequential", "chunked", "parallel", "xla")
-    with pytest.raises(ValueError, match="unknown gla impl 'fast'; valid: auto, sequential"):
+    assert IMPLS == ("auto", "pallas_tpu", "sequential", "chunked", "parallel", "xla")
+    with pytest.raises(ValueError, match="unknown gla impl 'fast'; valid: auto, pallas_tpu"):
         gla(q, k, v, g, impl="fast")
     reasons = [r for _, r in OP.explain(q, k, v, g, u=None, h0=None, reset=None, scale=1.0,
                                         chunk_size=None)]
-    assert reasons == ["auto skips it: T = 9 > 1 (it is the decode step)", None,
-                       "auto skips it: only when named"]
+    assert reasons[0] == "a TPU kernel (the program runs on cpu)"  # pallas_tpu
+    assert reasons[1:] == ["auto skips it: T = 9 > 1 (it is the decode step)", None,
+                           "auto skips it: only when named"]
     assert reference.default_chunk_size(g) == 16 and reference.default_chunk_size(g[..., 0]) == 64
 
 

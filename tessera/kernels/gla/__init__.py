@@ -4,20 +4,23 @@ One op for RetNet (scalar decay per head), GLA and RWKV-6 (per-channel decay; RW
 bonus ``u``). The recurrence and shapes are in `reference`.
 
 impls, in the order auto tries them (`OP`, a `tessera.kernels.registry.Op`):
+  pallas_tpu   Pallas TPU (Mosaic) kernels, forward and backward (`pallas_tpu`): chunks on a
+               sequential grid axis, the state in VMEM. Auto's pick on TPU (and in interpret
+               mode) for T > 1.
   sequential   lax.scan over time: the oracle and the decode step. Auto picks it for a single
                token (T = 1).
   chunked      state passed between chunks, exact quadratic form inside them. Training and
-               prefill path; auto's pick for T > 1. ``xla`` is an alias.
+               prefill path; auto's pick for T > 1 off TPU. ``xla`` is an alias.
   parallel     the quadratic form over the whole sequence (O(T^2)). Only when named.
-  auto         sequential for T = 1, chunked otherwise. Pallas kernels join with
-               `OP.register(impl, before=...)`; every impl takes the arguments of `gla`.
+  auto         sequential for T = 1; pallas_tpu on TPU, else chunked, otherwise. Kernels join
+               with `OP.register(impl, before=...)`; every impl takes the arguments of `gla`.
 """
 
 from __future__ import annotations
 
 import jax
 
-from tessera.kernels.gla import reference
+from tessera.kernels.gla import pallas_tpu, reference
 from tessera.kernels.registry import Impl, Op, drop_kwargs, impls_getattr
 
 __all__ = ["IMPLS", "OP", "gla"]
@@ -27,9 +30,14 @@ def _single_token(q: jax.Array, *args, **kw) -> str | None:
     return None if q.shape[1] == 1 else f"T = {q.shape[1]} > 1 (it is the decode step)"
 
 
+def _many_tokens(q: jax.Array, *args, **kw) -> str | None:
+    return None if q.shape[1] > 1 else "T = 1 (the decode step: sequential)"
+
+
 OP = Op(
     "gla",
     [
+        Impl("pallas_tpu", pallas_tpu.gla, supports=pallas_tpu.supports, auto=_many_tokens),
         Impl("sequential", drop_kwargs(reference.sequential, "chunk_size"), auto=_single_token),
         Impl("chunked", reference.chunked),
         Impl("parallel", drop_kwargs(reference.parallel, "chunk_size"), auto=False),

@@ -201,12 +201,15 @@ class _Chunk:
         return dq, dk, a
 
 
-def _fwd_kernel(*refs, channel: bool, bonus: bool, scale: float):
+def _fwd_kernel(*refs, channel: bool, bonus: bool, scale: float, save: bool):
     """refs: q, k [L, K], v [L, V], Pq, Pk ([L, K] or [1, L]), r [1, L], (u [1, K]), h0 [K, V];
-    out: o [L, V], the incoming state [K, V], the final state [K, V]; scratch S [K, V]."""
+    out: o [L, V], (when ``save``) the incoming state [K, V], the final state [K, V]; scratch
+    S [K, V]."""
     q_ref, k_ref, v_ref, pq_ref, pk_ref, r_ref = refs[:6]
     u_ref = refs[6] if bonus else None
-    h0_ref, o_ref, states_ref, final_ref, s_sc = refs[6 + bonus:]
+    h0_ref, o_ref = refs[6 + bonus:8 + bonus]
+    states_ref = refs[8 + bonus] if save else None
+    final_ref, s_sc = refs[8 + bonus + save:]
     c = pl.program_id(2)
 
     @pl.when(c == 0)
@@ -214,7 +217,8 @@ def _fwd_kernel(*refs, channel: bool, bonus: bool, scale: float):
         s_sc[...] = h0_ref[...]
 
     s = s_sc[...]
-    states_ref[...] = s
+    if save:
+        states_ref[...] = s
     ch = _Chunk(q_ref, k_ref, v_ref, pq_ref, pk_ref, r_ref, u_ref, channel, bonus)
     o = _mm(ch.scores(), ch.v, NN, ch.cdt) + _mm(ch.qt, s, NN, ch.cdt)
     if bonus:
@@ -345,8 +349,9 @@ def _params():
     return pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary"))
 
 
-def _forward(q, k, v, pq, pk, r, u, h0, *, scale):
-    """The forward pallas_call on the head-major operands: -> (o, states, final)."""
+def _forward(q, k, v, pq, pk, r, u, h0, *, scale, save):
+    """The forward pallas_call on the head-major operands: -> (o, states or None, final);
+    the incoming states [B, H, T'/L, K, V] only when ``save`` (for the backward)."""
     b, h, tp, dk = q.shape
     dv = v.shape[-1]
     n = r.shape[-1]
@@ -354,31 +359,34 @@ def _forward(q, k, v, pq, pk, r, u, h0, *, scale):
     channel, bonus = pq.ndim == 4, u is not None
     specs = _specs(n, dk, dv, channel, bonus, reverse=False)(nc)
     args = [q, k, v, pq, pk, r] + ([u] if bonus else []) + [h0]
-    return pl.pallas_call(
-        functools.partial(_fwd_kernel, channel=channel, bonus=bonus, scale=scale),
+    out_specs = [pl.BlockSpec((pl.squeezed, pl.squeezed, n, dv), lambda b, h, c: (b, h, c, 0))]
+    out_shape = [jax.ShapeDtypeStruct((b, h, tp, dv), v.dtype)]
+    if save:
+        out_specs.append(_chunk_state_spec(dk, dv, nc, False))
+        out_shape.append(jax.ShapeDtypeStruct((b, h, nc, dk, dv), F32))
+    outs = pl.pallas_call(
+        functools.partial(_fwd_kernel, channel=channel, bonus=bonus, scale=scale, save=save),
         grid=(b, h, nc),
         in_specs=specs + [_state_spec(dk, dv)],
-        out_specs=[pl.BlockSpec((pl.squeezed, pl.squeezed, n, dv), lambda b, h, c: (b, h, c, 0)),
-                   _chunk_state_spec(dk, dv, nc, False), _state_spec(dk, dv)],
-        out_shape=[jax.ShapeDtypeStruct((b, h, tp, dv), v.dtype),
-                   jax.ShapeDtypeStruct((b, h, nc, dk, dv), F32),
-                   jax.ShapeDtypeStruct((b, h, dk, dv), F32)],
+        out_specs=out_specs + [_state_spec(dk, dv)],
+        out_shape=out_shape + [jax.ShapeDtypeStruct((b, h, dk, dv), F32)],
         scratch_shapes=[pltpu.VMEM((dk, dv), F32)],
         compiler_params=_params(),
         cost_estimate=_costs(b, h, nc, n, dk, dv, channel, bonus, q.dtype.itemsize, False),
         interpret=interpret(),
         name="tessera_gla_fwd",
     )(*args)
+    return outs[0], (outs[1] if save else None), outs[-1]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _core(scale, q, k, v, pq, pk, r, u, h0):
-    o, _, final = _forward(q, k, v, pq, pk, r, u, h0, scale=scale)
+    o, _, final = _forward(q, k, v, pq, pk, r, u, h0, scale=scale, save=False)
     return o, final
 
 
 def _core_fwd(scale, q, k, v, pq, pk, r, u, h0):
-    o, states, final = _forward(q, k, v, pq, pk, r, u, h0, scale=scale)
+    o, states, final = _forward(q, k, v, pq, pk, r, u, h0, scale=scale, save=True)
     return (o, final), (q, k, v, pq, pk, r, u, states)
 
 

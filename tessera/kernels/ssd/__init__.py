@@ -2,21 +2,26 @@
 
 impls, in the order auto tries them (`OP`, a `tessera.kernels.registry.Op`; the recurrence and
 shapes are in `reference`):
+  pallas_tpu   the Pallas TPU GLA kernels (`tessera.kernels.gla.pallas_tpu`, scalar decay) through
+               `via_gla`: B / C repeated from groups to heads. Auto's pick on TPU (and in
+               interpret mode) for T > 1.
   sequential   lax.scan over time: the oracle and the decode step. Auto picks it for a single
                token (T = 1), where both forms are exact and the step skips the chunk bookkeeping.
   chunked      the SSD algorithm: quadratic form inside chunks, recurrence between them. Training
-               and prefill path; auto's pick for T > 1. ``xla`` is an alias.
+               and prefill path; auto's pick for T > 1 off TPU. ``xla`` is an alias.
   associative  lax.associative_scan over time. Only when named.
-  auto         sequential for T = 1, chunked otherwise. Pallas kernels join with
-               `OP.register(impl, before=...)`.
+  auto         sequential for T = 1; pallas_tpu on TPU, else chunked, otherwise. Kernels join
+               with `OP.register(impl, before=...)`.
 """
 
 from __future__ import annotations
 
 import jax
 
+from tessera.kernels.gla import pallas_tpu as gla_pallas_tpu
 from tessera.kernels.registry import Impl, Op, drop_kwargs, impls_getattr
 from tessera.kernels.ssd import reference
+from tessera.kernels.ssd.via_gla import via_gla
 
 __all__ = ["IMPLS", "OP", "ssd"]
 
@@ -25,9 +30,19 @@ def _single_token(x: jax.Array, *args, **kw) -> str | None:
     return None if x.shape[1] == 1 else f"T = {x.shape[1]} > 1 (it is the decode step)"
 
 
+def _many_tokens(x: jax.Array, *args, **kw) -> str | None:
+    return None if x.shape[1] > 1 else "T = 1 (the decode step: sequential)"
+
+
+def _pallas_supports(x: jax.Array, *args, chunk_size: int = 64, **kw) -> str | None:
+    return gla_pallas_tpu.supports(x, x, x, x, chunk_size=chunk_size)
+
+
 OP = Op(
     "ssd",
     [
+        Impl("pallas_tpu", via_gla(gla_pallas_tpu.gla), supports=_pallas_supports,
+             auto=_many_tokens),
         Impl("sequential", drop_kwargs(reference.sequential, "chunk_size"), auto=_single_token),
         Impl("chunked", reference.chunked),
         Impl("associative", drop_kwargs(reference.associative, "chunk_size"), auto=False),
