@@ -56,7 +56,7 @@ def grad_fn(form, n):
     """jit(value_and_grad) of a fixed random linear function of (o, final state) wrt q, k, v,
     g, u, h0 (u, h0 may be None) for ``form`` "pallas", "sequential" or "chunked"."""
     fn = {
-        "pallas": functools.partial(pallas_tpu.gla, chunk_size=n),
+        "pallas": functools.partial(pallas_tpu.gla, chunk=n),
         "sequential": reference.sequential,
         "chunked": functools.partial(reference.chunked, chunk_size=n),
     }[form]
@@ -143,8 +143,8 @@ def test_ssd_through_the_kernel():
             return jax.jit(jax.value_and_grad(loss, argnums=tuple(range(7)), has_aux=True))(
                 x, dt, A, Bm, C, D, h0)
 
-    kernel = via_gla(functools.partial(pallas_tpu.gla))
-    got = grads(lambda *a, **kw: kernel(*a, chunk_size=8, **kw))
+    kernel = via_gla(functools.partial(pallas_tpu.gla, chunk=8))
+    got = grads(kernel)
     want = grads(lambda *a, **kw: ssd_reference.sequential(*a, **kw))
     for a, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         np.testing.assert_allclose(a, w, rtol=1e-4, atol=1e-4 * np.abs(w).max())
@@ -165,12 +165,10 @@ def test_dispatch():
         assert ssd_op.OP.select("auto", x, dt, A, Bm, C, D, chunk_size=64).name == "pallas_tpu"
         one = (x[:, :1], dt[:, :1], A, Bm[:, :1], C[:, :1], D)
         assert ssd_op.OP.select("auto", *one, chunk_size=64).name == "sequential"
-        assert pallas_tpu.supports(q, k, v, g, chunk_size=12) == (
-            "chunk_size = 12 is not a multiple of 8")
         with pytest.raises(ValueError, match="gla: k shape"):
             pallas_tpu.gla(q, k[:, :3], v, g)
-        with pytest.raises(ValueError, match="multiple of 8"):
-            pallas_tpu.gla(q, k, v, g, chunk_size=12)
+        with pytest.raises(ValueError, match="chunk must be a multiple of 8, got 12"):
+            pallas_tpu.gla(q, k, v, g, chunk=12)
     assert dict(gla_op.OP.explain(q, k, v, g, **kw))["pallas_tpu"] == (
         "a TPU kernel (the program runs on cpu)")
     assert dict(ssd_op.OP.explain(x, dt, A, Bm, C, D, chunk_size=64))["pallas_tpu"] == (

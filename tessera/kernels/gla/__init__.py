@@ -5,7 +5,8 @@ bonus ``u``). The recurrence and shapes are in `reference`.
 
 impls, in the order auto tries them (`OP`, a `tessera.kernels.registry.Op`):
   pallas_tpu   Pallas TPU (Mosaic) kernels, forward and backward (`pallas_tpu`): chunks on a
-               sequential grid axis, the state in VMEM. Auto's pick on TPU (and in interpret
+               sequential grid axis, the state in VMEM; its chunk length is the kernel's own
+               (`pallas_tpu.CHUNKS`), not ``chunk_size``. Auto's pick on TPU (and in interpret
                mode) for T > 1.
   sequential   lax.scan over time: the oracle and the decode step. Auto picks it for a single
                token (T = 1).

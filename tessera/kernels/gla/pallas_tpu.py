@@ -69,7 +69,7 @@ from tessera.sharding.kernels import shard_map_kernel
 F32 = jnp.float32
 SUBLANES = 8
 # Chunk lengths by device kind (jax.Device.device_kind) and decay kind; "default" for others.
-CHUNKS = {"default": {"scalar": 64, "channel": 16}}
+CHUNKS = {"default": {"scalar": 128, "channel": 16}}
 
 NN = (((1,), (0,)), ((), ()))  # a @ b
 NT = (((1,), (1,)), ((), ()))  # a @ b^T
@@ -78,19 +78,13 @@ TN = (((0,), (0,)), ((), ()))  # a^T @ b
 
 def supports(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array, **kw) -> str | None:
     """None when the kernel can run these inputs, else why not (static facts only)."""
-    reason = kernel_platform_reason("tpu")
-    if reason is not None:
-        return reason
-    size = kw.get("chunk_size")
-    if size is not None and size % SUBLANES:
-        return f"chunk_size = {size} is not a multiple of {SUBLANES}"
-    return None
+    return kernel_platform_reason("tpu")
 
 
-def chunk_length(g: jax.Array, chunk_size: int | None) -> int:
-    """The chunk L: ``chunk_size`` if given, else the per-generation default for g's kind."""
-    if chunk_size is not None:
-        return chunk_size
+def chunk_length(g: jax.Array, chunk: int | None) -> int:
+    """The chunk L: ``chunk`` if given, else the per-generation default for g's kind."""
+    if chunk is not None:
+        return chunk
     table = CHUNKS.get(target_device().device_kind, CHUNKS["default"])
     return table["scalar" if g.ndim == 3 else "channel"]
 
@@ -472,14 +466,18 @@ def gla(
     reset: jax.Array | None = None,
     scale: float = 1.0,
     chunk_size: int | None = None,
+    chunk: int | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """`tessera.kernels.gla.gla` on the Pallas TPU kernels (shapes there), run per device under
-    ``shard_map`` over batch (``batch``) and heads (``act_heads``). ``chunk_size`` (a multiple
-    of 8) defaults to `CHUNKS` for the device kind: 64 for scalar g, 16 per channel."""
+    ``shard_map`` over batch (``batch``) and heads (``act_heads``). The kernel's chunk L is
+    ``chunk`` (a multiple of 8), by default `CHUNKS` for the device kind (128 tokens for
+    scalar g, 16 per channel). ``chunk_size`` (the op's, tuned for the chunked XLA form) is
+    ignored."""
+    del chunk_size
     check_inputs(q, k, v, g, u, h0, reset)
-    n = chunk_length(g, chunk_size)
-    if n % SUBLANES:
-        raise ValueError(f"gla pallas_tpu: chunk_size must be a multiple of {SUBLANES}, got {n}")
+    n = chunk_length(g, chunk)
+    if n < 1 or n % SUBLANES:
+        raise ValueError(f"gla pallas_tpu: chunk must be a multiple of {SUBLANES}, got {n}")
     tok = ("batch", None, "act_heads", None)
     run = shard_map_kernel(
         functools.partial(_per_shard, scale=float(scale), n=n),

@@ -3,7 +3,8 @@
 impls, in the order auto tries them (`OP`, a `tessera.kernels.registry.Op`; the recurrence and
 shapes are in `reference`):
   pallas_tpu   the Pallas TPU GLA kernels (`tessera.kernels.gla.pallas_tpu`, scalar decay) through
-               `via_gla`: B / C repeated from groups to heads. Auto's pick on TPU (and in
+               `via_gla`: B / C repeated from groups to heads; its chunk length is the
+               kernel's own (`CHUNKS`), not ``chunk_size``. Auto's pick on TPU (and in
                interpret mode) for T > 1.
   sequential   lax.scan over time: the oracle and the decode step. Auto picks it for a single
                token (T = 1), where both forms are exact and the step skips the chunk bookkeeping.
@@ -34,8 +35,8 @@ def _many_tokens(x: jax.Array, *args, **kw) -> str | None:
     return None if x.shape[1] > 1 else "T = 1 (the decode step: sequential)"
 
 
-def _pallas_supports(x: jax.Array, *args, chunk_size: int = 64, **kw) -> str | None:
-    return gla_pallas_tpu.supports(x, x, x, x, chunk_size=chunk_size)
+def _pallas_supports(x: jax.Array, *args, **kw) -> str | None:
+    return gla_pallas_tpu.supports(x, x, x, x)
 
 
 OP = Op(
