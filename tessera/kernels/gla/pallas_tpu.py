@@ -68,6 +68,7 @@ from tessera.sharding.kernels import shard_map_kernel
 
 F32 = jnp.float32
 SUBLANES = 8
+LANES = 128
 # Chunk lengths by device kind (jax.Device.device_kind) and decay kind; "default" for others.
 CHUNKS = {"default": {"scalar": 128, "channel": 16}}
 
@@ -118,26 +119,25 @@ def _exp_le0(x, keep):
 
 
 class _Chunk:
-    """One chunk's operands and decay factors, shared by the forward and backward kernels."""
+    """One head's chunk: operands and decay factors, shared by the forward and backward kernels.
+    q, k [L, K], v [L, V] (input dtypes), pq, pk [L, K] per channel or rows [1, L] for scalar
+    g, rrow [1, L], u [1, K] or None."""
 
-    def __init__(self, q_ref, k_ref, v_ref, pq_ref, pk_ref, r_ref, u_ref, channel, bonus):
-        self.cdt = q_ref.dtype
-        self.q = q_ref[...].astype(F32)  # [L, K]
-        self.k = k_ref[...].astype(F32)
-        self.v = v_ref[...].astype(F32)  # [L, V]
+    def __init__(self, q, k, v, pq, pk, rrow, u, channel, bonus):
+        self.cdt = q.dtype
+        self.q, self.k, self.v = q.astype(F32), k.astype(F32), v.astype(F32)
         n = self.q.shape[0]
         self.n, self.channel, self.bonus = n, channel, bonus
-        self.rrow = r_ref[...]  # [1, L]
-        self.rcol = _to_col(self.rrow)  # [L, 1]
-        r_last = self.rrow[:, n - 1:]  # [1, 1]
+        self.rrow = rrow  # [1, L]
+        self.rcol = _to_col(rrow)  # [L, 1]
+        r_last = rrow[:, n - 1:]  # [1, 1]
         if channel:
-            self.pq, self.pk = pq_ref[...], pk_ref[...]  # [L, K]
-            self.pl = self.pk[n - 1:, :]  # [1, K]
+            self.pq, self.pk = pq, pk  # [L, K]
+            self.pl = pk[n - 1:, :]  # [1, K]
         else:
-            pq_row, self.pk_row = pq_ref[...], pk_ref[...]  # [1, L]
-            self.pq_row = pq_row
-            self.pq, self.pk = _to_col(pq_row), _to_col(self.pk_row)  # [L, 1]
-            self.pl = self.pk_row[:, n - 1:]  # [1, 1]
+            self.pk_row = pk  # [1, L]
+            self.pq, self.pk = _to_col(pq), _to_col(pk)  # [L, 1]
+            self.pl = pk[:, n - 1:]  # [1, 1]
         self.fq = _exp_le0(self.pq, self.rcol == 0)  # [L, K or 1]
         self.fk = _exp_le0(self.pl - self.pk, self.rcol == r_last)
         self.th = _exp_le0(self.pl, r_last == 0)  # [1, K or 1]
@@ -145,7 +145,7 @@ class _Chunk:
         self.kt = self.k * self.fk
         self.rows = jax.lax.broadcasted_iota(jnp.int32, (n, 1), 0)
         self.lanes = jax.lax.broadcasted_iota(jnp.int32, (1, n), 1)
-        self.u = u_ref[...].astype(F32) if bonus else None  # [1, K]
+        self.u = u.astype(F32) if bonus else None  # [1, K]
         self.beta = (jnp.sum(self.q * self.u * self.k, axis=1, keepdims=True) if bonus
                      else None)  # [L, 1]
 
@@ -195,12 +195,21 @@ class _Chunk:
         return dq, dk, a
 
 
-def _fwd_kernel(*refs, channel: bool, bonus: bool, scale: float, save: bool):
-    """refs: q, k [L, K], v [L, V], Pq, Pk ([L, K] or [1, L]), r [1, L], (u [1, K]), h0 [K, V];
-    out: o [L, V], (when ``save``) the incoming state [K, V], the final state [K, V]; scratch
-    S [K, V]."""
-    q_ref, k_ref, v_ref, pq_ref, pk_ref, r_ref = refs[:6]
-    u_ref = refs[6] if bonus else None
+def _head(refs, hd, dk, dv, channel, bonus):
+    """Head ``hd`` of the block: a `_Chunk` from refs (q, k, v, Pq, Pk, r, u)."""
+    q_ref, k_ref, v_ref, pq_ref, pk_ref, r_ref, u_ref = refs
+    ks, vs = slice(hd * dk, (hd + 1) * dk), slice(hd * dv, (hd + 1) * dv)
+    pq = pq_ref[:, ks] if channel else pq_ref[hd]
+    pk = pk_ref[:, ks] if channel else pk_ref[hd]
+    return _Chunk(q_ref[:, ks], k_ref[:, ks], v_ref[:, vs], pq, pk, r_ref[...],
+                  u_ref[hd] if bonus else None, channel, bonus)
+
+
+def _fwd_kernel(*refs, channel: bool, bonus: bool, scale: float, save: bool, dk: int, dv: int):
+    """refs: q, k [L, hb*K], v [L, hb*V], Pq, Pk ([L, hb*K] or [hb, 1, L]), r [1, L],
+    (u [hb, 1, K]), h0 [hb, K, V]; out: o [L, hb*V], (when ``save``) the incoming states
+    [hb, K, V], the final states [hb, K, V]; scratch S [hb, K, V]. A loop over the hb heads."""
+    ins = list(refs[:6]) + [refs[6] if bonus else None]
     h0_ref, o_ref = refs[6 + bonus:8 + bonus]
     states_ref = refs[8 + bonus] if save else None
     final_ref, s_sc = refs[8 + bonus + save:]
@@ -210,29 +219,29 @@ def _fwd_kernel(*refs, channel: bool, bonus: bool, scale: float, save: bool):
     def _init():
         s_sc[...] = h0_ref[...]
 
-    s = s_sc[...]
-    if save:
-        states_ref[...] = s
-    ch = _Chunk(q_ref, k_ref, v_ref, pq_ref, pk_ref, r_ref, u_ref, channel, bonus)
-    o = _mm(ch.scores(), ch.v, NN, ch.cdt) + _mm(ch.qt, s, NN, ch.cdt)
-    if bonus:
-        o = o + ch.beta * ch.v
-    o_ref[...] = (scale * o).astype(o_ref.dtype)
-    th = _to_col(ch.th) if channel else ch.th  # [K, 1] or [1, 1]
-    s_new = th * s + _mm(ch.kt, ch.v, TN, ch.cdt)
-    s_sc[...] = s_new
+    for hd in range(s_sc.shape[0]):
+        s = s_sc[hd]
+        if save:
+            states_ref[hd] = s
+        ch = _head(ins, hd, dk, dv, channel, bonus)
+        o = _mm(ch.scores(), ch.v, NN, ch.cdt) + _mm(ch.qt, s, NN, ch.cdt)
+        if bonus:
+            o = o + ch.beta * ch.v
+        o_ref[:, hd * dv:(hd + 1) * dv] = (scale * o).astype(o_ref.dtype)
+        th = _to_col(ch.th) if channel else ch.th  # [K, 1] or [1, 1]
+        s_sc[hd] = th * s + _mm(ch.kt, ch.v, TN, ch.cdt)
 
     @pl.when(c == pl.num_programs(2) - 1)
     def _final():
-        final_ref[...] = s_new
+        final_ref[...] = s_sc[...]
 
 
-def _bwd_kernel(*refs, channel: bool, bonus: bool, scale: float):
-    """refs: q, k, v, Pq, Pk, r, (u), the chunk's incoming state [K, V], do [L, V], the final
-    state's cotangent [K, V]; out: dq, dk [L, K], dv [L, V], dPq, dPk (as Pq), (du [1, K]),
-    dh0 [K, V]; scratch dS [K, V]. Chunks arrive last first."""
-    q_ref, k_ref, v_ref, pq_ref, pk_ref, r_ref = refs[:6]
-    u_ref = refs[6] if bonus else None
+def _bwd_kernel(*refs, channel: bool, bonus: bool, scale: float, dk: int, dv: int):
+    """refs: q, k, v, Pq, Pk, r, (u) as in the forward, the chunk's incoming states [hb, K, V],
+    do [L, hb*V], the final states' cotangent [hb, K, V]; out: dq, dk [L, hb*K], dv [L, hb*V],
+    dPq, dPk (as Pq), (du [hb, 1, K]), dh0 [hb, K, V]; scratch dS [hb, K, V]. Chunks arrive
+    last first."""
+    ins = list(refs[:6]) + [refs[6] if bonus else None]
     rest = refs[6 + bonus:]
     s_ref, do_ref, dfinal_ref, dq_ref, dk_ref, dv_ref, dpq_ref, dpk_ref = rest[:8]
     du_ref = rest[8] if bonus else None
@@ -243,133 +252,138 @@ def _bwd_kernel(*refs, channel: bool, bonus: bool, scale: float):
     def _init():
         ds_sc[...] = dfinal_ref[...]
 
-    ds = ds_sc[...]
-    s = s_ref[...]
-    ch = _Chunk(q_ref, k_ref, v_ref, pq_ref, pk_ref, r_ref, u_ref, channel, bonus)
-    cdt = ch.cdt
-    do = scale * do_ref[...].astype(F32)  # [L, V]
-    da = _mm(do, ch.v, NT, cdt)  # [L, L]
-    dq_in, dk_in, a = ch.intra_grads(da)
-    dq_x = _mm(do, s, NT, cdt) * ch.fq  # [L, K]: through the incoming state
-    dk_x = _mm(ch.v, ds, NT, cdt) * ch.fk  # through the outgoing state
-    dq, dk = dq_in + dq_x, dk_in + dk_x
-    dv = _mm(a, do, TN, cdt) + _mm(ch.kt, ds, NN, cdt)
-    n = ch.n
-    last = ch.rows == n - 1  # [L, 1]
-    if channel:
-        dpq_ref[...] = ch.q * dq
-        dth = _to_row(jnp.sum(s * ds, axis=1, keepdims=True))  # [1, K]
-        dpl = jnp.sum(ch.k * dk_x, axis=0, keepdims=True) + dth * ch.th
-        dpk_ref[...] = -ch.k * dk + jnp.where(last, dpl, 0.0)
-        th = _to_col(ch.th)
-    else:
-        dpq_ref[...] = _to_row(jnp.sum(ch.q * dq, axis=1, keepdims=True))
-        dpl = jnp.sum(ch.k * dk_x) + jnp.sum(s * ds) * ch.th  # [1, 1]
-        dpk_col = -jnp.sum(ch.k * dk, axis=1, keepdims=True) + jnp.where(last, dpl, 0.0)
-        dpk_ref[...] = _to_row(dpk_col)
-        th = ch.th
-    if bonus:
-        dbeta = jnp.sum(do * ch.v, axis=1, keepdims=True)  # [L, 1]
-        dq = dq + dbeta * ch.u * ch.k
-        dk = dk + dbeta * ch.u * ch.q
-        dv = dv + ch.beta * do
-        du_ref[...] = jnp.sum(dbeta * ch.q * ch.k, axis=0, keepdims=True)
-    dq_ref[...] = dq.astype(dq_ref.dtype)
-    dk_ref[...] = dk.astype(dk_ref.dtype)
-    dv_ref[...] = dv.astype(dv_ref.dtype)
-    ds_in = _mm(ch.qt, do, TN, cdt) + th * ds
-    ds_sc[...] = ds_in
+    for hd in range(ds_sc.shape[0]):
+        ks, vs = slice(hd * dk, (hd + 1) * dk), slice(hd * dv, (hd + 1) * dv)
+        ds = ds_sc[hd]
+        s = s_ref[hd]
+        ch = _head(ins, hd, dk, dv, channel, bonus)
+        cdt = ch.cdt
+        do = scale * do_ref[:, vs].astype(F32)  # [L, V]
+        da = _mm(do, ch.v, NT, cdt)  # [L, L]
+        dq_in, dk_in, a = ch.intra_grads(da)
+        dq_x = _mm(do, s, NT, cdt) * ch.fq  # [L, K]: through the incoming state
+        dk_x = _mm(ch.v, ds, NT, cdt) * ch.fk  # through the outgoing state
+        gq, gk = dq_in + dq_x, dk_in + dk_x
+        dv_ = _mm(a, do, TN, cdt) + _mm(ch.kt, ds, NN, cdt)
+        last = ch.rows == ch.n - 1  # [L, 1]
+        if channel:
+            dpq_ref[:, ks] = ch.q * gq
+            dth = _to_row(jnp.sum(s * ds, axis=1, keepdims=True))  # [1, K]
+            dpl = jnp.sum(ch.k * dk_x, axis=0, keepdims=True) + dth * ch.th
+            dpk_ref[:, ks] = -ch.k * gk + jnp.where(last, dpl, 0.0)
+            th = _to_col(ch.th)
+        else:
+            dpq_ref[hd] = _to_row(jnp.sum(ch.q * gq, axis=1, keepdims=True))
+            dpl = jnp.sum(ch.k * dk_x) + jnp.sum(s * ds) * ch.th  # [1, 1]
+            dpk_col = -jnp.sum(ch.k * gk, axis=1, keepdims=True) + jnp.where(last, dpl, 0.0)
+            dpk_ref[hd] = _to_row(dpk_col)
+            th = ch.th
+        if bonus:
+            dbeta = jnp.sum(do * ch.v, axis=1, keepdims=True)  # [L, 1]
+            gq = gq + dbeta * ch.u * ch.k
+            gk = gk + dbeta * ch.u * ch.q
+            dv_ = dv_ + ch.beta * do
+            du_ref[hd] = jnp.sum(dbeta * ch.q * ch.k, axis=0, keepdims=True)
+        dq_ref[:, ks] = gq.astype(dq_ref.dtype)
+        dk_ref[:, ks] = gk.astype(dk_ref.dtype)
+        dv_ref[:, vs] = dv_.astype(dv_ref.dtype)
+        ds_sc[hd] = _mm(ch.qt, do, TN, cdt) + th * ds
 
     @pl.when(c == pl.num_programs(2) - 1)
     def _first_chunk():
-        dh0_ref[...] = ds_in
+        dh0_ref[...] = ds_sc[...]
 
 
 def _costs(b, h, nc, n, dk, dv, channel, bonus, itemsize, backward):
-    """A pl.CostEstimate counted from the kernel's matmuls, elementwise work and exps."""
+    """A pl.CostEstimate counted from the kernel's work per chunk and head: matmuls (float32
+    operands at HIGHEST precision count 6 MXU passes), the per-channel [L, L, K] VPU work, exps,
+    and the HBM blocks read and written."""
     chunks = b * h * nc
-    mm = 2 * n * n * dk + 2 * n * n * dv + 2 * n * dk * dv * 2  # A, A v, q S, k^T v
-    vpu = n * n * dk * 4 if channel else n * n * 3
+    passes = 6 if itemsize == 4 else 1
+    mm = 2 * n * n * dk + 2 * n * n * dv + 2 * n * dk * dv * 2  # q k^T, A v, q S, k^T v
+    vpu = n * n * dk * 6 if channel else n * n * 4
     exps = n * n * dk + 2 * n * dk if channel else n * n + 2 * n
-    io = (2 * n * dk + n * dv) * itemsize + (2 * n * dk if channel else 2 * n) * 4 + 2 * dk * dv * 4
-    if backward:
-        mm = mm * 2 + 2 * n * dk * dv * 2  # + dA, dS terms
-        vpu, io = vpu * 2, io * 2 + n * dv * itemsize
-    return pl.CostEstimate(flops=chunks * (mm + vpu), transcendentals=chunks * exps,
+    p_bytes = (2 * n * dk if channel else 2 * n) * 4
+    io = (2 * n * dk + 2 * n * dv) * itemsize + p_bytes + n * 4 + dk * dv * 4  # + o, state
+    if backward:  # + dA, dq/dk through the states, dv's two terms, dS; recomputed A
+        mm = mm * 2 + 2 * n * dk * dv * 2
+        vpu, exps = vpu * 2, exps
+        io = io + (2 * n * dk + 2 * n * dv) * itemsize + p_bytes
+    return pl.CostEstimate(flops=chunks * (mm * passes + vpu), transcendentals=chunks * exps,
                            bytes_accessed=chunks * io)
 
 
-def _specs(n, dk, dv, channel, bonus, reverse):
-    """BlockSpecs of (q, k, v, Pq, Pk, r, [u]) over the grid (b, h, c); chunk c read in reverse
-    order when ``reverse``."""
-    sq = pl.squeezed
+def heads_per_block(h: int, dk: int, dv: int) -> int:
+    """Fewest heads whose K and V features fill whole 128-lane tiles (all H when none do): a
+    block is [L, hb * K] of q [B, T, H * K]."""
+    for hb in range(1, h + 1):
+        if h % hb == 0 and (hb * dk) % LANES == 0 and (hb * dv) % LANES == 0:
+            return hb
+    return h
 
-    def at(c, nc):
+
+def _specs(n, nc, h, dk, dv, channel, bonus, reverse):
+    """BlockSpecs over the grid (b, head block j, chunk c) of q, k, v, Pq, Pk, r, (u), the
+    chunk states [B, H, nc, K, V] and per-head states [B, H, K, V]; chunk c read last first when
+    ``reverse``."""
+    sq = pl.squeezed
+    hb = heads_per_block(h, dk, dv)
+
+    def at(c):
         return nc - 1 - c if reverse else c
 
-    def tok(nc):
-        return lambda b, h, c: (b, h, at(c, nc), 0)
+    def tok(width):
+        return pl.BlockSpec((sq, n, hb * width), lambda b, j, c: (b, at(c), j))
 
-    def row(nc):
-        return lambda b, h, c: (b, h, at(c, nc), 0, 0)
-
-    def specs(nc):
-        p = (pl.BlockSpec((sq, sq, n, dk), tok(nc)) if channel
-             else pl.BlockSpec((sq, sq, sq, 1, n), row(nc)))
-        out = [
-            pl.BlockSpec((sq, sq, n, dk), tok(nc)),
-            pl.BlockSpec((sq, sq, n, dk), tok(nc)),
-            pl.BlockSpec((sq, sq, n, dv), tok(nc)),
-            p, p,
-            pl.BlockSpec((sq, sq, 1, n), lambda b, h, c: (b, at(c, nc), 0, 0)),
-        ]
-        if bonus:
-            out.append(pl.BlockSpec((sq, 1, dk), lambda b, h, c: (h, 0, 0)))
-        return out
-
-    return specs
-
-
-def _state_spec(dk, dv):
-    return pl.BlockSpec((pl.squeezed, pl.squeezed, dk, dv), lambda b, h, c: (b, h, 0, 0))
-
-
-def _chunk_state_spec(dk, dv, nc, reverse):
-    return pl.BlockSpec((pl.squeezed, pl.squeezed, pl.squeezed, dk, dv),
-                        lambda b, h, c: (b, h, nc - 1 - c if reverse else c, 0, 0))
+    p = tok(dk) if channel else pl.BlockSpec((sq, hb, sq, 1, n),
+                                             lambda b, j, c: (b, j, at(c), 0, 0))
+    ins = [tok(dk), tok(dk), tok(dv), p, p,
+           pl.BlockSpec((sq, sq, 1, n), lambda b, j, c: (b, at(c), 0, 0))]
+    if bonus:
+        ins.append(pl.BlockSpec((hb, 1, dk), lambda b, j, c: (j, 0, 0)))
+    chunk_state = pl.BlockSpec((sq, hb, sq, dk, dv), lambda b, j, c: (b, j, at(c), 0, 0))
+    state = pl.BlockSpec((sq, hb, dk, dv), lambda b, j, c: (b, j, 0, 0))
+    du = pl.BlockSpec((sq, hb, sq, 1, dk), lambda b, j, c: (b, j, at(c), 0, 0))
+    return dict(ins=ins, tok_k=tok(dk), tok_v=tok(dv), p=p, chunk_state=chunk_state,
+                state=state, du=du, hb=hb)
 
 
 def _params():
     return pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary"))
 
 
-def _forward(q, k, v, pq, pk, r, u, h0, *, scale, save):
-    """The forward pallas_call on the head-major operands: -> (o, states or None, final);
-    the incoming states [B, H, T'/L, K, V] only when ``save`` (for the backward)."""
-    b, h, tp, dk = q.shape
-    dv = v.shape[-1]
+def _dims(q, r, h0):
+    b, tp, _ = q.shape
+    _, h, dk, dv = h0.shape
     n = r.shape[-1]
-    nc = tp // n
-    channel, bonus = pq.ndim == 4, u is not None
-    specs = _specs(n, dk, dv, channel, bonus, reverse=False)(nc)
-    args = [q, k, v, pq, pk, r] + ([u] if bonus else []) + [h0]
-    out_specs = [pl.BlockSpec((pl.squeezed, pl.squeezed, n, dv), lambda b, h, c: (b, h, c, 0))]
-    out_shape = [jax.ShapeDtypeStruct((b, h, tp, dv), v.dtype)]
+    return b, tp, h, dk, dv, n, tp // n
+
+
+def _forward(q, k, v, pq, pk, r, u, h0, *, scale, save):
+    """The forward pallas_call on q, k [B, T', H*K], v [B, T', H*V], Pq, Pk ([B, T', H*K] or
+    [B, H, T'/L, 1, L]), r [B, T'/L, 1, L], u [H, 1, K] or None, h0 [B, H, K, V] -> (o
+    [B, T', H*V], the incoming states [B, H, T'/L, K, V] float32 when ``save`` else None, the
+    final states)."""
+    b, tp, h, dk, dv, n, nc = _dims(q, r, h0)
+    channel, bonus = pq.ndim == 3, u is not None
+    sp = _specs(n, nc, h, dk, dv, channel, bonus, reverse=False)
+    out_specs, out_shape = [sp["tok_v"]], [jax.ShapeDtypeStruct(v.shape, v.dtype)]
     if save:
-        out_specs.append(_chunk_state_spec(dk, dv, nc, False))
+        out_specs.append(sp["chunk_state"])
         out_shape.append(jax.ShapeDtypeStruct((b, h, nc, dk, dv), F32))
     outs = pl.pallas_call(
-        functools.partial(_fwd_kernel, channel=channel, bonus=bonus, scale=scale, save=save),
-        grid=(b, h, nc),
-        in_specs=specs + [_state_spec(dk, dv)],
-        out_specs=out_specs + [_state_spec(dk, dv)],
+        functools.partial(_fwd_kernel, channel=channel, bonus=bonus, scale=scale, save=save,
+                          dk=dk, dv=dv),
+        grid=(b, h // sp["hb"], nc),
+        in_specs=sp["ins"] + [sp["state"]],
+        out_specs=out_specs + [sp["state"]],
         out_shape=out_shape + [jax.ShapeDtypeStruct((b, h, dk, dv), F32)],
-        scratch_shapes=[pltpu.VMEM((dk, dv), F32)],
+        scratch_shapes=[pltpu.VMEM((sp["hb"], dk, dv), F32)],
         compiler_params=_params(),
         cost_estimate=_costs(b, h, nc, n, dk, dv, channel, bonus, q.dtype.itemsize, False),
         interpret=interpret(),
         name="tessera_gla_fwd",
-    )(*args)
+    )(q, k, v, pq, pk, r, *([u] if bonus else []), h0)
     return outs[0], (outs[1] if save else None), outs[-1]
 
 
@@ -381,46 +395,36 @@ def _core(scale, q, k, v, pq, pk, r, u, h0):
 
 def _core_fwd(scale, q, k, v, pq, pk, r, u, h0):
     o, states, final = _forward(q, k, v, pq, pk, r, u, h0, scale=scale, save=True)
-    return (o, final), (q, k, v, pq, pk, r, u, states)
+    return (o, final), (q, k, v, pq, pk, r, u, h0, states)
 
 
 def _core_bwd(scale, res, cts):
-    q, k, v, pq, pk, r, u, states = res
+    q, k, v, pq, pk, r, u, h0, states = res
     do, dfinal = cts
-    b, h, tp, dk = q.shape
-    dv = v.shape[-1]
-    n = r.shape[-1]
-    nc = tp // n
-    channel, bonus = pq.ndim == 4, u is not None
-    specs = _specs(n, dk, dv, channel, bonus, reverse=True)(nc)
-    tok = specs[:5]  # q, k, v, Pq, Pk: the gradients share their blocks
-    out_specs = tok + ([pl.BlockSpec((pl.squeezed, pl.squeezed, pl.squeezed, 1, dk),
-                                     lambda b, h, c: (b, h, nc - 1 - c, 0, 0))] if bonus else [])
-    out_specs.append(_state_spec(dk, dv))
+    b, tp, h, dk, dv, n, nc = _dims(q, r, h0)
+    channel, bonus = pq.ndim == 3, u is not None
+    sp = _specs(n, nc, h, dk, dv, channel, bonus, reverse=True)
+    out_specs = [sp["tok_k"], sp["tok_k"], sp["tok_v"], sp["p"], sp["p"]]
     out_shape = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in (q, k, v)]
     out_shape += [jax.ShapeDtypeStruct(a.shape, F32) for a in (pq, pk)]
     if bonus:
+        out_specs.append(sp["du"])
         out_shape.append(jax.ShapeDtypeStruct((b, h, nc, 1, dk), F32))
-    out_shape.append(jax.ShapeDtypeStruct((b, h, dk, dv), F32))
-    args = [q, k, v, pq, pk, r] + ([u] if bonus else []) + [states, do, dfinal]
     outs = pl.pallas_call(
-        functools.partial(_bwd_kernel, channel=channel, bonus=bonus, scale=scale),
-        grid=(b, h, nc),
-        in_specs=specs + [_chunk_state_spec(dk, dv, nc, True),
-                          pl.BlockSpec((pl.squeezed, pl.squeezed, n, dv),
-                                       lambda b, h, c: (b, h, nc - 1 - c, 0)),
-                          _state_spec(dk, dv)],
-        out_specs=out_specs,
-        out_shape=out_shape,
-        scratch_shapes=[pltpu.VMEM((dk, dv), F32)],
+        functools.partial(_bwd_kernel, channel=channel, bonus=bonus, scale=scale, dk=dk, dv=dv),
+        grid=(b, h // sp["hb"], nc),
+        in_specs=sp["ins"] + [sp["chunk_state"], sp["tok_v"], sp["state"]],
+        out_specs=out_specs + [sp["state"]],
+        out_shape=out_shape + [jax.ShapeDtypeStruct((b, h, dk, dv), F32)],
+        scratch_shapes=[pltpu.VMEM((sp["hb"], dk, dv), F32)],
         compiler_params=_params(),
         cost_estimate=_costs(b, h, nc, n, dk, dv, channel, bonus, q.dtype.itemsize, True),
         interpret=interpret(),
         name="tessera_gla_bwd",
-    )(*args)
+    )(q, k, v, pq, pk, r, *([u] if bonus else []), states, do, dfinal)
     dq, dk_, dv_, dpq, dpk = outs[:5]
     du = jnp.sum(outs[5], axis=(0, 2)).astype(u.dtype) if bonus else None
-    return dq, dk_, dv_, dpq, dpk, jnp.zeros_like(r), du, outs[-1]
+    return dq, dk_, dv_, dpq, dpk, jnp.zeros_like(r), du, outs[-1].astype(h0.dtype)
 
 
 _core.defvjp(_core_fwd, _core_bwd)
@@ -434,25 +438,27 @@ def _per_shard(q, k, v, g, u, h0, reset, *, scale, n):
     tp = nc * n
     channel = g.ndim == 4
 
-    def heads_first(a):  # [B, T, H, ...] -> [B, H, T', ...], zero padded
-        a = jnp.pad(a, [(0, 0), (0, tp - t)] + [(0, 0)] * (a.ndim - 2))
-        return jnp.moveaxis(a, 2, 1)
+    def pad(a):  # zero tokens up to T'
+        return jnp.pad(a, [(0, 0), (0, tp - t)] + [(0, 0)] * (a.ndim - 2))
 
-    gc = heads_first(g.astype(F32) if channel else g.astype(F32)[..., None])
-    gc = gc.reshape(b, h, nc, n, gc.shape[-1])
-    pk = jnp.cumsum(gc, axis=3)
-    pq = pk if u is None else jnp.pad(pk[:, :, :, :-1], [(0, 0)] * 3 + [(1, 0), (0, 0)])
+    def flat(a):  # [B, T, H, D] -> [B, T', H * D]: no data movement
+        return pad(a).reshape(b, tp, -1)
+
+    # Chunk-local prefix sums of the log decays (float32): per channel in the token layout
+    # [B, T', H*K]; scalar as one row per head and chunk [B, H, T'/L, 1, L] (4 bytes a token).
+    gc = pad(g.astype(F32)).reshape(b, nc, n, h, -1)
+    pk = jnp.cumsum(gc, axis=2)
+    pq = pk if u is None else jnp.pad(pk[:, :, :-1], [(0, 0), (0, 0), (1, 0), (0, 0), (0, 0)])
     if channel:
-        pq, pk = (p.reshape(b, h, tp, dk) for p in (pq, pk))
+        pq, pk = (p.reshape(b, tp, h * dk) for p in (pq, pk))
     else:
-        pq, pk = (p.reshape(b, h, nc, 1, n) for p in (pq, pk))
+        pq, pk = (jnp.transpose(p[..., 0], (0, 3, 1, 2))[:, :, :, None, :] for p in (pq, pk))
     reset = jnp.zeros((b, t), bool) if reset is None else reset
-    reset = jnp.pad(reset, [(0, 0), (0, tp - t)]).astype(jnp.int32).reshape(b, nc, n)
-    r = jnp.cumsum(reset, axis=2).astype(F32)[:, :, None, :]  # [B, nc, 1, L]
+    r = jnp.cumsum(pad(reset).astype(jnp.int32).reshape(b, nc, n), axis=2).astype(F32)
     h0 = jnp.zeros((b, h, dk, dv), F32) if h0 is None else h0.astype(F32)
     u = None if u is None else u[:, None, :]
-    o, final = _core(scale, heads_first(q), heads_first(k), heads_first(v), pq, pk, r, u, h0)
-    return jnp.moveaxis(o, 1, 2)[:, :t], final
+    o, final = _core(scale, flat(q), flat(k), flat(v), pq, pk, r[:, :, None, :], u, h0)
+    return o.reshape(b, tp, h, dv)[:, :t], final
 
 
 def gla(
