@@ -22,8 +22,8 @@ import tessera.kernels.ssd as ssd_op
 from tessera.aot.topology import have_libtpu
 from tessera.kernels.gla import pallas_tpu, reference
 from tessera.kernels.platform import interpreting
+from tessera.kernels.ssd import pallas_tpu as ssd_pallas
 from tessera.kernels.ssd import reference as ssd_reference
-from tessera.kernels.ssd.via_gla import via_gla
 
 needs_libtpu = pytest.mark.skipif(
     not have_libtpu(), reason="libtpu not installed (TPU AOT compile needs it)"
@@ -119,16 +119,18 @@ def test_matches_chunked():
     assert_close(got, want, False, "chunked")
 
 
-def test_ssd_through_the_kernel():
-    """SSD (4 heads over 2 groups of B / C, h0, resets) through `via_gla` on the kernel equals
-    ssd's sequential form, forward and gradients wrt every input."""
-    b, t, h, p, grp, n = 1, 21, 4, 3, 2, 5
-    key = jax.random.split(jax.random.key(0), 7)
+@pytest.mark.parametrize("groups", [1, 2])
+def test_ssd_through_the_kernel(groups):
+    """SSD (4 heads; one group of B / C read as it is, or 2 groups repeated to heads; h0,
+    resets) on the kernels equals ssd's sequential form, forward and gradients wrt every
+    input."""
+    b, t, h, p, n = 1, 21, 4, 3, 5
+    key = jax.random.split(jax.random.key(groups), 7)
     x = jax.random.normal(key[0], (b, t, h, p))
     dt = jax.nn.softplus(jax.random.normal(key[1], (b, t, h)) - 1.0)
     A = -jnp.exp(jax.random.uniform(key[2], (h,), minval=-1.2, maxval=1.4))
-    Bm = jax.random.normal(key[3], (b, t, grp, n))
-    C = jax.random.normal(key[4], (b, t, grp, n))
+    Bm = jax.random.normal(key[3], (b, t, groups, n))
+    C = jax.random.normal(key[4], (b, t, groups, n))
     D = jax.random.normal(key[5], (h,))
     h0 = jax.random.normal(key[6], (b, h, p, n))
     reset = jnp.zeros((b, t), bool).at[0, jnp.array([0, 8, 9, t - 1])].set(True)
@@ -143,9 +145,8 @@ def test_ssd_through_the_kernel():
             return jax.jit(jax.value_and_grad(loss, argnums=tuple(range(7)), has_aux=True))(
                 x, dt, A, Bm, C, D, h0)
 
-    kernel = via_gla(functools.partial(pallas_tpu.gla, chunk=8))
-    got = grads(kernel)
-    want = grads(lambda *a, **kw: ssd_reference.sequential(*a, **kw))
+    got = grads(functools.partial(ssd_pallas.ssd, chunk=8))
+    want = grads(ssd_reference.sequential)
     for a, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         np.testing.assert_allclose(a, w, rtol=1e-4, atol=1e-4 * np.abs(w).max())
 

@@ -195,17 +195,20 @@ class _Chunk:
         return dq, dk, a
 
 
-def _head(refs, hd, dk, dv, channel, bonus):
-    """Head ``hd`` of the block: a `_Chunk` from refs (q, k, v, Pq, Pk, r, u)."""
+def _head(refs, hd, dk, dv, channel, bonus, shared):
+    """Head ``hd`` of the block: a `_Chunk` from refs (q, k, v, Pq, Pk, r, u); with ``shared``
+    the q and k blocks are [L, K], one head for all."""
     q_ref, k_ref, v_ref, pq_ref, pk_ref, r_ref, u_ref = refs
     ks, vs = slice(hd * dk, (hd + 1) * dk), slice(hd * dv, (hd + 1) * dv)
     pq = pq_ref[:, ks] if channel else pq_ref[hd]
     pk = pk_ref[:, ks] if channel else pk_ref[hd]
-    return _Chunk(q_ref[:, ks], k_ref[:, ks], v_ref[:, vs], pq, pk, r_ref[...],
+    qk = slice(None) if shared else ks
+    return _Chunk(q_ref[:, qk], k_ref[:, qk], v_ref[:, vs], pq, pk, r_ref[...],
                   u_ref[hd] if bonus else None, channel, bonus)
 
 
-def _fwd_kernel(*refs, channel: bool, bonus: bool, scale: float, save: bool, dk: int, dv: int):
+def _fwd_kernel(*refs, channel: bool, bonus: bool, scale: float, save: bool, dk: int, dv: int,
+                shared: bool):
     """refs: q, k [L, hb*K], v [L, hb*V], Pq, Pk ([L, hb*K] or [hb, 1, L]), r [1, L],
     (u [hb, 1, K]), h0 [hb, K, V]; out: o [L, hb*V], (when ``save``) the incoming states
     [hb, K, V], the final states [hb, K, V]; scratch S [hb, K, V]. A loop over the hb heads."""
@@ -223,7 +226,7 @@ def _fwd_kernel(*refs, channel: bool, bonus: bool, scale: float, save: bool, dk:
         s = s_sc[hd]
         if save:
             states_ref[hd] = s
-        ch = _head(ins, hd, dk, dv, channel, bonus)
+        ch = _head(ins, hd, dk, dv, channel, bonus, shared)
         o = _mm(ch.scores(), ch.v, NN, ch.cdt) + _mm(ch.qt, s, NN, ch.cdt)
         if bonus:
             o = o + ch.beta * ch.v
@@ -236,11 +239,12 @@ def _fwd_kernel(*refs, channel: bool, bonus: bool, scale: float, save: bool, dk:
         final_ref[...] = s_sc[...]
 
 
-def _bwd_kernel(*refs, channel: bool, bonus: bool, scale: float, dk: int, dv: int):
+def _bwd_kernel(*refs, channel: bool, bonus: bool, scale: float, dk: int, dv: int,
+                shared: bool):
     """refs: q, k, v, Pq, Pk, r, (u) as in the forward, the chunk's incoming states [hb, K, V],
-    do [L, hb*V], the final states' cotangent [hb, K, V]; out: dq, dk [L, hb*K], dv [L, hb*V],
-    dPq, dPk (as Pq), (du [hb, 1, K]), dh0 [hb, K, V]; scratch dS [hb, K, V]. Chunks arrive
-    last first."""
+    do [L, hb*V], the final states' cotangent [hb, K, V]; out: dq, dk [L, hb*K] ([L, K] summed
+    over the hb heads with ``shared``), dv [L, hb*V], dPq, dPk (as Pq), (du [hb, 1, K]), dh0
+    [hb, K, V]; scratch dS [hb, K, V]. Chunks arrive last first."""
     ins = list(refs[:6]) + [refs[6] if bonus else None]
     rest = refs[6 + bonus:]
     s_ref, do_ref, dfinal_ref, dq_ref, dk_ref, dv_ref, dpq_ref, dpk_ref = rest[:8]
@@ -252,11 +256,12 @@ def _bwd_kernel(*refs, channel: bool, bonus: bool, scale: float, dk: int, dv: in
     def _init():
         ds_sc[...] = dfinal_ref[...]
 
+    sum_q = sum_k = 0.0
     for hd in range(ds_sc.shape[0]):
         ks, vs = slice(hd * dk, (hd + 1) * dk), slice(hd * dv, (hd + 1) * dv)
         ds = ds_sc[hd]
         s = s_ref[hd]
-        ch = _head(ins, hd, dk, dv, channel, bonus)
+        ch = _head(ins, hd, dk, dv, channel, bonus, shared)
         cdt = ch.cdt
         do = scale * do_ref[:, vs].astype(F32)  # [L, V]
         da = _mm(do, ch.v, NT, cdt)  # [L, L]
@@ -284,10 +289,16 @@ def _bwd_kernel(*refs, channel: bool, bonus: bool, scale: float, dk: int, dv: in
             gk = gk + dbeta * ch.u * ch.q
             dv_ = dv_ + ch.beta * do
             du_ref[hd] = jnp.sum(dbeta * ch.q * ch.k, axis=0, keepdims=True)
-        dq_ref[:, ks] = gq.astype(dq_ref.dtype)
-        dk_ref[:, ks] = gk.astype(dk_ref.dtype)
+        if shared:
+            sum_q, sum_k = sum_q + gq, sum_k + gk
+        else:
+            dq_ref[:, ks] = gq.astype(dq_ref.dtype)
+            dk_ref[:, ks] = gk.astype(dk_ref.dtype)
         dv_ref[:, vs] = dv_.astype(dv_ref.dtype)
         ds_sc[hd] = _mm(ch.qt, do, TN, cdt) + th * ds
+    if shared:
+        dq_ref[...] = sum_q.astype(dq_ref.dtype)
+        dk_ref[...] = sum_k.astype(dk_ref.dtype)
 
     @pl.when(c == pl.num_programs(2) - 1)
     def _first_chunk():
@@ -322,10 +333,11 @@ def heads_per_block(h: int, dk: int, dv: int) -> int:
     return h
 
 
-def _specs(n, nc, h, dk, dv, channel, bonus, reverse):
+def _specs(n, nc, h, dk, dv, channel, bonus, reverse, shared):
     """BlockSpecs over the grid (b, head block j, chunk c) of q, k, v, Pq, Pk, r, (u), the
     chunk states [B, H, nc, K, V] and per-head states [B, H, K, V]; chunk c read last first when
-    ``reverse``."""
+    ``reverse``. With ``shared`` q and k are [B, T', K] (one head for all) and their gradients
+    [B, T', H/hb * K] (summed over each head block)."""
     sq = pl.squeezed
     hb = heads_per_block(h, dk, dv)
 
@@ -337,14 +349,16 @@ def _specs(n, nc, h, dk, dv, channel, bonus, reverse):
 
     p = tok(dk) if channel else pl.BlockSpec((sq, hb, sq, 1, n),
                                              lambda b, j, c: (b, j, at(c), 0, 0))
-    ins = [tok(dk), tok(dk), tok(dv), p, p,
+    qk = pl.BlockSpec((sq, n, dk), lambda b, j, c: (b, at(c), 0)) if shared else tok(dk)
+    dqk = pl.BlockSpec((sq, n, dk), lambda b, j, c: (b, at(c), j)) if shared else tok(dk)
+    ins = [qk, qk, tok(dv), p, p,
            pl.BlockSpec((sq, sq, 1, n), lambda b, j, c: (b, at(c), 0, 0))]
     if bonus:
         ins.append(pl.BlockSpec((hb, 1, dk), lambda b, j, c: (j, 0, 0)))
     chunk_state = pl.BlockSpec((sq, hb, sq, dk, dv), lambda b, j, c: (b, j, at(c), 0, 0))
     state = pl.BlockSpec((sq, hb, dk, dv), lambda b, j, c: (b, j, 0, 0))
     du = pl.BlockSpec((sq, hb, sq, 1, dk), lambda b, j, c: (b, j, at(c), 0, 0))
-    return dict(ins=ins, tok_k=tok(dk), tok_v=tok(dv), p=p, chunk_state=chunk_state,
+    return dict(ins=ins, dqk=dqk, tok_v=tok(dv), p=p, chunk_state=chunk_state,
                 state=state, du=du, hb=hb)
 
 
@@ -356,7 +370,7 @@ def _dims(q, r, h0):
     b, tp, _ = q.shape
     _, h, dk, dv = h0.shape
     n = r.shape[-1]
-    return b, tp, h, dk, dv, n, tp // n
+    return b, tp, h, dk, dv, n, tp // n, h > 1 and q.shape[-1] == dk
 
 
 def _forward(q, k, v, pq, pk, r, u, h0, *, scale, save):
@@ -364,16 +378,16 @@ def _forward(q, k, v, pq, pk, r, u, h0, *, scale, save):
     [B, H, T'/L, 1, L]), r [B, T'/L, 1, L], u [H, 1, K] or None, h0 [B, H, K, V] -> (o
     [B, T', H*V], the incoming states [B, H, T'/L, K, V] float32 when ``save`` else None, the
     final states)."""
-    b, tp, h, dk, dv, n, nc = _dims(q, r, h0)
+    b, tp, h, dk, dv, n, nc, shared = _dims(q, r, h0)
     channel, bonus = pq.ndim == 3, u is not None
-    sp = _specs(n, nc, h, dk, dv, channel, bonus, reverse=False)
+    sp = _specs(n, nc, h, dk, dv, channel, bonus, reverse=False, shared=shared)
     out_specs, out_shape = [sp["tok_v"]], [jax.ShapeDtypeStruct(v.shape, v.dtype)]
     if save:
         out_specs.append(sp["chunk_state"])
         out_shape.append(jax.ShapeDtypeStruct((b, h, nc, dk, dv), F32))
     outs = pl.pallas_call(
         functools.partial(_fwd_kernel, channel=channel, bonus=bonus, scale=scale, save=save,
-                          dk=dk, dv=dv),
+                          dk=dk, dv=dv, shared=shared),
         grid=(b, h // sp["hb"], nc),
         in_specs=sp["ins"] + [sp["state"]],
         out_specs=out_specs + [sp["state"]],
@@ -401,17 +415,21 @@ def _core_fwd(scale, q, k, v, pq, pk, r, u, h0):
 def _core_bwd(scale, res, cts):
     q, k, v, pq, pk, r, u, h0, states = res
     do, dfinal = cts
-    b, tp, h, dk, dv, n, nc = _dims(q, r, h0)
+    b, tp, h, dk, dv, n, nc, shared = _dims(q, r, h0)
     channel, bonus = pq.ndim == 3, u is not None
-    sp = _specs(n, nc, h, dk, dv, channel, bonus, reverse=True)
-    out_specs = [sp["tok_k"], sp["tok_k"], sp["tok_v"], sp["p"], sp["p"]]
-    out_shape = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in (q, k, v)]
+    sp = _specs(n, nc, h, dk, dv, channel, bonus, reverse=True, shared=shared)
+    blocks = h // sp["hb"]
+    out_specs = [sp["dqk"], sp["dqk"], sp["tok_v"], sp["p"], sp["p"]]
+    out_shape = [jax.ShapeDtypeStruct((b, tp, blocks * dk) if shared else a.shape, a.dtype)
+                 for a in (q, k)]
+    out_shape += [jax.ShapeDtypeStruct(v.shape, v.dtype)]
     out_shape += [jax.ShapeDtypeStruct(a.shape, F32) for a in (pq, pk)]
     if bonus:
         out_specs.append(sp["du"])
         out_shape.append(jax.ShapeDtypeStruct((b, h, nc, 1, dk), F32))
     outs = pl.pallas_call(
-        functools.partial(_bwd_kernel, channel=channel, bonus=bonus, scale=scale, dk=dk, dv=dv),
+        functools.partial(_bwd_kernel, channel=channel, bonus=bonus, scale=scale, dk=dk, dv=dv,
+                          shared=shared),
         grid=(b, h // sp["hb"], nc),
         in_specs=sp["ins"] + [sp["chunk_state"], sp["tok_v"], sp["state"]],
         out_specs=out_specs + [sp["state"]],
@@ -423,6 +441,9 @@ def _core_bwd(scale, res, cts):
         name="tessera_gla_bwd",
     )(q, k, v, pq, pk, r, *([u] if bonus else []), states, do, dfinal)
     dq, dk_, dv_, dpq, dpk = outs[:5]
+    if shared:  # sum the head blocks' partial gradients
+        dq, dk_ = (d.reshape(b, tp, blocks, dk).astype(F32).sum(2).astype(q.dtype)
+                   for d in (dq, dk_))
     du = jnp.sum(outs[5], axis=(0, 2)).astype(u.dtype) if bonus else None
     return dq, dk_, dv_, dpq, dpk, jnp.zeros_like(r), du, outs[-1].astype(h0.dtype)
 
@@ -431,9 +452,13 @@ _core.defvjp(_core_fwd, _core_bwd)
 
 
 def _per_shard(q, k, v, g, u, h0, reset, *, scale, n):
-    """One device's rows and heads, in gla's layout -> (o [B, T, H, V], final [B, H, K, V])."""
-    b, t, h, dk = q.shape
-    dv = v.shape[-1]
+    """One device's rows and heads, in gla's layout -> (o [B, T, H, V], final [B, H, K, V]).
+    q and k may have one head for all H (SSD with one group): the kernels read it once per head
+    block, and it is repeated here only where the block layout cannot take its gradients."""
+    b, t, _, dk = q.shape
+    h, dv = v.shape[2], v.shape[3]
+    if q.shape[2] != h and not (dk % LANES == 0 or heads_per_block(h, dk, dv) == h):
+        q, k = (jnp.broadcast_to(a, (b, t, h, dk)) for a in (q, k))
     nc = -(-t // n)
     tp = nc * n
     channel = g.ndim == 4

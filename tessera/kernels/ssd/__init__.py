@@ -2,10 +2,10 @@
 
 impls, in the order auto tries them (`OP`, a `tessera.kernels.registry.Op`; the recurrence and
 shapes are in `reference`):
-  pallas_tpu   the Pallas TPU GLA kernels (`tessera.kernels.gla.pallas_tpu`, scalar decay) through
-               `via_gla`: B / C repeated from groups to heads; its chunk length is the
-               kernel's own (`CHUNKS`), not ``chunk_size``. Auto's pick on TPU (and in
-               interpret mode) for T > 1.
+  pallas_tpu   the Pallas TPU GLA kernels (`tessera.kernels.gla.pallas_tpu`, scalar decay) as
+               `via_gla` maps SSD to gla (`pallas_tpu`): one group's B / C read as they are,
+               G > 1 repeated to heads; its chunk length is the kernel's own, not
+               ``chunk_size``. Auto's pick on TPU (and in interpret mode) for T > 1.
   sequential   lax.scan over time: the oracle and the decode step. Auto picks it for a single
                token (T = 1), where both forms are exact and the step skips the chunk bookkeeping.
   chunked      the SSD algorithm: quadratic form inside chunks, recurrence between them. Training
@@ -21,8 +21,7 @@ import jax
 
 from tessera.kernels.gla import pallas_tpu as gla_pallas_tpu
 from tessera.kernels.registry import Impl, Op, drop_kwargs, impls_getattr
-from tessera.kernels.ssd import reference
-from tessera.kernels.ssd.via_gla import via_gla
+from tessera.kernels.ssd import pallas_tpu, reference
 
 __all__ = ["IMPLS", "OP", "ssd"]
 
@@ -42,7 +41,7 @@ def _pallas_supports(x: jax.Array, *args, **kw) -> str | None:
 OP = Op(
     "ssd",
     [
-        Impl("pallas_tpu", via_gla(gla_pallas_tpu.gla), supports=_pallas_supports,
+        Impl("pallas_tpu", pallas_tpu.ssd, supports=_pallas_supports,
              auto=_many_tokens),
         Impl("sequential", drop_kwargs(reference.sequential, "chunk_size"), auto=_single_token),
         Impl("chunked", reference.chunked),
