@@ -1,18 +1,23 @@
 """The chunked gated linear recurrence (`reference.chunked`) as Pallas TPU (Mosaic) kernels,
 forward and backward (``jax.custom_vjp``).
 
-Layout. The wrapper moves heads before time: q, k [B, H, T', K], v [B, H, T', V] (one HBM pass
-over q, k, v and o, and over the gradients in the backward; the kernel then reads lane-dense
-[L, K] / [L, V] blocks of one head), T' = T padded to a multiple of the chunk L with k = v = 0,
-g = 0 (such tokens keep the state). The grid is (B, H, T' / L): batch and heads "parallel", the
-chunks "arbitrary" (sequential), the state S [K, V] float32 in VMEM scratch from one chunk to the
-next. The wrapper also turns g into the chunk-local prefix sums of the log decays (float32):
+Layout. The kernels read the tokens where they lie: q, k [B, T', H*K] and v, o [B, T', H*V]
+(free reshapes of gla's [B, T, H, D]; no head-major relayout, no HBM copy), T' = T padded to a
+multiple of the chunk L with k = v = 0, g = 0 (such tokens keep the state). A block is
+[L, hb*K]: the fewest heads hb whose features fill whole 128-lane tiles (2 heads of 64, 1 of
+128 or more; all H when none do), looped over inside the kernel. The grid is (B, H / hb, T' / L):
+batch and head blocks "parallel", the chunks "arbitrary" (sequential), the states S [hb, K, V]
+float32 in VMEM scratch from one chunk to the next. q and k may also be one head shared by all
+(SSD with one group, `tessera.kernels.ssd.pallas_tpu`): [B, T', K], read by every head block,
+their gradients summed over the block's heads in the kernel and over blocks by XLA. The wrapper
+also turns g into the chunk-local prefix sums of the log decays (float32):
 
     Pk_i = sum_{s <= i} g_s                 (inclusive, within the chunk)
     Pq_i = Pk_i without u, Pk_{i-1} with u  (exclusive: the bonus query reads the state before
                                              its token)
 
-(per channel [L, K] blocks, or for scalar g one row [1, L] per chunk) and the reset counts
+(per channel [B, T', H*K] like q; scalar g as one row [1, L] per head and chunk,
+[B, H, T'/L, 1, L]) and the reset counts
 r_i = #resets at chunk positions <= i (a row [1, L]). jax differentiates these jnp steps (dg from
 dPq, dPk by reverse cumulative sums), so the kernels see only q, k, v, Pq, Pk, r, u, h0.
 
@@ -32,12 +37,13 @@ prefix sums: their absolute error is a few ulp(|P|) with |P| <= L * max|g| (3e-5
 -20 per step), a relative error of that size in each decay factor.
 
 Per-channel g computes A on the VPU, one key column j at a time (L steps over [L, K] tiles):
-exp(Pq - Pk_j) masked, times q * k_j, summed over channels; hence the small default chunk
-(16) for per-channel g and 64 for scalar g.
+exp(Pq - Pk_j) masked, times q * k_j, summed over channels (L * K exps per token); hence the
+small default chunk (16) for per-channel g and 128 for scalar g (`CHUNKS`).
 
 Backward, chunks in reverse, dS (the cotangent of the state leaving the chunk) in VMEM scratch,
 the chunk's incoming state S read from the forward's saved states [B, H, T'/L, K, V] float32
-(K * V * 4 / L bytes per token and head: 4 KiB at K = V = 128, L = 16; 1 KiB at L = 64). With
+(K * V * 4 / L bytes per token and head: 1 KiB for RWKV-6's K = V = 64 at L = 16, 4 KiB for
+RetNet's K = 256, V = 512 at L = 128, 256 B for Mamba-2's N = 128, P = 64). With
 dO = scale * do:
 
     dv   = A^T dO + (k * Fk) dS + beta * dO
