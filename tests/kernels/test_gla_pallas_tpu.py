@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import tessera.kernels.gla as gla_op
@@ -93,6 +93,7 @@ resets = st.lists(st.sampled_from([0, 5, 8, 15, 16, 17, 30, T - 1]), max_size=5)
 
 @pytest.mark.parametrize("config", CONFIGS)
 @settings(max_examples=3, deadline=None)
+@example(seed=0, decay=20.0, rows=([0, 8, 16, 17, T - 1], [5, 30]))  # chunk starts, twice, last
 @given(seed=st.integers(0, 2**16), decay=st.sampled_from([1.0, 5.0, 20.0]),
        rows=st.tuples(resets, resets))
 def test_matches_sequential(config, seed, decay, rows):
