@@ -18,9 +18,10 @@ final state; the step is its value and gradient with respect to every float inpu
   programs traced inside ``kernels.loops.unrolled()`` (the chunk scans unrolled) at two lengths
   (`COST_LENGTHS`, exact there), fitted as ``a + b T`` and read at each T: every impl's work is a
   fixed part plus the same work per chunk. Measured on v5p-8 (SSD, XLA chunked), the fit from
-  T = 1024 and 2048 read at 4096 was 0.4% low in FLOPs and 8% low in ``optimal_seconds`` (XLA's
-  fusion choices vary with T), so longer lengths are extrapolated from the longest exact pair. A
-  Pallas call counts what its ``CostEstimate`` says (XLA cannot see inside it otherwise).
+  T = 1024 and 2048 read at 4096 was 0.4% low in FLOPs and 8% low in ``optimal_seconds`` against
+  an unrolled compile there (XLA's fusion choices vary with T); longer fit lengths cost unrolled
+  compiles of hundreds of chunks (``cost_lengths``). A Pallas call counts what its
+  ``CostEstimate`` says (XLA cannot see inside it otherwise).
 
 ``vs chunked`` is the impl's time over the XLA ``chunked`` form's at the same length.
 """
@@ -45,7 +46,7 @@ from tessera.kernels.registry import KernelUnavailableError, Op
 MiB = 1024**2
 F32 = jnp.float32
 REFERENCE = "chunked"  # the XLA form every row is compared with
-COST_LENGTHS = (2048, 4096)  # the unrolled compiles the TPU cost is fitted on
+COST_LENGTHS = (1024, 2048)  # the unrolled compiles the TPU cost is fitted on
 RWKV7_HEAD = 64  # RWKV-7 1.5B: 32 heads of 64
 
 

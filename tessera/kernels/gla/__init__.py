@@ -4,6 +4,10 @@ One op for RetNet (scalar decay per head), GLA and RWKV-6 (per-channel decay; RW
 bonus ``u``). The recurrence and shapes are in `reference`.
 
 impls, in the order auto tries them (`OP`, a `tessera.kernels.registry.Op`):
+  pallas_tpu   Pallas TPU (Mosaic) kernels, forward and backward (`pallas_tpu`): chunks on a
+               sequential grid axis, the state in VMEM; its chunk length is the kernel's own
+               (`pallas_tpu.CHUNKS`), not ``chunk_size``. Auto's pick on TPU (and in interpret
+               mode) for T > 1.
   pallas_tpu_decode  `tessera.kernels.state_step`: one token on TPU (or in interpret mode), the
                state read and written once, in place; no gradient. Auto picks it for per-channel
                decays only: XLA's step for a scalar decay already moves the state just once.
@@ -13,10 +17,10 @@ impls, in the order auto tries them (`OP`, a `tessera.kernels.registry.Op`):
   sequential   lax.scan over time: the oracle and the decode step. Auto picks it for a single
                token (T = 1).
   chunked      state passed between chunks, exact quadratic form inside them. Training and
-               prefill path; auto's pick for T > 1. ``xla`` is an alias.
+               prefill path; auto's pick for T > 1 off TPU. ``xla`` is an alias.
   parallel     the quadratic form over the whole sequence (O(T^2)). Only when named.
-  auto         sequential for T = 1, chunked otherwise. Pallas kernels join with
-               `OP.register(impl, before=...)`; every impl takes the arguments of `gla`.
+  auto         sequential for T = 1; pallas_tpu on TPU, else chunked, otherwise. Kernels join
+               with `OP.register(impl, before=...)`; every impl takes the arguments of `gla`.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from __future__ import annotations
 import jax
 
 from tessera.kernels import state_step
-from tessera.kernels.gla import pallas_gpu, reference
+from tessera.kernels.gla import pallas_gpu, pallas_tpu, reference
 from tessera.kernels.registry import Impl, Op, drop_kwargs, impls_getattr
 
 __all__ = ["IMPLS", "OP", "gla"]
@@ -32,6 +36,10 @@ __all__ = ["IMPLS", "OP", "gla"]
 
 def _single_token(q: jax.Array, *args, **kw) -> str | None:
     return None if q.shape[1] == 1 else f"T = {q.shape[1]} > 1 (it is the decode step)"
+
+
+def _many_tokens(q: jax.Array, *args, **kw) -> str | None:
+    return None if q.shape[1] > 1 else "T = 1 (the decode step)"
 
 
 def _state_step(q, k, v, g, *, u=None, h0=None, reset=None, scale=1.0, chunk_size=None):
@@ -46,6 +54,7 @@ def _per_channel(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array, **kw) -
 OP = Op(
     "gla",
     [
+        Impl("pallas_tpu", pallas_tpu.gla, supports=pallas_tpu.supports, auto=_many_tokens),
         Impl("pallas_tpu_decode", _state_step, supports=state_step.supports, auto=_per_channel),
         Impl("pallas_gpu", pallas_gpu.gla, pallas_gpu.supports, auto=pallas_gpu.auto_skips),
         Impl("sequential", drop_kwargs(reference.sequential, "chunk_size"), auto=_single_token),

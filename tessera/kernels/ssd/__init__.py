@@ -2,24 +2,29 @@
 
 impls, in the order auto tries them (`OP`, a `tessera.kernels.registry.Op`; the recurrence and
 shapes are in `reference`):
+  pallas_tpu   the Pallas TPU GLA kernels (`tessera.kernels.gla.pallas_tpu`, scalar decay) as
+               `via_gla` maps SSD to gla (`pallas_tpu`): one group's B / C read as they are,
+               G > 1 repeated to heads; its chunk length is the kernel's own, not
+               ``chunk_size``. Auto's pick on TPU (and in interpret mode) for T > 1.
   pallas_gpu   the Pallas Triton GLA kernels through `via_gla` (`pallas_gpu`). On a GPU (or in
                GPU interpret mode) for T > 1; auto skips it for float32 under full-precision
                matmuls (TF32 dots).
   sequential   lax.scan over time: the oracle and the decode step. Auto picks it for a single
                token (T = 1), where both forms are exact and the step skips the chunk bookkeeping.
   chunked      the SSD algorithm: quadratic form inside chunks, recurrence between them. Training
-               and prefill path; auto's pick for T > 1. ``xla`` is an alias.
+               and prefill path; auto's pick for T > 1 off TPU. ``xla`` is an alias.
   associative  lax.associative_scan over time. Only when named.
-  auto         sequential for T = 1, chunked otherwise. Pallas kernels join with
-               `OP.register(impl, before=...)`.
+  auto         sequential for T = 1; pallas_tpu on TPU, else chunked, otherwise. Kernels join
+               with `OP.register(impl, before=...)`.
 """
 
 from __future__ import annotations
 
 import jax
 
+from tessera.kernels.gla import pallas_tpu as gla_pallas_tpu
 from tessera.kernels.registry import Impl, Op, drop_kwargs, impls_getattr
-from tessera.kernels.ssd import pallas_gpu, reference
+from tessera.kernels.ssd import pallas_gpu, pallas_tpu, reference
 
 __all__ = ["IMPLS", "OP", "ssd"]
 
@@ -28,9 +33,19 @@ def _single_token(x: jax.Array, *args, **kw) -> str | None:
     return None if x.shape[1] == 1 else f"T = {x.shape[1]} > 1 (it is the decode step)"
 
 
+def _many_tokens(x: jax.Array, *args, **kw) -> str | None:
+    return None if x.shape[1] > 1 else "T = 1 (the decode step: sequential)"
+
+
+def _pallas_supports(x: jax.Array, *args, **kw) -> str | None:
+    return gla_pallas_tpu.supports(x, x, x, x)
+
+
 OP = Op(
     "ssd",
     [
+        Impl("pallas_tpu", pallas_tpu.ssd, supports=_pallas_supports,
+             auto=_many_tokens),
         Impl("pallas_gpu", pallas_gpu.ssd, pallas_gpu.supports, auto=pallas_gpu.auto_skips),
         Impl("sequential", drop_kwargs(reference.sequential, "chunk_size"), auto=_single_token),
         Impl("chunked", reference.chunked),
