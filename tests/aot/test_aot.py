@@ -106,6 +106,10 @@ USES_ATTENTION = {"llama:tiny", "hybrid:tiny", "classify:tiny", "vit:tiny", "dee
                   "qwen_moe:tiny", "ldm:tiny_dit_latent"}
 # Configs whose decode step updates a matrix state with the Pallas state-step kernel.
 USES_STATE_STEP = {"rwkv6:tiny", "rwkv7:tiny"}
+# The Pallas recurrence kernel (forward and backward) each recurrent config's train step runs.
+RECURRENCE_KERNEL = {"mamba:tiny": "tessera_selective_scan", "mamba2:tiny": "tessera_gla",
+                     "hybrid:tiny": "tessera_gla", "rwkv6:tiny": "tessera_gla",
+                     "retnet:tiny": "tessera_gla", "rwkv7:tiny": "tessera_delta_rule"}
 
 
 def _target(name: str):
@@ -155,6 +159,11 @@ def test_tiny_train_step_compiles(spec, topology, mesh):
     # families run XLA code and their own kernels only.
     splash = any(name.startswith("splash_mha") for name in out["kernels"])
     assert splash == (spec in USES_ATTENTION), out["kernels"]
+    # The linear recurrences take their Pallas kernels, forward and backward.
+    recurrence = {n for n in out["kernels"] if n.startswith(("tessera_gla", "tessera_delta",
+                                                             "tessera_selective"))}
+    kernel = RECURRENCE_KERNEL.get(spec)
+    assert recurrence == ({f"{kernel}_fwd", f"{kernel}_bwd"} if kernel else set()), out["kernels"]
 
 
 @needs_libtpu
