@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -296,6 +297,19 @@ def affine_cost(problem: Problem, impl: str, shapes_at: Callable[[int], list],
     return np.array([f1, s1]) - slope * t1, slope
 
 
+def _temp_or_oom(problem: Problem, impl: str, shapes: Sequence) -> float | str:
+    """The step's temp MiB per device, or why it does not compile: XLA refuses a program whose
+    temporaries exceed the chip's HBM ("RESOURCE_EXHAUSTED ... CompileTimeHbmOom")."""
+    try:
+        compiled = jax.jit(train_step(problem, impl)).lower(*shapes).compile()
+    except jax.errors.JaxRuntimeError as e:
+        found = re.search(r"HLO temporaries \(([\d.]+\w?)\)", str(e))
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        return f"over HBM ({found.group(1)} temp)" if found else "over HBM"
+    return compiled.memory_analysis().temp_size_in_bytes / MiB
+
+
 def measure_tpu(names: Sequence[str], lengths: Sequence[int], topology: str, *, batch: int = 4,
                 named: Sequence[str] = (), divisor: int = 1,
                 cost_lengths: Sequence[int] = COST_LENGTHS,
@@ -333,12 +347,10 @@ def measure_tpu(names: Sequence[str], lengths: Sequence[int], topology: str, *, 
                 a, b = affine_cost(problem, impl, shapes_at, cost_lengths)
                 for length in lengths:
                     progress(f"  {name} T={length} {impl} ...")
-                    compiled = jax.jit(train_step(problem, impl)).lower(
-                        *shapes_at(length)).compile()
                     flops, seconds = a + b * length
                     rows.append({
                         "op": name, "T": length, "impl": impl,
-                        "temp (MiB)": compiled.memory_analysis().temp_size_in_bytes / MiB,
+                        "temp (MiB)": _temp_or_oom(problem, impl, shapes_at(length)),
                         "GFLOP": float(flops) / 1e9,
                         "optimal (ms)": 1e3 * float(seconds) if seconds > 0 else "n/a",
                     })
