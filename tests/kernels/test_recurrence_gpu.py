@@ -29,6 +29,7 @@ from tessera.kernels.selective_scan import pallas_gpu as scan_gpu
 from tessera.kernels.selective_scan import reference as scan_ref
 from tessera.kernels.ssd import pallas_gpu as ssd_gpu
 from tessera.kernels.ssd import reference as ssd_ref
+from tests.kernels.test_ssd import inputs as ssd_inputs
 
 F32_TOL, BF16_TOL = 1e-4, 3e-2
 
@@ -151,18 +152,6 @@ def test_gla_strong_decays(scalar):
 
 # ------------------------------------------------------------------------------------------
 # ssd through via_gla
-
-
-def ssd_inputs(b=2, t=37, h=4, p=3, g=2, n=5, seed=0, dtype=jnp.float32):
-    k = jax.random.split(jax.random.key(seed), 7)
-    x = jax.random.normal(k[0], (b, t, h, p))
-    dt = jax.nn.softplus(jax.random.normal(k[1], (b, t, h)) - 1.0)
-    A = -jnp.exp(jax.random.uniform(k[2], (h,), minval=-1.2, maxval=1.4))
-    B = jax.random.normal(k[3], (b, t, g, n))
-    C = jax.random.normal(k[4], (b, t, g, n))
-    D = jax.random.normal(k[5], (h,))
-    h0 = jax.random.normal(k[6], (b, h, p, n))
-    return (*(a.astype(dtype) for a in (x, dt, A, B, C, D)), h0)
 
 
 def test_ssd_matches_sequential():
