@@ -62,6 +62,19 @@ def interpreting(platform: str = "tpu") -> Iterator[None]:
         _stack().pop()
 
 
+# jax_default_matmul_precision values that ask for full float32 (more than one bf16 pass on TPU,
+# more than TF32 on GPU) from a float32 dot.
+FULL_F32_PRECISIONS = ("highest", "float32", "F32_F32_F32", "F64_F64_F64", "BF16_BF16_F32_X6",
+                       "BF16_BF16_F32_X9", "TF32_TF32_F32_X3")
+
+
+def full_f32_matmuls() -> bool:
+    """Whether ``jax_default_matmul_precision`` asks float32 dots for full float32 (read at trace
+    time). Unset, XLA's float32 dot on TPU is one bfloat16 pass, on GPU TF32; a kernel whose
+    float32 matmuls follow this setting computes what the XLA path beside it computes."""
+    return jax.config.jax_default_matmul_precision in FULL_F32_PRECISIONS
+
+
 def kernel_platform_reason(want: str) -> str | None:
     """None when a ``want`` ("tpu" / "gpu") kernel can run here (the target platform, or interpret
     mode), else the reason, for an impl's ``supports`` check."""

@@ -178,6 +178,25 @@ def test_dispatch():
         "a TPU kernel (the program runs on cpu)")
 
 
+def test_f32_follows_the_default_matmul_precision():
+    """At XLA's default matmul precision float32 inputs take one bf16 MXU pass, as XLA's own
+    float32 dots do on TPU (close to the oracle at bf16 tolerance; costed as one pass); at
+    "highest" (the tests' setting, and any full-float32 setting) they are exact."""
+    q, k, v, g, u, h0 = make_inputs(3, 1.0, True, jnp.float32)
+    want, _ = reference.sequential(q, k, v, g, h0=h0)
+    assert pallas_tpu.matmul_dtype(jnp.float32) == jnp.float32
+    full = pallas_tpu._costs(B, H, 2, 16, DK, DV, False, False, 4, False).flops
+    with jax.default_matmul_precision("default"):
+        assert pallas_tpu.matmul_dtype(jnp.float32) == jnp.bfloat16
+        assert pallas_tpu.matmul_dtype(jnp.bfloat16) == jnp.bfloat16
+        assert pallas_tpu._costs(B, H, 2, 16, DK, DV, False, False, 4, False).flops < full
+        with interpreting():
+            got, _ = jax.jit(lambda *a: pallas_tpu.gla(*a, h0=h0))(q, k, v, g)
+    scale = float(np.abs(want).max())
+    np.testing.assert_allclose(got, want, rtol=0, atol=3e-2 * scale)
+    assert not np.allclose(got, want, rtol=0, atol=1e-5 * scale)  # it did take the bf16 pass
+
+
 # -- TPU compiles (libtpu on any host) ----------------------------------------------------------
 def _tpu_mesh(name):
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # other processes hold its lock

@@ -38,7 +38,12 @@ import warnings
 import jax
 import jax.numpy as jnp
 
-from tessera.kernels.platform import interpret, kernel_platform_reason, target_platform
+from tessera.kernels.platform import (
+    full_f32_matmuls,
+    interpret,
+    kernel_platform_reason,
+    target_platform,
+)
 from tessera.sharding.context import active
 from tessera.sharding.kernels import shard_map_kernel
 
@@ -157,15 +162,10 @@ def pallas_supports(q: jax.Array, k: jax.Array, v: jax.Array, *, q_segment_ids=N
     return None
 
 
-# jax_default_matmul_precision values that ask for more than TF32 from a float32 dot.
-FULL_F32_PRECISIONS = ("highest", "float32", "F32_F32_F32", "F64_F64_F64", "BF16_BF16_F32_X6",
-                       "BF16_BF16_F32_X9", "TF32_TF32_F32_X3")
-
-
 def pallas_auto(q: jax.Array, *args, **kwargs) -> str | None:
     """Why auto passes pallas_gpu over: float32 when full-precision dots were asked for."""
     precision = jax.config.jax_default_matmul_precision
-    if q.dtype == jnp.float32 and precision in FULL_F32_PRECISIONS:
+    if q.dtype == jnp.float32 and full_f32_matmuls():
         return (f"float32 with jax_default_matmul_precision={precision!r}: the Triton kernel's "
                 "dots run at TF32")
     return None

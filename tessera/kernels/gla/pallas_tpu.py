@@ -69,7 +69,12 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from tessera.kernels.gla.reference import check_inputs
-from tessera.kernels.platform import interpret, kernel_platform_reason, target_device
+from tessera.kernels.platform import (
+    full_f32_matmuls,
+    interpret,
+    kernel_platform_reason,
+    target_device,
+)
 from tessera.sharding.kernels import shard_map_kernel
 
 F32 = jnp.float32
@@ -96,8 +101,17 @@ def chunk_length(g: jax.Array, chunk: int | None) -> int:
     return table["scalar" if g.ndim == 3 else "channel"]
 
 
+def matmul_dtype(dtype: jnp.dtype) -> jnp.dtype:
+    """The MXU operand dtype for inputs of ``dtype``: the input dtype, except that float32 runs
+    one bfloat16 pass unless ``jax_default_matmul_precision`` asks for full float32
+    (`full_f32_matmuls`), as XLA's float32 dots do on TPU, so the kernel computes what the
+    chunked XLA form beside it computes (tests run at "highest": exact)."""
+    return jnp.bfloat16 if dtype == F32 and not full_f32_matmuls() else dtype
+
+
 def _mm(a, b, dims, cdt):
-    """An MXU product of a and b in the input dtype ``cdt`` with float32 accumulation."""
+    """An MXU product of a and b in the operand dtype ``cdt`` with float32 accumulation
+    (float32 operands at HIGHEST precision: 6 passes)."""
     precision = jax.lax.Precision.HIGHEST if cdt == F32 else jax.lax.Precision.DEFAULT
     return jax.lax.dot_general(a.astype(cdt), b.astype(cdt), dims, precision=precision,
                                preferred_element_type=F32)
@@ -130,7 +144,7 @@ class _Chunk:
     g, rrow [1, L], u [1, K] or None."""
 
     def __init__(self, q, k, v, pq, pk, rrow, u, channel, bonus):
-        self.cdt = q.dtype
+        self.cdt = matmul_dtype(q.dtype)
         self.q, self.k, self.v = q.astype(F32), k.astype(F32), v.astype(F32)
         n = self.q.shape[0]
         self.n, self.channel, self.bonus = n, channel, bonus
@@ -313,10 +327,10 @@ def _bwd_kernel(*refs, channel: bool, bonus: bool, scale: float, dk: int, dv: in
 
 def _costs(b, h, nc, n, dk, dv, channel, bonus, itemsize, backward):
     """A pl.CostEstimate counted from the kernel's work per chunk and head: matmuls (float32
-    operands at HIGHEST precision count 6 MXU passes), the per-channel [L, L, K] VPU work, exps,
-    and the HBM blocks read and written."""
+    operands at HIGHEST precision count 6 MXU passes, see `matmul_dtype`), the per-channel
+    [L, L, K] VPU work, exps, and the HBM blocks read and written."""
     chunks = b * h * nc
-    passes = 6 if itemsize == 4 else 1
+    passes = 6 if itemsize == 4 and full_f32_matmuls() else 1
     mm = 2 * n * n * dk + 2 * n * n * dv + 2 * n * dk * dv * 2  # q k^T, A v, q S, k^T v
     vpu = n * n * dk * 6 if channel else n * n * 4
     exps = n * n * dk + 2 * n * dk if channel else n * n + 2 * n
