@@ -3,8 +3,9 @@
 impls, in the order auto tries them (`OP`, a `tessera.kernels.registry.Op`; the recurrence, state
 layout and the chunked derivation are in `reference`):
   pallas_tpu  `pallas_tpu.delta_rule`: Pallas TPU (Mosaic) forward and backward kernels, the
-              chunked WY form per chunk of 16 tokens with the state in VMEM, grid (batch, head
-              group, chunk); on TPU (or in interpret mode). Auto picks it for T > 1.
+              chunked WY form per chunk of ``chunk_size`` (16 or 32) tokens with the state in
+              VMEM, grid (batch, head group, chunk); on TPU (or in interpret mode). Auto picks
+              it for T > 1.
   pallas_tpu_decode  `tessera.kernels.state_step`: one token on TPU (or in interpret mode), the
               state read and written once, in place; no gradient. Auto's pick for T = 1 there.
   pallas_gpu  Pallas Triton kernels, forward and backward (`pallas_gpu`): the fused recurrent
@@ -13,7 +14,7 @@ layout and the chunked derivation are in `reference`):
   sequential  lax.scan over time: the oracle and the decode step. Auto picks it for a single token
               (T = 1).
   chunked     the chunk-parallel WY / UT-transform form (XLA): training and prefill path; auto's
-              pick for T > 1 off TPU. ``xla`` is an alias.
+              pick for T > 1 off TPU and GPU. ``xla`` is an alias.
 Pallas kernels join with `OP.register(impl, before=...)`.
 """
 

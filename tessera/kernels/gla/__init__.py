@@ -17,9 +17,10 @@ impls, in the order auto tries them (`OP`, a `tessera.kernels.registry.Op`):
   sequential   lax.scan over time: the oracle and the decode step. Auto picks it for a single
                token (T = 1).
   chunked      state passed between chunks, exact quadratic form inside them. Training and
-               prefill path; auto's pick for T > 1 off TPU. ``xla`` is an alias.
+               prefill path; auto's pick for T > 1 off TPU and GPU. ``xla`` is an alias.
   parallel     the quadratic form over the whole sequence (O(T^2)). Only when named.
-  auto         sequential for T = 1; pallas_tpu on TPU, else chunked, otherwise. Kernels join
+  auto         T = 1: pallas_tpu_decode on TPU for per-channel decays, else sequential;
+               T > 1: pallas_tpu on TPU, pallas_gpu on a GPU, else chunked. Kernels join
                with `OP.register(impl, before=...)`; every impl takes the arguments of `gla`.
 """
 

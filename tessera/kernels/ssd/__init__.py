@@ -12,10 +12,10 @@ shapes are in `reference`):
   sequential   lax.scan over time: the oracle and the decode step. Auto picks it for a single
                token (T = 1), where both forms are exact and the step skips the chunk bookkeeping.
   chunked      the SSD algorithm: quadratic form inside chunks, recurrence between them. Training
-               and prefill path; auto's pick for T > 1 off TPU. ``xla`` is an alias.
+               and prefill path; auto's pick for T > 1 off TPU and GPU. ``xla`` is an alias.
   associative  lax.associative_scan over time. Only when named.
-  auto         sequential for T = 1; pallas_tpu on TPU, else chunked, otherwise. Kernels join
-               with `OP.register(impl, before=...)`.
+  auto         sequential for T = 1; for T > 1 pallas_tpu on TPU, pallas_gpu on a GPU, else
+               chunked. Kernels join with `OP.register(impl, before=...)`.
 """
 
 from __future__ import annotations
