@@ -62,6 +62,19 @@ def interpreting(platform: str = "tpu") -> Iterator[None]:
         _stack().pop()
 
 
+LANES = 128  # a TPU vreg's lanes: the minor dim of a Mosaic block tile
+
+
+def heads_filling_lanes(heads: int, dims: tuple[int, ...]) -> int:
+    """The fewest heads, dividing ``heads``, whose features fill whole 128-lane tiles in every
+    array (``n * d`` a multiple of `LANES` for each d in ``dims``), else all ``heads``: the heads
+    a TPU kernel takes per block of a token-major [.., H * d] array."""
+    for n in range(1, heads + 1):
+        if heads % n == 0 and all((n * d) % LANES == 0 for d in dims):
+            return n
+    return heads
+
+
 # jax_default_matmul_precision values that ask for full float32 (more than one bf16 pass on TPU,
 # more than TF32 on GPU) from a float32 dot.
 FULL_F32_PRECISIONS = ("highest", "float32", "F32_F32_F32", "F64_F64_F64", "BF16_BF16_F32_X6",

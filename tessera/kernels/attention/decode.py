@@ -36,13 +36,18 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from tessera.kernels.attention.reference import MASK_VALUE, check_inputs, make_attention_mask
-from tessera.kernels.platform import interpret, kernel_platform_reason, target_device
+from tessera.kernels.platform import (
+    LANES,
+    heads_filling_lanes,
+    interpret,
+    kernel_platform_reason,
+    target_device,
+)
 from tessera.sharding.kernels import shard_map_kernel
 
 # Keys per kv block by device kind (jax.Device.device_kind); "default" for any other. A block is
 # a multiple of 128 (lanes of the mask row); a cache no longer than it is one block.
 BLOCK_KV = {"default": 512}
-LANES = 128
 
 
 def supports(q: jax.Array, k: jax.Array, v: jax.Array, **kw) -> str | None:
@@ -64,15 +69,6 @@ def _block_kv(block_kv: int | None) -> int:
     if block_kv is not None:
         return block_kv
     return BLOCK_KV.get(target_device().device_kind, BLOCK_KV["default"])
-
-
-def _heads_per_block(hkv: int, dims: tuple[int, ...]) -> int:
-    """Fewest kv heads whose features fill whole 128-lane tiles in every K / V array (all of them
-    when none does): a block is [block_kv, heads * D] of a [B, S, Hkv * D] cache."""
-    for h in range(1, hkv + 1):
-        if hkv % h == 0 and all((h * d) % LANES == 0 for d in dims):
-            return h
-    return hkv
 
 
 def block_range(visible: jax.Array, bkv: int) -> tuple[jax.Array, jax.Array]:
@@ -162,7 +158,7 @@ def _per_shard(visible: jax.Array, v: jax.Array | None, *qk: jax.Array, scale: f
     # kernel masks what it reads there.
     visible = jnp.pad(visible, ((0, 0), (0, nblk * bkv - s)))
     lo, n = block_range(visible, bkv)
-    hb = _heads_per_block(hkv, (*dims, dv))
+    hb = heads_filling_lanes(hkv, (*dims, dv))  # a block: [block_kv, hb * D] of the cache
     mask = visible.astype(jnp.int32)
 
     def kv_block(bi, j, t, lo_ref, n_ref):

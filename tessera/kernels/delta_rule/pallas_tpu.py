@@ -63,12 +63,11 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from tessera.kernels.delta_rule.reference import check_inputs
-from tessera.kernels.platform import interpret, kernel_platform_reason
+from tessera.kernels.platform import heads_filling_lanes, interpret, kernel_platform_reason
 from tessera.sharding.kernels import shard_map_kernel
 
 F32 = jnp.float32
 HIGHEST = jax.lax.Precision.HIGHEST
-LANES = 128
 DEFAULT_CHUNK = 16
 SUBLANES = 16  # a chunk is a multiple of this (bf16 tiles are 16 rows)
 MAX_CHUNK = 32  # at 64 the backward's [L^2, K] slabs overflow the 16 MiB of scoped VMEM
@@ -87,14 +86,6 @@ def supports(r: jax.Array, w: jax.Array, k: jax.Array, v: jax.Array, *args, **kw
         return reason
     chunk = kw.get("chunk_size")
     return None if chunk is None else _chunk_reason(chunk)
-
-
-def _heads_per_block(h: int, dims: tuple[int, ...]) -> int:
-    """Fewest heads whose features fill whole 128-lane tiles in every array (all when none)."""
-    for n in range(1, h + 1):
-        if h % n == 0 and all((n * d) % LANES == 0 for d in dims):
-            return n
-    return h
 
 
 def _dot(x: jax.Array, y: jax.Array, contract: tuple[int, int] = (1, 0)) -> jax.Array:
@@ -264,7 +255,7 @@ def _chunk_cost(size: int, dk: int, dv: int, backward: bool) -> tuple[int, int]:
 def _layout(r, v):
     bsz, t, h, dk = r.shape
     dv = v.shape[3]
-    return bsz, t, h, dk, dv, _heads_per_block(h, (dk, dv))
+    return bsz, t, h, dk, dv, heads_filling_lanes(h, (dk, dv))
 
 
 def _specs(size, hb, dk, dv, chunk_map):

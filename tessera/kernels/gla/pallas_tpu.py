@@ -70,7 +70,9 @@ from jax.experimental.pallas import tpu as pltpu
 
 from tessera.kernels.gla.reference import check_inputs
 from tessera.kernels.platform import (
+    LANES,
     full_f32_matmuls,
+    heads_filling_lanes,
     interpret,
     kernel_platform_reason,
     target_device,
@@ -79,7 +81,6 @@ from tessera.sharding.kernels import shard_map_kernel
 
 F32 = jnp.float32
 SUBLANES = 8
-LANES = 128
 # Chunk lengths by device kind (jax.Device.device_kind) and decay kind; "default" for others.
 CHUNKS = {"default": {"scalar": 128, "channel": 16}}
 
@@ -344,22 +345,13 @@ def _costs(b, h, nc, n, dk, dv, channel, bonus, itemsize, backward):
                            bytes_accessed=chunks * io)
 
 
-def heads_per_block(h: int, dk: int, dv: int) -> int:
-    """Fewest heads whose K and V features fill whole 128-lane tiles (all H when none do): a
-    block is [L, hb * K] of q [B, T, H * K]."""
-    for hb in range(1, h + 1):
-        if h % hb == 0 and (hb * dk) % LANES == 0 and (hb * dv) % LANES == 0:
-            return hb
-    return h
-
-
 def _specs(n, nc, h, dk, dv, channel, bonus, reverse, shared):
     """BlockSpecs over the grid (b, head block j, chunk c) of q, k, v, Pq, Pk, r, (u), the
     chunk states [B, H, nc, K, V] and per-head states [B, H, K, V]; chunk c read last first when
     ``reverse``. With ``shared`` q and k are [B, T', K] (one head for all) and their gradients
     [B, T', H/hb * K] (summed over each head block)."""
     sq = pl.squeezed
-    hb = heads_per_block(h, dk, dv)
+    hb = heads_filling_lanes(h, (dk, dv))  # a block is [L, hb * K] of q [B, T, H * K]
 
     def at(c):
         return nc - 1 - c if reverse else c
@@ -477,7 +469,7 @@ def _per_shard(q, k, v, g, u, h0, reset, *, scale, n):
     block, and it is repeated here only where the block layout cannot take its gradients."""
     b, t, _, dk = q.shape
     h, dv = v.shape[2], v.shape[3]
-    if q.shape[2] != h and not (dk % LANES == 0 or heads_per_block(h, dk, dv) == h):
+    if q.shape[2] != h and not (dk % LANES == 0 or heads_filling_lanes(h, (dk, dv)) == h):
         q, k = (jnp.broadcast_to(a, (b, t, h, dk)) for a in (q, k))
     nc = -(-t // n)
     tp = nc * n
