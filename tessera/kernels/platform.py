@@ -19,6 +19,7 @@ import threading
 from collections.abc import Iterator
 
 import jax
+import jax.numpy as jnp
 
 from tessera.sharding.context import active
 
@@ -86,6 +87,16 @@ def full_f32_matmuls() -> bool:
     time). Unset, XLA's float32 dot on TPU is one bfloat16 pass, on GPU TF32; a kernel whose
     float32 matmuls follow this setting computes what the XLA path beside it computes."""
     return jax.config.jax_default_matmul_precision in FULL_F32_PRECISIONS
+
+
+def tf32_reason(x: jax.Array) -> str | None:
+    """Why auto passes a Triton kernel over for ``x``: float32 when full-precision dots were
+    asked for (`full_f32_matmuls`), since the kernel's dots run at TF32; else None."""
+    if x.dtype == jnp.float32 and full_f32_matmuls():
+        precision = jax.config.jax_default_matmul_precision
+        return (f"float32 with jax_default_matmul_precision={precision!r}: the Triton kernel's "
+                "dots run at TF32")
+    return None
 
 
 def kernel_platform_reason(want: str) -> str | None:

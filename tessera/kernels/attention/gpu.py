@@ -38,12 +38,7 @@ import warnings
 import jax
 import jax.numpy as jnp
 
-from tessera.kernels.platform import (
-    full_f32_matmuls,
-    interpret,
-    kernel_platform_reason,
-    target_platform,
-)
+from tessera.kernels.platform import interpret, kernel_platform_reason, target_platform, tf32_reason
 from tessera.sharding.context import active
 from tessera.sharding.kernels import shard_map_kernel
 
@@ -164,11 +159,7 @@ def pallas_supports(q: jax.Array, k: jax.Array, v: jax.Array, *, q_segment_ids=N
 
 def pallas_auto(q: jax.Array, *args, **kwargs) -> str | None:
     """Why auto passes pallas_gpu over: float32 when full-precision dots were asked for."""
-    precision = jax.config.jax_default_matmul_precision
-    if q.dtype == jnp.float32 and full_f32_matmuls():
-        return (f"float32 with jax_default_matmul_precision={precision!r}: the Triton kernel's "
-                "dots run at TF32")
-    return None
+    return tf32_reason(q)
 
 
 def padded_length(t: int) -> int:

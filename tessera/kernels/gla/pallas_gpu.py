@@ -55,7 +55,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from tessera.kernels.gla.reference import check_inputs
-from tessera.kernels.platform import full_f32_matmuls, interpret, kernel_platform_reason
+from tessera.kernels.platform import interpret, kernel_platform_reason, tf32_reason
 from tessera.sharding.context import active
 from tessera.sharding.kernels import shard_map_kernel
 
@@ -98,15 +98,6 @@ def auto_skips(q: jax.Array, *args, **kwargs) -> str | None:
     if q.shape[1] == 1:
         return f"T = {q.shape[1]} (the decode step: the sequential form)"
     return tf32_reason(q)
-
-
-def tf32_reason(x: jax.Array) -> str | None:
-    """The TF32 clause of `auto_skips`, on the input whose dtype decides it."""
-    precision = jax.config.jax_default_matmul_precision
-    if x.dtype == F32 and full_f32_matmuls():
-        return (f"float32 with jax_default_matmul_precision={precision!r}: the Triton kernel's "
-                "dots run at TF32")
-    return None
 
 
 # --------------------------------------------------------------------------------------------

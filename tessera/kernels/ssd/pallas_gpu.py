@@ -8,7 +8,7 @@ from __future__ import annotations
 import jax
 
 from tessera.kernels.gla import pallas_gpu as gla_gpu
-from tessera.kernels.platform import kernel_platform_reason
+from tessera.kernels.platform import kernel_platform_reason, tf32_reason
 from tessera.kernels.ssd.via_gla import via_gla
 
 ssd = via_gla(gla_gpu.gla)
@@ -35,4 +35,4 @@ def auto_skips(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.A
     full-precision dots were asked for (the kernel's dots run at TF32)."""
     if x.shape[1] == 1:
         return f"T = {x.shape[1]} (the decode step: the sequential form)"
-    return gla_gpu.tf32_reason(x)
+    return tf32_reason(x)
