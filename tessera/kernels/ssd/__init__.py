@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import jax
 
-from tessera.kernels.gla import pallas_tpu as gla_pallas_tpu
 from tessera.kernels.registry import Impl, Op, drop_kwargs, impls_getattr
 from tessera.kernels.ssd import pallas_gpu, pallas_tpu, reference
 
@@ -37,15 +36,10 @@ def _many_tokens(x: jax.Array, *args, **kw) -> str | None:
     return None if x.shape[1] > 1 else "T = 1 (the decode step: sequential)"
 
 
-def _pallas_supports(x: jax.Array, *args, **kw) -> str | None:
-    return gla_pallas_tpu.supports(x, x, x, x)
-
-
 OP = Op(
     "ssd",
     [
-        Impl("pallas_tpu", pallas_tpu.ssd, supports=_pallas_supports,
-             auto=_many_tokens),
+        Impl("pallas_tpu", pallas_tpu.ssd, supports=pallas_tpu.supports, auto=_many_tokens),
         Impl("pallas_gpu", pallas_gpu.ssd, pallas_gpu.supports, auto=pallas_gpu.auto_skips),
         Impl("sequential", drop_kwargs(reference.sequential, "chunk_size"), auto=_single_token),
         Impl("chunked", reference.chunked),

@@ -12,14 +12,17 @@ from __future__ import annotations
 import functools
 
 import jax
-import jax.numpy as jnp
 
 from tessera.kernels.gla import pallas_tpu as gla_kernel
+from tessera.kernels.platform import kernel_platform_reason
 from tessera.kernels.ssd.reference import check_inputs
-from tessera.kernels.ssd.via_gla import via_gla
+from tessera.kernels.ssd.via_gla import from_gla, gla_values, via_gla
 from tessera.sharding.kernels import shard_map_kernel
 
-F32 = jnp.float32
+
+def supports(x: jax.Array, *args, **kw) -> str | None:
+    """None on TPU (or in interpret mode), else why not: the GLA kernel takes any SSD shape."""
+    return kernel_platform_reason("tpu")
 
 
 def ssd(
@@ -46,10 +49,7 @@ def ssd(
     n = gla_kernel.chunk_length(dt, chunk)
     if n < 1 or n % gla_kernel.SUBLANES:
         raise ValueError(f"ssd pallas_tpu: chunk must be a multiple of 8, got {n}")
-    dt = dt.astype(F32)
-    v = x.astype(F32) * dt[..., None]
-    g = dt * A.astype(F32)
-    h0 = None if h0 is None else jnp.swapaxes(h0.astype(F32), -1, -2)
+    v, g, h0 = gla_values(x, dt, A, h0)
     tok = ("batch", None, "act_heads", None)
     shared = ("batch", None, None, None)  # the one group: whole on every device
     run = shard_map_kernel(
@@ -58,6 +58,4 @@ def ssd(
                  ("batch", "act_heads", None, None), ("batch", None)),
         out_axes=(tok, ("batch", "act_heads", None, None)),
     )
-    o, state = run(C, B, v, g, None, h0, reset)
-    y = o + D.astype(F32)[:, None] * x.astype(F32)
-    return y.astype(x.dtype), jnp.swapaxes(state, -1, -2)
+    return from_gla(*run(C, B, v, g, None, h0, reset), x, D)

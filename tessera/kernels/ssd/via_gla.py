@@ -41,8 +41,7 @@ def via_gla(gla_fn: Callable[..., tuple[jax.Array, jax.Array]]) -> Callable[...,
         o, state = gla_fn(
             q, k, v, g, u=None, h0=h0_gla, reset=reset, scale=1.0, chunk_size=chunk_size
         )
-        y = o + D.astype(F32)[:, None] * x.astype(F32)
-        return y.astype(x.dtype), jnp.swapaxes(state, -1, -2)
+        return from_gla(o, state, x, D)
 
     impl.__name__ = f"ssd_via_{getattr(gla_fn, '__name__', 'gla')}"
     return impl
@@ -67,8 +66,23 @@ def as_gla(
     def per_head(a: jax.Array) -> jax.Array:  # head h reads group h // (H / G)
         return jnp.repeat(a, heads // groups, axis=2)
 
+    return per_head(C), per_head(B), *gla_values(x, dt, A, h0)
+
+
+def gla_values(
+    x: jax.Array, dt: jax.Array, A: jax.Array, h0: jax.Array | None
+) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+    """The head-wise part of `as_gla` (checked inputs): v = dt x [B, T, H, P], g = dt A
+    [B, T, H] (float32) and h0 as the gla state [B, H, N, P] (or None)."""
     dt = dt.astype(F32)
     v = x.astype(F32) * dt[..., None]
     g = dt * A.astype(F32)
-    h0 = None if h0 is None else jnp.swapaxes(h0.astype(F32), -1, -2)
-    return per_head(C), per_head(B), v, g, h0
+    return v, g, None if h0 is None else jnp.swapaxes(h0.astype(F32), -1, -2)
+
+
+def from_gla(
+    o: jax.Array, state: jax.Array, x: jax.Array, D: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """gla's (o, final state) as SSD's: y = o + D x in x's dtype, the state [B, H, P, N]."""
+    y = o + D.astype(F32)[:, None] * x.astype(F32)
+    return y.astype(x.dtype), jnp.swapaxes(state, -1, -2)
