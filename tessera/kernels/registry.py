@@ -139,6 +139,17 @@ class Op:
             raise ValueError(f"{self.name}: impl name {name!r} is already taken")
 
 
+def single_token(x: Any, *args: Any, **kwargs: Any) -> str | None:
+    """``auto`` check of a decode-step form (the ops' ``sequential``): one token only (T, axis 1
+    of the first argument, = 1)."""
+    return None if x.shape[1] == 1 else f"T = {x.shape[1]} > 1 (it is the decode step)"
+
+
+def many_tokens(x: Any, *args: Any, **kwargs: Any) -> str | None:
+    """``auto`` check of a chunked kernel: not for one token (T = 1 is the decode step)."""
+    return None if x.shape[1] > 1 else "T = 1 (the decode step)"
+
+
 def drop_kwargs(fn: Callable[..., Any], *names: str) -> Callable[..., Any]:
     """``fn`` as an impl of an op with more keyword arguments: ``names`` are dropped first
     (the ``chunk_size`` a sequential form has no use for)."""

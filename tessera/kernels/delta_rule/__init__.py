@@ -24,13 +24,16 @@ import jax
 
 from tessera.kernels import state_step
 from tessera.kernels.delta_rule import pallas_gpu, pallas_tpu, reference
-from tessera.kernels.registry import Impl, Op, drop_kwargs, impls_getattr
+from tessera.kernels.registry import (
+    Impl,
+    Op,
+    drop_kwargs,
+    impls_getattr,
+    many_tokens,
+    single_token,
+)
 
 __all__ = ["IMPLS", "OP", "delta_rule"]
-
-
-def _single_token(r: jax.Array, *args, **kw) -> str | None:
-    return None if r.shape[1] == 1 else f"T = {r.shape[1]} > 1 (it is the decode step)"
 
 
 def _state_step(r, w, k, v, a, b, *, h0=None, reset=None, scale=1.0, chunk_size=None):
@@ -45,11 +48,11 @@ OP = Op(
             "pallas_tpu",
             pallas_tpu.delta_rule,
             supports=pallas_tpu.supports,
-            auto=lambda r, *args, **kw: None if r.shape[1] > 1 else "T = 1 (the decode step)",
+            auto=many_tokens,
         ),
         Impl("pallas_tpu_decode", _state_step, supports=state_step.supports),
         Impl("pallas_gpu", pallas_gpu.delta_rule, pallas_gpu.supports, auto=pallas_gpu.auto_skips),
-        Impl("sequential", drop_kwargs(reference.sequential, "chunk_size"), auto=_single_token),
+        Impl("sequential", drop_kwargs(reference.sequential, "chunk_size"), auto=single_token),
         Impl("chunked", reference.chunked),
     ],
     aliases={"xla": "chunked"},

@@ -30,17 +30,16 @@ import jax
 
 from tessera.kernels import state_step
 from tessera.kernels.gla import pallas_gpu, pallas_tpu, reference
-from tessera.kernels.registry import Impl, Op, drop_kwargs, impls_getattr
+from tessera.kernels.registry import (
+    Impl,
+    Op,
+    drop_kwargs,
+    impls_getattr,
+    many_tokens,
+    single_token,
+)
 
 __all__ = ["IMPLS", "OP", "gla"]
-
-
-def _single_token(q: jax.Array, *args, **kw) -> str | None:
-    return None if q.shape[1] == 1 else f"T = {q.shape[1]} > 1 (it is the decode step)"
-
-
-def _many_tokens(q: jax.Array, *args, **kw) -> str | None:
-    return None if q.shape[1] > 1 else "T = 1 (the decode step)"
 
 
 def _state_step(q, k, v, g, *, u=None, h0=None, reset=None, scale=1.0, chunk_size=None):
@@ -55,10 +54,10 @@ def _per_channel(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array, **kw) -
 OP = Op(
     "gla",
     [
-        Impl("pallas_tpu", pallas_tpu.gla, supports=pallas_tpu.supports, auto=_many_tokens),
+        Impl("pallas_tpu", pallas_tpu.gla, supports=pallas_tpu.supports, auto=many_tokens),
         Impl("pallas_tpu_decode", _state_step, supports=state_step.supports, auto=_per_channel),
         Impl("pallas_gpu", pallas_gpu.gla, pallas_gpu.supports, auto=pallas_gpu.auto_skips),
-        Impl("sequential", drop_kwargs(reference.sequential, "chunk_size"), auto=_single_token),
+        Impl("sequential", drop_kwargs(reference.sequential, "chunk_size"), auto=single_token),
         Impl("chunked", reference.chunked),
         Impl("parallel", drop_kwargs(reference.parallel, "chunk_size"), auto=False),
     ],

@@ -22,26 +22,25 @@ from __future__ import annotations
 
 import jax
 
-from tessera.kernels.registry import Impl, Op, drop_kwargs, impls_getattr
+from tessera.kernels.registry import (
+    Impl,
+    Op,
+    drop_kwargs,
+    impls_getattr,
+    many_tokens,
+    single_token,
+)
 from tessera.kernels.ssd import pallas_gpu, pallas_tpu, reference
 
 __all__ = ["IMPLS", "OP", "ssd"]
 
 
-def _single_token(x: jax.Array, *args, **kw) -> str | None:
-    return None if x.shape[1] == 1 else f"T = {x.shape[1]} > 1 (it is the decode step)"
-
-
-def _many_tokens(x: jax.Array, *args, **kw) -> str | None:
-    return None if x.shape[1] > 1 else "T = 1 (the decode step: sequential)"
-
-
 OP = Op(
     "ssd",
     [
-        Impl("pallas_tpu", pallas_tpu.ssd, supports=pallas_tpu.supports, auto=_many_tokens),
+        Impl("pallas_tpu", pallas_tpu.ssd, supports=pallas_tpu.supports, auto=many_tokens),
         Impl("pallas_gpu", pallas_gpu.ssd, pallas_gpu.supports, auto=pallas_gpu.auto_skips),
-        Impl("sequential", drop_kwargs(reference.sequential, "chunk_size"), auto=_single_token),
+        Impl("sequential", drop_kwargs(reference.sequential, "chunk_size"), auto=single_token),
         Impl("chunked", reference.chunked),
         Impl("associative", drop_kwargs(reference.associative, "chunk_size"), auto=False),
     ],
