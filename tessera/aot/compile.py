@@ -96,7 +96,9 @@ _OOM = re.compile(rf"Ran out of memory.*?{_SIZE}.*?{_SIZE}")
 _UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
 
 
-def _does_not_fit(name: str, error: Exception) -> DoesNotFitError | None:
+def does_not_fit(name: str, error: Exception) -> DoesNotFitError | None:
+    """``error`` (from compiling program ``name``) as a `DoesNotFitError` with XLA's figures
+    when it is XLA's out-of-HBM refusal, else None."""
     text = str(error)
     if "RESOURCE_EXHAUSTED" not in text and "Ran out of memory" not in text:
         return None
@@ -134,7 +136,7 @@ def _compile(
     try:
         compiled = lowered.compile(compiler_options=options) if options else lowered.compile()
     except Exception as e:
-        oom = _does_not_fit(name, e)
+        oom = does_not_fit(name, e)
         if oom is None:
             raise
         raise oom from None

@@ -22,15 +22,13 @@ with the size it would need.
 from __future__ import annotations
 
 import dataclasses
-import statistics
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from tessera.bench.kernels import median_ms, tpu_mesh, xla_cost
 from tessera.bench.table import print_table
 from tessera.kernels import loops
 from tessera.kernels.attention import OP, attention
@@ -135,23 +133,8 @@ def measure_local(problem: Problem, lengths: Sequence[int], repeats: int = 3,
             args = _random_inputs(problem, length) if args is None else args
             compiled = jax.jit(train_step(problem, impl)).lower(*args).compile()
             row["temp (MiB)"] = compiled.memory_analysis().temp_size_in_bytes / MiB
-            jax.block_until_ready(compiled(*args))
-            times = []
-            for _ in range(repeats):
-                t0 = time.perf_counter()
-                jax.block_until_ready(compiled(*args))
-                times.append(time.perf_counter() - t0)
-            row["fwd+bwd (ms)"] = 1e3 * statistics.median(times)
+            row["fwd+bwd (ms)"] = median_ms(compiled, args, repeats)
     return rows, declined_first
-
-
-def _tpu_mesh(devices: list) -> Any:
-    from jax.sharding import Mesh
-
-    from tessera.sharding import MESH_AXES
-
-    grid = np.array(devices).reshape(len(devices), *([1] * (len(MESH_AXES) - 1)))
-    return Mesh(grid, MESH_AXES)
 
 
 def measure_tpu(problem: Problem, lengths: Sequence[int], topology: str,
@@ -170,7 +153,7 @@ def measure_tpu(problem: Problem, lengths: Sequence[int], topology: str,
     from tessera.sharding.context import use_mesh
 
     target = make_target(parse_topology(topology))
-    mesh = _tpu_mesh(target.devices)
+    mesh = tpu_mesh(target.devices)
     n = len(target.devices)
     split = NamedSharding(mesh, PartitionSpec("data"))
     rows: list[dict] = []
@@ -197,10 +180,8 @@ def measure_tpu(problem: Problem, lengths: Sequence[int], topology: str,
                     with loops.unrolled():  # a new function: jit would reuse the rolled trace
                         costed = jax.jit(train_step(problem, impl)).lower(*shapes).compile()
                     row["cost"] = "unrolled"
-                cost = costed.cost_analysis()
-                cost = cost[0] if isinstance(cost, list | tuple) else cost
-                row["GFLOP"] = float(cost.get("flops", float("nan"))) / 1e9
-                seconds = float(cost.get("optimal_seconds", float("nan")))
+                flops, seconds = xla_cost(costed)
+                row["GFLOP"] = flops / 1e9
                 # XLA's TPU cost model can return a negative time (seen: xla_chunked, v5e, T=4096).
                 row["optimal (ms)"] = (
                     1e3 * seconds if seconds >= 0 else f"n/a (XLA: {seconds:.3g} s)")

@@ -30,9 +30,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import re
-import statistics
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -40,11 +37,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tessera.bench.kernels import median_ms, tpu_mesh, xla_cost
 from tessera.bench.table import print_table
 from tessera.kernels import loops
 from tessera.kernels.registry import KernelUnavailableError, Op
 
 MiB = 1024**2
+GiB = 1024**3
 F32 = jnp.float32
 REFERENCE = "chunked"  # the XLA form every row is compared with
 COST_LENGTHS = (1024, 2048)  # the unrolled compiles the TPU cost is fitted on
@@ -220,16 +219,6 @@ def _batched(shapes: Sequence[jax.ShapeDtypeStruct], batch: int) -> list[bool]:
     return [len(s.shape) >= 3 and s.shape[0] == batch for s in shapes]
 
 
-def _timed(compiled: Any, args: Sequence[jax.Array], repeats: int) -> float:
-    jax.block_until_ready(compiled(*args))
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(compiled(*args))
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
-
-
 def _ratio(rows: list[dict], key: str) -> None:
     """Fill ``vs chunked`` with each row's ``key`` over the chunked row's at the same (op, T)."""
     base = {(r["op"], r["T"]): r[key] for r in rows if r["impl"] == REFERENCE}
@@ -260,26 +249,11 @@ def measure_local(names: Sequence[str], lengths: Sequence[int], *, batch: int = 
                 compiled = jax.jit(train_step(problem, impl)).lower(*args).compile()
                 rows.append({
                     "op": name, "T": length, "impl": impl,
-                    "fwd+bwd (ms)": _timed(compiled, args, repeats),
+                    "fwd+bwd (ms)": median_ms(compiled, args, repeats),
                     "temp (MiB)": compiled.memory_analysis().temp_size_in_bytes / MiB,
                 })
     _ratio(rows, "fwd+bwd (ms)")
     return rows, declined
-
-
-def _tpu_mesh(devices: list) -> Any:
-    from jax.sharding import Mesh
-
-    from tessera.sharding import MESH_AXES
-
-    grid = np.array(devices).reshape(len(devices), *([1] * (len(MESH_AXES) - 1)))
-    return Mesh(grid, MESH_AXES)
-
-
-def _cost(compiled: Any) -> tuple[float, float]:
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, list | tuple) else cost
-    return float(cost.get("flops", float("nan"))), float(cost.get("optimal_seconds", float("nan")))
 
 
 def affine_cost(problem: Problem, impl: str, shapes_at: Callable[[int], list],
@@ -290,7 +264,7 @@ def affine_cost(problem: Problem, impl: str, shapes_at: Callable[[int], list],
     for length in lengths:
         with loops.unrolled():  # a new trace: jit would reuse a rolled one
             compiled = jax.jit(train_step(problem, impl)).lower(*shapes_at(length)).compile()
-        points.append(_cost(compiled))
+        points.append(xla_cost(compiled))
     (f1, s1), (f2, s2) = points
     t1, t2 = lengths
     slope = np.array([(f2 - f1) / (t2 - t1), (s2 - s1) / (t2 - t1)])
@@ -300,13 +274,15 @@ def affine_cost(problem: Problem, impl: str, shapes_at: Callable[[int], list],
 def _temp_or_oom(problem: Problem, impl: str, shapes: Sequence) -> float | str:
     """The step's temp MiB per device, or why it does not compile: XLA refuses a program whose
     temporaries exceed the chip's HBM ("RESOURCE_EXHAUSTED ... CompileTimeHbmOom")."""
+    from tessera.aot.compile import does_not_fit
+
     try:
         compiled = jax.jit(train_step(problem, impl)).lower(*shapes).compile()
     except jax.errors.JaxRuntimeError as e:
-        found = re.search(r"HLO temporaries \(([\d.]+\w?)\)", str(e))
-        if "RESOURCE_EXHAUSTED" not in str(e):
+        oom = does_not_fit(f"{problem.name} {impl}", e)
+        if oom is None:
             raise
-        return f"over HBM ({found.group(1)} temp)" if found else "over HBM"
+        return "over HBM" if oom.needed is None else f"over HBM ({oom.needed / GiB:.4g} GiB temp)"
     return compiled.memory_analysis().temp_size_in_bytes / MiB
 
 
@@ -324,7 +300,7 @@ def measure_tpu(names: Sequence[str], lengths: Sequence[int], topology: str, *, 
     from tessera.sharding.context import use_mesh
 
     target = make_target(parse_topology(topology))
-    mesh = _tpu_mesh(target.devices)
+    mesh = tpu_mesh(target.devices)
     n = len(target.devices)
     split = NamedSharding(mesh, PartitionSpec("data"))
     rows: list[dict] = []
