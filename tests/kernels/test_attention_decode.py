@@ -6,7 +6,6 @@ the llama:tiny decode program picking it)."""
 from __future__ import annotations
 
 import functools
-import os
 
 import jax
 import jax.numpy as jnp
@@ -16,13 +15,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import tessera.kernels.attention as attn
-from tessera.aot.topology import have_libtpu
 from tessera.kernels.attention import decode, reference
 from tessera.kernels.platform import interpreting
-
-needs_libtpu = pytest.mark.skipif(
-    not have_libtpu(), reason="libtpu is not installed (pip install 'tessera[tpu]', Linux x86-64)"
-)
+from tests.kernels.tpu import needs_libtpu, tpu_target
 
 BLOCK = 128  # the smallest kv block: several blocks per row at tiny S
 
@@ -200,14 +195,6 @@ def test_dispatch():
 
 
 # -- TPU compiles (libtpu on any host) ----------------------------------------------------------
-def _tpu_target(name):
-    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # other processes hold its lock
-    from tessera.aot.compile import make_target
-    from tessera.aot.topology import parse_topology
-
-    return make_target(parse_topology(name))
-
-
 @needs_libtpu
 @pytest.mark.parametrize(
     "topology, hq, hkv, d, dv",
@@ -224,7 +211,7 @@ def test_kernel_compiles_under_shard_map(topology, hq, hkv, d, dv):
 
     from tessera.sharding.context import use_mesh
 
-    devices = np.array(_tpu_target(topology).devices)
+    devices = np.array(tpu_target(topology).devices)
     mesh = Mesh(devices.reshape(-1, 2), ("data", "tensor"))
     b, s = devices.size, 700  # a partial last kv block
 
@@ -263,7 +250,7 @@ def test_decode_program_uses_the_kernel(spec, topology, mesh):
     from tessera.sharding import make_mesh
 
     config = load_config(spec, mesh)
-    target = _tpu_target(topology)
+    target = tpu_target(topology)
     mesh = make_mesh(config.mesh, target.devices)
     decoder = Decoder(ModelSpec(config.model), None, mesh, config.mesh.rules)
     compiled = decoder.lower(4, 20, 8)["decode"].compile()

@@ -6,8 +6,6 @@ backward under shard_map (v5e / v5p / v6e) and temp memory that does not grow wi
 
 from __future__ import annotations
 
-import os
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,13 +13,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tessera.aot.topology import have_libtpu
 from tessera.kernels.delta_rule import OP, delta_rule, pallas_tpu, reference
 from tessera.kernels.platform import interpreting
+from tests.kernels.tpu import data_tensor_mesh, needs_libtpu
 
-needs_libtpu = pytest.mark.skipif(
-    not have_libtpu(), reason="libtpu is not installed (pip install 'tessera[tpu]', Linux x86-64)"
-)
 RWKV7_MIN_LOG_DECAY = -float(np.exp(-0.5))
 SHAPE = (2, 37, 2, 5, 4)  # B, T, H, K, V: chunks 16 + 16 + 5 (the last one partial)
 
@@ -171,17 +166,6 @@ def test_dispatch_and_errors():
 
 
 # -- TPU compiles (libtpu on any host) ----------------------------------------------------------
-def _tpu_mesh(name):
-    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # other processes hold its lock
-    from jax.sharding import Mesh
-
-    from tessera.aot.compile import make_target
-    from tessera.aot.topology import parse_topology
-
-    devices = np.array(make_target(parse_topology(name)).devices)
-    return Mesh(devices.reshape(-1, 2), ("data", "tensor"))
-
-
 def _compile(mesh, t, *, h=4, dk=64, grad=True, dtype=jnp.bfloat16):
     """jit of the kernel (value and gradients of o and the final state, or the forward alone)
     with batch over data and heads over tensor; inputs arrive as [B, T, H * K] reshaped to
@@ -217,7 +201,7 @@ def _compile(mesh, t, *, h=4, dk=64, grad=True, dtype=jnp.bfloat16):
 def test_compiles_under_shard_map(topology, dtype):
     """Forward + backward (gradients wrt every input and h0), batch over data and heads over
     tensor, T = 100 (a partial last chunk): both Mosaic kernels are in the program."""
-    text = _compile(_tpu_mesh(topology), 100, dtype=dtype).as_text()
+    text = _compile(data_tensor_mesh(topology), 100, dtype=dtype).as_text()
     assert "tessera_delta_rule_fwd" in text and "tessera_delta_rule_bwd" in text
 
 
@@ -227,7 +211,7 @@ def test_temp_memory_does_not_grow_with_length():
     2048 (only per-chunk VMEM blocks: no [T, L, ...] decay tensors, no padded copies); forward +
     backward grows by at most the saved incoming chunk states, K V / 16 float32 per token and
     head."""
-    mesh = _tpu_mesh("v5e-4")
+    mesh = data_tensor_mesh("v5e-4")
     temp = {(t, grad): _compile(mesh, t, h=16, grad=grad).memory_analysis().temp_size_in_bytes
             for t in (512, 2048) for grad in (False, True)}
     assert temp[512, False] == temp[2048, False]

@@ -8,7 +8,6 @@ the compiled program's temp memory against the sequence length."""
 from __future__ import annotations
 
 import functools
-import os
 
 import jax
 import jax.numpy as jnp
@@ -19,15 +18,11 @@ from hypothesis import strategies as st
 
 import tessera.kernels.gla as gla_op
 import tessera.kernels.ssd as ssd_op
-from tessera.aot.topology import have_libtpu
 from tessera.kernels.gla import pallas_tpu, reference
 from tessera.kernels.platform import interpreting
 from tessera.kernels.ssd import pallas_tpu as ssd_pallas
 from tessera.kernels.ssd import reference as ssd_reference
-
-needs_libtpu = pytest.mark.skipif(
-    not have_libtpu(), reason="libtpu not installed (TPU AOT compile needs it)"
-)
+from tests.kernels.tpu import data_tensor_mesh, needs_libtpu
 
 B, T, H, DK, DV = 2, 37, 2, 4, 3
 # Static configurations (each compiles once): decay kind, bonus u, initial state, dtype, chunk.
@@ -198,17 +193,6 @@ def test_f32_follows_the_default_matmul_precision():
 
 
 # -- TPU compiles (libtpu on any host) ----------------------------------------------------------
-def _tpu_mesh(name):
-    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # other processes hold its lock
-    from jax.sharding import Mesh
-
-    from tessera.aot.compile import make_target
-    from tessera.aot.topology import parse_topology
-
-    devices = np.array(make_target(parse_topology(name)).devices)
-    return Mesh(devices.reshape(-1, 2), ("data", "tensor"))
-
-
 def _compile(mesh, b, t, h, dk, dv, scalar, bonus, grad=True):
     """AOT-compile value_and_grad (or the forward alone) of the kernel on bfloat16 q, k, v
     sharded over batch (data) and heads (tensor)."""
@@ -247,7 +231,7 @@ def _compile(mesh, b, t, h, dk, dv, scalar, bonus, grad=True):
 )
 def test_kernel_compiles_under_shard_map(topology, h, dk, dv, scalar, bonus):
     """Forward and backward kernels, sharded over batch and heads, compile to Mosaic calls."""
-    mesh = _tpu_mesh(topology)
+    mesh = data_tensor_mesh(topology)
     compiled = _compile(mesh, mesh.shape["data"], 300, h, dk, dv, scalar, bonus)
     text = compiled.as_text()
     assert text.count("tpu_custom_call") >= 2
@@ -263,7 +247,7 @@ def test_ssd_kernel_compiles_under_shard_map():
 
     from tessera.sharding.context import use_mesh
 
-    mesh = _tpu_mesh("v6e-8")
+    mesh = data_tensor_mesh("v6e-8")
     b, t, h, p, n = mesh.shape["data"], 300, 8, 64, 128
 
     def arg(shape, dtype, *spec):
@@ -299,7 +283,7 @@ def test_forward_temp_memory_is_the_prefix_sums_only(scalar):
 
     from tessera.sharding.context import use_mesh
 
-    mesh = _tpu_mesh("v5p-8")
+    mesh = data_tensor_mesh("v5p-8")
     b, h, dk, dv = 4, 8, 128, 128
 
     def temp(t):

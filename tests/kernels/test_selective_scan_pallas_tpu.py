@@ -7,7 +7,6 @@ forward + backward under shard_map (v5e, v5p, v6e), and compiled temp memory aga
 from __future__ import annotations
 
 import functools
-import os
 
 import jax
 import jax.numpy as jnp
@@ -16,15 +15,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tessera.aot.topology import have_libtpu
 from tessera.kernels import selective_scan as ss
 from tessera.kernels.platform import interpreting
 from tessera.kernels.registry import KernelUnavailableError
 from tessera.kernels.selective_scan import pallas_tpu, reference
-
-needs_libtpu = pytest.mark.skipif(
-    not have_libtpu(), reason="libtpu is not installed (pip install 'tessera[tpu]', Linux x86-64)"
-)
+from tests.kernels.tpu import needs_libtpu, tpu_target
 
 # Static shapes per case (each compiles once in interpret mode); hypothesis draws the values,
 # the resets, h0 and the decay strength.
@@ -150,14 +145,6 @@ def test_dispatch():
 
 
 # -- TPU compiles (libtpu on any host) ----------------------------------------------------------
-def _tpu_target(name):
-    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # other processes hold its lock
-    from tessera.aot.compile import make_target
-    from tessera.aot.topology import parse_topology
-
-    return make_target(parse_topology(name))
-
-
 def _compile(topology, mesh_shape, b, t, di, n=16, grad=True):
     """The kernel on ``topology`` (auto picking it) with x bf16, dt f32, batch split over data /
     fsdp and channels over tensor, compiled: with ``grad`` the forward and its VJP for given
@@ -168,7 +155,7 @@ def _compile(topology, mesh_shape, b, t, di, n=16, grad=True):
     from tessera.sharding.context import use_mesh
     from tessera.sharding.mesh import MESH_AXES
 
-    devices = _tpu_target(topology).devices
+    devices = tpu_target(topology).devices
     sizes = [mesh_shape.get(a, 1) for a in MESH_AXES]
     mesh = Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
     batch = ("data", "fsdp", "expert")

@@ -6,8 +6,6 @@ shard_map on v5e / v5p / v6e that updates a donated state in place with one pass
 
 from __future__ import annotations
 
-import os
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,13 +15,10 @@ from hypothesis import strategies as st
 
 import tessera.kernels.delta_rule as delta_op
 import tessera.kernels.gla as gla_op
-from tessera.aot.topology import have_libtpu
 from tessera.kernels import state_step
 from tessera.kernels.platform import interpreting
+from tests.kernels.tpu import data_tensor_mesh, needs_libtpu
 
-needs_libtpu = pytest.mark.skipif(
-    not have_libtpu(), reason="libtpu is not installed (pip install 'tessera[tpu]', Linux x86-64)"
-)
 B, H, K, V = 3, 2, 8, 16
 FORMS = ("delta", "gla_bonus", "gla", "gla_scalar")
 
@@ -100,17 +95,13 @@ def test_dispatch_and_no_gradient():
 def test_compiles_in_place_with_one_pass_over_the_state(topology, form, heads):
     """Rows over data, heads over tensor; the donated state is updated in place (no temporary
     copy) and XLA's bytes come to the state read and written once plus the vectors."""
-    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    from tessera.aot.compile import make_target
-    from tessera.aot.topology import parse_topology
     from tessera.sharding.context import use_mesh
 
-    devices = np.array(make_target(parse_topology(topology)).devices)
-    mesh = Mesh(devices.reshape(-1, 2), ("data", "tensor"))
-    rows, dk = 8 * devices.shape[0], 64
+    mesh = data_tensor_mesh(topology)
+    rows, dk = 8 * mesh.devices.size, 64
 
     def arg(shape, *spec):
         return jax.ShapeDtypeStruct(shape, jnp.float32, sharding=NamedSharding(mesh, P(*spec)))
@@ -129,5 +120,5 @@ def test_compiles_in_place_with_one_pass_over_the_state(topology, form, heads):
     assert compiled.memory_analysis().temp_size_in_bytes < 64 * 1024
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list | tuple) else cost
-    state_bytes = rows * heads * dk * dk * 4 / devices.size
+    state_bytes = rows * heads * dk * dk * 4 / mesh.devices.size
     assert cost["bytes accessed"] < 1.3 * 2 * state_bytes
