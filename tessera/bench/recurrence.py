@@ -158,9 +158,6 @@ def realistic(problem: Problem, shapes: Sequence[jax.ShapeDtypeStruct], seed: in
     A < 0, RWKV-7's unit-norm removal key with a = -kk, b = kk * iclr)."""
     keys = jax.random.split(jax.random.key(seed), len(shapes))
     normal = [jax.random.normal(k, s.shape, s.dtype) for k, s in zip(keys, shapes)]
-    if problem.name == "ssd":
-        x, dt, a, b, c, d = normal
-        return x, jax.nn.softplus(dt - 1.0), -jnp.exp(0.5 * a), b, c, d
     if problem.name in ("retention", "rwkv6"):
         q, k, v, g, *u = normal
         return (q, k, v, -jnp.exp(g - 1.0), *u)
@@ -170,7 +167,7 @@ def realistic(problem: Problem, shapes: Sequence[jax.ShapeDtypeStruct], seed: in
         kk = (kk / jnp.linalg.norm(kk, axis=-1, keepdims=True)).reshape(w.shape)
         w = -jnp.exp(-0.5) * jax.nn.sigmoid(w)
         return r, w, k, v, -kk, kk * jax.nn.sigmoid(iclr)
-    x, dt, a, b, c, d = normal
+    x, dt, a, b, c, d = normal  # ssd, selective_scan
     return x, jax.nn.softplus(dt - 1.0), -jnp.exp(0.5 * a), b, c, d
 
 
@@ -209,14 +206,13 @@ def runnable_impls(problem: Problem, shapes: Sequence[jax.ShapeDtypeStruct],
     return ok, declined
 
 
-def _with_batch(shapes: Sequence[jax.ShapeDtypeStruct], batch_axis: Sequence[bool],
-                sharding: Any = None) -> list[jax.ShapeDtypeStruct]:
-    return [jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding if b else None)
-            for s, b in zip(shapes, batch_axis)]
-
-
-def _batched(shapes: Sequence[jax.ShapeDtypeStruct], batch: int) -> list[bool]:
-    return [len(s.shape) >= 3 and s.shape[0] == batch for s in shapes]
+def _split_batch(shapes: Sequence[jax.ShapeDtypeStruct], batch: int, sharding: Any
+                 ) -> list[jax.ShapeDtypeStruct]:
+    """``shapes`` with ``sharding`` on the per-token arrays ([batch, T, ...]); the parameters
+    (A, D, u) stay replicated."""
+    return [jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding
+                                 if len(s.shape) >= 3 and s.shape[0] == batch else None)
+            for s in shapes]
 
 
 def _ratio(rows: list[dict], key: str) -> None:
@@ -311,8 +307,7 @@ def measure_tpu(names: Sequence[str], lengths: Sequence[int], topology: str, *, 
             problem = table[name]
 
             def shapes_at(length: int, problem: Problem = problem) -> list:
-                shapes = problem.inputs(batch * n, length, divisor)
-                return _with_batch(shapes, _batched(shapes, batch * n), split)
+                return _split_batch(problem.inputs(batch * n, length, divisor), batch * n, split)
 
             impls, declined[name] = runnable_impls(problem, shapes_at(lengths[0]), named)
             for impl in impls:
