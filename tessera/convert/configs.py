@@ -9,6 +9,7 @@ with each run's overrides, which therefore do not leak into ``config.py``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Mapping
@@ -73,24 +74,119 @@ def float_dtype(name: str) -> str:
     return dtype.name
 
 
+def checkpoint_dtype(hf: Mapping[str, Any]) -> str:
+    """The dtype an HF ``config.json`` declares for its weights: ``dtype`` (transformers 5),
+    else ``torch_dtype`` (older), else float32 (transformers' default when neither is written;
+    diffusers configs carry none). ``"torch.bfloat16"`` reads as ``"bfloat16"``; a dtype that
+    is not floating-point (a quantized checkpoint's ``int8``) is a ConversionError."""
+    for key in ("dtype", "torch_dtype"):
+        value = hf.get(key)
+        if value is None or value == "auto":
+            continue
+        name = str(value).removeprefix("torch.")
+        try:
+            return float_dtype(name)
+        except ValueError:
+            raise ConversionError(
+                f"config.json has {key}={value!r}, not a floating-point dtype tessera computes "
+                "in; pass --dtype=float32 (or bfloat16) to choose the parameter dtype"
+            ) from None
+    return "float32"
+
+
+@dataclasses.dataclass(frozen=True)
+class ImportDtypes:
+    """The parameter and compute dtypes of an import and where each came from (for the log)."""
+
+    param: str
+    compute: str
+    param_source: str
+    compute_source: str
+
+    def note(self) -> str:
+        """The import log line: both dtypes, their sources, and how to compute in the other."""
+        other = "bfloat16" if self.compute != "bfloat16" else "float32"
+        return (
+            f"dtype: model.param_dtype={self.param} ({self.param_source}), "
+            f"model.dtype={self.compute} (compute, {self.compute_source}); "
+            f"--compute_dtype={other} (or --set=model.dtype={other}) computes in {other}"
+        )
+
+
+def import_dtypes(
+    hf: Mapping[str, Any],
+    *,
+    dtype: str | None = None,
+    compute_dtype: str | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> ImportDtypes:
+    """The dtypes an import uses. Parameters: ``dtype``, else the checkpoint's
+    (``checkpoint_dtype``). Compute (``model.dtype``): ``compute_dtype``, else the parameter
+    dtype, as transformers computes in the dtype it loads. ``overrides`` of ``model.param_dtype``
+    / ``model.dtype`` win (``compute_dtype`` and a different ``model.dtype`` override are an
+    error)."""
+    overrides = overrides or {}
+
+    def named(flag: str, name: Any) -> str:
+        try:
+            return float_dtype(str(name))
+        except ValueError as e:
+            raise ValueError(f"{flag}: {e}") from None
+
+    if dtype is not None:
+        param, param_source = named("--dtype", dtype), "--dtype"
+    else:
+        param = checkpoint_dtype(hf)
+        param_source = "the checkpoint's config.json dtype"
+        if not any(hf.get(k) not in (None, "auto") for k in ("dtype", "torch_dtype")):
+            param_source = "config.json names no dtype: float32"
+    if "model.param_dtype" in overrides:
+        param = named("--set=model.param_dtype", overrides["model.param_dtype"])
+        param_source = "--set"
+    if compute_dtype is not None:
+        compute, compute_source = named("--compute_dtype", compute_dtype), "--compute_dtype"
+        also = overrides.get("model.dtype")
+        if also is not None and named("--set=model.dtype", also) != compute:
+            raise ValueError(
+                f"--compute_dtype={compute_dtype} and --set=model.dtype={overrides['model.dtype']}"
+                " disagree; pass one of them"
+            )
+    elif "model.dtype" in overrides:
+        compute = named("--set=model.dtype", overrides["model.dtype"])
+        compute_source = "--set"
+    else:
+        compute, compute_source = param, "the parameter dtype"
+    return ImportDtypes(param, compute, param_source, compute_source)
+
+
 def tessera_config(
-    hf: Mapping[str, Any], *, dtype: str = "float32", overrides: Mapping[str, Any] | None = None
+    hf: Mapping[str, Any],
+    *,
+    dtype: str | None = None,
+    compute_dtype: str | None = None,
+    overrides: Mapping[str, Any] | None = None,
 ) -> ConfigDict:
     """The full tessera config of an HF config: the family's starting config (``Family.packaged``,
     else the base config) with the base ``model`` defaults overlaid by the family's model fields.
 
-    ``dtype``: the parameter dtype (``model.param_dtype``); ``overrides``: dotted keys applied
-    last (``{"model.dtype": "float32", "mesh.fsdp": 2}``).
+    ``dtype`` / ``compute_dtype``: the parameter dtype (``model.param_dtype``) and the compute
+    dtype (``model.dtype``); by default both are the checkpoint's (``import_dtypes``).
+    ``overrides``: dotted keys applied last (``{"model.dtype": "bfloat16", "mesh.fsdp": 2}``).
     """
+    dtypes = import_dtypes(hf, dtype=dtype, compute_dtype=compute_dtype, overrides=overrides)
     family = family_for(hf.get("model_type", hf.get("_class_name")))
     config = load_config(family.packaged) if family.packaged else base_config()
     config.unlock()  # lock() is a no-op on a locked config and would leave the new model open
     config.model = base_config().model  # the preset's model shape does not leak into the import
     config.lock()
     fields = {f"model.{k}": v for k, v in family.model_fields(hf).items()}
-    apply_overrides(config, {**fields, "model.param_dtype": float_dtype(dtype)})
+    apply_overrides(
+        config, {**fields, "model.param_dtype": dtypes.param, "model.dtype": dtypes.compute}
+    )
     config.data.seq_len = min(config.data.seq_len, config.model.max_seq_len)
-    apply_overrides(config, dict(overrides or {}))
+    rest = {k: v for k, v in (overrides or {}).items()
+            if k not in ("model.param_dtype", "model.dtype")}
+    apply_overrides(config, rest)
     return config
 
 

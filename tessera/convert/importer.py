@@ -28,6 +28,7 @@ from jax.sharding import Mesh
 from tessera.configs.base import ConfigDict
 from tessera.convert.configs import (
     SOURCE_CONFIG,
+    import_dtypes,
     read_hf_config,
     tessera_config,
     write_workdir_config,
@@ -68,13 +69,17 @@ class Imported:
 def read_hf(
     hf_dir: str,
     *,
-    dtype: str = "float32",
+    dtype: str | None = None,
+    compute_dtype: str | None = None,
     overrides: Mapping[str, Any] | None = None,
     devices: Sequence[jax.Device] | None = None,
 ) -> Imported:
     """Read an HF model directory onto the mesh of its config (``overrides`` such as
-    ``{"mesh.fsdp": 2, "model.dtype": "float32"}``); ``dtype`` is the parameter dtype."""
-    config = tessera_config(read_hf_config(hf_dir), dtype=dtype, overrides=overrides)
+    ``{"mesh.fsdp": 2, "model.dtype": "bfloat16"}``). ``dtype`` / ``compute_dtype``: the
+    parameter / compute dtype, by default the checkpoint's (``configs.import_dtypes``)."""
+    config = tessera_config(
+        read_hf_config(hf_dir), dtype=dtype, compute_dtype=compute_dtype, overrides=overrides
+    )
     reader = SafetensorsReader(hf_dir)
     mesh = make_mesh(config.mesh, devices)
     rules = make_rules(config.mesh.rules)
@@ -88,7 +93,8 @@ def read_hf(
 def load_hf(
     path: str,
     *,
-    dtype: str = "float32",
+    dtype: str | None = None,
+    compute_dtype: str | None = None,
     overrides: Mapping[str, Any] | None = None,
     devices: Sequence[jax.Device] | None = None,
 ) -> tuple[ConfigDict, nnx.Module]:
@@ -96,7 +102,9 @@ def load_hf(
 
     Call the model inside ``tessera.sharding.use_mesh(mesh, config.mesh.rules)`` for sharded
     activations; ``read_hf`` gives the pure parameter tree instead (for ``jax.jit``)."""
-    imported = read_hf(path, dtype=dtype, overrides=overrides, devices=devices)
+    imported = read_hf(
+        path, dtype=dtype, compute_dtype=compute_dtype, overrides=overrides, devices=devices
+    )
     return imported.config, imported.spec.merge(imported.params)
 
 
@@ -104,20 +112,24 @@ def import_hf(
     hf_dir: str,
     workdir: str,
     *,
-    dtype: str = "float32",
+    dtype: str | None = None,
+    compute_dtype: str | None = None,
     overrides: Mapping[str, Any] | None = None,
     devices: Sequence[jax.Device] | None = None,
     log: Callable[[str], None] | None = None,
 ) -> ConfigDict:
     """Write the workdir described in the module doc; returns its config. Everything is read
     and checked before anything is written, and a workdir that has checkpoints is refused.
-    ``log`` receives a line saying which tokenizer the config uses and why (families that read
-    tokens)."""
+    ``dtype`` / ``compute_dtype``: as for ``read_hf`` (default: the checkpoint's dtype for both).
+    ``log`` receives a line naming the parameter and compute dtypes, where each came from and
+    how to change the compute dtype, and one saying which tokenizer the config uses and why
+    (families that read tokens)."""
     ckpt_dir = os.path.join(workdir, "checkpoints")
     if os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):
         raise ConversionError(f"{workdir} already has checkpoints; import into a new workdir")
     hf = read_hf_config(hf_dir)
-    config = tessera_config(hf, dtype=dtype, overrides=overrides)
+    dtypes = import_dtypes(hf, dtype=dtype, compute_dtype=compute_dtype, overrides=overrides)
+    config = tessera_config(hf, dtype=dtype, compute_dtype=compute_dtype, overrides=overrides)
     family = family_for(config.model.family)
     note = None
     if family.tokenizer and "data.tokenizer" in (overrides or {}):
@@ -147,6 +159,8 @@ def import_hf(
         json.dump(hf, f, indent=2)
         f.write("\n")
     copy_tokenizer(hf_dir, os.path.join(workdir, TOKENIZER_DIR))
+    if log is not None:
+        log(dtypes.note())
     if log is not None and note:
         log(f"tokenizer: {note}")
     return config

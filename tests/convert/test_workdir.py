@@ -54,14 +54,15 @@ def test_import_writes_a_workdir_that_trains_and_decodes(tmp_path):
     ]
     loaded = load_config(os.path.join(work, "config.py"))
     assert loaded == config and loaded.model.sliding_window == 8
-    assert load_config(os.path.join(work, "config.py") + ":model.dtype=float32").model.dtype == (
-        "float32"
+    assert (loaded.model.param_dtype, loaded.model.dtype) == ("float32", "float32")
+    assert load_config(os.path.join(work, "config.py") + ":model.dtype=bfloat16").model.dtype == (
+        "bfloat16"
     )
 
-    # The decode engine (KV cache, here a sliding-window ring) continues like transformers.
+    # The decode engine (KV cache, here a sliding-window ring) continues like transformers, in
+    # the import's own compute dtype (the checkpoint's float32), with no override.
     ref = reference("mistral")
-    f32 = load_config(os.path.join(work, "config.py:model.dtype=float32"))
-    decoder, step = load_decoder(f32, work, devices=ONE)
+    decoder, step = load_decoder(loaded, work, devices=ONE)
     (completion,) = decoder.generate(
         [ref["prompt"].tolist()], SamplingParams(), len(ref["greedy"]), stop_tokens=()
     )
@@ -84,12 +85,15 @@ def test_import_writes_a_workdir_that_trains_and_decodes(tmp_path):
 
 def test_cli_import_export(tmp_path):
     work, out = str(tmp_path / "work"), str(tmp_path / "out")
-    proc = run_cli("import", f"--hf_dir={fixture('llama3')}", f"--workdir={work}",
-                   "--set=model.dtype=float32")
+    proc = run_cli("import", f"--hf_dir={fixture('llama3')}", f"--workdir={work}")
     assert proc.returncode == 0, proc.stderr
     assert "imported llama" in proc.stdout
+    # The float32 checkpoint computes in float32 by default, and the log says how to change it.
+    assert ("dtype: model.param_dtype=float32 (the checkpoint's config.json dtype), "
+            "model.dtype=float32 (compute, the parameter dtype); --compute_dtype=bfloat16 "
+            "(or --set=model.dtype=bfloat16) computes in bfloat16") in proc.stdout
     stored = json.load(open(os.path.join(work, "config.json")))
-    assert stored["model"]["dtype"] == "float32"
+    assert (stored["model"]["param_dtype"], stored["model"]["dtype"]) == ("float32", "float32")
     assert stored["model"]["rope_scaling"]["type"] == "llama3"
     proc = run_cli("export", f"--workdir={work}", f"--hf_dir={out}", "--max_shard_size=60KB")
     assert proc.returncode == 0, proc.stderr
