@@ -3,8 +3,9 @@
 Compiles the real train step (``--decode``: the prefill and decode loop) for a TPU topology on
 any machine with libtpu installed, allocating nothing, and prints HBM per device against the
 chip's capacity, XLA's cost, the analytic FLOPs, a predicted step time and MFU, and the
-collectives. Overrides: ``--config.a.b=value``. Exit codes: 0 fits, 1 does not fit in HBM,
-2 bad input (unknown topology, a mesh the topology cannot hold, libtpu missing, bad config).
+collectives; with ``--decode``, a decode step's predicted time against its HBM roofline.
+Overrides: ``--config.a.b=value``. Exit codes: 0 fits, 1 does not fit in HBM, 2 bad input
+(unknown topology, a mesh the topology cannot hold, libtpu missing, bad config).
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max_new_tokens", type=int, default=None,
                    help="default: decode.max_new_tokens")
     p.add_argument("--predict", action=argparse.BooleanOptionalAction, default=True,
-                   help="compile the 1/2-unit cost programs for a predicted step time")
+                   help="compile the cost programs for a predicted step time (train: 1/2-unit "
+                   "programs; --decode: one-step decode programs)")
     p.add_argument("--json", default=None, help="also write the report as JSON here")
     p.add_argument("--dump_hlo", default=None, help="write the HLO (before/after XLA) here")
     return p
@@ -79,14 +81,17 @@ def _compile_and_print(args: argparse.Namespace, config: ConfigDict, target: Tar
 
     if args.decode:
         d = config.decode
-        compiled = aot.compile_decode(
-            config, target,
+        request = dict(
             batch=args.decode_batch or d.batch_size,
             prompt_len=args.prompt_len or d.prompt_len,
             max_new_tokens=args.max_new_tokens or d.max_new_tokens,
-            dump_hlo=args.dump_hlo,
         )
-        report = rep.decode_report(args.config, config, target, compiled)
+        compiled = aot.compile_decode(config, target, **request, dump_hlo=args.dump_hlo)
+        predicted = (
+            aot.predict_decode(config, target, **request, decode_chunk=compiled["decode_chunk"])
+            if args.predict else None
+        )
+        report = rep.decode_report(args.config, config, target, compiled, predicted)
         rep.print_decode(report)
         return report
     compiled = aot.compile_train(config, target, args.dump_hlo)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import math
 import os
 import re
 import tempfile
@@ -237,12 +238,48 @@ def _scale(tree: dict, factor: float) -> dict:
     return {k: _scale(v, factor) if isinstance(v, dict) else v * factor for k, v in tree.items()}
 
 
+def _shard_bytes(tree: Any, shardings: Any) -> float:
+    """Bytes per device of the arrays of ``tree`` (shape / dtype leaves) under ``shardings``
+    (a matching tree): each device's shard (a whole array where the sharding is None)."""
+    import jax
+    import numpy as np
+
+    leaves = jax.tree.leaves(tree)
+    sh = jax.tree.leaves(shardings, is_leaf=lambda x: x is None)  # None: jax kept no sharding
+    return float(sum(
+        math.prod(tuple(a.shape) if s is None else s.shard_shape(tuple(a.shape)))
+        * np.dtype(a.dtype).itemsize
+        for a, s in zip(leaves, sh, strict=True)
+    ))
+
+
+def decode_bytes(compiled: Any) -> dict[str, float]:
+    """What one step of the compiled decode program reads at least, per device: its parameters,
+    its cache (every cache array in full: KV / latent / recurrent state and the slot positions)
+    and the rest of its arguments (per-row state, sampling key)."""
+    (params, state, *rest), _ = compiled.args_info
+    (p_sh, s_sh, *rest_sh), _ = compiled.input_shardings
+    out = {"params": _shard_bytes(params, p_sh)}
+    if isinstance(state, dict) and "cache" in state:
+        out["cache"] = _shard_bytes(state["cache"], s_sh["cache"])
+        others = {k: v for k, v in state.items() if k != "cache"}
+        out["state"] = _shard_bytes(
+            (others, rest), ({k: v for k, v in s_sh.items() if k != "cache"}, rest_sh)
+        )
+    else:
+        out["cache"] = 0.0
+        out["state"] = _shard_bytes((state, rest), (s_sh, rest_sh))
+    return out
+
+
 def compile_decode(
     config: ConfigDict, target: Target, batch: int, prompt_len: int, max_new_tokens: int,
     dump_hlo: str | None = None,
 ) -> dict:
     """The Decoder's prefill and decode-loop programs for ``target``, per program a report as
-    ``compile_train``'s, plus the request shape they were compiled at."""
+    ``compile_train``'s, plus the request shape they were compiled at, the bytes per device a
+    decode step reads (``decode_bytes``), the Decoder's ``decode_chunk`` and whether its decode
+    program scans the layer stack."""
     from tessera.models.create import ModelSpec
     from tessera.serve.engine import Decoder
     from tessera.sharding import make_mesh
@@ -252,10 +289,100 @@ def compile_decode(
     shape = decoder.request_shape(batch, prompt_len, max_new_tokens)
     out: dict[str, Any] = {"shape": shape, "mesh": {k: int(v) for k, v in mesh.shape.items()}}
     out["cache_bytes"] = decoder.cache_info(shape["batch"], shape["max_len"]).bytes
+    # The Decoder may run a scanned config's stack unrolled (its own spec says which).
+    out["layers_scanned"] = bool(decoder.spec.cfg.get("scan_layers", False))
+    out["decode_chunk"] = int(decoder.decode_chunk)
     for name, lowered in decoder.lower(batch, prompt_len, max_new_tokens).items():
         compiled, seconds = _compile(lowered, dump_hlo, f"decode_{name}")
         out[name] = _program_report(compiled, seconds)
+        if name == "decode":
+            out["decode_bytes"] = decode_bytes(compiled)
     return out
+
+
+def predict_decode(
+    config: ConfigDict, target: Target, batch: int, prompt_len: int, max_new_tokens: int,
+    decode_chunk: int,
+) -> dict:
+    """XLA's cost of one decode step (one new token for each row) of a Decoder running
+    ``decode_chunk`` steps per call: "one-step programs".
+
+    The decode program is a ``while_loop`` of one-token steps and XLA's ``cost_analysis``
+    counts its body once; a scanned layer stack inside it is counted once more (one unit per
+    step), kernel tile loops likewise. So the figures come from cost programs, compiled as the
+    Decoder compiles its decode program for the same request and mesh, but with
+    ``decode_chunk=1``, the layers unrolled (``scan_layers=False``: every layer is in the
+    program however the real one runs them), kernel loops unrolled and windowed einsums off:
+    XLA's cost of such a program is one call of one step. A call also holds work XLA hoists out
+    of the loop and runs once per call of ``decode_chunk`` steps: with parameters stored in
+    another dtype than the compute dtype, their conversion. When the dtypes differ, a second
+    cost program stores the parameters in the compute dtype (nothing to convert); the first
+    minus the second is that per-call work, and a step costs
+    ``second + (first - second) / decode_chunk``.
+
+    Seconds: XLA's ``optimal_seconds`` when libtpu's cost model gives one for every cost
+    program; it returns negative values for some (seen on v5e and v6e), and then the roofline
+    of the same programs' FLOPs and bytes, ``max(FLOPs / peak, bytes / HBM bandwidth)``, stands
+    in (``method`` says which).
+    """
+    from tessera.layers.base import dtype_of
+    from tessera.models.create import ModelSpec
+    from tessera.serve.engine import Decoder
+    from tessera.sharding import make_mesh
+
+    if decode_chunk < 1:
+        raise ValueError(f"decode_chunk must be >= 1, got {decode_chunk}")
+    mesh = make_mesh(config.mesh, target.devices)
+    m = config.model
+    convert = dtype_of(m.param_dtype) != dtype_of(m.dtype)
+    variants = [{}] + ([{"param_dtype": m.dtype}] if convert else [])
+    costs, seconds = [], 0.0
+    for i, extra in enumerate(variants):
+        cfg = with_overrides(config, model={"scan_layers": False, **extra})
+        decoder = Decoder(ModelSpec(cfg.model), None, mesh, config.mesh.rules, decode_chunk=1)
+        with _unrolled():
+            lowered = decoder.lower(batch, prompt_len, max_new_tokens)["decode"]
+        compiled, s = _compile(lowered, None, f"decode_cost_{i}", COST_COMPILER_OPTIONS)
+        seconds += s
+        cost = analysis.cost(compiled)
+        cost["roofline_seconds"] = max(
+            cost["flops"] / target.peak_flops_per_device,
+            cost["bytes_accessed"] / target.hbm_bandwidth_per_device,
+        )
+        costs.append(cost)
+    if convert:
+        first, second = costs
+        step = {k: second[k] + (first[k] - second[k]) / decode_chunk for k in first}
+        per_call = {k: first[k] - second[k] for k in first}
+    else:
+        step, per_call = dict(costs[0]), None
+    estimated = all(c["optimal_seconds"] > 0 for c in costs)
+    source = (
+        "XLA optimal_seconds" if estimated
+        else "roofline max(FLOPs / peak, bytes / HBM bandwidth) of XLA's counts (libtpu's "
+        "cost model gave optimal_seconds <= 0: "
+        + ", ".join(f"{c['optimal_seconds']:.4g}" for c in costs) + ")"
+    )
+    method = (
+        f"{source} of a one-step decode program (decode_chunk=1, layers unrolled, kernel loops "
+        "unrolled, windowed einsums off)"
+    )
+    if convert:
+        method += (
+            f", minus the {m.param_dtype} -> {m.dtype} parameter conversion XLA runs once per "
+            f"call (a second program with {m.dtype} parameters), plus that conversion / "
+            f"decode_chunk={decode_chunk}"
+        )
+    return {
+        "method": method,
+        "step_seconds": step["optimal_seconds" if estimated else "roofline_seconds"],
+        "xla_optimal_seconds": step["optimal_seconds"] if estimated else None,
+        "flops_per_device": step["flops"],
+        "bytes_per_device": step["bytes_accessed"],
+        "per_call_bytes_per_device": None if per_call is None else per_call["bytes_accessed"],
+        "cost_programs": costs,
+        "compile_seconds": seconds,
+    }
 
 
 @contextlib.contextmanager

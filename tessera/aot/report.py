@@ -69,9 +69,39 @@ def train_report(
     return report
 
 
+def decode_step(compiled: dict, target: Target, predicted: dict | None) -> dict[str, Any]:
+    """One decode step (a new token for each row of the batch) against the HBM roofline: the
+    bytes a step must read per device (parameters + the cache in full + the rest of the decode
+    state) over the chip's HBM bandwidth per device, and ``predicted`` (``predict_decode``)."""
+    read = compiled["decode_bytes"]
+    total = read["params"] + read["cache"] + read["state"]
+    bandwidth = target.hbm_bandwidth_per_device
+    out: dict[str, Any] = {
+        "layers_scanned": compiled["layers_scanned"],
+        "decode_chunk": compiled["decode_chunk"],
+        "roofline_bytes_per_device": {**read, "total": total},
+        "hbm_bandwidth_per_device": bandwidth,
+        "roofline_seconds": total / bandwidth,
+    }
+    if predicted is not None:
+        t = predicted["step_seconds"]
+        rows = compiled["shape"]["batch"]
+        out["predicted"] = {
+            **predicted,
+            "ratio_to_roofline": t / out["roofline_seconds"],
+            "tokens_per_second_per_row": 1.0 / t,
+            "tokens_per_second": rows / t,
+            "tokens_per_second_per_chip": rows / t / target.topology.chips,
+        }
+    return out
+
+
 def decode_report(
-    config_name: str, config: ConfigDict, target: Target, compiled: dict
+    config_name: str, config: ConfigDict, target: Target, compiled: dict,
+    predicted: dict | None = None,
 ) -> dict[str, Any]:
+    """The decode report: both programs' memory and raw cost, and ``decode_step`` (roofline
+    always, the predicted step time when ``predicted`` is given)."""
     programs = {
         name: {
             "hbm": hbm(compiled[name]["memory"], target),
@@ -92,8 +122,11 @@ def decode_report(
         "devices": len(target.devices),
         "mesh": compiled["mesh"],
         "request": compiled["shape"],
+        "param_dtype": str(config.model.param_dtype),
+        "dtype": str(config.model.dtype),
         "cache_bytes_total": compiled["cache_bytes"],
         **programs,
+        "decode_step": decode_step(compiled, target, predicted),
         "hbm": max((p["hbm"] for p in programs.values()), key=lambda h: h["total_bytes"]),
     }
 
@@ -246,22 +279,72 @@ def print_train(r: dict) -> None:
         print_table(_collective_rows(p["collectives"], "per step"))
 
 
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.3g} ms"
+
+
+def _bytes(x: float) -> str:
+    """GB for figures of 0.1 GB and up, MB from 0.1 MB, else kB (decimal, as bandwidths)."""
+    if x >= 0.1 * GB:
+        return f"{x / GB:.3f} GB"
+    return f"{x / 1e6:.3f} MB" if x >= 1e5 else f"{x / 1e3:.3f} kB"
+
+
 def print_decode(r: dict) -> None:
     q = r["request"]
     print(
         f"tessera.aot: {r['config']} decode on {r['topology']} ({r['chips']} chips, "
         f"{r['devices']} devices, {r['device_kind']}); mesh {_mesh(r['mesh'])}; batch "
         f"{q['batch']}, prompt bucket {q['length']}, cache {q['max_len']} slots "
-        f"({r['cache_bytes_total'] / GB:.3f} GB over all devices)"
+        f"({r['cache_bytes_total'] / GB:.3f} GB over all devices); parameters "
+        f"{r['param_dtype']}, compute {r['dtype']}"
     )
+    d = r["decode_step"]
     for name in ("prefill", "decode"):
         p = r[name]
+        counted = "loop bodies counted once"
+        if name == "decode":
+            counted = (
+                "one step, with a scanned layer stack's body (one unit) counted once"
+                if d["layers_scanned"] else "one step with every layer, plus the call's set-up"
+            )
         print()
         print(f"{name} (compiled in {p['compile_seconds']:.1f} s; XLA raw: "
-              f"{p['xla']['flops']:.4g} FLOPs, {p['xla']['optimal_seconds']:.4g} s, loop "
-              "bodies counted once)")
+              f"{p['xla']['flops']:.4g} FLOPs, {p['xla']['bytes_accessed'] / GB:.4g} GB, "
+              f"{p['xla']['optimal_seconds']:.4g} s: {counted})")
         print_table(_memory_rows(p["hbm"]))
         print(fit_line(p["hbm"]))
         print(kernels_line(p["kernels"]))
         if p["collectives_static"]:
             print_table(_collective_rows(p["collectives_static"], "in the program"))
+    print_decode_step(r)
+
+
+def print_decode_step(r: dict) -> None:
+    """The decode step's roofline and predicted time (a token for each row of the batch)."""
+    d = r["decode_step"]
+    b = d["roofline_bytes_per_device"]
+    print()
+    print(
+        f"decode step (one token for each of the {r['request']['batch']} rows), per device: "
+        f"HBM roofline {_ms(d['roofline_seconds'])} = ({_bytes(b['params'])} parameters + "
+        f"{_bytes(b['cache'])} cache, read in full + {_bytes(b['state'])} other state) / "
+        f"{d['hbm_bandwidth_per_device'] / GB:.0f} GB/s"
+    )
+    p = d.get("predicted")
+    if p is None:
+        print("predicted step time: skipped (--no-predict)")
+        return
+    print(
+        f"predicted step time: {_ms(p['step_seconds'])} = {p['ratio_to_roofline']:.2f} x the "
+        f"roofline (XLA: {_bytes(p['bytes_per_device'])}, {p['flops_per_device']:.4g} "
+        f"FLOPs per device per step)"
+    )
+    print(f"  method: {p['method']}")
+    print(
+        f"  => {p['tokens_per_second_per_row']:,.1f} tokens/s per row, "
+        f"{p['tokens_per_second']:,.0f} tokens/s for the batch "
+        f"({p['tokens_per_second_per_chip']:,.1f} per chip); the decode loop runs "
+        f"{d['decode_chunk']} steps per call, layers "
+        f"{'scanned' if d['layers_scanned'] else 'unrolled'}"
+    )

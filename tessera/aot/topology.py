@@ -31,6 +31,10 @@ class Chip:
     cores_per_chip: int  # TensorCores counted by the accelerator-type name (v5p-8 = 4 chips)
 
 
+# HBM bandwidth per chip (``hbm_bandwidth``, decimal bytes/s; the decode report's roofline divides
+# by it), as Google's Cloud TPU system-architecture pages publish it,
+# cloud.google.com/tpu/docs/{v4,v5e,v5p,v6e,tpu7x}: v4 1200 GBps, v5e 819 GBps, v5p 2765 GBps,
+# v6e (Trillium) 1640 GBps, tpu7x (Ironwood) 7380 GBps on its page (7.37 TB/s at launch).
 CHIPS = {
     c.name: c
     for c in (

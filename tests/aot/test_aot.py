@@ -319,3 +319,99 @@ def test_cli_without_libtpu(monkeypatch, capsys):
     monkeypatch.setattr(topology, "have_libtpu", lambda: False)
     code, _, err = _main(["--config=llama:tiny", "--topology=v5e-4"], capsys)
     assert code == 2 and "libtpu is not installed" in err and err.count("\n") == 1
+
+
+# -- decode step against the HBM roofline ----------------------------------------------------------
+DECODE_REQUEST = dict(batch=4, prompt_len=20, max_new_tokens=8)
+DECODE_MESH = {"mesh.data": 2, "mesh.fsdp": 2}
+
+
+@pytest.fixture(scope="module")
+def tiny_decode():
+    """llama:tiny's decode programs and one-step cost programs on v5e-4 (f32 parameters, bf16
+    compute: two cost programs), and the report built from them."""
+    if not have_libtpu():
+        pytest.skip("libtpu is not installed")
+    from tessera.aot.compile import compile_decode, predict_decode
+    from tessera.aot.report import decode_report
+
+    config, target = _config("llama:tiny", DECODE_MESH), _target("v5e-4")
+    compiled = compile_decode(config, target, **DECODE_REQUEST)
+    predicted = predict_decode(config, target, **DECODE_REQUEST,
+                               decode_chunk=compiled["decode_chunk"])
+    return config, target, compiled, decode_report("llama:tiny", config, target, compiled,
+                                                   predicted)
+
+
+@needs_libtpu
+def test_decode_step_has_a_roofline_and_a_prediction(tiny_decode):
+    from tessera.models.create import ModelSpec
+
+    config, target, compiled, report = tiny_decode
+    d = report["decode_step"]
+    b = d["roofline_bytes_per_device"]
+    params = ModelSpec(config.model).num_params() * 4  # float32
+    # A device holds at most all and at least its share of the parameters and of the cache;
+    # the step reads all of the decode program's arguments.
+    n = len(target.devices)
+    assert params / n <= b["params"] < params
+    assert compiled["cache_bytes"] / n <= b["cache"] <= compiled["cache_bytes"]
+    assert 0 < b["state"] < 1e4 and b["total"] == b["params"] + b["cache"] + b["state"]
+    assert b["total"] <= compiled["decode"]["memory"].argument  # XLA's sizes include padding
+    assert d["hbm_bandwidth_per_device"] == 819e9  # v5e, one device per chip
+    assert d["roofline_seconds"] == pytest.approx(b["total"] / 819e9)
+    p = d["predicted"]
+    assert p["step_seconds"] > 0
+    # A prediction cannot beat the bandwidth floor by much.
+    assert p["ratio_to_roofline"] >= 0.5
+    assert p["ratio_to_roofline"] == pytest.approx(p["step_seconds"] / d["roofline_seconds"])
+    assert p["tokens_per_second"] == pytest.approx(4 / p["step_seconds"])
+    assert p["tokens_per_second_per_chip"] == pytest.approx(1 / p["step_seconds"])
+    # f32 parameters, bf16 compute: XLA converts them once per call of decode_chunk steps.
+    assert len(p["cost_programs"]) == 2 and p["per_call_bytes_per_device"] > 0
+    assert "float32 -> bfloat16 parameter conversion" in p["method"]
+    assert f"decode_chunk={compiled['decode_chunk']}" in p["method"]
+
+
+@needs_libtpu
+def test_decode_prediction_does_not_depend_on_how_the_decoder_runs_layers(tiny_decode):
+    """The cost programs unroll the layers whatever the config says, so a config that scans
+    them and one that does not predict the same step; the report says which the Decoder runs."""
+    from tessera.aot.compile import compile_decode, predict_decode
+
+    config, target, compiled, report = tiny_decode
+    unscanned = _config("llama:tiny", {**DECODE_MESH, "model.scan_layers": False})
+    assert compile_decode(unscanned, target, **DECODE_REQUEST)["layers_scanned"] is False
+    assert compiled["layers_scanned"] == report["decode_step"]["layers_scanned"]
+    again = predict_decode(unscanned, target, **DECODE_REQUEST,
+                           decode_chunk=compiled["decode_chunk"])
+    assert again["step_seconds"] == pytest.approx(
+        report["decode_step"]["predicted"]["step_seconds"], rel=1e-6)
+
+
+@needs_libtpu
+def test_cli_decode_report_falls_back_when_xla_gives_no_estimate(tmp_path, capsys, monkeypatch):
+    """libtpu's cost model returns optimal_seconds <= 0 for some programs: the prediction is
+    then the roofline of XLA's FLOPs and bytes, and says so. bf16 parameters: one cost program,
+    nothing converted per call."""
+    from tessera.aot import analysis as an
+
+    real = an.cost
+    monkeypatch.setattr(an, "cost", lambda c: {**real(c), "optimal_seconds": -3.0})
+    path = tmp_path / "d.json"
+    code, out, err = _main(
+        ["--config=llama:tiny", "--topology=v5e-4", "--decode", "--decode_batch=4",
+         "--prompt_len=20", "--max_new_tokens=8", "--config.mesh.data=2", "--config.mesh.fsdp=2",
+         "--config.model.param_dtype=bfloat16", f"--json={path}"],
+        capsys,
+    )
+    assert code == 0, err
+    assert "decode step (one token for each of the 4 rows), per device: HBM roofline" in out
+    assert "libtpu's cost model gave optimal_seconds <= 0: -3)" in out
+    assert "predicted step time:" in out and "tokens/s per row" in out
+    p = json.loads(path.read_text())["decode_step"]["predicted"]
+    (cost,) = p["cost_programs"]
+    assert p["per_call_bytes_per_device"] is None and "conversion" not in p["method"]
+    assert p["xla_optimal_seconds"] is None
+    assert p["step_seconds"] == pytest.approx(
+        max(cost["flops"] / 197e12, cost["bytes_accessed"] / 819e9))
