@@ -331,6 +331,14 @@ def print_decode_step(r: dict) -> None:
         f"{_bytes(b['cache'])} cache, read in full + {_bytes(b['state'])} other state) / "
         f"{d['hbm_bandwidth_per_device'] / GB:.0f} GB/s"
     )
+    gathered = r["decode"]["collectives_static"].get("all-gather", {}).get("bytes", 0.0)
+    if gathered >= 0.1 * b["params"]:
+        print(
+            f"  note: the decode program all-gathers {_bytes(gathered)} per device (static count: "
+            "parameters sharded over an axis the batch is split on, e.g. fsdp), so each device "
+            "also reads gathered parameters and the step cannot reach this roofline; "
+            "--config.mesh.tensor=N shards the parameters without gathering them"
+        )
     p = d.get("predicted")
     if p is None:
         print("predicted step time: skipped (--no-predict)")
