@@ -6,6 +6,7 @@ orbax and ``jax.jit`` shardings see. ``merge`` turns it back into a module insid
 
 from __future__ import annotations
 
+import copy
 import functools
 import math
 import warnings
@@ -15,6 +16,7 @@ from typing import Any
 import jax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
+from ml_collections import FrozenConfigDict
 
 from tessera.configs.base import ConfigDict
 from tessera.models.layout import layer_mixers
@@ -120,6 +122,37 @@ class ModelSpec:
         state = jax.tree.map(lambda x: x, self.abstract_state)
         nnx.replace_by_pure_dict(state, params)
         return nnx.merge(self.graphdef, state)
+
+    @property
+    def scanned(self) -> bool:
+        """Whether the layer stack is scanned (parameters under ``units`` with a leading
+        ``layers`` axis)."""
+        return bool(self.cfg.get("scan_layers", False)) and "units" in self.shapes
+
+    def unrolled(self) -> ModelSpec:
+        """The same model with its stack unrolled (``scan_layers=False``): parameters
+        ``units/<r>/...`` and one cache array per layer. ``self`` when it is not scanned."""
+        if not self.scanned:
+            return self
+        if isinstance(self.cfg, FrozenConfigDict):
+            cfg = ConfigDict(self.cfg)
+            cfg.scan_layers = False
+            return ModelSpec(FrozenConfigDict(cfg))
+        cfg = copy.deepcopy(self.cfg)
+        with cfg.unlocked():
+            cfg.scan_layers = False
+        return ModelSpec(cfg)
+
+    def unstack(self, params: PyTree) -> PyTree:
+        """This (scanned) model's parameters -> ``unrolled()``'s: ``units`` leaves [R, ...] become
+        ``units/<r>/...`` leaves [...] (slices; shardings follow the arrays). Unchanged when the
+        stack is not scanned."""
+        if not self.scanned:
+            return params
+        units = params["units"]
+        repeats = int(jax.tree.leaves(self.shapes["units"])[0].shape[0])
+        split = {r: jax.tree.map(lambda a, r=r: a[r], units) for r in range(repeats)}
+        return {**params, "units": split}
 
     def num_params(self) -> int:
         return sum(int(s.size) for s in jax.tree.leaves(self.shapes))

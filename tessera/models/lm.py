@@ -105,7 +105,8 @@ class LM(BlockStack):
 
         ``positions`` [B, S] holds the position stored in each slot (-1: empty), ``lengths`` [B]
         the next position of each sequence, ``prefix`` one state per prefix block and
-        ``layers`` one state per pattern block, stacked over the repeats.
+        ``layers`` one state per pattern block, stacked over the repeats (``scan_layers``), or
+        unrolled: one tuple of pattern-block states per repeat, every layer its own arrays.
         """
         dtype = jnp.dtype(dtype or self.cfg.dtype)
         s = self.cache_length(max_len)
@@ -113,10 +114,15 @@ class LM(BlockStack):
         def one(spec: BlockSpec) -> Any:
             return block_init_cache(spec, self.cfg, batch, s, dtype)
 
-        layers = tuple(
-            jax.tree.map(lambda a: jnp.broadcast_to(a, (self.repeats, *a.shape)), one(spec))
-            for spec in self.layout.pattern
-        )
+        if self.cfg.scan_layers:
+            layers: tuple = tuple(
+                jax.tree.map(lambda a: jnp.broadcast_to(a, (self.repeats, *a.shape)), one(spec))
+                for spec in self.layout.pattern
+            )
+        else:  # one array per layer: a decode step updates each in place
+            layers = tuple(
+                tuple(one(spec) for spec in self.layout.pattern) for _ in range(self.repeats)
+            )
         return {
             "positions": jnp.full((batch, s), -1, jnp.int32),
             "lengths": jnp.zeros((batch,), jnp.int32),
@@ -126,14 +132,18 @@ class LM(BlockStack):
 
     def cache_axes(self) -> dict:
         """Logical axis names for every array of the cache (for sharding it)."""
-        layers = tuple(
-            jax.tree.map(
-                lambda names: ("layers", *names),
-                block_cache_axes(spec),
-                is_leaf=is_axis_names,
+        if self.cfg.scan_layers:
+            layers: tuple = tuple(
+                jax.tree.map(
+                    lambda names: ("layers", *names),
+                    block_cache_axes(spec),
+                    is_leaf=is_axis_names,
+                )
+                for spec in self.layout.pattern
             )
-            for spec in self.layout.pattern
-        )
+        else:
+            unit = tuple(block_cache_axes(spec) for spec in self.layout.pattern)
+            layers = (unit,) * self.repeats
         return {
             "positions": ("cache_batch", "cache_length"),
             "lengths": ("cache_batch",),

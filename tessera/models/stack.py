@@ -232,7 +232,8 @@ class BlockStack(nnx.Module):
         self, x: jax.Array, info: SeqInfo, cache: dict | None, rng: jax.Array | None = None
     ) -> tuple[jax.Array, tuple | None, tuple | None, Aux]:
         """Prefix blocks, then the unit scanned (or unrolled) ``repeats`` times: (x, prefix
-        caches, stacked unit caches (None without ``cache``), aux). ``rng``: training noise
+        caches, unit caches (stacked when scanned, one tuple per repeat unrolled; None without
+        ``cache``), aux). ``rng``: training noise
         (module docstring); None: deterministic."""
         policy = remat_policy(self.cfg.remat)
         scanned = self.cfg.scan_layers
@@ -268,14 +269,13 @@ class BlockStack(nnx.Module):
         else:
             outs, auxes = [], []
             for i, unit in enumerate(self.units):
-                layer_caches = None if caches is None else jax.tree.map(lambda a, i=i: a[i], caches)
+                layer_caches = None if caches is None else caches[i]  # this repeat's own arrays
                 (x, streams), c, aux = unit_body(
                     unit, (x, streams), info, layer_caches, rng, first + width * i
                 )
                 outs.append(c)
                 auxes.append(aux)
-            stack = lambda *a: jnp.stack(a)
-            caches = None if caches is None else jax.tree.map(stack, *outs)
-            unit_aux = jax.tree.map(stack, *auxes)
+            caches = None if caches is None else tuple(outs)
+            unit_aux = jax.tree.map(lambda *a: jnp.stack(a), *auxes)
         aux = collect_aux(prefix_aux, unit_aux)
         return x, (None if cache is None else tuple(prefix_caches)), caches, aux

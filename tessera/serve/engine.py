@@ -44,6 +44,10 @@ Prompt = str | Sequence[int]
 
 # The cache holds the prompt bucket plus the token budget rounded up to this many slots.
 CACHE_MULTIPLE = 64
+# A decode call attends over a view of the cache's first V slots, V the next power of two (at
+# least VIEW_MIN) above every position the call can reach, so its cost follows the filled length,
+# not the allocated one; each V is one more compiled program (log2 of the cache length at most).
+VIEW_MIN = 128
 
 
 def length_bucket(n: int, minimum: int = 16) -> int:
@@ -67,7 +71,9 @@ class Decoder:
     ``spec.merge(params)`` gives the model inside jitted code; ``params`` are moved onto the
     shardings ``spec`` derives from ``mesh`` and ``rules``. Keep one Decoder for repeated calls:
     it caches an executable per (batch, length bucket, cache length, sampling) shape.
-    ``params=None`` makes an abstract Decoder: ``lower`` works (ahead-of-time compiles for
+    ``unroll_layers`` (default) runs a scanned stack unrolled: ``spec`` and ``params`` become
+    ``spec.unrolled()`` and its parameters (one array per layer). ``params=None`` makes an
+    abstract Decoder: ``lower`` works (ahead-of-time compiles for
     another machine's devices, ``tessera.aot``), ``generate`` does not.
     """
 
@@ -83,24 +89,38 @@ class Decoder:
         prefill_chunk: int = 512,
         decode_chunk: int = 16,
         min_bucket: int = 16,
+        unroll_layers: bool = True,
+        use_views: bool | None = None,
     ):
         if prefill_chunk < 1 or decode_chunk < 1:
             raise ValueError(
                 f"prefill_chunk ({prefill_chunk}) and decode_chunk ({decode_chunk}) must be >= 1"
             )
-        self.spec = spec
+        # Decode runs the layer stack unrolled: a scanned stack slices each layer's weights out
+        # of the stacked arrays every step (XLA CPU copies them before the matmul: twice the
+        # bytes of a memory-bound step) and its cache updates go through the stacked buffers.
+        self.spec = spec.unrolled() if unroll_layers else spec
         self.mesh = mesh if mesh is not None else single_device_mesh()
         self.rules = make_rules(rules)
         self.tokenizer = tokenizer or ByteTokenizer()
-        self.cache_dtype = jnp.dtype(cache_dtype or spec.cfg.dtype)
+        # Views cost a copy in and out per call; TPU's decode kernel already reads only the
+        # blocks holding visible keys, so there they only add compiles.
+        self.use_views = (self.mesh.devices.flat[0].platform != "tpu") if use_views is None \
+            else bool(use_views)
+        self.cache_dtype = jnp.dtype(cache_dtype or self.spec.cfg.dtype)
         self.prefill_chunk, self.decode_chunk, self.min_bucket = (
             prefill_chunk, decode_chunk, min_bucket,
         )
-        self.max_seq_len = int(spec.cfg.max_seq_len)
-        self.vocab_size = int(spec.cfg.vocab_size)
-        self.param_shardings = spec.shardings(self.mesh, self.rules)
-        self.params = None if params is None else jax.device_put(params, self.param_shardings)
-        self._model = spec.merge(spec.shapes)  # abstract: init_cache / cache_axes only
+        self.max_seq_len = int(self.spec.cfg.max_seq_len)
+        self.vocab_size = int(self.spec.cfg.vocab_size)
+        self.param_shardings = self.spec.shardings(self.mesh, self.rules)
+        if params is None:
+            self.params = None
+        elif self.spec is spec:
+            self.params = jax.device_put(params, self.param_shardings)
+        else:
+            self.params = jax.device_put(spec.unstack(params), self.param_shardings)
+        self._model = self.spec.merge(self.spec.shapes)  # abstract: init_cache / cache_axes only
         self._executables: dict[tuple, Any] = {}
         self.compile_s = 0.0
 
@@ -173,6 +193,46 @@ class Decoder:
     def _abstract_cache(self, batch: int, max_len: int) -> PyTree:
         return jax.eval_shape(lambda: self._model.init_cache(batch, max_len, self.cache_dtype))
 
+    def _cache_slots(self, max_len: int) -> int:
+        """Token slots S of a cache for ``max_len`` tokens (the window for ring buffers)."""
+        return int(self._model.cache_length(max_len))
+
+    def view_length(self, reach: int, max_len: int) -> int:
+        """The cache slots a call attends over when no position it writes reaches ``reach``: the
+        next power of two >= ``reach`` (at least VIEW_MIN), or every slot. Slots fill in order
+        (slot = position % S), so positions below V < S live in the first V slots. A sharded
+        ``cache_length`` axis or views switched off (``use_views``) give every slot."""
+        slots = self._cache_slots(max_len)
+        if not self.use_views or self._length_sharded:
+            return slots
+        return min(slots, max(VIEW_MIN, length_bucket(reach)))
+
+    @functools.cached_property
+    def _length_sharded(self) -> bool:
+        sizes = dict(self.mesh.shape)
+        return any(sizes[a] > 1 for a in self.rules.get("cache_length", ()))
+
+    def _cache_view(self, cache: PyTree, view: int) -> PyTree:
+        """``cache`` with every array that has a ``cache_length`` axis cut to its first ``view``
+        slots (recurrent state passes whole)."""
+        def cut(names: tuple, a: jax.Array) -> jax.Array:
+            if "cache_length" not in names:
+                return a
+            return jax.lax.slice_in_dim(a, 0, view, axis=names.index("cache_length"))
+
+        return jax.tree.map(cut, self._model.cache_axes(), cache, is_leaf=is_axis_names)
+
+    def _cache_merge(self, full: PyTree, part: PyTree) -> PyTree:
+        """``part`` (a `_cache_view` of ``full``, updated) written back over ``full``'s first
+        slots; the rest of ``full`` is unchanged (in place when ``full`` is donated)."""
+        def put(names: tuple, whole: jax.Array, piece: jax.Array) -> jax.Array:
+            if "cache_length" not in names:
+                return piece
+            axis = names.index("cache_length")
+            return jax.lax.dynamic_update_slice_in_dim(whole, piece.astype(whole.dtype), 0, axis)
+
+        return jax.tree.map(put, self._model.cache_axes(), full, part, is_leaf=is_axis_names)
+
     def cache_info(self, batch: int, max_len: int) -> CacheInfo:
         """Bytes of the cache ``init_cache(batch, max_len)``, split by the logical axes: arrays
         with a ``cache_length`` axis are per token, the rest fixed per sequence."""
@@ -219,10 +279,12 @@ class Decoder:
 
     def _programs(
         self, batch: int, length: int, max_len: int, chunk: int, proc: tuple,
-        stop_tokens: tuple[int, ...],
+        stop_tokens: tuple[int, ...], view: int | None = None,
     ) -> dict[str, tuple]:
         """The prefill and decode programs of one request shape: name -> (cache key, function,
-        input shardings, output shardings, abstract arguments, donated arguments)."""
+        input shardings, output shardings, abstract arguments, donated arguments). The decode
+        program attends over the cache's first ``view`` slots (default: all)."""
+        view = self._cache_slots(max_len) if view is None else view
         sh = self._shardings(batch, length, max_len)
         row = lambda dtype: jax.ShapeDtypeStruct((batch,), dtype)
         key = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0)))
@@ -238,8 +300,8 @@ class Decoder:
                 (),
             ),
             "decode": (
-                ("decode", batch, max_len, self.decode_chunk, proc, stop_tokens),
-                functools.partial(self._decode, proc, stop_tokens),
+                ("decode", batch, max_len, view, self.decode_chunk, proc, stop_tokens),
+                functools.partial(self._decode, proc, stop_tokens, view),
                 (self.param_shardings, sh["state"], sh["row"], sh["replicated"]),
                 (sh["state"], sh["out"], sh["replicated"]),
                 (self.spec.shapes, self._abstract_state(batch, max_len), row(jnp.bool_), key),
@@ -300,7 +362,9 @@ class Decoder:
         """tokens [B, T] right-padded, lengths [B] -> decode state with the first new token."""
         with use_mesh(self.mesh, self.rules):
             b, t = tokens.shape
-            cache = self.spec.merge(params).init_cache(b, max_len, self.cache_dtype)
+            full = self.spec.merge(params).init_cache(b, max_len, self.cache_dtype)
+            view = self.view_length(t, max_len)  # the prompt bucket's slots
+            cache = self._cache_view(full, view)
             chunks = tokens.reshape(b, t // chunk, chunk).transpose(1, 0, 2)
             starts = jnp.arange(t // chunk, dtype=jnp.int32) * chunk
 
@@ -318,6 +382,7 @@ class Decoder:
 
             last = jnp.zeros((b, self.vocab_size), jnp.float32)
             (cache, last), _ = jax.lax.scan(body, (cache, last), (chunks, starts))
+            cache = self._cache_merge(full, cache)
             first = sample(last, processing, key, rows, lengths)
             count = jnp.ones_like(lengths)
             done = jnp.isin(first, jnp.asarray(stop_tokens, jnp.int32)) | (count >= budget)
@@ -327,15 +392,18 @@ class Decoder:
             }
 
     def _decode(
-        self, processing: tuple, stop_tokens: tuple[int, ...], params: PyTree, state: dict,
-        force_done: jax.Array, key: jax.Array,
+        self, processing: tuple, stop_tokens: tuple[int, ...], view: int, params: PyTree,
+        state: dict, force_done: jax.Array, key: jax.Array,
     ) -> tuple[dict, jax.Array, jax.Array]:
-        """Up to ``decode_chunk`` steps; returns the state, new tokens [B, N] (-1: none) and the
-        number of steps run (stops early once every row is done)."""
+        """Up to ``decode_chunk`` steps over the cache's first ``view`` slots (every position
+        the steps write must be below it); returns the state, new tokens [B, N] (-1: none) and
+        the number of steps run (stops early once every row is done)."""
         with use_mesh(self.mesh, self.rules):
             b, n = state["token"].shape[0], self.decode_chunk
             stops = jnp.asarray(stop_tokens, jnp.int32)
-            state = {**state, "done": state["done"] | force_done}
+            full = state["cache"]
+            state = {**state, "cache": self._cache_view(full, view),
+                     "done": state["done"] | force_done}
 
             def cond(carry):
                 i, st, _ = carry
@@ -368,7 +436,7 @@ class Decoder:
 
             out = jnp.full((b, n), -1, jnp.int32)
             steps, state, out = jax.lax.while_loop(cond, body, (jnp.int32(0), state, out))
-            return state, out, steps
+            return {**state, "cache": self._cache_merge(full, state["cache"])}, out, steps
 
     # -- generation ------------------------------------------------------------------------
     def generate(
@@ -430,7 +498,19 @@ class Decoder:
         )
         compile_before = self.compile_s
         prefill = self._compile(programs["prefill"])
-        decode = self._compile(programs["decode"])
+        longest = max(map(len, ids))
+
+        decode_by_view: dict[int, Any] = {}  # compiled as the filled length reaches each view
+
+        def decode_for(steps_done: int) -> Any:
+            """The decode program whose view holds every position the next call can write."""
+            view = self.view_length(longest + steps_done + self.decode_chunk, max_len)
+            if view not in decode_by_view:
+                decode_by_view[view] = self._compile(self._programs(
+                    batch, length, max_len, shape["chunk"], sampling.processing(), stop_tokens,
+                    view,
+                )["decode"])
+            return decode_by_view[view]
         put = lambda x, s: jax.device_put(x, s)
         key_dev = put(key, sh["replicated"])
 
@@ -449,10 +529,12 @@ class Decoder:
 
         take(first[:, None])
         decode_tokens = decode_steps = 0
+        compile_at_t1 = self.compile_s  # views compiled on the way are not decode time
         device_done = np.asarray(state["done"])
         while not all(device_done[i] or row.finish for i, row in enumerate(rows)):
             force = np.zeros((batch,), bool)
             force[:n] = [row.finish is not None for row in rows]
+            decode = decode_for(decode_steps)
             state, out, steps = decode(self.params, state, put(force, sh["row"]), key_dev)
             out, device_done = np.asarray(out), np.asarray(state["done"])
             decode_steps += int(steps)
@@ -466,7 +548,7 @@ class Decoder:
             stats.prefill_s += t1 - t0
             stats.decode_tokens += decode_tokens
             stats.decode_steps += decode_steps
-            stats.decode_s += t2 - t1
+            stats.decode_s += t2 - t1 - (self.compile_s - compile_at_t1)
             stats.compile_s += self.compile_s - compile_before
             stats.cache = self.cache_info(batch, max_len)
         return [row.completion() for row in rows]

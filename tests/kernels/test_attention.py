@@ -129,8 +129,9 @@ def test_reference_kv_valid_and_custom_scale():
 
 
 @pytest.mark.parametrize("impl", [reference.attention,
-                                  functools.partial(chunked.attention, block_kv=4)],
-                         ids=["xla", "xla_chunked"])
+                                  functools.partial(chunked.attention, block_kv=4),
+                                  reference.decode_attention],
+                         ids=["xla", "xla_chunked", "xla_decode"])
 def test_decode_step_matches_full_sequence(impl):
     """One query at position p against a ring-buffer cache (shuffled slots, some empty) equals row
     p of full causal attention over the sequence."""
@@ -148,6 +149,39 @@ def test_decode_step_matches_full_sequence(impl):
     want = naive_attention(q[:, p : p + 1], cache_k, cache_v, np.full((b, 1), p),
                            np.asarray(cache_pos), kv_valid=np.asarray(cache_pos >= 0))
     np.testing.assert_allclose(out, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_decode_form_matches_reference(dtype):
+    """xla_decode (products reduced in the cache layout) equals the einsum reference for one
+    query token: GQA and MQA (scores as a block-diagonal matmul), six kv heads (scores as
+    reduced products), Dv != D, packed segments, a sliding window, a soft cap, a custom
+    scale, empty slots, a row that sees nothing (0); auto takes it for T = 1 only."""
+    rng = np.random.default_rng(5)
+    b, s = 3, 19
+    for hq, hkv, d, dv, window, cap, scale in [(4, 2, 8, 8, None, None, None),
+                                                (4, 1, 8, 4, 5, 3.0, 0.4),
+                                                (12, 6, 4, 4, None, None, None)]:
+        q, k, v = make_inputs(int(rng.integers(100)), b, 1, s, hq, hkv, d, dv=dv)
+        q, k, v = (x.astype(dtype) for x in (q, k, v))
+        kv_pos = jnp.asarray(rng.integers(-1, 15, (b, s)), jnp.int32)
+        kw = dict(q_positions=jnp.asarray([[14], [9], [3]], jnp.int32), kv_positions=kv_pos,
+                  q_segment_ids=jnp.asarray([[1], [2], [0]], jnp.int32),
+                  kv_segment_ids=jnp.asarray(rng.integers(0, 3, (b, s)), jnp.int32),
+                  kv_valid=kv_pos >= 0, sliding_window=window, logit_soft_cap=cap, scale=scale)
+        got = attn.attention(q, k, v, impl="xla_decode", **kw)
+        want = reference.attention(q, k, v, **kw)
+        tol = 1e-5 if dtype == jnp.float32 else 2e-2
+        assert got.dtype == dtype and got.shape == (b, 1, hq, dv)
+        np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
+                                   atol=tol, rtol=tol)
+        assert not np.asarray(got[2], np.float32).any()  # segment 0: sees no key
+    picked = [name for name, why in attn.OP.explain(q, k, v, **kw, index_aligned=False,
+                                                   block_q=None, block_kv=None) if why is None]
+    assert picked[0] == "xla_decode"
+    with pytest.raises(ValueError, match="one query token per row"):
+        attn.attention(q.repeat(2, 1), k, v, impl="xla_decode",
+                       q_positions=jnp.zeros((b, 2), jnp.int32), kv_positions=kv_pos)
 
 
 def value_and_grads(fn, q, k, v, kw, cotangent):
@@ -456,10 +490,10 @@ def test_dispatch_errors():
     q, k, v = make_inputs(6, 1, 4, 4, 2, 2, 8)
     kw = dict(q_positions=arange_positions(1, 4), kv_positions=arange_positions(1, 4))
     # Pallas kernels register before these (their tests check their own names).
-    assert attn.IMPLS[0] == "auto" and attn.IMPLS[-2:] == ("xla_chunked", "xla")
+    assert attn.IMPLS[0] == "auto" and attn.IMPLS[-3:] == ("xla_decode", "xla_chunked", "xla")
     for impl in ("flash", "pallas"):
         with pytest.raises(ValueError, match=f"unknown attention impl '{impl}'; valid: auto, "
-                                             ".*xla_chunked, xla$"):
+                                             ".*xla_decode, xla_chunked, xla$"):
             attn.attention(q, k, v, impl=impl, **kw)
     with pytest.raises(ValueError, match="block_q"):
         attn.attention(q, k, v, impl="xla", block_q=2, **kw)

@@ -249,8 +249,13 @@ def test_cached_decode_matches_full_forward(overrides):
     slots = 4 if cfg.sliding_window else length
     assert cache["positions"].shape == (2, slots)
     repeats = cfg.num_layers // len(cfg.pattern)
-    assert len(cache["layers"]) == len(cfg.pattern)
-    assert cache["layers"][-1]["k"].shape == (repeats, 2, slots, cfg.num_kv_heads, 8)
+    if cfg.scan_layers:  # one state per pattern block, stacked over the repeats
+        assert len(cache["layers"]) == len(cfg.pattern)
+        assert cache["layers"][-1]["k"].shape == (repeats, 2, slots, cfg.num_kv_heads, 8)
+    else:  # one tuple of pattern-block states per repeat: every layer its own arrays
+        assert len(cache["layers"]) == repeats
+        assert all(len(unit) == len(cfg.pattern) for unit in cache["layers"])
+        assert cache["layers"][-1][-1]["k"].shape == (2, slots, cfg.num_kv_heads, 8)
 
     cache = check_cached_decode(apply, params, tokens, full, cache, (prefill, chunk), TOL)
     # Every slot holds one of the last `slots` positions.

@@ -46,7 +46,7 @@ def test_sharded_data_tensor_mesh(tiny, greedy_ref):
     cfg, spec, params = make_model(TINY + ",mesh.data=2,mesh.tensor=2")
     mesh = make_mesh(cfg.mesh, jax.devices()[:4])
     decoder = Decoder(spec, tiny[2], mesh, cfg.mesh.rules, decode_chunk=3)
-    wq = decoder.params["units"]["blocks"][0]["mixer"]["wq"]
+    wq = decoder.params["units"][0]["blocks"][0]["mixer"]["wq"]  # layer 0, unrolled
     assert "tensor" in str(wq.sharding.spec)
     prompts = [*PROMPTS, [1, 7, 8, 9]]  # 4 rows: split over data=2
     out = decoder.generate(prompts, None, STEPS, stop_tokens=())

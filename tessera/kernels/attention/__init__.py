@@ -12,6 +12,10 @@ impls, in the order auto tries them (`OP`, a `tessera.kernels.registry.Op`):
                CUDA GPU: bf16 / f16, causal (+ window) or bidirectional, no segment ids.
   pallas_gpu   `gpu.pallas_attention`, jax's Pallas Triton flash attention (GPU or interpret
                mode): f32 / bf16 / f16, causal or bidirectional, packed segments, T == S.
+  xla_decode   `reference.decode_attention`, T = 1 over a cache (decode step): the plain math as
+               products reduced over one axis in the cache's [B, S, Hkv, D] layout, so XLA reads
+               K and V once instead of copying them head-major for a batched dot every step.
+               Auto picks it for every T = 1 call with a cache that no kernel above took.
   xla_chunked  `chunked.attention`, online softmax over a static schedule of (query block, key
                block) tiles with a blockwise custom backward; memory O(T + S) per head. Auto
                picks it once T * S >= CHUNKED_MIN_SCORES. With ``index_aligned=True`` it skips
@@ -19,8 +23,9 @@ impls, in the order auto tries them (`OP`, a `tessera.kernels.registry.Op`):
   xla          `reference.attention`, plain jnp; builds the [T, S] scores. CPU path and oracle;
                runs anything; ignores ``index_aligned`` (a skipping hint).
   auto         the first of these that accepts the inputs: pallas_tpu on TPU for index_aligned
-               calls; otherwise xla while T * S < CHUNKED_MIN_SCORES, xla_chunked above. More
-               kernels join with `OP.register(impl, before=...)`.
+               calls; xla_decode for T = 1 over a cache; otherwise xla while T * S <
+               CHUNKED_MIN_SCORES, xla_chunked above. More kernels join with
+               `OP.register(impl, before=...)`.
 """
 
 from __future__ import annotations
@@ -59,6 +64,14 @@ def _chunked_pays(q: jax.Array, k: jax.Array, *args, **kw) -> str | None:
     return None
 
 
+def _one_query(q: jax.Array, k: jax.Array, *args, **kw) -> str | None:
+    if q.shape[1] != 1:
+        return f"one query token per row only (decode), got T = {q.shape[1]}"
+    if kw.get("index_aligned"):
+        return "index_aligned self attention (no cache)"
+    return None
+
+
 OP = Op(
     "attention",
     [
@@ -67,6 +80,8 @@ OP = Op(
         Impl("cudnn", gpu.cudnn_attention, supports=gpu.cudnn_supports),
         Impl("pallas_gpu", gpu.pallas_attention, supports=gpu.pallas_supports,
              auto=gpu.pallas_auto),
+        Impl("xla_decode", drop_kwargs(reference.decode_attention, "block_q", "block_kv",
+                                       "index_aligned"), supports=_one_query),
         Impl("xla_chunked", _chunked, auto=_chunked_pays),
         Impl("xla", drop_kwargs(reference.attention, "block_q", "block_kv", "index_aligned")),
     ],

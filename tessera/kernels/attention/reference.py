@@ -13,6 +13,9 @@ import jax.numpy as jnp
 # Finite stand-in for -inf: masked scores never produce inf - inf = NaN, and a fully masked row
 # stays finite (its probabilities are zeroed explicitly).
 MASK_VALUE = -1e30
+# decode_attention computes the scores as one matmul against block-diagonal queries up to this
+# many kv heads (Hkv times the multiply-adds), as products reduced over D above it.
+BLOCK_DIAGONAL_MAX_KV_HEADS = 4
 
 
 def make_attention_mask(
@@ -136,3 +139,69 @@ def attention(
     p = p / jnp.where(denom > 0, denom, 1.0)
     out = jnp.einsum("bkgts,bskd->btkgd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
     return out.reshape(b, t, hq, v.shape[-1]).astype(q.dtype)
+
+
+def decode_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    q_positions: jax.Array,
+    kv_positions: jax.Array,
+    q_segment_ids: jax.Array | None = None,
+    kv_segment_ids: jax.Array | None = None,
+    causal: bool = True,
+    sliding_window: int | None = None,
+    scale: float | None = None,
+    kv_valid: jax.Array | None = None,
+    logit_soft_cap: float | None = None,
+) -> jax.Array:
+    """`attention` for one query token per row (T = 1, a decode step over a cache), computed in
+    the cache's own [B, S, Hkv, D] layout.
+
+    The scores are ``sum_d k[b, s, h, d] * q[b, h, g, d]`` and the output ``sum_s p[b, s, h, g] *
+    v[b, s, h, :]``: the output as elementwise products reduced over S, which XLA fuses into one
+    pass over V; the scores the same way over D, or (up to BLOCK_DIAGONAL_MAX_KV_HEADS kv heads,
+    measured faster on CPU) as one matmul of K flattened to [B, S, Hkv * D] with the queries
+    spread into a block-diagonal [B, Hkv * D, Hkv * G]. The einsums of `attention` are dots with
+    (batch, kv head) batch dimensions, and XLA (CPU) lays K and V out head-major for them: a
+    transposed copy of the whole cache in every layer at every step, which doubled the bytes of
+    a bandwidth-bound step. Same masking contract and float32 softmax as `attention`.
+    """
+    check_inputs(
+        q, k, v, q_positions, kv_positions, q_segment_ids, kv_segment_ids, sliding_window, kv_valid,
+        logit_soft_cap,
+    )
+    b, t, hq, d = q.shape
+    if t != 1:
+        raise ValueError(f"decode_attention takes one query token per row, got T = {t}")
+    hkv, dv = k.shape[2], v.shape[-1]
+    scale = d**-0.5 if scale is None else scale
+    mask = make_attention_mask(
+        q_positions, kv_positions, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
+        causal=causal, sliding_window=sliding_window, kv_valid=kv_valid,
+    )[:, 0, :, None, None]  # [B, S, 1, 1]
+    g = hq // hkv
+    qg = q[:, 0].reshape(b, hkv, g, d).astype(jnp.float32)
+    kf = k.astype(jnp.float32)
+    if hkv <= BLOCK_DIAGONAL_MAX_KV_HEADS:
+        # One matmul of the keys [B, S, Hkv * D] (their own layout, flattened) with the queries
+        # as a block-diagonal [B, Hkv * D, Hkv * G]: Hkv times the multiply-adds, a cheap trade
+        # for a dot XLA runs without moving the cache.
+        eye = jnp.eye(hkv, dtype=jnp.float32)
+        blocks = qg[:, :, :, None, :] * eye[None, :, None, :, None]  # [B, Hkv, G, Hkv', D]
+        blocks = blocks.transpose(0, 3, 4, 1, 2).reshape(b, hkv * d, hkv * g)
+        scores = jnp.einsum("bsn,bnm->bsm", kf.reshape(b, -1, hkv * d), blocks,
+                            precision=jax.lax.Precision.HIGHEST).reshape(b, -1, hkv, g)
+    else:
+        scores = jnp.sum(kf[:, :, :, None, :] * qg[:, None], axis=-1)  # [B, S, Hkv, G]
+    scores = scores * scale
+    if logit_soft_cap is not None:
+        scores = logit_soft_cap * jnp.tanh(scores / logit_soft_cap)
+    scores = jnp.where(mask, scores, MASK_VALUE)
+    m = jax.lax.stop_gradient(scores.max(axis=1, keepdims=True))
+    p = jnp.where(mask, jnp.exp(scores - m), 0.0)
+    denom = p.sum(axis=1)  # [B, Hkv, G]
+    out = jnp.sum(p[..., None] * v.astype(jnp.float32)[:, :, :, None, :], axis=1)  # [B,Hkv,G,Dv]
+    out = out / jnp.where(denom > 0, denom, 1.0)[..., None]
+    return out.reshape(b, 1, hq, dv).astype(q.dtype)

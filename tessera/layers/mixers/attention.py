@@ -104,6 +104,10 @@ class Attention(nnx.Module):
                 "k": write_cache(cache["k"], k, info.write_slots),
                 "v": write_cache(cache["v"], v, info.write_slots),
             }
+            # Written once, in place, then read: without the barrier XLA (CPU) re-does the
+            # write inside each consumer fusion that sees the cache in another shape, and copies
+            # the whole cache for each (measured: 3 copies per layer and step).
+            new_cache = jax.lax.optimization_barrier(new_cache)
             kv_k, kv_v = new_cache["k"].astype(k.dtype), new_cache["v"].astype(v.dtype)
             kv_pos, kv_seg = decode_keys(info)
             q_seg = (info.segment_ids > 0).astype(jnp.int32)
