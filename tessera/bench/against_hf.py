@@ -26,6 +26,7 @@ import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+import jax
 import numpy as np
 
 from tessera.bench.memory import StepBytes, copy_bandwidth, decode_step_bytes
@@ -144,18 +145,21 @@ class IdTokenizer:
         return ""
 
 
-def tessera_decoder(hf_dir: str, workdir: str) -> Decoder:
-    """Import ``hf_dir`` into ``workdir`` (computing in float32) and restore it for decoding,
-    as ``tessera.serve.loading.load_decoder`` does but with an ids-only tokenizer."""
+def tessera_decoder(
+    hf_dir: str, workdir: str, devices: Sequence[jax.Device] | None = None
+) -> Decoder:
+    """Import ``hf_dir`` into ``workdir`` (computing in float32) and restore it for decoding on
+    ``devices`` (default: all), as ``tessera.serve.loading.load_decoder`` does but with an
+    ids-only tokenizer."""
     from tessera.convert import import_hf
     from tessera.convert.configs import config_from_json
     from tessera.models.create import ModelSpec
     from tessera.serve.loading import restore_params
     from tessera.sharding import make_mesh, make_rules
 
-    import_hf(hf_dir, workdir, overrides={"model.dtype": "float32"})
+    import_hf(hf_dir, workdir, overrides={"model.dtype": "float32"}, devices=devices)
     config = config_from_json(os.path.join(workdir, "config.json"))
-    mesh, rules = make_mesh(config.mesh), make_rules(config.mesh.rules)
+    mesh, rules = make_mesh(config.mesh, devices), make_rules(config.mesh.rules)
     spec = ModelSpec(config.model)
     _, params = restore_params(spec, workdir, spec.shardings(mesh, rules))
     return Decoder(spec, params, mesh, rules, tokenizer=IdTokenizer(int(config.model.vocab_size)))
@@ -195,9 +199,14 @@ def run_against_hf(
     shapes: Mapping[str, HFModel] = BENCH_MODELS,
     seed: int = 0,
     probe_bytes: int = 512 * 2**20,
+    devices: Sequence[jax.Device] | None = None,
 ) -> list[dict]:
     """Print the tessera-vs-transformers decode table and return its rows (one per model and
-    batch; the printed columns plus the raw timings and the step's byte count)."""
+    batch; the printed columns plus the raw timings and the step's byte count).
+
+    ``worker`` speaks the protocol of tools/hf_decode_worker.py, run by ``hf_python``;
+    ``shapes`` names the models; ``probe_bytes`` sizes the bandwidth probe's buffer; tessera
+    decodes on ``devices`` (default: all)."""
     unknown = [m for m in models if m not in shapes]
     if unknown or not models:
         raise ValueError(f"unknown models {unknown or models}; known: {sorted(shapes)}")
@@ -217,7 +226,7 @@ def run_against_hf(
             hf_dir, workdir = os.path.join(tmp, name, "hf"), os.path.join(tmp, name, "work")
             built = hf.request("build", model_class=shape.model_class, config=dict(shape.config),
                                seed=seed, dir=hf_dir)
-            decoder = tessera_decoder(hf_dir, workdir)
+            decoder = tessera_decoder(hf_dir, workdir, devices)
             print(
                 f"{name}: {decoder.spec.num_params() / 1e6:.2f}M params "
                 f"(transformers {built['params'] / 1e6:.2f}M), float32; transformers "
@@ -230,8 +239,12 @@ def run_against_hf(
             vocab = int(shape.config["vocab_size"])
             for batch in batches:
                 prompts = rng.integers(3, vocab, (batch, prompt_len)).tolist()
-                rows.append(_case(hf, decoder, name, prompts, new_tokens, repeats, bandwidth))
-                rows[-1]["hf_threads"] = built["threads"]
+                row = _case(hf, decoder, name, prompts, new_tokens, repeats, bandwidth)
+                row["hf_threads"] = built["threads"]
+                rows.append(row)
+                print(f"{name} batch {batch}: transformers {row['hf_tok_s']:.1f} tok/s, tessera "
+                      f"{row['tessera_tok_s']:.1f} tok/s, {row['mismatched_rows']} rows differ",
+                      flush=True)
     print_table(
         [{k: r[k] for k in ("model", "batch", "hf_tok_s", "tessera_tok_s", "tessera_vs_hf",
                             "mismatched_rows", "first_mismatch", "MB_per_step", "hf_GB_s",
