@@ -1,5 +1,7 @@
 """``python -m tessera.bench {train,decode,sample} --config=llama:small [--config=...]
-[--config.a.b=v]``, ``python -m tessera.bench attention [--lengths=1024,4096] [--tpu=v5e-4]``, and
+[--config.a.b=v]``, ``python -m tessera.bench decode --against=hf [--models=llama,mamba2]``
+(tessera next to transformers ``generate``, ``bench/against_hf.py``),
+``python -m tessera.bench attention [--lengths=1024,4096] [--tpu=v5e-4]``, and
 ``python -m tessera.bench recurrence [--ops=ssd,rwkv6] [--lengths=...] [--tpu=v5p-8]``.
 
 ``--config`` may repeat: each config is benchmarked with the same overrides, e.g. two families at
@@ -36,10 +38,16 @@ def main(argv: list[str] | None = None) -> None:
                         help="sample: CONFIG@WORKDIR of a classifier that judges the classes")
     parser.add_argument("--flops_only", action="store_true",
                         help="sample: print only each denoiser's analytic FLOPs (no workdir)")
+    _against_flags(parser)
     _attention_flags(parser)
     _recurrence_flags(parser)
     args, rest = parser.parse_known_args(argv)
     overrides = config_overrides(parser, rest)
+    if args.against:
+        if args.bench != "decode":
+            parser.error("--against works with bench decode only")
+        _against(parser, args)
+        return
     if args.bench == "attention":
         _attention(parser, args)
         return
@@ -71,6 +79,41 @@ def main(argv: list[str] | None = None) -> None:
         fail(str(e))
 
 
+def _against_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("decode --against=hf (also --repeats)")
+    group.add_argument("--against", choices=["hf"], default=None,
+                       help="decode: side by side with Hugging Face transformers generate on "
+                            "the same random weights (no --config)")
+    group.add_argument("--hf_python", default=None,
+                       help="decode --against: python of the virtualenv with torch and "
+                            "transformers (default /tmp/hfvenv/bin/python)")
+    group.add_argument("--models", default="llama,mamba2", help="decode --against: models")
+    group.add_argument("--batches", default="1,16", help="decode --against: batch sizes")
+    group.add_argument("--prompt_len", type=int, default=32,
+                       help="decode --against: prompt tokens")
+    group.add_argument("--new_tokens", type=int, default=256,
+                       help="decode --against: new tokens per row")
+
+
+def _against(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    from tessera.bench.against_hf import HF_PYTHON, run_against_hf
+
+    if args.config:
+        parser.error("decode --against=hf benchmarks its own shapes (--models), not --config")
+    try:
+        batches = [int(b) for b in args.batches.split(",") if b]
+    except ValueError:
+        parser.error("--batches takes comma-separated integers")
+    try:
+        run_against_hf(
+            [m for m in args.models.split(",") if m], batches=batches,
+            prompt_len=args.prompt_len, new_tokens=args.new_tokens, repeats=args.repeats,
+            hf_python=args.hf_python or HF_PYTHON,
+        )
+    except USER_ERRORS as e:
+        fail(str(e))
+
+
 ATTENTION_LENGTHS = "1024,2048,4096,8192,16384,32768"
 
 
@@ -87,7 +130,8 @@ def _attention_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--dtype", default="bfloat16", help="attention: q / k / v dtype")
     group.add_argument("--causal", action=argparse.BooleanOptionalAction, default=True,
                        help="attention: causal (--no-causal: bidirectional)")
-    group.add_argument("--repeats", type=int, default=3, help="attention: timed runs (median)")
+    group.add_argument("--repeats", type=int, default=3,
+                       help="attention, decode --against: timed runs (median)")
     group.add_argument("--max_scores_gib", type=float, default=2.0,
                        help="attention: skip the plain xla impl past this many GiB of scores")
     group.add_argument("--tpu", default=None,
