@@ -25,6 +25,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=5, help="timed steps (train)")
     parser.add_argument("--contexts", default="256,2048",
                         help="decode: cache contexts for the per-token decode time")
+    parser.add_argument("--slots", default="96,1024",
+                        help="decode: allocated cache slots compared at one filled length "
+                             "(batch 16; empty: skip)")
     parser.add_argument("--cache_only", action="store_true",
                         help="decode: print only each config's cache bytes per token (abstract)")
     parser.add_argument("--workdir", help="sample: the diffusion workdir to sample from")
@@ -74,7 +77,8 @@ def main(argv: list[str] | None = None) -> None:
             else:
                 from tessera.bench.decode import run_decode_bench
 
-                run_decode_bench(spec, overrides, contexts=contexts)
+                slots = [int(n) for n in args.slots.split(",") if n]
+                run_decode_bench(spec, overrides, contexts=contexts, slots=slots)
     except USER_ERRORS as e:
         fail(str(e))
 

@@ -1,9 +1,11 @@
 """Decode throughput of a config's model (random weights): prefill and decode tokens/s at batch 1
-and 16, the time of one decode step with 256 vs 2048 tokens already in the cache, and the
-cache's bytes per token (all layers, with the slot's position; per-sequence state, e.g.
+and 16, the time of one decode step with 256 vs 2048 tokens already in the cache, the step time
+at batch 16 with the same filled length in a 96- and a 1024-slot cache, and the cache's bytes
+per token (all layers, with the slot's position; per-sequence state, e.g.
 recurrent, is in the rows as ``cache_bytes_per_sequence``).
 
-``python -m tessera.bench decode --config=llama:small [--contexts=256,8192] [--config.a.b=v]``.
+``python -m tessera.bench decode --config=llama:small [--contexts=256,8192] [--slots=96,1024]
+[--config.a.b=v]``.
 Compilation is ahead of time and not in the figures. ``--cache_only`` prints only the cache size
 per token of each config, from abstract shapes (nothing allocated, so any preset size works:
 ``--config=deepseek:v3 --config=llama:70b``).
@@ -53,17 +55,24 @@ def run_decode_bench(
     batches: Sequence[int] = (1, 16),
     contexts: Sequence[int] = (256, 2048),
     context_steps: int = 16,
+    slots: Sequence[int] = (96, 1024),
+    slots_batch: int = 16,
+    slots_fill: int = 64,
     devices: Sequence[jax.Device] | None = None,
 ) -> list[dict]:
     """Print the decode table for ``config_spec`` (+ dotted ``overrides``) and return its rows.
 
     Throughput rows: ``batch`` random prompts of ``prompt_len`` tokens, ``new_tokens`` each.
     Context rows (batch 1): a prompt of ``context`` tokens, then ``context_steps`` decode steps;
-    ``ms_per_step`` is the per-token decode time at that context. ``model.max_seq_len`` is raised
-    if the longest context needs it (weights are random, positions are all that changes).
+    ``ms_per_step`` is the per-token decode time at that context. Slot rows (batch
+    ``slots_batch``): 32-token prompts and a token budget that allocates ``slots`` cache slots;
+    ``ms_per_step`` is over the first ``slots_fill`` steps, so every row has the same filled
+    length and only the allocated one differs (``vs_first_slots``: the ratio to the first).
+    ``model.max_seq_len`` is raised if the longest context needs it (weights are random,
+    positions are all that changes).
     """
     config = load_config(config_spec, overrides)
-    need = max([*contexts, prompt_len]) + max(new_tokens, context_steps + 1)
+    need = max([*contexts, *slots, prompt_len]) + max(new_tokens, context_steps + 1)
     if config.model.max_seq_len < need:
         print(f"decode bench: model.max_seq_len raised {config.model.max_seq_len} -> {need}")
         config.model.max_seq_len = need
@@ -92,9 +101,25 @@ def run_decode_bench(
         case(f"batch {batch}", batch, prompt_len, new_tokens)
     for context in contexts:
         case(f"context {context}", 1, context, context_steps + 1)
+    first_slots = None
+    for n in slots:
+        stats = DecodeStats()
+        prompts = _random_prompts(rng, slots_batch, 32, vocab)
+        decoder.generate(prompts, greedy, n - 32, stop_tokens=(), stats=stats)
+        row = _row(f"slots {stats.cache.slots}", slots_batch, 32, stats)
+        steps = seconds = 0.0
+        for k, sec, _ in stats.calls:
+            if steps >= slots_fill:
+                break
+            steps, seconds = steps + k, seconds + sec
+        row["ms_per_step"] = 1e3 * seconds / max(steps, 1)
+        first_slots = first_slots or row["ms_per_step"]
+        row["vs_first_slots"] = row["ms_per_step"] / first_slots
+        rows.append(row)
     print_table(
-        [{k: r[k] for k in ("case", "batch", "context", "prefill_tok_s", "decode_tok_s",
-                            "ms_per_step", "cache_bytes_per_token")} for r in rows],
+        [{k: r.get(k, "") for k in ("case", "batch", "context", "prefill_tok_s", "decode_tok_s",
+                                    "ms_per_step", "vs_first_slots", "cache_bytes_per_token")}
+         for r in rows],
         title=f"decode: {config_spec}",
     )
     return rows

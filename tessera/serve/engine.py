@@ -502,7 +502,7 @@ class Decoder:
 
         decode_by_view: dict[int, Any] = {}  # compiled as the filled length reaches each view
 
-        def decode_for(steps_done: int) -> Any:
+        def decode_for(steps_done: int) -> tuple[Any, int]:
             """The decode program whose view holds every position the next call can write."""
             view = self.view_length(longest + steps_done + self.decode_chunk, max_len)
             if view not in decode_by_view:
@@ -510,7 +510,7 @@ class Decoder:
                     batch, length, max_len, shape["chunk"], sampling.processing(), stop_tokens,
                     view,
                 )["decode"])
-            return decode_by_view[view]
+            return decode_by_view[view], view
         put = lambda x, s: jax.device_put(x, s)
         key_dev = put(key, sh["replicated"])
 
@@ -530,13 +530,16 @@ class Decoder:
         take(first[:, None])
         decode_tokens = decode_steps = 0
         compile_at_t1 = self.compile_s  # views compiled on the way are not decode time
+        calls: list[tuple[int, float, int]] = []
         device_done = np.asarray(state["done"])
         while not all(device_done[i] or row.finish for i, row in enumerate(rows)):
             force = np.zeros((batch,), bool)
             force[:n] = [row.finish is not None for row in rows]
-            decode = decode_for(decode_steps)
+            decode, view = decode_for(decode_steps)
+            t_call = time.perf_counter()
             state, out, steps = decode(self.params, state, put(force, sh["row"]), key_dev)
             out, device_done = np.asarray(out), np.asarray(state["done"])
+            calls.append((int(steps), time.perf_counter() - t_call, view))
             decode_steps += int(steps)
             decode_tokens += int((out[:n] >= 0).sum())
             take(out)
@@ -551,6 +554,7 @@ class Decoder:
             stats.decode_s += t2 - t1 - (self.compile_s - compile_at_t1)
             stats.compile_s += self.compile_s - compile_before
             stats.cache = self.cache_info(batch, max_len)
+            stats.calls += calls
         return [row.completion() for row in rows]
 
 

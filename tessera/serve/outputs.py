@@ -67,6 +67,9 @@ class DecodeStats:
     decode_s: float = 0.0
     compile_s: float = 0.0
     cache: CacheInfo | None = None
+    # Per decode call (each up to decode_chunk steps): (steps run, seconds, cache slots the call
+    # attended over), compile time excluded.
+    calls: list[tuple[int, float, int]] = dataclasses.field(default_factory=list)
 
     def lines(self) -> list[str]:
         """Human-readable summary: prefill and decode tokens/s, the cache's bytes/token."""

@@ -7,7 +7,7 @@ import pytest
 from tessera.configs import load_config
 from tessera.data import ByteTokenizer
 from tessera.models.create import ModelSpec
-from tessera.serve import Decoder, DecodeStats, SamplingParams, generate, length_bucket
+from tessera.serve import Decoder, DecodeStats, SamplingParams, engine, generate, length_bucket
 from tessera.serve.engine import single_device_mesh
 from tessera.sharding import make_mesh, make_rules
 
@@ -63,6 +63,22 @@ def test_sliding_window_bounded_cache_and_chunked_prefill():
     assert tokens_of(out) == reference_greedy(spec, params, prompts, 12)
     assert stats.cache.slots == 8
     assert decoder.cache_info(4, 1000).slots == 8
+
+
+@pytest.mark.slow
+def test_views_of_the_filled_cache_change_nothing(tiny):
+    """A long request crosses from a view of the first 128 cache slots to all 256 (the tiny
+    model's max_seq_len): each decode call compiles for its view, and the tokens equal a decode
+    over every slot from the start."""
+    _, spec, params = tiny
+    prompts = [[1, *range(40, 60)], [1, 7, 8]]
+    viewed, full = Decoder(spec, params), Decoder(spec, params, use_views=False)
+    stats = DecodeStats()
+    out = viewed.generate(prompts, None, 200, stop_tokens=(), stats=stats)
+    assert tokens_of(out) == tokens_of(full.generate(prompts, None, 200, stop_tokens=()))
+    assert stats.cache.slots == 256 and viewed.view_length(1, 256) == engine.VIEW_MIN
+    assert sorted(k[3] for k in viewed.executables if k[0] == "decode") == [128, 256]
+    assert [k[3] for k in full.executables if k[0] == "decode"] == [256]
 
 
 def test_stop_token_per_sequence(tiny_decoder, greedy_ref):
