@@ -6,7 +6,8 @@ recurrent, is in the rows as ``cache_bytes_per_sequence``).
 
 ``python -m tessera.bench decode --config=llama:small [--contexts=256,8192] [--slots=96,1024]
 [--config.a.b=v]``.
-Compilation is ahead of time and not in the figures. ``--cache_only`` prints only the cache size
+Compilation is ahead of time and not in the figures; each case runs once untimed first.
+``--cache_only`` prints only the cache size
 per token of each config, from abstract shapes (nothing allocated, so any preset size works:
 ``--config=deepseek:v3 --config=llama:70b``).
 """
@@ -94,6 +95,7 @@ def run_decode_bench(
     def case(name: str, batch: int, length: int, steps: int) -> None:
         stats = DecodeStats()
         prompts = _random_prompts(rng, batch, length, vocab)
+        decoder.generate(prompts, greedy, steps, stop_tokens=())  # compiles, first runs
         decoder.generate(prompts, greedy, steps, stop_tokens=(), stats=stats)
         rows.append(_row(name, batch, length, stats))
 

@@ -44,9 +44,10 @@ Prompt = str | Sequence[int]
 
 # The cache holds the prompt bucket plus the token budget rounded up to this many slots.
 CACHE_MULTIPLE = 64
-# A decode call attends over a view of the cache's first V slots, V the next power of two (at
-# least VIEW_MIN) above every position the call can reach, so its cost follows the filled length,
-# not the allocated one; each V is one more compiled program (log2 of the cache length at most).
+# The cache is allocated at V slots, V the next power of two (at least VIEW_MIN) above every
+# position the next decode call can reach, and doubles as the sequences grow (up to the request's
+# full length): a step's cost and the cache's memory follow the filled length, not the token
+# budget. Each V is one more compiled decode program (log2 of the full length at most).
 VIEW_MIN = 128
 
 
@@ -198,10 +199,11 @@ class Decoder:
         return int(self._model.cache_length(max_len))
 
     def view_length(self, reach: int, max_len: int) -> int:
-        """The cache slots a call attends over when no position it writes reaches ``reach``: the
-        next power of two >= ``reach`` (at least VIEW_MIN), or every slot. Slots fill in order
-        (slot = position % S), so positions below V < S live in the first V slots. A sharded
-        ``cache_length`` axis or views switched off (``use_views``) give every slot."""
+        """The cache slots to allocate while no position written reaches ``reach``: the next
+        power of two >= ``reach`` (at least VIEW_MIN), or every slot of a ``max_len`` cache.
+        Slots fill in order (slot = position % S), so positions below V < S live in the first V
+        slots, and the cache of ``max_len`` tokens is the same with more empty slots. A sharded
+        ``cache_length`` axis or ``use_views=False`` give every slot from the start."""
         slots = self._cache_slots(max_len)
         if not self.use_views or self._length_sharded:
             return slots
@@ -212,19 +214,9 @@ class Decoder:
         sizes = dict(self.mesh.shape)
         return any(sizes[a] > 1 for a in self.rules.get("cache_length", ()))
 
-    def _cache_view(self, cache: PyTree, view: int) -> PyTree:
-        """``cache`` with every array that has a ``cache_length`` axis cut to its first ``view``
-        slots (recurrent state passes whole)."""
-        def cut(names: tuple, a: jax.Array) -> jax.Array:
-            if "cache_length" not in names:
-                return a
-            return jax.lax.slice_in_dim(a, 0, view, axis=names.index("cache_length"))
-
-        return jax.tree.map(cut, self._model.cache_axes(), cache, is_leaf=is_axis_names)
-
     def _cache_merge(self, full: PyTree, part: PyTree) -> PyTree:
-        """``part`` (a `_cache_view` of ``full``, updated) written back over ``full``'s first
-        slots; the rest of ``full`` is unchanged (in place when ``full`` is donated)."""
+        """``part`` (a cache with fewer slots) written over ``full``'s first slots; the rest of
+        ``full`` is unchanged. Arrays without a ``cache_length`` axis are ``part``'s."""
         def put(names: tuple, whole: jax.Array, piece: jax.Array) -> jax.Array:
             if "cache_length" not in names:
                 return piece
@@ -279,12 +271,11 @@ class Decoder:
 
     def _programs(
         self, batch: int, length: int, max_len: int, chunk: int, proc: tuple,
-        stop_tokens: tuple[int, ...], view: int | None = None,
+        stop_tokens: tuple[int, ...],
     ) -> dict[str, tuple]:
-        """The prefill and decode programs of one request shape: name -> (cache key, function,
-        input shardings, output shardings, abstract arguments, donated arguments). The decode
-        program attends over the cache's first ``view`` slots (default: all)."""
-        view = self._cache_slots(max_len) if view is None else view
+        """The prefill and decode programs of one request shape (a cache of ``max_len``
+        tokens): name -> (cache key, function, input shardings, output shardings, abstract
+        arguments, donated arguments)."""
         sh = self._shardings(batch, length, max_len)
         row = lambda dtype: jax.ShapeDtypeStruct((batch,), dtype)
         key = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0)))
@@ -300,14 +291,29 @@ class Decoder:
                 (),
             ),
             "decode": (
-                ("decode", batch, max_len, view, self.decode_chunk, proc, stop_tokens),
-                functools.partial(self._decode, proc, stop_tokens, view),
+                ("decode", batch, max_len, self.decode_chunk, proc, stop_tokens),
+                functools.partial(self._decode, proc, stop_tokens),
                 (self.param_shardings, sh["state"], sh["row"], sh["replicated"]),
                 (sh["state"], sh["out"], sh["replicated"]),
                 (self.spec.shapes, self._abstract_state(batch, max_len), row(jnp.bool_), key),
                 (1,),
             ),
         }
+
+    def _grow_program(self, batch: int, old: int, new: int) -> tuple:
+        """The program that moves a decode state from a cache of ``old`` slots to ``new``: the
+        filled slots copied, the rest as ``init_cache`` leaves them (the old state is dropped by
+        the caller)."""
+        def grow(state: dict) -> dict:
+            with use_mesh(self.mesh, self.rules):
+                fresh = self._model.init_cache(batch, new, self.cache_dtype)
+                return {**state, "cache": self._cache_merge(fresh, state["cache"])}
+
+        return (
+            ("grow", batch, old, new), grow, (self._shardings(batch, 1, old)["state"],),
+            self._shardings(batch, 1, new)["state"], (self._abstract_state(batch, old),),
+            (),  # a smaller cache cannot hold the larger one: nothing to donate
+        )
 
     @staticmethod
     def _lower(program: tuple) -> jax.stages.Lowered:
@@ -362,9 +368,7 @@ class Decoder:
         """tokens [B, T] right-padded, lengths [B] -> decode state with the first new token."""
         with use_mesh(self.mesh, self.rules):
             b, t = tokens.shape
-            full = self.spec.merge(params).init_cache(b, max_len, self.cache_dtype)
-            view = self.view_length(t, max_len)  # the prompt bucket's slots
-            cache = self._cache_view(full, view)
+            cache = self.spec.merge(params).init_cache(b, max_len, self.cache_dtype)
             chunks = tokens.reshape(b, t // chunk, chunk).transpose(1, 0, 2)
             starts = jnp.arange(t // chunk, dtype=jnp.int32) * chunk
 
@@ -382,7 +386,6 @@ class Decoder:
 
             last = jnp.zeros((b, self.vocab_size), jnp.float32)
             (cache, last), _ = jax.lax.scan(body, (cache, last), (chunks, starts))
-            cache = self._cache_merge(full, cache)
             first = sample(last, processing, key, rows, lengths)
             count = jnp.ones_like(lengths)
             done = jnp.isin(first, jnp.asarray(stop_tokens, jnp.int32)) | (count >= budget)
@@ -392,18 +395,16 @@ class Decoder:
             }
 
     def _decode(
-        self, processing: tuple, stop_tokens: tuple[int, ...], view: int, params: PyTree,
-        state: dict, force_done: jax.Array, key: jax.Array,
+        self, processing: tuple, stop_tokens: tuple[int, ...], params: PyTree, state: dict,
+        force_done: jax.Array, key: jax.Array,
     ) -> tuple[dict, jax.Array, jax.Array]:
-        """Up to ``decode_chunk`` steps over the cache's first ``view`` slots (every position
-        the steps write must be below it); returns the state, new tokens [B, N] (-1: none) and
-        the number of steps run (stops early once every row is done)."""
+        """Up to ``decode_chunk`` steps (every position they write must fit the state's cache);
+        returns the state, new tokens [B, N] (-1: none) and the number of steps run (stops early
+        once every row is done)."""
         with use_mesh(self.mesh, self.rules):
             b, n = state["token"].shape[0], self.decode_chunk
             stops = jnp.asarray(stop_tokens, jnp.int32)
-            full = state["cache"]
-            state = {**state, "cache": self._cache_view(full, view),
-                     "done": state["done"] | force_done}
+            state = {**state, "done": state["done"] | force_done}
 
             def cond(carry):
                 i, st, _ = carry
@@ -436,7 +437,7 @@ class Decoder:
 
             out = jnp.full((b, n), -1, jnp.int32)
             steps, state, out = jax.lax.while_loop(cond, body, (jnp.int32(0), state, out))
-            return {**state, "cache": self._cache_merge(full, state["cache"])}, out, steps
+            return state, out, steps
 
     # -- generation ------------------------------------------------------------------------
     def generate(
@@ -492,25 +493,23 @@ class Decoder:
         row_ids = np.arange(first_row, first_row + batch, dtype=np.int32)
         key = np.asarray(jax.random.key_data(jax.random.key(sampling.seed)))
 
-        sh = self._shardings(batch, length, max_len)
-        programs = self._programs(
-            batch, length, max_len, shape["chunk"], sampling.processing(), stop_tokens
-        )
+        proc, longest = sampling.processing(), max(map(len, ids))
+
+        def program(name: str, slots: int) -> Any:
+            """The compiled prefill or decode program for a cache of ``slots`` token slots."""
+            key = (name, batch, *((length,) if name == "prefill" else ()), slots,
+                   *((shape["chunk"],) if name == "prefill" else (self.decode_chunk,)), proc,
+                   stop_tokens)
+            if key in self._executables:  # skip building shardings and abstract shapes
+                return self._executables[key]
+            return self._compile(
+                self._programs(batch, length, slots, shape["chunk"], proc, stop_tokens)[name]
+            )
+
         compile_before = self.compile_s
-        prefill = self._compile(programs["prefill"])
-        longest = max(map(len, ids))
-
-        decode_by_view: dict[int, Any] = {}  # compiled as the filled length reaches each view
-
-        def decode_for(steps_done: int) -> tuple[Any, int]:
-            """The decode program whose view holds every position the next call can write."""
-            view = self.view_length(longest + steps_done + self.decode_chunk, max_len)
-            if view not in decode_by_view:
-                decode_by_view[view] = self._compile(self._programs(
-                    batch, length, max_len, shape["chunk"], sampling.processing(), stop_tokens,
-                    view,
-                )["decode"])
-            return decode_by_view[view], view
+        slots = self.view_length(length, max_len)  # the prompt bucket; grows with the rows
+        sh = self._shardings(batch, length, slots)
+        prefill = program("prefill", slots)
         put = lambda x, s: jax.device_put(x, s)
         key_dev = put(key, sh["replicated"])
 
@@ -529,17 +528,22 @@ class Decoder:
 
         take(first[:, None])
         decode_tokens = decode_steps = 0
-        compile_at_t1 = self.compile_s  # views compiled on the way are not decode time
+        compile_at_t1 = self.compile_s  # programs compiled on the way are not decode time
         calls: list[tuple[int, float, int]] = []
         device_done = np.asarray(state["done"])
         while not all(device_done[i] or row.finish for i, row in enumerate(rows)):
             force = np.zeros((batch,), bool)
             force[:n] = [row.finish is not None for row in rows]
-            decode, view = decode_for(decode_steps)
+            need = self.view_length(longest + decode_steps + self.decode_chunk, max_len)
+            if need != slots:  # the next call could write past the cache: double it
+                grow = self._executables.get(("grow", batch, slots, need))
+                state = (grow or self._compile(self._grow_program(batch, slots, need)))(state)
+                slots = need
+            decode = program("decode", slots)
             t_call = time.perf_counter()
             state, out, steps = decode(self.params, state, put(force, sh["row"]), key_dev)
             out, device_done = np.asarray(out), np.asarray(state["done"])
-            calls.append((int(steps), time.perf_counter() - t_call, view))
+            calls.append((int(steps), time.perf_counter() - t_call, slots))
             decode_steps += int(steps)
             decode_tokens += int((out[:n] >= 0).sum())
             take(out)
@@ -553,7 +557,7 @@ class Decoder:
             stats.decode_steps += decode_steps
             stats.decode_s += t2 - t1 - (self.compile_s - compile_at_t1)
             stats.compile_s += self.compile_s - compile_before
-            stats.cache = self.cache_info(batch, max_len)
+            stats.cache = self.cache_info(batch, slots)  # as the request left it
             stats.calls += calls
         return [row.completion() for row in rows]
 

@@ -66,10 +66,10 @@ def test_sliding_window_bounded_cache_and_chunked_prefill():
 
 
 @pytest.mark.slow
-def test_views_of_the_filled_cache_change_nothing(tiny):
-    """A long request crosses from a view of the first 128 cache slots to all 256 (the tiny
-    model's max_seq_len): each decode call compiles for its view, and the tokens equal a decode
-    over every slot from the start."""
+def test_growing_cache_changes_nothing(tiny):
+    """A long request starts with a cache of 128 slots and grows it to all 256 (the tiny
+    model's max_seq_len) when the rows reach it: a decode program per cache size, one grow
+    program, and the tokens equal a decode over all 256 slots from the start."""
     _, spec, params = tiny
     prompts = [[1, *range(40, 60)], [1, 7, 8]]
     viewed, full = Decoder(spec, params), Decoder(spec, params, use_views=False)
@@ -77,8 +77,10 @@ def test_views_of_the_filled_cache_change_nothing(tiny):
     out = viewed.generate(prompts, None, 200, stop_tokens=(), stats=stats)
     assert tokens_of(out) == tokens_of(full.generate(prompts, None, 200, stop_tokens=()))
     assert stats.cache.slots == 256 and viewed.view_length(1, 256) == engine.VIEW_MIN
-    assert sorted(k[3] for k in viewed.executables if k[0] == "decode") == [128, 256]
-    assert [k[3] for k in full.executables if k[0] == "decode"] == [256]
+    assert sorted(k[2] for k in viewed.executables if k[0] == "decode") == [128, 256]
+    assert [k[2:4] for k in viewed.executables if k[0] == "grow"] == [(128, 256)]
+    assert [k[2] for k in full.executables if k[0] == "decode"] == [256]
+    assert not any(k[0] == "grow" for k in full.executables)
 
 
 def test_stop_token_per_sequence(tiny_decoder, greedy_ref):
