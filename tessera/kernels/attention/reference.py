@@ -94,6 +94,22 @@ def check_inputs(
         raise ValueError(f"logit_soft_cap must be > 0 (or None), got {logit_soft_cap}")
 
 
+def _checked_mask(
+    q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.Array, kv_positions: jax.Array,
+    q_segment_ids: jax.Array | None, kv_segment_ids: jax.Array | None, causal: bool,
+    sliding_window: int | None, kv_valid: jax.Array | None, logit_soft_cap: float | None,
+) -> jax.Array:
+    """`check_inputs`, then the bool [B, T, S] mask of `make_attention_mask`."""
+    check_inputs(
+        q, k, v, q_positions, kv_positions, q_segment_ids, kv_segment_ids, sliding_window, kv_valid,
+        logit_soft_cap,
+    )
+    return make_attention_mask(
+        q_positions, kv_positions, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
+        causal=causal, sliding_window=sliding_window, kv_valid=kv_valid,
+    )
+
+
 def attention(
     q: jax.Array,
     k: jax.Array,
@@ -117,17 +133,13 @@ def attention(
     ``logit_soft_cap=c`` squashes the scaled scores to ``c * tanh(s / c)`` (Gemma 2, Grok).
     Materialises the [B, Hq, T, S] scores: use the chunked path for long sequences.
     """
-    check_inputs(
-        q, k, v, q_positions, kv_positions, q_segment_ids, kv_segment_ids, sliding_window, kv_valid,
-        logit_soft_cap,
-    )
+    mask = _checked_mask(
+        q, k, v, q_positions, kv_positions, q_segment_ids, kv_segment_ids, causal,
+        sliding_window, kv_valid, logit_soft_cap,
+    )[:, None, None]  # [B, 1, 1, T, S]
     b, t, hq, d = q.shape
     hkv = k.shape[2]
     scale = d**-0.5 if scale is None else scale
-    mask = make_attention_mask(
-        q_positions, kv_positions, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
-        causal=causal, sliding_window=sliding_window, kv_valid=kv_valid,
-    )[:, None, None]  # [B, 1, 1, T, S]
     qg = q.reshape(b, t, hkv, hq // hkv, d)
     scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
     if logit_soft_cap is not None:
@@ -168,19 +180,15 @@ def decode_attention(
     transposed copy of the whole cache in every layer at every step, which doubled the bytes of
     a bandwidth-bound step. Same masking contract and float32 softmax as `attention`.
     """
-    check_inputs(
-        q, k, v, q_positions, kv_positions, q_segment_ids, kv_segment_ids, sliding_window, kv_valid,
-        logit_soft_cap,
-    )
     b, t, hq, d = q.shape
     if t != 1:
         raise ValueError(f"decode_attention takes one query token per row, got T = {t}")
+    mask = _checked_mask(
+        q, k, v, q_positions, kv_positions, q_segment_ids, kv_segment_ids, causal,
+        sliding_window, kv_valid, logit_soft_cap,
+    )[:, 0, :, None, None]  # [B, S, 1, 1]
     hkv, dv = k.shape[2], v.shape[-1]
     scale = d**-0.5 if scale is None else scale
-    mask = make_attention_mask(
-        q_positions, kv_positions, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
-        causal=causal, sliding_window=sliding_window, kv_valid=kv_valid,
-    )[:, 0, :, None, None]  # [B, S, 1, 1]
     g = hq // hkv
     qg = q[:, 0].reshape(b, hkv, g, d).astype(jnp.float32)
     kf = k.astype(jnp.float32)
