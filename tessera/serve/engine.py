@@ -44,11 +44,11 @@ Prompt = str | Sequence[int]
 
 # The cache holds the prompt bucket plus the token budget rounded up to this many slots.
 CACHE_MULTIPLE = 64
-# The cache is allocated at V slots, V the next power of two (at least VIEW_MIN) above every
+# The cache is allocated at V slots, V the next power of two (at least MIN_CACHE_SLOTS) above every
 # position the next decode call can reach, and doubles as the sequences grow (up to the request's
 # full length): a step's cost and the cache's memory follow the filled length, not the token
 # budget. Each V is one more compiled decode program (log2 of the full length at most).
-VIEW_MIN = 128
+MIN_CACHE_SLOTS = 128
 
 
 def length_bucket(n: int, minimum: int = 16) -> int:
@@ -91,7 +91,7 @@ class Decoder:
         decode_chunk: int = 16,
         min_bucket: int = 16,
         unroll_layers: bool = True,
-        use_views: bool | None = None,
+        grow_cache: bool | None = None,
     ):
         if prefill_chunk < 1 or decode_chunk < 1:
             raise ValueError(
@@ -104,10 +104,10 @@ class Decoder:
         self.mesh = mesh if mesh is not None else single_device_mesh()
         self.rules = make_rules(rules)
         self.tokenizer = tokenizer or ByteTokenizer()
-        # Views cost a copy in and out per call; TPU's decode kernel already reads only the
-        # blocks holding visible keys, so there they only add compiles.
-        self.use_views = (self.mesh.devices.flat[0].platform != "tpu") if use_views is None \
-            else bool(use_views)
+        # Growing costs a copy per doubling and a compile per size; TPU's decode kernel reads
+        # only the blocks holding visible keys, so there the whole budget is allocated at once.
+        self.grow_cache = (self.mesh.devices.flat[0].platform != "tpu") if grow_cache is None \
+            else bool(grow_cache)
         self.cache_dtype = jnp.dtype(cache_dtype or self.spec.cfg.dtype)
         self.prefill_chunk, self.decode_chunk, self.min_bucket = (
             prefill_chunk, decode_chunk, min_bucket,
@@ -198,16 +198,16 @@ class Decoder:
         """Token slots S of a cache for ``max_len`` tokens (the window for ring buffers)."""
         return int(self._model.cache_length(max_len))
 
-    def view_length(self, reach: int, max_len: int) -> int:
+    def cache_slots_for(self, reach: int, max_len: int) -> int:
         """The cache slots to allocate while no position written reaches ``reach``: the next
-        power of two >= ``reach`` (at least VIEW_MIN), or every slot of a ``max_len`` cache.
+        power of two >= ``reach`` (at least MIN_CACHE_SLOTS), or every slot of a ``max_len`` cache.
         Slots fill in order (slot = position % S), so positions below V < S live in the first V
         slots, and the cache of ``max_len`` tokens is the same with more empty slots. A sharded
-        ``cache_length`` axis or ``use_views=False`` give every slot from the start."""
+        ``cache_length`` axis or ``grow_cache=False`` give every slot from the start."""
         slots = self._cache_slots(max_len)
-        if not self.use_views or self._length_sharded:
+        if not self.grow_cache or self._length_sharded:
             return slots
-        return min(slots, max(VIEW_MIN, length_bucket(reach)))
+        return min(slots, max(MIN_CACHE_SLOTS, length_bucket(reach)))
 
     @functools.cached_property
     def _length_sharded(self) -> bool:
@@ -507,7 +507,7 @@ class Decoder:
             )
 
         compile_before = self.compile_s
-        slots = self.view_length(length, max_len)  # the prompt bucket; grows with the rows
+        slots = self.cache_slots_for(length, max_len)  # the prompt bucket; grows with the rows
         sh = self._shardings(batch, length, slots)
         prefill = program("prefill", slots)
         put = lambda x, s: jax.device_put(x, s)
@@ -534,7 +534,7 @@ class Decoder:
         while not all(device_done[i] or row.finish for i, row in enumerate(rows)):
             force = np.zeros((batch,), bool)
             force[:n] = [row.finish is not None for row in rows]
-            need = self.view_length(longest + decode_steps + self.decode_chunk, max_len)
+            need = self.cache_slots_for(longest + decode_steps + self.decode_chunk, max_len)
             if need != slots:  # the next call could write past the cache: double it
                 grow = self._executables.get(("grow", batch, slots, need))
                 state = (grow or self._compile(self._grow_program(batch, slots, need)))(state)

@@ -67,8 +67,8 @@ class DecodeStats:
     decode_s: float = 0.0
     compile_s: float = 0.0
     cache: CacheInfo | None = None
-    # Per decode call (each up to decode_chunk steps): (steps run, seconds, cache slots the call
-    # attended over), compile time excluded.
+    # Per decode call (each up to decode_chunk steps): (steps run, seconds, slots of the cache it
+    # ran on), compile time excluded.
     calls: list[tuple[int, float, int]] = dataclasses.field(default_factory=list)
 
     def lines(self) -> list[str]:

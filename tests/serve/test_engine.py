@@ -72,13 +72,13 @@ def test_growing_cache_changes_nothing(tiny):
     program, and the tokens equal a decode over all 256 slots from the start."""
     _, spec, params = tiny
     prompts = [[1, *range(40, 60)], [1, 7, 8]]
-    viewed, full = Decoder(spec, params), Decoder(spec, params, use_views=False)
+    grown, full = Decoder(spec, params), Decoder(spec, params, grow_cache=False)
     stats = DecodeStats()
-    out = viewed.generate(prompts, None, 200, stop_tokens=(), stats=stats)
+    out = grown.generate(prompts, None, 200, stop_tokens=(), stats=stats)
     assert tokens_of(out) == tokens_of(full.generate(prompts, None, 200, stop_tokens=()))
-    assert stats.cache.slots == 256 and viewed.view_length(1, 256) == engine.VIEW_MIN
-    assert sorted(k[2] for k in viewed.executables if k[0] == "decode") == [128, 256]
-    assert [k[2:4] for k in viewed.executables if k[0] == "grow"] == [(128, 256)]
+    assert stats.cache.slots == 256 and grown.cache_slots_for(1, 256) == engine.MIN_CACHE_SLOTS
+    assert sorted(k[2] for k in grown.executables if k[0] == "decode") == [128, 256]
+    assert [k[2:4] for k in grown.executables if k[0] == "grow"] == [(128, 256)]
     assert [k[2] for k in full.executables if k[0] == "decode"] == [256]
     assert not any(k[0] == "grow" for k in full.executables)
 
