@@ -123,6 +123,7 @@ class Decoder:
             self.params = jax.device_put(spec.unstack(params), self.param_shardings)
         self._model = self.spec.merge(self.spec.shapes)  # abstract: init_cache / cache_axes only
         self._executables: dict[tuple, Any] = {}
+        self._memo: dict[tuple, Any] = {}  # abstract caches and shardings per shape
         self.compile_s = 0.0
 
     @classmethod
@@ -192,7 +193,14 @@ class Decoder:
 
     # -- shapes, shardings, compiled functions ---------------------------------------------
     def _abstract_cache(self, batch: int, max_len: int) -> PyTree:
-        return jax.eval_shape(lambda: self._model.init_cache(batch, max_len, self.cache_dtype))
+        """Shapes of ``init_cache(batch, max_len)``; traced once per shape (the trace walks the
+        config, tens of ms, and every decode call asks for its program's)."""
+        key = (batch, max_len)
+        if key not in self._memo:
+            self._memo[key] = jax.eval_shape(
+                lambda: self._model.init_cache(batch, max_len, self.cache_dtype)
+            )
+        return self._memo[key]
 
     def _cache_slots(self, max_len: int) -> int:
         """Token slots S of a cache for ``max_len`` tokens (the window for ring buffers)."""
@@ -250,6 +258,12 @@ class Decoder:
         }
 
     def _shardings(self, batch: int, length: int, max_len: int) -> dict[str, Any]:
+        key = ("shardings", batch, length, max_len)
+        if key not in self._memo:
+            self._memo[key] = self._make_shardings(batch, length, max_len)
+        return self._memo[key]
+
+    def _make_shardings(self, batch: int, length: int, max_len: int) -> dict[str, Any]:
         with use_mesh(self.mesh, self.rules):
             cache = jax.tree.map(
                 lambda names, a: logical_sharding(names, a.shape),
@@ -497,11 +511,6 @@ class Decoder:
 
         def program(name: str, slots: int) -> Any:
             """The compiled prefill or decode program for a cache of ``slots`` token slots."""
-            key = (name, batch, *((length,) if name == "prefill" else ()), slots,
-                   *((shape["chunk"],) if name == "prefill" else (self.decode_chunk,)), proc,
-                   stop_tokens)
-            if key in self._executables:  # skip building shardings and abstract shapes
-                return self._executables[key]
             return self._compile(
                 self._programs(batch, length, slots, shape["chunk"], proc, stop_tokens)[name]
             )
@@ -536,8 +545,7 @@ class Decoder:
             force[:n] = [row.finish is not None for row in rows]
             need = self.cache_slots_for(longest + decode_steps + self.decode_chunk, max_len)
             if need != slots:  # the next call could write past the cache: double it
-                grow = self._executables.get(("grow", batch, slots, need))
-                state = (grow or self._compile(self._grow_program(batch, slots, need)))(state)
+                state = self._compile(self._grow_program(batch, slots, need))(state)
                 slots = need
             decode = program("decode", slots)
             t_call = time.perf_counter()
