@@ -148,21 +148,14 @@ class IdTokenizer:
 def tessera_decoder(
     hf_dir: str, workdir: str, devices: Sequence[jax.Device] | None = None
 ) -> Decoder:
-    """Import ``hf_dir`` into ``workdir`` (computing in float32) and restore it for decoding on
-    ``devices`` (default: all), as ``tessera.serve.loading.load_decoder`` does but with an
-    ids-only tokenizer."""
+    """Import ``hf_dir`` into ``workdir`` (computing in float32) and load it for decoding on
+    ``devices`` (default: all) with an ids-only tokenizer."""
     from tessera.convert import import_hf
-    from tessera.convert.configs import config_from_json
-    from tessera.models.create import ModelSpec
-    from tessera.serve.loading import restore_params
-    from tessera.sharding import make_mesh, make_rules
+    from tessera.serve.loading import load_decoder
 
-    import_hf(hf_dir, workdir, overrides={"model.dtype": "float32"}, devices=devices)
-    config = config_from_json(os.path.join(workdir, "config.json"))
-    mesh, rules = make_mesh(config.mesh, devices), make_rules(config.mesh.rules)
-    spec = ModelSpec(config.model)
-    _, params = restore_params(spec, workdir, spec.shardings(mesh, rules))
-    return Decoder(spec, params, mesh, rules, tokenizer=IdTokenizer(int(config.model.vocab_size)))
+    config = import_hf(hf_dir, workdir, overrides={"model.dtype": "float32"}, devices=devices)
+    tokenizer = IdTokenizer(int(config.model.vocab_size))
+    return load_decoder(config, workdir, devices=devices, tokenizer=tokenizer)[0]
 
 
 def compare_tokens(

@@ -15,6 +15,7 @@ import jax
 
 from tessera.configs.base import ConfigDict
 from tessera.data import get_tokenizer
+from tessera.data.tokenizers import Tokenizer
 from tessera.models.create import ModelSpec, abstract_arrays
 from tessera.serve.engine import Decoder
 from tessera.sharding import make_mesh, make_rules
@@ -42,11 +43,13 @@ def load_decoder(
     *,
     step: int | None = None,
     devices: Sequence[jax.Device] | None = None,
+    tokenizer: Tokenizer | None = None,
     **decoder_kwargs: Any,
 ) -> tuple[Decoder, int]:
     """A Decoder for ``config`` with the parameters of ``workdir``'s checkpoint (latest, or
     ``step``) on the mesh of ``config.mesh``; returns it and the step restored. The tokenizer is
-    ``config.data.tokenizer``, a relative ``hf:`` path taken relative to ``workdir``."""
+    ``tokenizer``, else ``config.data.tokenizer`` (a relative ``hf:`` path taken relative to
+    ``workdir``)."""
     if config.model.name != "lm":
         raise ValueError(
             f"model.name={config.model.name!r} is not a decoder LM: decode needs model.name='lm'"
@@ -54,7 +57,8 @@ def load_decoder(
     mesh = make_mesh(config.mesh, devices)
     rules = make_rules(config.mesh.rules)
     spec = ModelSpec(config.model)
-    tokenizer = get_tokenizer(config.data.tokenizer, base_dir=workdir)
+    if tokenizer is None:
+        tokenizer = get_tokenizer(config.data.tokenizer, base_dir=workdir)
     shardings = spec.shardings(mesh, rules, strict=bool(config.mesh.get("strict", False)))
     step, params = restore_params(spec, workdir, shardings, step)
     decoder = Decoder(spec, params, mesh, rules, tokenizer=tokenizer, **decoder_kwargs)
