@@ -184,6 +184,18 @@ def unit_counts(model: ConfigDict) -> tuple[int, int, int]:
     return len(layout.prefix), len(layout.pattern), layout.repeats
 
 
+def _cost_program(lowered: Any, name: str, target: Target) -> tuple[Any, dict, float]:
+    """Compile a cost program (``COST_COMPILER_OPTIONS``): (compiled, XLA's cost with
+    ``roofline_seconds`` = max(FLOPs / peak, bytes / HBM bandwidth) added, compile seconds)."""
+    compiled, seconds = _compile(lowered, None, name, COST_COMPILER_OPTIONS)
+    cost = analysis.cost(compiled)
+    cost["roofline_seconds"] = max(
+        cost["flops"] / target.peak_flops_per_device,
+        cost["bytes_accessed"] / target.hbm_bandwidth_per_device,
+    )
+    return compiled, cost, seconds
+
+
 def predict_train(config: ConfigDict, target: Target) -> dict:
     """Per-step XLA cost and collectives by the unrolled 1/2-unit extrapolation (module doc)."""
     prefix, unit, repeats = unit_counts(config.model)
@@ -199,15 +211,9 @@ def predict_train(config: ConfigDict, target: Target) -> dict:
         )
         with _unrolled():
             lowered = _trainer(cfg, target.devices).lower()
-        compiled, s = _compile(lowered, None, f"cost_{r}", COST_COMPILER_OPTIONS)
+        compiled, cost, s = _cost_program(lowered, f"cost_{r}", target)
         seconds += s
-        coll = analysis.collectives(compiled.as_text())
-        cost = analysis.cost(compiled)
-        cost["roofline_seconds"] = max(
-            cost["flops"] / target.peak_flops_per_device,
-            cost["bytes_accessed"] / target.hbm_bandwidth_per_device,
-        )
-        figures.append({"xla": cost, "collectives": coll})
+        figures.append({"xla": cost, "collectives": analysis.collectives(compiled.as_text())})
     step = analysis.extrapolate_tree(figures[0], figures[1], repeats)
     step = {k: _scale(v, accum) for k, v in step.items()}
     # libtpu's cost model gives no estimate (optimal_seconds <= 0) for some programs (seen on
@@ -342,13 +348,8 @@ def predict_decode(
         decoder = Decoder(ModelSpec(cfg.model), None, mesh, config.mesh.rules, decode_chunk=1)
         with _unrolled():
             lowered = decoder.lower(batch, prompt_len, max_new_tokens)["decode"]
-        compiled, s = _compile(lowered, None, f"decode_cost_{i}", COST_COMPILER_OPTIONS)
+        _, cost, s = _cost_program(lowered, f"decode_cost_{i}", target)
         seconds += s
-        cost = analysis.cost(compiled)
-        cost["roofline_seconds"] = max(
-            cost["flops"] / target.peak_flops_per_device,
-            cost["bytes_accessed"] / target.hbm_bandwidth_per_device,
-        )
         costs.append(cost)
     if convert:
         first, second = costs
