@@ -74,10 +74,10 @@ def float_dtype(name: str) -> str:
     return dtype.name
 
 
-def checkpoint_dtype(hf: Mapping[str, Any]) -> str:
+def checkpoint_dtype(hf: Mapping[str, Any]) -> str | None:
     """The dtype an HF ``config.json`` declares for its weights: ``dtype`` (transformers 5),
-    else ``torch_dtype`` (older), else float32 (transformers' default when neither is written;
-    diffusers configs carry none). ``"torch.bfloat16"`` reads as ``"bfloat16"``; a dtype that
+    else ``torch_dtype`` (older); None when neither is written or both say ``"auto"``
+    (diffusers configs carry none). ``"torch.bfloat16"`` reads as ``"bfloat16"``; a dtype that
     is not floating-point (a quantized checkpoint's ``int8``) is a ConversionError."""
     for key in ("dtype", "torch_dtype"):
         value = hf.get(key)
@@ -91,7 +91,7 @@ def checkpoint_dtype(hf: Mapping[str, Any]) -> str:
                 f"config.json has {key}={value!r}, not a floating-point dtype tessera computes "
                 "in; pass --dtype=float32 (or bfloat16) to choose the parameter dtype"
             ) from None
-    return "float32"
+    return None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,10 +136,10 @@ def import_dtypes(
     if dtype is not None:
         param, param_source = named("--dtype", dtype), "--dtype"
     else:
-        param = checkpoint_dtype(hf)
-        param_source = "the checkpoint's config.json dtype"
-        if not any(hf.get(k) not in (None, "auto") for k in ("dtype", "torch_dtype")):
-            param_source = "config.json names no dtype: float32"
+        declared = checkpoint_dtype(hf)  # transformers' default, float32, when it names none
+        param = declared or "float32"
+        param_source = ("the checkpoint's config.json dtype" if declared
+                        else "config.json names no dtype: float32")
     if "model.param_dtype" in overrides:
         param = named("--set=model.param_dtype", overrides["model.param_dtype"])
         param_source = "--set"
