@@ -123,14 +123,6 @@ def check_workdir(path: str, *, write: bool) -> None:
         raise ValueError(f"workdir {path} is not writable")
 
 
-def maybe_initialize_distributed() -> None:
-    """Multi-host runs (``TESSERA_DISTRIBUTED=1``): join the other processes before any jax use."""
-    if os.environ.get("TESSERA_DISTRIBUTED", "") not in ("", "0"):
-        import jax
-
-        jax.distributed.initialize()
-
-
 def fail(message: str, code: int = 2) -> None:
     print(f"tessera: error: {message}", file=sys.stderr)
     sys.exit(code)
@@ -152,7 +144,9 @@ def run_main(main: Callable[[list[str]], None], argv: Sequence[str] | None = Non
 
         logging.set_verbosity(logging.WARNING)  # orbax logs every save step at INFO
         try:
-            maybe_initialize_distributed()
+            from tessera.distributed import initialize
+
+            initialize()  # multi-process runs join here, before any other jax use
             main(args)
         except USER_ERRORS as e:
             fail(error_line(e))

@@ -1,0 +1,66 @@
+"""Joining a multi-process run: ``jax.distributed.initialize`` from the environment.
+
+Every process of a run executes the same command; the environment says how they meet:
+
+- ``TESSERA_DISTRIBUTED=1``: join, letting jax detect the cluster (TPU VM slices, GKE, SLURM,
+  Open MPI), as on a TPU pod where every host runs the command.
+- ``TESSERA_COORDINATOR=host:port``, ``TESSERA_NUM_PROCESSES=N`` and ``TESSERA_PROCESS_ID=i``
+  (set together, also without ``TESSERA_DISTRIBUTED``): join with these, as
+  ``python -m tessera.launch local`` sets them for N processes on one machine.
+
+On CPU several processes exchange collectives through gloo, which is switched on here. With
+none of these variables set nothing happens: one process, ``jax.process_count() == 1``.
+"""
+
+from __future__ import annotations
+
+import os
+
+DISTRIBUTED = "TESSERA_DISTRIBUTED"
+COORDINATOR = "TESSERA_COORDINATOR"
+NUM_PROCESSES = "TESSERA_NUM_PROCESSES"
+PROCESS_ID = "TESSERA_PROCESS_ID"
+_EXPLICIT = (COORDINATOR, NUM_PROCESSES, PROCESS_ID)
+
+
+def requested() -> bool:
+    """Whether the environment asks this process to join a multi-process run."""
+    return os.environ.get(DISTRIBUTED, "") not in ("", "0") or any(
+        os.environ.get(k) for k in _EXPLICIT
+    )
+
+
+def explicit_args() -> dict[str, object]:
+    """``coordinator_address``, ``num_processes``, ``process_id`` from ``TESSERA_*``; {} when
+    none is set; ValueError naming what is missing or malformed."""
+    given = {k: os.environ.get(k, "") for k in _EXPLICIT}
+    if not any(given.values()):
+        return {}
+    missing = [k for k, v in given.items() if not v]
+    if missing:
+        raise ValueError(f"{', '.join(missing)} must be set together with {', '.join(given)}")
+    try:
+        num, pid = int(given[NUM_PROCESSES]), int(given[PROCESS_ID])
+    except ValueError:
+        raise ValueError(
+            f"{NUM_PROCESSES}={given[NUM_PROCESSES]!r} and {PROCESS_ID}={given[PROCESS_ID]!r} "
+            "must be integers"
+        ) from None
+    if num < 1 or not 0 <= pid < num:
+        raise ValueError(f"{PROCESS_ID}={pid} must be in [0, {NUM_PROCESSES}={num})")
+    return {"coordinator_address": given[COORDINATOR], "num_processes": num, "process_id": pid}
+
+
+def initialize() -> bool:
+    """Join the run the environment describes (see the module docstring), before any other jax
+    use; returns whether it joined. Gloo carries CPU collectives between the processes."""
+    if not requested():
+        return False
+    import jax
+
+    args = explicit_args()
+    if jax.distributed.is_initialized():
+        return True
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(**args)
+    return True

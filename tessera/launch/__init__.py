@@ -1,0 +1,1 @@
+"""Start a command on every process of a run: on this machine (``local``), later on TPU pods."""
