@@ -355,7 +355,16 @@ def base_config() -> ConfigDict:
         )
     )
 
-    c.checkpoint = ConfigDict(dict(every=100, keep=3, async_save=True))
+    c.checkpoint = ConfigDict(
+        dict(
+            every=100,
+            keep=3,
+            async_save=True,  # orbax writes in the background while training goes on
+            # Where checkpoints go: "" is WORKDIR/checkpoints; a local path or gs://bucket/path
+            # (on a pod: storage every host reaches).
+            directory="",
+        )
+    )
 
     c.decode = ConfigDict(
         dict(

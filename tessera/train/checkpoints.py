@@ -1,17 +1,26 @@
-"""Orbax checkpoints in ``WORKDIR/checkpoints``: train state (sharded arrays) + data position.
+"""Orbax checkpoints in ``WORKDIR/checkpoints`` (or ``checkpoint.directory``, which may be a
+``gs://`` path): train state (sharded arrays) + each process's data position.
 
 Restoring reads each array straight onto the target mesh's shardings, so a checkpoint written on
-one mesh restores onto another. A checkpoint whose tensors do not fit the model is refused with
-an error naming the first tensor that differs, before anything is loaded.
+one mesh (or by another number of processes) restores onto another. A checkpoint whose tensors do
+not fit the model is refused with an error naming the first tensor that differs, before anything
+is loaded. Every process writes its own shards of the state and its data iterator's position
+(``<step>/data_by_process/process_<i>-of-<n>.json``, grain's checkpoint handler); a run with
+another number of processes restores the state and starts its input from the beginning, with a
+note, since the saved positions describe other shards.
+
+Saving is asynchronous: ``save`` returns once the arrays are copied off the devices and orbax
+writes them in a background thread while training goes on.
 
 Integrity: orbax/TensorStore checksum only the shard index (crc32c), not the array bytes, so once a
-step is finalised (after its async save committed, at the next save or at ``close``) process 0
-writes ``<step>/tessera_manifest.json``: the size and sha256 of every file under the step. Restore
-checks the manifest first and names the first missing, truncated or changed file. A step without a
-manifest (killed between commit and manifest, or written by an older tessera) is verified by
-loading: any error while reading it marks it damaged. Either way a damaged step raises
-``DamagedCheckpointError``; ``restore_intact`` then falls back to the newest intact step and moves
-the damaged ones to ``checkpoints/damaged/<step>`` (nothing is deleted or modified).
+step is committed, a background thread of process 0 writes ``<step>/tessera_manifest.json``: the
+size and sha256 of every file under the step (local directories only; object stores such as GCS
+checksum each object themselves). Restore checks the manifest first and names the first missing,
+truncated or changed file. A step without a manifest (killed between commit and manifest, or
+written by an older tessera) is verified by loading: any error while reading it marks it damaged.
+Either way a damaged step raises ``DamagedCheckpointError``; ``restore_intact`` then falls back to
+the newest intact step and moves the damaged ones to ``checkpoints/damaged/<step>`` (nothing is
+deleted or modified).
 """
 
 from __future__ import annotations
@@ -21,12 +30,15 @@ import hashlib
 import json
 import os
 import sys
+import threading
 from collections.abc import Iterator
 from typing import Any
 
+import grain
 import jax
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
 
 from tessera.files import write_atomic
 
@@ -34,6 +46,8 @@ PyTree = Any
 
 MANIFEST = "tessera_manifest.json"
 DAMAGED = "damaged"
+DATA_ITEM = "data_by_process"  # each process's data iterator state (grain's handler)
+LEGACY_DATA_ITEM = "data"  # one JSON state, written by tessera before multi-process resume
 
 
 @contextlib.contextmanager
@@ -111,18 +125,47 @@ def _path_str(path: tuple) -> str:
     return "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
 
 
+class _Snapshot:
+    """A data iterator's state captured when its step is saved, in the form grain's checkpoint
+    handler writes (the handler may run after the iterator has moved on)."""
+
+    def __init__(self, state: dict):
+        self._json = json.dumps(state, indent=1).encode()
+
+    def get_state(self) -> bytes:
+        return self._json
+
+
+def is_local(directory: str) -> bool:
+    """A path on this machine's filesystem (not ``gs://...`` or another URL scheme)."""
+    return "://" not in directory
+
+
 class Checkpointer:
-    """Save / restore ``{"state": train state, "data": iterator state}`` by step."""
+    """Save / restore the train state and each process's data iterator state by step, in
+    ``WORKDIR/checkpoints`` or ``directory`` (a local path or ``gs://...``)."""
 
     def __init__(
-        self, workdir: str, *, keep: int = 3, async_save: bool = True, read_only: bool = False
+        self,
+        workdir: str,
+        *,
+        directory: str | None = None,
+        keep: int = 3,
+        async_save: bool = True,
+        read_only: bool = False,
     ):
-        self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
-        if read_only and not os.path.isdir(self.directory):
+        directory = directory or os.path.join(workdir, "checkpoints")
+        self.local = is_local(directory)
+        self.directory = os.path.abspath(directory) if self.local else directory.rstrip("/")
+        if read_only and not epath.Path(self.directory).is_dir():
             raise CheckpointError(
                 f"no checkpoint found in {self.directory} (has {workdir} been trained?)"
             )
-        handlers = {"state": ocp.PyTreeCheckpointHandler(), "data": ocp.JsonCheckpointHandler()}
+        handlers = {
+            "state": ocp.PyTreeCheckpointHandler(),
+            DATA_ITEM: grain.checkpoint.CheckpointHandler(),
+            LEGACY_DATA_ITEM: ocp.JsonCheckpointHandler(),
+        }
         with _quiet_orbax():
             options = ocp.CheckpointManagerOptions(
                 max_to_keep=keep, enable_async_checkpointing=async_save, read_only=read_only,
@@ -131,7 +174,11 @@ class Checkpointer:
             self.manager = ocp.CheckpointManager(
                 self.directory, options=options, item_handlers=handlers
             )
-        self._unsealed: set[int] = set()  # saved by us, manifest not yet written
+        self._async = async_save
+        # Process 0, local directories: a thread writes the manifest of each step once orbax has
+        # committed it, off the training loop.
+        self._sealing: threading.Thread | None = None
+        self._committed = threading.Event()  # set when no save is in flight any more
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -140,18 +187,50 @@ class Checkpointer:
         return list(self.manager.all_steps())
 
     def save(self, step: int, state: PyTree, data_state: dict | None = None) -> None:
-        """Save asynchronously (``close`` waits for it); a step already saved is skipped."""
+        """Save ``state`` and this process's ``data_state``; returns while orbax writes in the
+        background (``close`` waits). A step already saved is skipped."""
         if step in self.manager.all_steps():
             return
-        self._seal()
-        self._unsealed.add(step)
+        self._join_sealing()
         self.manager.save(
             step,
             args=ocp.args.Composite(
                 state=ocp.args.PyTreeSave(state),
-                data=ocp.args.JsonSave(data_state or {}),
+                **{DATA_ITEM: grain.checkpoint.CheckpointSave(_Snapshot(data_state or {}))},
             ),
         )
+        if self.local and jax.process_index() == 0:
+            if not self._async:
+                write_manifest(self._step_dir(step))
+                return
+            self._committed.clear()
+            self._sealing = threading.Thread(
+                target=self._seal_when_committed, args=(step,), daemon=True,
+                name=f"tessera-manifest-{step}",
+            )
+            self._sealing.start()
+
+    def _seal_when_committed(self, step: int) -> None:
+        """Write ``step``'s manifest once orbax has renamed it into place (it does so after all
+        its files are written); give up if the save ended without it (an error, reported by
+        orbax to the caller)."""
+        step_dir = self._step_dir(step)
+        while not os.path.isdir(step_dir):
+            if self._committed.wait(0.05) and not os.path.isdir(step_dir):
+                return
+        try:
+            write_manifest(step_dir)
+        except OSError as e:  # the step stays verifiable by loading
+            print(f"tessera: could not write {MANIFEST} for step {step}: {e}", file=sys.stderr)
+
+    def _join_sealing(self) -> None:
+        """Wait for the save in flight and its manifest."""
+        if self._sealing is None:
+            return
+        self.manager.wait_until_finished()
+        self._committed.set()
+        self._sealing.join()
+        self._sealing = None
 
     def check_compatible(self, step: int, target: PyTree, *, partial: bool = False) -> None:
         """Raise CheckpointError naming the first tensor whose presence or shape differs, then
@@ -208,23 +287,14 @@ class Checkpointer:
     def _step_dir(self, step: int) -> str:
         return os.path.join(self.directory, str(step))
 
-    def _seal(self) -> None:
-        """Wait for in-flight saves, then write the manifests of their steps (process 0)."""
-        if not self._unsealed:
-            return
-        self.manager.wait_until_finished()
-        if jax.process_index() == 0:
-            for step in sorted(self._unsealed):
-                if os.path.isdir(self._step_dir(step)):  # not already garbage-collected
-                    write_manifest(self._step_dir(step))
-        self._unsealed.clear()
-
     @contextlib.contextmanager
     def _verified(self, step: int) -> Iterator[None]:
         """Check ``step`` against its manifest, then run the read; without a manifest, any error
         but an incompatibility while reading means the step is damaged."""
         where = os.path.join(os.path.basename(self.directory), str(step))
         try:
+            if not self.local:
+                raise FileNotFoundError  # no manifests on object stores
             problem, sealed = verify_manifest(self._step_dir(step)), True
         except FileNotFoundError:
             problem, sealed = None, False
@@ -276,29 +346,49 @@ class Checkpointer:
 
     def _move_aside(self, step: int) -> str:
         """Move a damaged step to ``damaged/<step>`` (``<step>.1``, … if taken); return where."""
-        base = os.path.join(self.directory, DAMAGED, str(step))
+        base = epath.Path(self.directory) / DAMAGED / str(step)
         dest, n = base, 0
-        while os.path.exists(dest):
+        while dest.exists():
             n += 1
-            dest = f"{base}.{n}"
+            dest = base.with_name(f"{step}.{n}")
         if jax.process_index() == 0:
-            os.makedirs(os.path.dirname(dest), exist_ok=True)
-            os.replace(self._step_dir(step), dest)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            epath.Path(self._step_dir(step)).rename(dest)
         self.manager.reload()
-        return os.path.relpath(dest, os.path.dirname(self.directory))
+        return f"{os.path.basename(self.directory)}/{DAMAGED}/{dest.name}"
 
     def _restore(self, step: int, target: PyTree) -> tuple[int, PyTree, dict]:
         self.check_compatible(step, target)
-        out = self.manager.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.PyTreeRestore(
-                    item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target)
-                ),
-                data=ocp.args.JsonRestore(),
-            ),
-        )
-        return step, out["state"], dict(out["data"] or {})
+        items = {
+            "state": ocp.args.PyTreeRestore(
+                item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target)
+            )
+        }
+        legacy = epath.Path(self._step_dir(step)) / LEGACY_DATA_ITEM
+        if legacy.exists() and not (epath.Path(self._step_dir(step)) / DATA_ITEM).exists():
+            items[LEGACY_DATA_ITEM] = ocp.args.JsonRestore()
+        out = self.manager.restore(step, args=ocp.args.Composite(**items))
+        if LEGACY_DATA_ITEM in items:
+            return step, out["state"], dict(out[LEGACY_DATA_ITEM] or {})
+        return step, out["state"], self._data_state(step)
+
+    def _data_state(self, step: int) -> dict:
+        """This process's data iterator state saved at ``step``; {} (with a note from process 0)
+        when the step was saved by another number of processes, or saved none."""
+        saved = epath.Path(self._step_dir(step)) / DATA_ITEM
+        index, count = jax.process_index(), jax.process_count()
+        mine = saved / f"process_{index}-of-{count}.json"
+        if mine.exists():
+            return json.loads(mine.read_text())
+        others = sorted(p.name for p in saved.glob("process_*-of-*.json")) if saved.exists() else []
+        if others and index == 0:
+            print(
+                f"tessera: checkpoint step {step} holds the data positions of "
+                f"{others[0].split('-of-')[1].removesuffix('.json')} processes and this run has "
+                f"{count}; the model and optimizer resume, the input restarts from its beginning",
+                file=sys.stderr, flush=True,
+            )
+        return {}
 
     def restore_params(
         self, step: int | None, target: PyTree, key: str = "params"
@@ -329,19 +419,35 @@ class Checkpointer:
 
     def close(self) -> None:
         self.manager.wait_until_finished()
-        self._seal()
+        self._join_sealing()
         self.manager.close()
 
 
+def saved_directory(workdir: str) -> str | None:
+    """The ``checkpoint.directory`` that ``WORKDIR/config.json`` names; None if it names none."""
+    try:
+        with open(os.path.join(workdir, "config.json")) as f:
+            return json.load(f).get("checkpoint", {}).get("directory") or None
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def load_params(
-    workdir: str, target: PyTree, step: int | None = None, key: str = "params"
+    workdir: str,
+    target: PyTree,
+    step: int | None = None,
+    key: str = "params",
+    directory: str | None = None,
 ) -> tuple[int, PyTree]:
     """(step, params) of ``workdir``'s checkpoint ``step`` (default: the latest), read-only, each
     array placed on the sharding of ``target`` (abstract arrays); no optimizer state is read.
-    ``key="ema"`` reads the parameters' moving average instead (``train.ema_decay > 0``)."""
+    ``key="ema"`` reads the parameters' moving average instead (``train.ema_decay > 0``).
+    ``directory``: where the checkpoints are; default: the ``checkpoint.directory`` of the run's
+    ``WORKDIR/config.json``, else ``WORKDIR/checkpoints``."""
     if not os.path.isdir(workdir):
         raise FileNotFoundError(f"workdir {workdir} does not exist")
-    ckpt = Checkpointer(workdir, read_only=True)
+    directory = directory or saved_directory(workdir)
+    ckpt = Checkpointer(workdir, directory=directory, read_only=True)
     try:
         return ckpt.restore_params(step, target, key)
     except DamagedCheckpointError as e:

@@ -7,7 +7,9 @@ jitted steps, each with an RNG folded from ``train.seed`` and the step (paramete
 updates by rule, such as the MoE router bias, are masked out of the optimizer and set after its
 update from the step's aux statistics: ``models/updates.py``); evaluates every
 ``eval.every`` steps and at the end; logs to the console, ``metrics.jsonl`` and TensorBoard;
-saves checkpoints every ``checkpoint.every`` steps, at the end, and on SIGTERM / SIGINT. It holds
+saves checkpoints every ``checkpoint.every`` steps, at the end, and on SIGTERM / SIGINT (with
+several processes, a signal reaching any one makes all of them save the same step: ``_StopFlag``
+below). It holds
 the workdir's lock while it runs and keeps the history of the configs it was (re)started with
 (``train/workdir.py``). Nothing here is specific to a task.
 """
@@ -356,7 +358,10 @@ class Trainer:
         cfg = self.config
         is_main = jax.process_index() == 0
         ckpt = Checkpointer(
-            self.workdir, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save
+            self.workdir,
+            directory=cfg.checkpoint.directory or None,
+            keep=cfg.checkpoint.keep,
+            async_save=cfg.checkpoint.async_save,
         )
         data = self.task.make_data(
             "train", process_index=jax.process_index(), process_count=jax.process_count()
@@ -399,7 +404,7 @@ class Trainer:
                 f"workdir {self.workdir}"
             )
 
-        stop = _StopFlag()
+        stop = _StopFlag(synced=jax.process_count() > 1)
         pending: list[tuple[int, dict]] = []
         losses: dict[int, float] = {}
         evals: dict[int, dict[str, float]] = {}
@@ -464,6 +469,7 @@ class Trainer:
                     else:
                         steps_since += 1
                     progress.update(step)
+                    stop.check(step)
                     if step % log_every == 0 or step == total:
                         flush()
                     if on_step is not None:
@@ -507,10 +513,20 @@ class Trainer:
 
 
 class _StopFlag:
-    """SIGTERM / SIGINT set a flag; the loop saves a checkpoint after the current step."""
+    """SIGTERM / SIGINT stop the loop after a step, which is then saved.
 
-    def __init__(self):
-        self.signum = 0  # the signal received; 0: none
+    One process: the handler sets the flag. Several processes (``synced``) must all save the same
+    step, though the signal may reach only one of them (a maintenance event on one TPU host):
+    SIGTERM is left to jax's preemption service (``jax.distributed`` registers it), which tells
+    every process, and ``check(step)`` asks it at every step whether this is the step all agreed
+    to stop at (``multihost_utils.reached_preemption_sync_point``); a SIGINT is turned into a
+    SIGTERM to this process so it takes the same path.
+    """
+
+    def __init__(self, synced: bool = False):
+        self.synced = synced
+        self.signum = 0  # the signal that stops the loop; 0: none (yet)
+        self._received = 0  # the signal this process received
 
     @property
     def requested(self) -> bool:
@@ -521,7 +537,19 @@ class _StopFlag:
         return signal.Signals(self.signum).name
 
     def _handle(self, signum, frame) -> None:
-        self.signum = signum
+        if not self.synced:
+            self.signum = signum
+            return
+        self._received = self._received or signum
+        signal.raise_signal(signal.SIGTERM)  # to the preemption service's handler
+
+    def check(self, step: int) -> None:
+        """Synced: stop at ``step`` if every process reached the agreed preemption step."""
+        if self.synced and not self.signum:
+            from jax.experimental import multihost_utils
+
+            if multihost_utils.reached_preemption_sync_point(step):
+                self.signum = self._received or signal.SIGTERM
 
     @contextlib.contextmanager
     def installed(self):
@@ -530,7 +558,8 @@ class _StopFlag:
         if threading.current_thread() is not threading.main_thread():
             yield
             return
-        old = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+        signals = (signal.SIGINT,) if self.synced else (signal.SIGTERM, signal.SIGINT)
+        old = {s: signal.signal(s, self._handle) for s in signals}
         try:
             yield
         finally:

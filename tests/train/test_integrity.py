@@ -77,7 +77,7 @@ def test_every_saved_step_has_a_manifest_that_verifies(full, target):
     for step in (2, 4, 6):
         with open(os.path.join(workdir, "checkpoints", str(step), MANIFEST)) as f:
             files = json.load(f)["files"]
-        assert "state/_METADATA" in files and "data/metadata" in files
+        assert "state/_METADATA" in files and "data_by_process/process_0-of-1.json" in files
     assert ckpt.restore(6, target)[0] == 6
 
 
