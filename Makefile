@@ -16,12 +16,26 @@ comma := ,
 PLATFORM := $(shell uname -s)-$(shell uname -m)
 EXTRAS := dev$(if $(filter Linux-x86_64,$(PLATFORM)),$(comma)tpu)
 
-.PHONY: demo test test-fast install lint clean
+.PHONY: demo test test-fast install lint lock clean
 
-$(STAMP): pyproject.toml
+# requirements.lock pins the versions tested on CPython 3.12, Linux x86-64 (tools/lock.py writes it
+# and names the same target). There .venv gets exactly those, plus a copy of the lock that tells
+# tests/test_lock.py to check them; elsewhere pip picks the newest versions that fit.
+LOCK_TARGET := cpython-312 linux-x86_64
+
+$(STAMP): pyproject.toml requirements.lock
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[$(EXTRAS)]"
+	@rm -f $(VENV)/requirements.lock
+	@if [ "$$($(BIN)/python -c 'import sys, sysconfig as s; print(sys.implementation.cache_tag, s.get_platform())')" \
+		= "$(LOCK_TARGET)" ]; then \
+		set -x && $(BIN)/python -m pip install --quiet -r requirements.lock \
+		&& $(BIN)/python -m pip install --quiet --no-deps -e ".[$(EXTRAS)]" \
+		&& cp requirements.lock $(VENV)/requirements.lock; \
+	else \
+		echo "requirements.lock applies to CPython 3.12 on Linux x86-64 only: installing unpinned"; \
+		set -x && $(BIN)/python -m pip install --quiet -e ".[$(EXTRAS)]"; \
+	fi
 	@touch $(STAMP)
 
 install: $(STAMP)
@@ -38,6 +52,10 @@ test-fast: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check tessera tests tools
+
+# Rewrites requirements.lock from .venv (after upgrading it and passing make test).
+lock: $(STAMP)
+	$(BIN)/python tools/lock.py
 
 clean:
 	rm -rf $(VENV) runs
