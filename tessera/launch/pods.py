@@ -66,12 +66,12 @@ def remote_path(path: str) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class TpuVm:
-    """A TPU VM (a slice: one worker per host) and the directory holding tessera on each host."""
+    """A TPU VM (a slice: one worker per host) and ``root``, tessera's directory on each host."""
 
     name: str
     zone: str
     project: str | None = None
-    dir: str = "~/tessera"
+    root: str = "~/tessera"
 
     def gcloud(self, verb: str, *args: str) -> list[str]:
         """``gcloud compute tpus tpu-vm VERB ARGS --zone=... [--project=...]``."""
@@ -84,12 +84,12 @@ class TpuVm:
 
 
 def setup_commands(vm: TpuVm, *, local_tarball: str | None = None) -> list[list[str]]:
-    """Ship the committed tree (``git archive HEAD``) to every worker, unpack it in ``vm.dir``
-    and install it into ``vm.dir/.venv`` (kept when there): ``requirements.lock`` then tessera
+    """Ship the committed tree (``git archive HEAD``) to every worker, unpack it in ``vm.root``
+    and install it into ``vm.root/.venv`` (kept when there): ``requirements.lock`` then tessera
     without deps, or ``pip install -e .[tpu]`` where the tree has no lock file or the host's
     python is not 3.12."""
     local_tarball = local_tarball or os.path.join(tempfile.gettempdir(), "tessera-src.tar.gz")
-    d = remote_path(vm.dir)
+    d = remote_path(vm.root)
     pip = ".venv/bin/python -m pip install --quiet"
     install = (  # the lock pins what make test ran on CPython 3.12 (Linux x86-64, as TPU hosts)
         'if [ -f requirements.lock ] && .venv/bin/python -c "import sys;'
@@ -118,14 +118,14 @@ def setup_commands(vm: TpuVm, *, local_tarball: str | None = None) -> list[list[
     ]
 
 
-def start_script(dir: str, command: Sequence[str], env: Mapping[str, str]) -> list[str]:
-    """The shell statements that start ``command`` detached in ``dir`` on one host (module
+def start_script(root: str, command: Sequence[str], env: Mapping[str, str]) -> list[str]:
+    """The shell statements that start ``command`` detached in ``root`` on one host (module
     docstring), refusing while the last run there is still going."""
     if not command:
         raise ValueError("no command to launch (give it after --)")
     assignments = [f"{k}={shlex.quote(v)}" for k, v in {DISTRIBUTED: "1", **env}.items()]
     return [
-        f"cd {remote_path(dir)} || exit 1",
+        f"cd {remote_path(root)} || exit 1",
         "mkdir -p logs",
         f'if [ -f {PID_FILE} ] && kill -0 "$(cat {PID_FILE})" 2>/dev/null; then echo "tessera:'
         f' a run is still going on $(hostname) (pid $(cat {PID_FILE})); stop it first" >&2;'
@@ -138,17 +138,17 @@ def start_script(dir: str, command: Sequence[str], env: Mapping[str, str]) -> li
     ]
 
 
-def follow_script(dir: str, lines: int = 200) -> list[str]:
+def follow_script(root: str, lines: int = 200) -> list[str]:
     """Print the newest log of this host (its last ``lines``, then as it grows) until the run's
     process ends."""
-    return [f"cd {remote_path(dir)} || exit 1",
+    return [f"cd {remote_path(root)} || exit 1",
             f'tail -n {lines} -F --pid="$(cat {PID_FILE})" {LATEST_LOG}']
 
 
-def stop_script(dir: str) -> list[str]:
+def stop_script(root: str) -> list[str]:
     """SIGTERM to the run on this host, then wait until it has saved and exited."""
     return [
-        f"cd {remote_path(dir)} || exit 1",
+        f"cd {remote_path(root)} || exit 1",
         f"pid=$(cat {PID_FILE})",
         'kill -TERM "$pid" 2>/dev/null || exit 0',
         'while kill -0 "$pid" 2>/dev/null; do sleep 1; done',
@@ -160,16 +160,16 @@ def start_commands(
     vm: TpuVm, command: Sequence[str], *, env: Mapping[str, str] | None = None, follow: bool = True
 ) -> list[list[str]]:
     """Start ``command`` on every worker, then (``follow``) watch worker 0's log."""
-    starts = [vm.ssh(start_script(vm.dir, command, env or {}))]
+    starts = [vm.ssh(start_script(vm.root, command, env or {}))]
     return starts + ([follow_command(vm)] if follow else [])
 
 
 def follow_command(vm: TpuVm) -> list[str]:
-    return vm.ssh(follow_script(vm.dir), worker="0")
+    return vm.ssh(follow_script(vm.root), worker="0")
 
 
 def stop_command(vm: TpuVm) -> list[str]:
-    return vm.ssh(stop_script(vm.dir))
+    return vm.ssh(stop_script(vm.root))
 
 
 @dataclasses.dataclass(frozen=True)

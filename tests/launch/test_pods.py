@@ -16,7 +16,7 @@ import pytest
 from tessera.launch import pods
 from tessera.launch.__main__ import main
 
-VM = pods.TpuVm("my-tpu", "us-east5-a", project="my-proj", dir="~/my dir")
+VM = pods.TpuVm("my-tpu", "us-east5-a", project="my-proj", root="~/my dir")
 COMMAND = ["python", "-m", "tessera.train", "--config=llama:8b", "--workdir=/mnt/gcs/runs/8b",
            "--config.data.path=it's a \"file\".txt"]
 
