@@ -7,10 +7,11 @@ renamed at the end, so a failed export leaves nothing half-written.
 
 With several processes (a multi-host mesh; ``hf_dir`` on a filesystem they share) each process
 writes its own safetensors files: the tensors are split into runs of about equal bytes, one per
-process (``safetensors_io.plan_shards``), each gathered to the process that writes it. Process
-0 writes the index, ``config.json`` and the tokenizer files and renames the directory once
-every process has written its files. The content is the one-process export's, split into more
-files (at least one per process that owns tensors), which transformers loads through the index.
+process (``safetensors_io.plan_shards``), each gathered to the process that writes it. Once
+every process has written its files, process 0 writes the index and ``config.json``, renames
+the directory, and (``export_hf``) copies the tokenizer files. The content is the one-process
+export's, split into more files (at least one per process that owns tensors), which
+transformers loads through the index.
 """
 
 from __future__ import annotations
