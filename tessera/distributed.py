@@ -64,3 +64,13 @@ def initialize() -> bool:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(**args)
     return True
+
+
+def barrier(name: str) -> None:
+    """Wait until every process of the run reaches ``barrier(name)``; nothing with one process."""
+    import jax
+
+    if jax.process_count() > 1:
+        from jax.experimental.multihost_utils import sync_global_devices
+
+        sync_global_devices(name)

@@ -4,25 +4,36 @@ Writes ``config.json`` (the family's keys, over the source HF config's when the 
 imported) and ``model.safetensors`` (or shards + index past ``max_shard_bytes``) in ``dtype``,
 plus the workdir's tokenizer files. The directory is assembled under a temporary name and
 renamed at the end, so a failed export leaves nothing half-written.
+
+With several processes (a multi-host mesh; ``hf_dir`` on a filesystem they share) each process
+writes its own safetensors files: the tensors are split into runs of about equal bytes, one per
+process (``safetensors_io.plan_shards``), each gathered to the process that writes it. Once
+every process has written its files, process 0 writes the index and ``config.json``, renames
+the directory, and (``export_hf``) copies the tokenizer files. The content is the one-process
+export's, split into more files (at least one per process that owns tensors), which
+transformers loads through the index.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
+import numpy as np
 
 from tessera.configs.base import ConfigDict
 from tessera.convert.configs import HF_CONFIG, SOURCE_CONFIG, config_from_json, hf_config
 from tessera.convert.errors import ConversionError
 from tessera.convert.families import family_for
 from tessera.convert.importer import TOKENIZER_DIR, copy_tokenizer
-from tessera.convert.params import hf_tensors
-from tessera.convert.safetensors_io import write_safetensors
+from tessera.convert.params import hf_shapes, hf_tensors
+from tessera.convert.safetensors_io import plan_shards, shard_names, write_index, write_shards
+from tessera.distributed import barrier
 from tessera.models.create import ModelSpec
 from tessera.sharding import make_mesh, make_rules
 from tessera.train.checkpoints import load_params
@@ -47,23 +58,38 @@ def save_hf(
         raise ConversionError(f"{hf_dir} exists and is not empty; export into a new directory")
     family = family_for(config.model.family)
     hf = hf_config(config, dtype=dtype, source=source)
+    stem, process = family.weights_stem, jax.process_index()
+    itemsize = np.dtype(dtype).itemsize
+    files = plan_shards(
+        [(n, math.prod(s) * itemsize) for n, s in hf_shapes(params, family, config.model)],
+        max_shard_bytes, processes=jax.process_count(), stem=stem,
+    )
+    owners = {t: f.process for f in files for t in f.tensors}
     tmp = hf_dir.rstrip(os.sep) + ".partial"
-    shutil.rmtree(tmp, ignore_errors=True)
+    if process == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    barrier("tessera.convert.save_hf:start")
     try:
-        files = write_safetensors(
-            tmp, hf_tensors(params, family, config.model, dtype), max_shard_bytes,
-            stem=family.weights_stem,
+        write_shards(
+            tmp,
+            hf_tensors(params, family, config.model, dtype, owners),
+            [f for f in files if f.process == process],
         )
-        with open(os.path.join(tmp, HF_CONFIG), "w") as f:
-            json.dump(hf, f, indent=2)
-            f.write("\n")
-        if os.path.isdir(hf_dir):
-            os.rmdir(hf_dir)
-        os.replace(tmp, hf_dir)
+        barrier("tessera.convert.save_hf:written")
+        if process == 0:
+            write_index(tmp, files, stem)
+            with open(os.path.join(tmp, HF_CONFIG), "w") as f:
+                json.dump(hf, f, indent=2)
+                f.write("\n")
+            if os.path.isdir(hf_dir):
+                os.rmdir(hf_dir)
+            os.replace(tmp, hf_dir)
+        barrier("tessera.convert.save_hf:done")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return [HF_CONFIG, *files]
+    return [HF_CONFIG, *shard_names(files, stem)]
 
 
 def export_hf(

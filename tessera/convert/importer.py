@@ -38,6 +38,7 @@ from tessera.convert.families import family_for
 from tessera.convert.params import read_params
 from tessera.convert.safetensors_io import SafetensorsReader
 from tessera.data.tokenizers import HF_PREFIX, HF_TOKENIZER_FILE, HFTokenizer
+from tessera.distributed import barrier
 from tessera.models.create import ModelSpec
 from tessera.sharding import make_mesh, make_rules
 from tessera.train.checkpoints import Checkpointer
@@ -154,11 +155,13 @@ def import_hf(
         ckpt.save(0, state, {})
     finally:
         ckpt.close()
-    write_workdir_config(config, workdir)
-    with open(os.path.join(workdir, SOURCE_CONFIG), "w") as f:
-        json.dump(hf, f, indent=2)
-        f.write("\n")
+    if jax.process_index() == 0:  # the workdir is shared by every process of a run
+        write_workdir_config(config, workdir)
+        with open(os.path.join(workdir, SOURCE_CONFIG), "w") as f:
+            json.dump(hf, f, indent=2)
+            f.write("\n")
     copy_tokenizer(hf_dir, os.path.join(workdir, TOKENIZER_DIR))
+    barrier("tessera.convert.import_hf:done")
     if log is not None:
         log(dtypes.note())
     if log is not None and note:
@@ -186,9 +189,10 @@ def tokenizer_for_import(hf_dir: str, vocab_size: int) -> tuple[str, str]:
 
 
 def copy_tokenizer(src: str, dst: str) -> list[str]:
-    """Copy the tokenizer files of ``src`` present there into ``dst``; returns their names."""
+    """Copy the tokenizer files of ``src`` present there into ``dst``; returns their names.
+    With several processes, process 0 copies them (``dst`` is shared)."""
     names = [n for n in TOKENIZER_FILES if os.path.isfile(os.path.join(src, n))]
-    if names:
+    if names and jax.process_index() == 0:
         os.makedirs(dst, exist_ok=True)
         for name in names:
             shutil.copyfile(os.path.join(src, name), os.path.join(dst, name))

@@ -13,7 +13,8 @@ for the sections other than ``model`` (``Family.packaged``):
   rules   one ``Rule`` per HF tensor: its name (``{layer}`` for per-layer tensors), the tessera
           parameter(s) it fills (per-layer ones relative to the block: ``mixer/wq``) and a
           ``Transform`` that works both ways (``Identity``, ``Flat``, ``Linear``,
-          ``DepthwiseConv``, ``Conv2d``, ``LeadingOnes``, ``Concat``).
+          ``DepthwiseConv``, ``Conv2d``, ``LeadingOnes``, ``Concat``). ``Transform.region``
+          lets an import read only the block of the HF tensor a shard of ours needs.
 
 A rule applies when the model built from the config has its parameters, so one table serves every
 variant of a family (biases, q/k norms and the untied head exist only when the config says so).
@@ -36,6 +37,8 @@ from tessera.convert.errors import ConversionError
 from tessera.convert.safetensors_io import DIFFUSERS_STEM, STEM
 
 Shape = tuple[int, ...]
+Index = tuple[slice, ...]  # a block of an array: one contiguous slice per axis (jax's shard index)
+Finish = Callable[[np.ndarray], np.ndarray]
 
 # -- tensors -------------------------------------------------------------------------------
 
@@ -52,6 +55,36 @@ class Transform(Protocol):
     def to_hf(self, xs: Sequence[np.ndarray]) -> np.ndarray:
         """Tessera parameter values -> the HF tensor (exact inverse of ``to_ours``)."""
 
+    def region(self, shapes: Sequence[Shape], k: int, index: Index) -> tuple[Index, Finish]:
+        """What ``to_ours(x, shapes)[k][index]`` needs of the HF tensor ``x``: the block of ``x``
+        to read (concrete slices) and the function that turns that block into the values.
+        Where ``index`` is no block of the HF tensor (a slice of an inner axis that HF stores
+        flattened into a wider one), the block covers more than that: whole rows of the
+        flattened axis, at worst the whole tensor."""
+
+
+def bounds(index: Index, shape: Shape) -> list[tuple[int, int]]:
+    """(start, stop) per axis of ``index`` (contiguous slices, as jax's shard indices are)."""
+    return [s.indices(n)[:2] for s, n in zip(index, shape)]
+
+
+def _exact(spans: Sequence[tuple[int, int]]) -> Index:
+    return tuple(slice(a, b) for a, b in spans)
+
+
+def _flat_cover(spans: Sequence[tuple[int, int]], shape: Shape) -> tuple[slice, Shape, Index]:
+    """Axes ``shape`` that HF stores flattened (row-major) into one axis: the range of that axis
+    covering the block ``spans``, the shape of the range as our axes, and the block within it.
+    The range is exact when only the first axis is sliced, else it takes whole rows."""
+    if not shape:  # no axes: one element (a Linear with a single output)
+        return slice(0, 1), (), ()
+    (a, b), rest = spans[0], math.prod(shape[1:])
+    return (
+        slice(a * rest, b * rest),
+        (b - a, *shape[1:]),
+        (slice(0, b - a), *_exact(spans[1:])),
+    )
+
 
 @dataclasses.dataclass(frozen=True)
 class Identity:
@@ -66,6 +99,9 @@ class Identity:
     def to_hf(self, xs: Sequence[np.ndarray]) -> np.ndarray:
         return xs[0]
 
+    def region(self, shapes: Sequence[Shape], k: int, index: Index) -> tuple[Index, Finish]:
+        return _exact(bounds(index, shapes[0])), lambda x: x
+
 
 @dataclasses.dataclass(frozen=True)
 class Flat:
@@ -79,6 +115,10 @@ class Flat:
 
     def to_hf(self, xs: Sequence[np.ndarray]) -> np.ndarray:
         return xs[0].reshape(-1)
+
+    def region(self, shapes: Sequence[Shape], k: int, index: Index) -> tuple[Index, Finish]:
+        flat, block, within = _flat_cover(bounds(index, shapes[0]), shapes[0])
+        return (flat,), lambda x: x.reshape(block)[within]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,6 +143,16 @@ class Linear:
     def to_hf(self, xs: Sequence[np.ndarray]) -> np.ndarray:
         return xs[0].reshape(self._split(xs[0].shape)).T
 
+    def region(self, shapes: Sequence[Shape], k: int, index: Index) -> tuple[Index, Finish]:
+        """Rows of the HF weight are our output axes flattened, columns our input axes: a
+        slice of the first input (output) axis is a range of columns (rows)."""
+        spans, n = bounds(index, shapes[0]), self.in_dims
+        cols, in_block, in_within = _flat_cover(spans[:n], shapes[0][:n])
+        rows, out_block, out_within = _flat_cover(spans[n:], shapes[0][n:])
+        return (rows, cols), lambda x: x.T.reshape(*in_block, *out_block)[
+            (*in_within, *out_within)
+        ]
+
 
 @dataclasses.dataclass(frozen=True)
 class DepthwiseConv:
@@ -117,6 +167,10 @@ class DepthwiseConv:
 
     def to_hf(self, xs: Sequence[np.ndarray]) -> np.ndarray:
         return xs[0].T[:, None, :]
+
+    def region(self, shapes: Sequence[Shape], k: int, index: Index) -> tuple[Index, Finish]:
+        width, channels = _exact(bounds(index, shapes[0]))
+        return (channels, slice(0, 1), width), lambda x: x[:, 0, :].T
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,6 +188,10 @@ class Conv2d:
     def to_hf(self, xs: Sequence[np.ndarray]) -> np.ndarray:
         return xs[0].transpose(3, 2, 0, 1)
 
+    def region(self, shapes: Sequence[Shape], k: int, index: Index) -> tuple[Index, Finish]:
+        kh, kw, fan_in, fan_out = _exact(bounds(index, shapes[0]))
+        return (fan_out, fan_in, kh, kw), lambda x: x.transpose(2, 3, 1, 0)
+
 
 @dataclasses.dataclass(frozen=True)
 class LeadingOnes:
@@ -150,6 +208,11 @@ class LeadingOnes:
 
     def to_hf(self, xs: Sequence[np.ndarray]) -> np.ndarray:
         return xs[0].reshape((1,) * self.count + xs[0].shape)
+
+    def region(self, shapes: Sequence[Shape], k: int, index: Index) -> tuple[Index, Finish]:
+        spans = bounds(index, shapes[0])
+        block = tuple(b - a for a, b in spans)
+        return (slice(0, 1),) * self.count + _exact(spans), lambda x: x.reshape(block)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,6 +235,13 @@ class Concat:
 
     def to_hf(self, xs: Sequence[np.ndarray]) -> np.ndarray:
         return np.concatenate([self.part.to_hf([x]) for x in xs], axis=self.axis)
+
+    def region(self, shapes: Sequence[Shape], k: int, index: Index) -> tuple[Index, Finish]:
+        """Part ``k``'s block, moved past the parts before it along ``axis``."""
+        offset = sum(self.part.hf_shape([s])[self.axis] for s in shapes[:k])
+        block, finish = self.part.region([shapes[k]], 0, index)
+        moved = slice(block[self.axis].start + offset, block[self.axis].stop + offset)
+        return (*block[: self.axis], moved, *block[self.axis + 1 :]), finish
 
 
 IDENTITY, FLAT, LINEAR, DEPTHWISE_CONV, CONV2D = (

@@ -7,22 +7,29 @@ tessera parameters, from one HF tensor per stacked layer (prefix blocks are HF l
 of one parameter).
 Every parameter of the model must be filled exactly once; that is checked before any tensor is
 read, and so are the names and shapes of the HF tensors.
+
+Several processes (a multi-host mesh): an import reads on each process only the blocks of the HF
+tensors that its devices' shards need (``read_params``); an export gathers each HF tensor to the
+one process that writes it (``hf_tensors`` with ``owners``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import fnmatch
-from collections.abc import Iterator, Mapping
+import itertools
+from collections import defaultdict
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental.multihost_utils import process_allgather
 
 from tessera.configs.base import ConfigDict
 from tessera.convert.errors import ConversionError
-from tessera.convert.mapping import Family, Rule, Shape
+from tessera.convert.mapping import Family, Index, Rule, Shape, bounds
 from tessera.convert.safetensors_io import SafetensorsReader
 from tessera.models.layout import parse_layout
 
@@ -145,9 +152,9 @@ def plan(family: Family, model: ConfigDict, shapes: Mapping[Path, Any]) -> list[
     return placements
 
 
-def cast(x: np.ndarray, dtype: Any, name: str) -> np.ndarray:
+def cast(x: np.ndarray, dtype: Any, name: str, origin: Sequence[int] = ()) -> np.ndarray:
     """``x`` as ``dtype``; a finite value that becomes inf (e.g. > 65504 to float16) is an error
-    naming the tensor."""
+    naming the tensor and the value's index in it (``x`` is the block at ``origin``)."""
     dtype = np.dtype(dtype)
     if x.dtype == dtype:
         return x
@@ -158,8 +165,9 @@ def cast(x: np.ndarray, dtype: Any, name: str) -> np.ndarray:
         bad = np.isfinite(x) & ~np.isfinite(y)
         if bad.any():
             where = tuple(int(i) for i in np.argwhere(bad)[0])
+            at = tuple(i + o for i, o in itertools.zip_longest(where, origin, fillvalue=0))
             raise ConversionError(
-                f"tensor {name}: value {float(x[where])} at index {where} overflows {dtype} "
+                f"tensor {name}: value {float(x[where])} at index {at} overflows {dtype} "
                 f"(largest finite value {float(jnp.finfo(dtype).max)})"
             )
     return y
@@ -211,45 +219,110 @@ def read_params(
     shardings: PyTree,
 ) -> PyTree:
     """Tessera params (tree like ``shapes``, each array placed with its sharding) from an HF
-    checkpoint, one parameter at a time: a stacked parameter is assembled on the host from its
-    layers' tensors, then placed; nothing else of the model is held on the host meanwhile."""
+    checkpoint, one parameter at a time. Each process reads only what its devices' shards
+    need: for each distinct shard, the block of every HF tensor it draws from (the stacked layer
+    and expert axes pick tensors, ``Transform.region`` the block of one), so on a multi-host
+    mesh a parameter sharded over the hosts is read about once in all, not once per host."""
     shapes, shardings = flatten(shapes), flatten(shardings)
     placements = plan(family, model, shapes)
     check_checkpoint(reader, family, placements, shapes)
     out = {}
     for pl in placements:
         layer_shapes = pl.layer_shapes(shapes)
-        # Every slice is written, except the zeros of layers where the tensor is absent.
-        alloc = np.zeros if None in pl.hf_names else np.empty
-        buffers = [alloc(shapes[p].shape, shapes[p].dtype) for p in pl.paths]
-        dtype = buffers[0].dtype
-        for i, name in enumerate(pl.hf_names):
-            if name is None:
-                continue
-            values = pl.rule.transform.to_ours(cast(reader.get(name), dtype, name), layer_shapes)
-            if pl.rule.tied and i and not all(map(np.array_equal, buffers, values)):
-                raise ConversionError(
-                    f"tensor {name} differs from {pl.hf_names[0]}: tessera shares one "
-                    f"{path_str(pl.paths[0])} across layers"
-                )
-            for buffer, value in zip(buffers, values):
-                buffer[pl.slot(i)] = value
-        for path, buffer in zip(pl.paths, buffers):
+        for k, path in enumerate(pl.paths):
+            shape, dtype = shapes[path].shape, np.dtype(shapes[path].dtype)
             out[path] = jax.make_array_from_callback(
-                buffer.shape, shardings[path], lambda index, b=buffer: b[index]
+                shape, shardings[path], _shard_reader(reader, pl, k, layer_shapes, shape, dtype)
             )
     return unflatten(out)
 
 
-def hf_tensors(
-    params: PyTree, family: Family, model: ConfigDict, dtype: Any
-) -> Iterator[tuple[str, np.ndarray]]:
-    """``(HF name, array as dtype)`` for every tensor of the HF checkpoint of ``params``."""
+def _shard_reader(
+    reader: SafetensorsReader,
+    pl: Placement,
+    k: int,
+    layer_shapes: list[Shape],
+    shape: Shape,
+    dtype: np.dtype,
+) -> Callable[[Index], np.ndarray]:
+    """The ``make_array_from_callback`` callback of parameter ``pl.paths[k]`` (of ``shape``):
+    its values at an index, read once per distinct index (devices that hold the same shard
+    share it)."""
+    lead = int(pl.stacked) + int(pl.experts > 0)  # axes that pick HF tensors
+    names_at = defaultdict(list)
+    for i in range(len(pl.hf_names)):
+        names_at[pl.slot(i)].append(pl.hf_names[i])
+    done: dict[tuple, np.ndarray] = {}
+
+    def read(index: Index) -> np.ndarray:
+        spans = bounds(index, shape)
+        key = tuple(spans)
+        if key in done:
+            return done[key]
+        block, finish = pl.rule.transform.region(layer_shapes, k, index[lead:])
+        origin = [s.start for s in block]
+        lead_ranges = [range(a, b) for a, b in spans[:lead]]
+        alloc = np.zeros if None in pl.hf_names else np.empty  # zeros where a layer has none
+        out = alloc([b - a for a, b in spans], dtype)
+        for slot in itertools.product(*lead_ranges):
+            where = tuple(i - r.start for i, r in zip(slot, lead_ranges))
+            names = names_at[slot]
+            for j, name in enumerate(names):
+                if name is None:
+                    continue
+                value = finish(cast(reader.read(name, block), dtype, name, origin))
+                if j and not np.array_equal(out[where], value):  # a tied rule's copies
+                    raise ConversionError(
+                        f"tensor {name} differs from {names[0]}: tessera shares one "
+                        f"{path_str(pl.paths[k])} across layers"
+                    )
+                out[where] = value
+        done[key] = out
+        return out
+
+    return read
+
+
+def hf_shapes(params: PyTree, family: Family, model: ConfigDict) -> list[tuple[str, Shape]]:
+    """``(HF name, shape)`` of every tensor ``hf_tensors`` yields, in its order."""
     flat = flatten(params)
+    return [
+        (name, pl.rule.transform.hf_shape(pl.layer_shapes(flat)))
+        for pl in plan(family, model, flat)
+        for name in pl.hf_names
+        if name is not None
+    ]
+
+
+def hf_tensors(
+    params: PyTree,
+    family: Family,
+    model: ConfigDict,
+    dtype: Any,
+    owners: Mapping[str, int] | None = None,
+) -> Iterator[tuple[str, np.ndarray]]:
+    """``(HF name, array as dtype)`` for every tensor of the HF checkpoint of ``params``; with
+    ``owners`` (HF name -> process index) only for the tensors this process owns.
+
+    A parameter whose devices are all this process's is fetched whole. One that spans other
+    processes' devices is gathered one HF tensor (one layer's slice) at a time, by a collective
+    every process joins in the same order (so every process must run this to the end), and
+    only the owner converts and keeps it: a host holds at most one HF tensor of such a
+    parameter. The gather is an all-gather (``process_allgather``): jax has no cross-host
+    transfer to one process on every backend (CPU lacks it), so each tensor transits every
+    host once, one at a time."""
+    flat = flatten(params)
+    me = jax.process_index()
     for pl in plan(family, model, flat):
-        hosts = [np.asarray(jax.device_get(flat[p])) for p in pl.paths]
+        local = all(flat[p].is_fully_addressable for p in pl.paths)
+        hosts = [np.asarray(jax.device_get(flat[p])) for p in pl.paths] if local else []
         for i, name in enumerate(pl.hf_names):
             if name is None:
                 continue
-            values = [h[pl.slot(i)] for h in hosts]
-            yield name, cast(np.ascontiguousarray(pl.rule.transform.to_hf(values)), dtype, name)
+            mine = owners is None or owners[name] == me
+            if local:
+                values = [h[pl.slot(i)] for h in hosts]
+            else:
+                values = [process_allgather(flat[p][pl.slot(i)], tiled=True) for p in pl.paths]
+            if mine:
+                yield name, cast(np.ascontiguousarray(pl.rule.transform.to_hf(values)), dtype, name)

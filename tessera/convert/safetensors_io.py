@@ -2,18 +2,22 @@
 
 A model directory holds ``model.safetensors`` or ``model.safetensors.index.json`` plus the shards
 its ``weight_map`` names (diffusers models: the same with the stem ``diffusion_pytorch_model``).
-Reading maps a file and returns a view of one tensor, so converting a model never holds more
-than the tensor at hand (plus what the caller keeps). The header is parsed here rather than
-through ``safetensors.safe_open`` because numpy has no bfloat16 / float8: those come back as
-``ml_dtypes`` arrays. Writing goes through ``safetensors.numpy``.
+Reading maps a file and returns a view of one tensor (``get``), or copies one block of it
+(``read``), so converting a model never holds more than the tensor at hand (plus what the caller
+keeps). The header is parsed here rather than through ``safetensors.safe_open`` because numpy has
+no bfloat16 / float8: those come back as ``ml_dtypes`` arrays. Writing goes through
+``safetensors.numpy``: ``plan_shards`` decides which file holds which tensor (and which process
+writes it) from the tensors' sizes alone, so several processes can each write their own files.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import struct
-from collections.abc import Iterable, Iterator
+from collections import Counter
+from collections.abc import Iterable, Sequence
 
 import ml_dtypes
 import numpy as np
@@ -63,10 +67,12 @@ _SUFFIXES = (".safetensors", ".safetensors.index.json")
 
 
 class SafetensorsReader:
-    """The tensors of a HF model directory: ``names``, ``shape(name)``, ``get(name)``."""
+    """The tensors of a HF model directory: ``names``, ``shape(name)``, ``get(name)``,
+    ``read(name, index)``; ``bytes_read`` counts the bytes ``read`` copied, per tensor."""
 
     def __init__(self, directory: str):
         self.directory = directory
+        self.bytes_read: Counter[str] = Counter()
         stem = next(
             (s for s in (STEM, DIFFUSERS_STEM)
              if any(os.path.isfile(os.path.join(directory, f"{s}{e}")) for e in _SUFFIXES)),
@@ -138,52 +144,108 @@ class SafetensorsReader:
             return np.zeros(shape, dtype)
         return np.memmap(path, dtype=dtype, mode="r", offset=data_start + begin, shape=shape)
 
+    def read(self, name: str, index: tuple[slice, ...] = ()) -> np.ndarray:
+        """The block ``index`` of tensor ``name``, copied from its file into memory."""
+        block = np.array(self.get(name)[index])
+        self.bytes_read[name] += block.nbytes
+        return block
 
-def _shard_groups(
-    tensors: Iterable[tuple[str, np.ndarray]], max_shard_bytes: int
-) -> Iterator[dict[str, np.ndarray]]:
-    group: dict[str, np.ndarray] = {}
-    size = 0
+
+@dataclasses.dataclass(frozen=True)
+class ShardFile:
+    """One safetensors file of a checkpoint: its name, the process that writes it, its tensors
+    (in the order they come) and their bytes."""
+
+    name: str
+    process: int
+    tensors: tuple[str, ...]
+    nbytes: int
+
+
+def plan_shards(
+    sizes: Sequence[tuple[str, int]],
+    max_shard_bytes: int,
+    *,
+    processes: int = 1,
+    stem: str = STEM,
+) -> list[ShardFile]:
+    """The files of ``(name, bytes)`` tensors (in that order) written by ``processes``.
+
+    The tensors are cut into ``processes`` consecutive runs of about equal bytes (a tensor goes
+    to the run its middle byte falls in), and each run into files of at most
+    ``max_shard_bytes`` (a single tensor may exceed it), filled in order. One file is
+    ``{stem}.safetensors``; more are ``{stem}-XXXXX-of-YYYYY.safetensors``, numbered in order,
+    and need the index (``write_index``).
+    """
+    total = sum(n for _, n in sizes)
+    groups: list[list] = []  # [process, names, bytes]
+    before = 0
+    for name, nbytes in sizes:
+        process = min(processes - 1, processes * (2 * before + nbytes) // (2 * total or 1))
+        before += nbytes
+        if not groups or groups[-1][0] != process or groups[-1][2] + nbytes > max_shard_bytes:
+            groups.append([process, [], 0])
+        groups[-1][1].append(name)
+        groups[-1][2] += nbytes
+    if len(groups) == 1:
+        names = [f"{stem}.safetensors"]
+    else:
+        names = [f"{stem}-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))]
+    return [ShardFile(n, p, tuple(t), b) for n, (p, t, b) in zip(names, groups)]
+
+
+def index_file(stem: str = STEM) -> str:
+    return f"{stem}.safetensors.index.json"
+
+
+def shard_names(files: Sequence[ShardFile], stem: str = STEM) -> list[str]:
+    """The names of ``files`` and of the index when there is more than one file."""
+    return [f.name for f in files] + ([index_file(stem)] if len(files) > 1 else [])
+
+
+def write_shards(
+    directory: str, tensors: Iterable[tuple[str, np.ndarray]], files: Sequence[ShardFile]
+) -> None:
+    """Write ``files`` (of ``plan_shards``) from ``tensors``, which must be exactly their
+    tensors in order; each file is written once its tensors have come, so only one file's
+    tensors are held at a time."""
+    pending = iter(files)
+    file, group = next(pending, None), {}
     for name, array in tensors:
-        if group and size + array.nbytes > max_shard_bytes:
-            yield group
-            group, size = {}, 0
+        if file is None or name != file.tensors[len(group)]:
+            raise ValueError(f"tensor {name} comes where the plan of the files has none")
         group[name] = np.ascontiguousarray(array)
-        size += array.nbytes
-    if group:
-        yield group
+        if len(group) == len(file.tensors):
+            save_file(group, os.path.join(directory, file.name), metadata={"format": "pt"})
+            file, group = next(pending, None), {}
+    if file is not None:
+        raise ValueError(f"file {file.name}: tensor {file.tensors[len(group)]} never came")
+
+
+def write_index(directory: str, files: Sequence[ShardFile], stem: str = STEM) -> None:
+    """Write the index of ``files`` when there is more than one (transformers' format)."""
+    if len(files) < 2:
+        return
+    index = {
+        "metadata": {"total_size": sum(f.nbytes for f in files)},
+        "weight_map": {t: f.name for f in files for t in f.tensors},
+    }
+    with open(os.path.join(directory, index_file(stem)), "w") as f:
+        json.dump(index, f, indent=2)
+        f.write("\n")
 
 
 def write_safetensors(
     directory: str,
-    tensors: Iterable[tuple[str, np.ndarray]],
+    tensors: Sequence[tuple[str, np.ndarray]],
     max_shard_bytes: int,
     stem: str = STEM,
 ) -> list[str]:
-    """Write ``(name, array)`` pairs as shards of at most ``max_shard_bytes`` (a single tensor
-    may exceed it); more than one shard also writes the index. Returns the file names written.
-
-    Shards are written as they fill, so only one shard's tensors are held at a time. They are
-    named ``{stem}-XXXXX-of-YYYYY.safetensors`` once the count is known (renamed at the end).
-    """
+    """Write ``(name, array)`` pairs from this process as shards of at most ``max_shard_bytes``
+    (a single tensor may exceed it), plus the index for more than one. Returns the file names
+    written."""
     os.makedirs(directory, exist_ok=True)
-    written: list[tuple[str, list[str], int]] = []
-    for i, group in enumerate(_shard_groups(tensors, max_shard_bytes)):
-        tmp = os.path.join(directory, f".shard-{i:05d}.tmp")
-        save_file(group, tmp, metadata={"format": "pt"})
-        written.append((tmp, list(group), sum(a.nbytes for a in group.values())))
-    if len(written) == 1:
-        os.replace(written[0][0], os.path.join(directory, f"{stem}.safetensors"))
-        return [f"{stem}.safetensors"]
-    names, weight_map = [], {}
-    for i, (tmp, tensor_names, _) in enumerate(written):
-        name = f"{stem}-{i + 1:05d}-of-{len(written):05d}.safetensors"
-        os.replace(tmp, os.path.join(directory, name))
-        names.append(name)
-        weight_map.update(dict.fromkeys(tensor_names, name))
-    index = {"metadata": {"total_size": sum(w[2] for w in written)}, "weight_map": weight_map}
-    index_file = f"{stem}.safetensors.index.json"
-    with open(os.path.join(directory, index_file), "w") as f:
-        json.dump(index, f, indent=2)
-        f.write("\n")
-    return [*names, index_file]
+    files = plan_shards([(n, a.nbytes) for n, a in tensors], max_shard_bytes, stem=stem)
+    write_shards(directory, tensors, files)
+    write_index(directory, files, stem)
+    return shard_names(files, stem)

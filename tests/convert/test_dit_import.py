@@ -110,7 +110,7 @@ def test_differing_embedder_copies_are_refused(tmp_path):
     name = "transformer_blocks.1.norm1.emb.class_embedder.embedding_table.weight"
     tensors[name] = tensors[name] + 1.0
     os.remove(os.path.join(path, WEIGHTS))
-    write_safetensors(path, iter(sorted(tensors.items())), 10**9, stem=WEIGHTS.split(".")[0])
+    write_safetensors(path, sorted(tensors.items()), 10**9, stem=WEIGHTS.split(".")[0])
     want = (f"tensor {name} differs from transformer_blocks.0.norm1.emb.class_embedder."
             "embedding_table.weight: tessera shares one label_embedding across layers")
     with pytest.raises(ConversionError, match=re.escape(want)):

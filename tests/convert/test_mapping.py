@@ -15,9 +15,11 @@ from tessera.convert.families.llama import QwenWindow
 from tessera.convert.families.rope import Rope
 from tessera.convert.mapping import (
     FLAT,
+    IDENTITY,
     Concat,
     Conv2d,
     DepthwiseConv,
+    Flat,
     LeadingOnes,
     Linear,
     Rule,
@@ -26,16 +28,21 @@ from tessera.convert.params import flatten, plan
 from tessera.models.create import ModelSpec
 from tests.convert.helpers import fixture, read
 
-
-@pytest.mark.parametrize("transform, ours, hf", [
+TRANSFORMS = [
+    (IDENTITY, [(3, 4)], (3, 4)),
     (Linear(in_dims=1), [(4, 2, 3)], (6, 4)),
     (Linear(in_dims=2), [(2, 3, 4)], (4, 6)),
+    (Linear(in_dims=1), [(6,)], (1, 6)),
     (FLAT, [(2, 3)], (6,)),
     (DepthwiseConv(), [(4, 5)], (5, 1, 4)),
     (Concat(Linear(), axis=0), [(4, 2, 3), (4, 5)], (11, 4)),
+    (Concat(IDENTITY, axis=1), [(3, 2), (3, 4)], (3, 6)),
     (Conv2d(), [(2, 3, 4, 5)], (5, 4, 2, 3)),
     (LeadingOnes(2), [(5,)], (1, 1, 5)),
-])
+]
+
+
+@pytest.mark.parametrize("transform, ours, hf", TRANSFORMS)
 def test_transforms_invert_exactly(transform, ours, hf):
     rng = np.random.default_rng(0)
     assert transform.hf_shape(ours) == hf
@@ -43,6 +50,34 @@ def test_transforms_invert_exactly(transform, ours, hf):
     parts = transform.to_ours(x, ours)
     assert [p.shape for p in parts] == ours
     np.testing.assert_array_equal(transform.to_hf(parts), x)
+
+
+@pytest.mark.parametrize("transform, ours, hf", TRANSFORMS)
+def test_region_reads_the_block_a_shard_needs(transform, ours, hf):
+    """For random blocks of each parameter, ``region`` names a block of the HF tensor that
+    gives the parameter's values there; it is no larger than the values where only the first
+    axis of what HF flattens into one axis is sliced (always, for transforms that flatten
+    nothing)."""
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal(hf).astype(np.float32)
+    flattens = isinstance(transform, (Linear, Flat)) or (
+        isinstance(transform, Concat) and isinstance(transform.part, Linear)
+    )
+    for k, shape in enumerate(ours):
+        want = transform.to_ours(x, ours)[k]
+        for _ in range(20):
+            starts = [int(rng.integers(0, n)) for n in shape]
+            index = tuple(slice(a, int(rng.integers(a + 1, n + 1))) for a, n in zip(starts, shape))
+            if flattens and rng.random() < 0.5:  # only the leading axes sliced
+                index = tuple(s if i == 0 else slice(None) for i, s in enumerate(index))
+            block, finish = transform.region(ours, k, index)
+            assert len(block) == len(hf) and all(0 <= s.start < s.stop <= n
+                                                 for s, n in zip(block, hf))
+            got = finish(x[block])
+            np.testing.assert_array_equal(got, want[index])
+            size = np.prod([s.stop - s.start for s in block])
+            if not flattens or all(s == slice(None) for s in index[1:]):
+                assert size == got.size, (index, block)
 
 
 def test_linear_matches_torch_semantics():

@@ -42,6 +42,8 @@ from tessera.convert.mapping import (
     Dropped,
     Family,
     Field,
+    Finish,
+    Index,
     Require,
     Rule,
     Set,
@@ -73,6 +75,9 @@ class Projection:
 
     def to_hf(self, xs: Sequence[np.ndarray]) -> np.ndarray:
         return self._pick(xs[0].ndim).to_hf(xs)
+
+    def region(self, shapes: Sequence[Shape], k: int, index: Index) -> tuple[Index, Finish]:
+        return self._pick(len(shapes[0])).region(shapes, k, index)
 
 
 def _pair(hf: str, ours: str, weight: str, transform: Transform = IDENTITY) -> list[Rule]:
