@@ -1,0 +1,65 @@
+"""The job tests/multiprocess/test_two_processes.py runs on 2 processes × 4 CPU devices
+(``tessera.launch local``): one train step, a checkpoint saved by both processes, a restore of a
+checkpoint one process saved, and a greedy decode. Process 0 writes the gathered results to
+``OUT/results.npz``; each process writes its batch to ``OUT/batch-I.npz``.
+
+  python -m tessera.launch local --num_processes=2 --cpu_devices=4 -- \
+      python -m tests.multiprocess.job OUT ONE_PROCESS_WORKDIR
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from tessera import distributed
+
+
+def main(out: str, saved_by_one: str) -> None:
+    distributed.initialize()
+    import jax
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    from tessera.serve.loading import load_decoder
+    from tessera.train.checkpoints import Checkpointer
+    from tessera.train.trainer import Trainer
+    from tests.multiprocess.shared import PROMPT, config, flat
+
+    index, count = jax.process_index(), jax.process_count()
+    assert count == 2 and jax.device_count() == 8, (count, jax.device_count())
+    cfg = config()
+    work = os.path.join(out, "work")
+    trainer = Trainer(cfg, work)
+    state = trainer.init_state()
+    data = trainer.task.make_data("train", process_index=index, process_count=count)
+    local = next(data)
+    np.savez(os.path.join(out, f"batch-{index}.npz"), **local)
+    batch = trainer.device_batch(local)
+    loss, grads = trainer.grads(state["params"], batch)
+    state, metrics = trainer.step(state, batch)
+    ckpt = Checkpointer(work)  # async, as the trainer saves
+    ckpt.save(1, state, data.get_state())
+    ckpt.close()
+
+    restored = Checkpointer(saved_by_one, read_only=True).restore(None, trainer.abstract_state())
+
+    # Decode from the checkpoint both processes just saved.
+    decoder, _ = load_decoder(cfg, work)
+    tokens = decoder.generate([PROMPT], max_new_tokens=8, stop_tokens=())[0].tokens
+
+    gathered = multihost_utils.process_allgather(
+        {"grads": grads, "params": state["params"], "restored": restored[1]["params"]},
+        tiled=True,
+    )
+    if index == 0:
+        results = {"loss": np.asarray(loss), "step_loss": np.asarray(metrics["loss"])}
+        for key, tree in gathered.items():
+            results.update({f"{key}/{k}": v for k, v in flat(tree).items()})
+        results["restored_data_state_is_empty"] = np.asarray(restored[2] == {})
+        np.savez(os.path.join(out, "results.npz"), **results)
+    np.save(os.path.join(out, f"tokens-{index}.npy"), np.asarray(tokens))
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
