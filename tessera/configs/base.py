@@ -279,8 +279,9 @@ def base_config() -> ConfigDict:
             expert=1,
             sequence=1,
             tensor=1,
-            # DCN (across slices) sizes; their product is the number of slices.
-            dcn_data=1,
+            # DCN (across slices) sizes; their product is the number of slices. By default the
+            # data axis spans the slices: only gradients cross the slower DCN, once per step.
+            dcn_data=-1,
             dcn_fsdp=1,
             dcn_expert=1,
             dcn_sequence=1,

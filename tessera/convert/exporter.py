@@ -114,7 +114,7 @@ def export_hf(
         with open(os.path.join(workdir, SOURCE_CONFIG)) as f:
             source = json.load(f)
     config.mesh.update(data=1, fsdp=-1, expert=1, sequence=1, tensor=1)
-    config.mesh.update(dcn_data=1, dcn_fsdp=1, dcn_expert=1, dcn_sequence=1, dcn_tensor=1)
+    config.mesh.update(dcn_data=-1, dcn_fsdp=1, dcn_expert=1, dcn_sequence=1, dcn_tensor=1)
     mesh = make_mesh(config.mesh, devices)
     spec = ModelSpec(config.model)
     step, params = load_params(workdir, spec.abstract(mesh, make_rules(config.mesh.rules)), step)

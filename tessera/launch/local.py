@@ -66,7 +66,7 @@ class LocalRun:
     def wait(self) -> int:
         first_failure: int | None = None
         deadline = None
-        while any(p.poll() is None for p in self.procs):
+        while [p.poll() for p in self.procs].count(None):  # polls every process
             failed = [p.returncode for p in self.procs if p.returncode not in (None, 0)]
             if failed and first_failure is None:
                 first_failure = failed[0]

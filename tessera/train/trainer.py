@@ -482,8 +482,12 @@ class Trainer:
                 if stop.requested:
                     flush()
                     ckpt.save(step, state, data.get_state())
+                    where = (
+                        f" by a process of this run; all {jax.process_count()} processes"
+                        if stop.synced else ";"
+                    )
                     progress.write(
-                        f"tessera: {stop.name} received; saved checkpoint at step "
+                        f"tessera: {stop.name} received{where} saved checkpoint at step "
                         f"{step}. Re-run the same command to resume."
                     )
         finally:

@@ -173,22 +173,23 @@ def test_tiny_train_step_compiles(spec, topology, mesh):
     "spec, topology, slices, mesh",
     [
         ("llama:tiny", "v5e-4", 2,
-         {"mesh.data": 1, "mesh.dcn_data": 2, "mesh.fsdp": 2, "mesh.sequence": 2}),
+         {"mesh.data": 1, "mesh.fsdp": 2, "mesh.sequence": 2}),
         ("mixtral:tiny", "v5p-8", 1, {"mesh.data": 1, "mesh.expert": 2, "mesh.fsdp": 2}),
         ("deepseek:tiny", "v5p-8", 1, {"mesh.data": 1, "mesh.expert": 2, "mesh.fsdp": 2}),
     ],
     ids=["2-slices-sequence", "expert-mixtral", "expert-deepseek-mla"],
 )
 def test_more_mesh_layouts_compile(spec, topology, slices, mesh):
-    """The DCN axis across two slices with sequence sharding, and the expert axis with an MoE
-    model: its experts split over it, tokens exchanged with all-to-all."""
+    """Two slices with sequence sharding (the data axis spans the slices by default), and the
+    expert axis with an MoE model: its experts split over it, tokens exchanged with
+    all-to-all."""
     from tessera.aot.compile import compile_train, make_target
 
     target = make_target(parse_topology(topology, slices))
     assert {getattr(d, "slice_index", 0) for d in target.devices} == set(range(slices))
     out = compile_train(_config(spec, mesh), target)
     assert ("all-to-all" in out["collectives"]) == (mesh.get("mesh.expert", 1) > 1)
-    assert out["mesh"]["data"] == mesh.get("mesh.dcn_data", 1)
+    assert out["mesh"]["data"] == slices
     assert out["mesh"]["sequence"] == mesh.get("mesh.sequence", 1)
     assert 0 < out["memory"].total < target.hbm_per_device
 

@@ -25,6 +25,16 @@ def test_dcn_sizes_multiply_ici():
     assert shape["data"] == 8
 
 
+def test_data_axis_spans_the_slices_by_default():
+    cfg = mesh_cfg(fsdp=-1)
+    assert mesh_shape(cfg, num_devices=16, num_slices=2) == {
+        "data": 2, "fsdp": 8, "expert": 1, "sequence": 1, "tensor": 1
+    }
+    assert mesh_shape(cfg, num_devices=8, num_slices=1)["data"] == 1
+    cfg.update(dcn_data=1, dcn_fsdp=2)  # FSDP across slices instead
+    assert mesh_shape(cfg, num_devices=16, num_slices=2)["fsdp"] == 16
+
+
 @pytest.mark.parametrize(
     "sizes, message",
     [
