@@ -15,6 +15,7 @@ and the cache's bytes/token are printed to stderr at the end.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -23,6 +24,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import BinaryIO, TextIO
 
+import numpy as np
 from absl import flags
 from ml_collections import config_flags
 
@@ -372,7 +374,12 @@ def main(argv: list[str]) -> None:
     from tessera.serve.loading import load_decoder
 
     decoder, step = load_decoder(config, _WORKDIR.value, step=_STEP.value)
-    log = lambda text: print(f"tessera: {text}", file=sys.stderr, flush=True)
+    # Several processes (a pod) all run the decode, whose steps are collectives; process 0
+    # alone prints and writes --output.
+    main_process = jax.process_index() == 0
+    if not main_process:
+        sys.stdout = open(os.devnull, "w")
+    log = lambda text: main_process and print(f"tessera: {text}", file=sys.stderr, flush=True)
     log(
         f"decoding with step {step} of {_WORKDIR.value} ({config.model.family}, "
         f"{decoder.spec.num_params() / 1e6:.2f}M params) on {decoder.mesh.devices.size} "
@@ -384,16 +391,27 @@ def main(argv: list[str]) -> None:
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if _PROMPT.value is not None:
-        stream_one(decoder, _PROMPT.value, sampling, max_new, stop=stop, stats=stats)
+        stream_one(
+            decoder, _PROMPT.value, sampling, max_new, stop=stop, stats=stats, out=sys.stdout
+        )
     elif prompts is not None and _OUTPUT.value:
         settings = output_settings(prompts, sampling, max_new, stop, _WORKDIR.value, step)
-        f, done = open_output(_OUTPUT.value, prompts, settings, resume=_RESUME.value)
+        if main_process:
+            f, done = open_output(_OUTPUT.value, prompts, settings, resume=_RESUME.value)
+            write = lambda batch: _fsync_write(f, row_lines(batch))
+        else:
+            f, done, write = contextlib.nullcontext(), 0, lambda batch: None
+        if jax.process_count() > 1:  # every process starts at process 0's row
+            from jax.experimental import multihost_utils
+
+            done = int(multihost_utils.broadcast_one_to_all(np.int32(done)))
         with f:
             if done:
                 log(f"resuming {_OUTPUT.value}: {done} of {len(prompts)} rows already there")
             decode_many(
                 decoder, prompts, sampling, max_new, batch_size=batch_size, stop=stop,
-                stats=stats, start=done, on_batch=lambda batch: _fsync_write(f, row_lines(batch)),
+                stats=stats, start=done, on_batch=write,
+                progress=main_process,
             )
         log(f"wrote {len(prompts) - done} completions to {_OUTPUT.value}")
     elif prompts is not None:
@@ -404,11 +422,12 @@ def main(argv: list[str]) -> None:
 
         decode_many(
             decoder, prompts, sampling, max_new, batch_size=batch_size, stop=stop,
-            stats=stats, on_batch=to_stdout,
+            stats=stats, on_batch=to_stdout, progress=main_process,
         )
     else:
         eval_synthetic(
-            decoder, config, _EVAL.value, sampling, max_new, batch_size=batch_size, stats=stats
+            decoder, config, _EVAL.value, sampling, max_new, batch_size=batch_size, stats=stats,
+            out=sys.stdout,
         )
     for line in stats.lines():
         log(line)

@@ -66,6 +66,16 @@ def single_device_mesh(device: jax.Device | None = None) -> Mesh:
     return Mesh(np.asarray([device]).reshape((1,) * len(MESH_AXES)), MESH_AXES)
 
 
+
+def _fetch(x: jax.Array) -> np.ndarray:
+    """``x`` on the host; with several processes, rows sharded over other processes' devices
+    are gathered (every process runs the same decode and gets the whole batch)."""
+    if x.is_fully_addressable:
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
 class Decoder:
     """A model's parameters on a mesh plus compiled prefill / decode executables.
 
@@ -527,7 +537,7 @@ class Decoder:
             self.params, put(tokens, sh["tokens"]), put(lengths, sh["row"]),
             put(row_ids, sh["row"]), put(budget, sh["row"]), key_dev,
         )
-        first = np.asarray(state["token"])
+        first = _fetch(state["token"])
         t1 = time.perf_counter()
 
         def take(new_tokens: np.ndarray) -> None:
@@ -539,7 +549,7 @@ class Decoder:
         decode_tokens = decode_steps = 0
         compile_at_t1 = self.compile_s  # programs compiled on the way are not decode time
         calls: list[tuple[int, float, int]] = []
-        device_done = np.asarray(state["done"])
+        device_done = _fetch(state["done"])
         while not all(device_done[i] or row.finish for i, row in enumerate(rows)):
             force = np.zeros((batch,), bool)
             force[:n] = [row.finish is not None for row in rows]
@@ -550,7 +560,7 @@ class Decoder:
             decode = program("decode", slots)
             t_call = time.perf_counter()
             state, out, steps = decode(self.params, state, put(force, sh["row"]), key_dev)
-            out, device_done = np.asarray(out), np.asarray(state["done"])
+            out, device_done = _fetch(out), _fetch(state["done"])
             calls.append((int(steps), time.perf_counter() - t_call, slots))
             decode_steps += int(steps)
             decode_tokens += int((out[:n] >= 0).sum())

@@ -12,6 +12,8 @@ import sys
 
 import pytest
 
+from tessera.configs import load_config
+from tessera.serve.loading import load_decoder
 from tests.multiprocess import launch
 
 pytestmark = pytest.mark.slow
@@ -65,3 +67,18 @@ def test_sigterm_to_one_process_saves_both_and_resumes_the_same_curve(tmp_path):
     assert sorted(got) == sorted(want) == list(range(1, STEPS + 1))
     for step in want:
         assert got[step] == pytest.approx(want[step], rel=1e-6, abs=1e-6), step
+
+    # Decode from it on both processes: the batch's rows are sharded over both; process 0 alone
+    # writes --output, and its rows equal a one-process decode's.
+    prompts = ["12+3=", "rev:abc=", "sort:cab="]
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n"
+                                                   for p in prompts))
+    output = tmp_path / "out.jsonl"
+    launch.run([sys.executable, "-m", "tessera.serve.decode", "--config=llama:tiny",
+                f"--workdir={workdir}", f"--prompts_file={tmp_path / 'prompts.jsonl'}",
+                f"--output={output}", "--max_new_tokens=6"])
+    rows = [json.loads(line) for line in output.read_text().splitlines()]
+    decoder, _ = load_decoder(load_config("llama:tiny"), str(workdir))
+    want = decoder.generate(prompts, max_new_tokens=6)
+    assert [r["prompt"] for r in rows] == prompts
+    assert [r["tokens"] for r in rows] == [list(map(int, c.tokens)) for c in want]
