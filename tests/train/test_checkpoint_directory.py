@@ -29,3 +29,30 @@ def test_checkpoints_go_to_the_directory_and_are_found_again(tmp_path):
     trainer = Trainer(cfg, str(workdir))  # readers take the directory from config.json
     step, _ = restore_params(trainer.spec, str(workdir), trainer.state_shardings["params"])
     assert step == 6
+
+
+def test_a_step_saved_with_the_single_json_data_item_still_restores(tmp_path):
+    """Steps written before per-process data positions hold one ``data`` JSON item."""
+    import jax
+    import jax.numpy as jnp
+    import orbax.checkpoint as ocp
+
+    from tessera.train.checkpoints import Checkpointer
+
+    state = {"params": {"w": jnp.arange(4.0)}, "step": jnp.int32(7)}
+    directory = tmp_path / "checkpoints"
+    old = ocp.CheckpointManager(
+        directory,
+        options=ocp.CheckpointManagerOptions(enable_async_checkpointing=False),
+        item_handlers={"state": ocp.PyTreeCheckpointHandler(),
+                       "data": ocp.JsonCheckpointHandler()},
+    )
+    old.save(7, args=ocp.args.Composite(state=ocp.args.PyTreeSave(state),
+                                        data=ocp.args.JsonSave({"position": 3})))
+    old.close()
+    target = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
+    )
+    step, restored, data_state = Checkpointer(str(tmp_path), read_only=True).restore(None, target)
+    assert step == 7 and data_state == {"position": 3}
+    assert list(restored["params"]["w"]) == [0.0, 1.0, 2.0, 3.0]
