@@ -15,6 +15,9 @@ none of these variables set nothing happens: one process, ``jax.process_count() 
 from __future__ import annotations
 
 import os
+from typing import Any
+
+import numpy as np
 
 DISTRIBUTED = "TESSERA_DISTRIBUTED"
 COORDINATOR = "TESSERA_COORDINATOR"
@@ -74,3 +77,13 @@ def barrier(name: str) -> None:
         from jax.experimental.multihost_utils import sync_global_devices
 
         sync_global_devices(name)
+
+
+def to_host(x: Any) -> np.ndarray:
+    """``x`` (a jax array) as a host array on this process; one that spans other processes'
+    devices is all-gathered (a collective every process must join)."""
+    if x.is_fully_addressable:
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))

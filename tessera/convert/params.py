@@ -25,12 +25,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental.multihost_utils import process_allgather
 
 from tessera.configs.base import ConfigDict
 from tessera.convert.errors import ConversionError
 from tessera.convert.mapping import Family, Index, Rule, Shape, bounds
 from tessera.convert.safetensors_io import SafetensorsReader
+from tessera.distributed import to_host
 from tessera.models.layout import parse_layout
 
 PyTree = Any
@@ -315,7 +315,7 @@ def hf_tensors(
     me = jax.process_index()
     for pl in plan(family, model, flat):
         local = all(flat[p].is_fully_addressable for p in pl.paths)
-        hosts = [np.asarray(jax.device_get(flat[p])) for p in pl.paths] if local else []
+        hosts = [to_host(flat[p]) for p in pl.paths] if local else []
         for i, name in enumerate(pl.hf_names):
             if name is None:
                 continue
@@ -323,6 +323,6 @@ def hf_tensors(
             if local:
                 values = [h[pl.slot(i)] for h in hosts]
             else:
-                values = [process_allgather(flat[p][pl.slot(i)], tiled=True) for p in pl.paths]
+                values = [to_host(flat[p][pl.slot(i)]) for p in pl.paths]
             if mine:
                 yield name, cast(np.ascontiguousarray(pl.rule.transform.to_hf(values)), dtype, name)

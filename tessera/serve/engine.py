@@ -33,6 +33,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from tessera.data.tokenizers import ByteTokenizer, Tokenizer
+from tessera.distributed import to_host
 from tessera.models.create import ModelSpec
 from tessera.models.layout import parse_layout
 from tessera.serve.outputs import CacheInfo, Completion, DecodeStats, HostRow
@@ -67,14 +68,6 @@ def single_device_mesh(device: jax.Device | None = None) -> Mesh:
 
 
 
-def _fetch(x: jax.Array) -> np.ndarray:
-    """``x`` on the host; with several processes, rows sharded over other processes' devices
-    are gathered (every process runs the same decode and gets the whole batch)."""
-    if x.is_fully_addressable:
-        return np.asarray(x)
-    from jax.experimental import multihost_utils
-
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 class Decoder:
     """A model's parameters on a mesh plus compiled prefill / decode executables.
@@ -537,7 +530,7 @@ class Decoder:
             self.params, put(tokens, sh["tokens"]), put(lengths, sh["row"]),
             put(row_ids, sh["row"]), put(budget, sh["row"]), key_dev,
         )
-        first = _fetch(state["token"])
+        first = to_host(state["token"])
         t1 = time.perf_counter()
 
         def take(new_tokens: np.ndarray) -> None:
@@ -549,7 +542,7 @@ class Decoder:
         decode_tokens = decode_steps = 0
         compile_at_t1 = self.compile_s  # programs compiled on the way are not decode time
         calls: list[tuple[int, float, int]] = []
-        device_done = _fetch(state["done"])
+        device_done = to_host(state["done"])
         while not all(device_done[i] or row.finish for i, row in enumerate(rows)):
             force = np.zeros((batch,), bool)
             force[:n] = [row.finish is not None for row in rows]
@@ -560,7 +553,7 @@ class Decoder:
             decode = program("decode", slots)
             t_call = time.perf_counter()
             state, out, steps = decode(self.params, state, put(force, sh["row"]), key_dev)
-            out, device_done = _fetch(out), _fetch(state["done"])
+            out, device_done = to_host(out), to_host(state["done"])
             calls.append((int(steps), time.perf_counter() - t_call, slots))
             decode_steps += int(steps)
             decode_tokens += int((out[:n] >= 0).sum())

@@ -5,7 +5,6 @@ back; its results are compared with one process's. Also in this process: a read 
 
 import json
 import os
-import subprocess
 import sys
 
 import jax
@@ -18,8 +17,9 @@ from tessera.convert.safetensors_io import INDEX_FILE, SafetensorsReader
 from tessera.models.create import ModelSpec
 from tessera.sharding import make_mesh, make_rules
 from tessera.train.checkpoints import load_params
-from tests.convert.helpers import F32, ROOT, TESTS, fixture, hf_tensors, read
+from tests.convert.helpers import F32, TESTS, fixture, hf_tensors, read
 from tests.convert.test_roundtrip import assert_same_params
+from tests.multiprocess import launch
 
 NAME = "qwen2"
 
@@ -27,12 +27,7 @@ NAME = "qwen2"
 @pytest.fixture(scope="module")
 def job(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("multihost"))
-    run = subprocess.run(
-        [sys.executable, "-m", "tessera.launch", "local", "--num_processes=2",
-         "--cpu_devices=4", "--", sys.executable, "-m", "tests.convert.multihost_job", NAME, out],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
-    )
-    assert run.returncode == 0, run.stdout[-5000:] + run.stderr[-5000:]
+    launch.run([sys.executable, "-m", "tests.convert.multihost_job", NAME, out])
     results = []
     for i in range(2):
         with open(os.path.join(out, f"process-{i}.json")) as f:
