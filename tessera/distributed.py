@@ -87,3 +87,15 @@ def to_host(x: Any) -> np.ndarray:
     from jax.experimental import multihost_utils
 
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def any_process(flag: bool) -> bool:
+    """True when `flag` is true on any process (an all-gather of one bool; no collective with
+    one process)."""
+    import jax
+
+    if jax.process_count() == 1:
+        return bool(flag)
+    from jax.experimental import multihost_utils
+
+    return bool(np.asarray(multihost_utils.process_allgather(np.asarray([flag]))).any())

@@ -296,15 +296,25 @@ def base_config() -> ConfigDict:
 
     c.data = ConfigDict(
         dict(
+            # synthetic (the embedded corpus) | text (files: data.path, globs or a comma list of
+            # .txt/.jsonl/.parquet/.array_record) | mixture (data.mixture) | seqio (data.task);
+            # image sources for image tasks (data/images.py).
             source="synthetic",
             path="",
             eval_path="",
             text_field="text",
+            # "SOURCE[:PATH]=WEIGHT;...", e.g. "text:/data/web/*.jsonl=3;synthetic=1"
+            mixture="",
             tokenizer="byte",
             synthetic_tasks="",
             seed=0,
             seq_len=128,
             global_batch_size=16,
+            # The global batch is drawn from this many independent streams (each its own share of
+            # the documents and its own packer); 0: one per row. Processes split the streams, so
+            # the batch does not depend on the number of processes.
+            streams=0,
+            packing="greedy",  # greedy | first_fit (data/packing.py)
             # Image sources (shapes | image_folder | npz | array_record, data/images.py): train-time
             # augmentation, a random crop (reflect-pad by crop_padding pixels, crop back) and a
             # left-right flip; eval never augments.

@@ -27,11 +27,11 @@ import grain
 import numpy as np
 
 from tessera.data.packing import PackIterDataset
-from tessera.data.sources import make_source
+from tessera.data.sources import make_source, parse_mixture, stream_source
 from tessera.data.tokenizers import Tokenizer
 
 Batch = dict[str, np.ndarray]
-_STATE_VERSION = 1
+_STATE_VERSION = 2  # 2: per-stream states (1: one packer per process)
 
 
 def check_ids(ids: np.ndarray, vocab_size: int) -> None:
@@ -86,9 +86,17 @@ class DataIterator(grain.DatasetIterator):
     works with grain's Orbax checkpoint handler (`grain.checkpoint.CheckpointSave`).
     """
 
-    def __init__(self, parent: grain.DatasetIterator, settings: dict[str, Any]):
+    def __init__(
+        self, parent: grain.DatasetIterator, settings: dict[str, Any], padding: Batch | None = None
+    ):
         super().__init__(parent)
         self._settings = settings
+        self._padding = padding
+
+    def padding(self) -> Batch | None:
+        """A batch of empty rows (zero weight), which a process whose eval split has ended feeds
+        while others still have batches; None when the pipeline does not provide one."""
+        return None if self._padding is None else {k: v.copy() for k, v in self._padding.items()}
 
     def __next__(self) -> Batch:
         return next(self._parent)
@@ -189,6 +197,129 @@ def batch_rows(rows: grain.IterDataset, shard: Shard, fill: Mapping[str, int]) -
     return DataIterator(batches.__iter__(), shard.settings)
 
 
+def stream_layout(
+    data_cfg: Any, *, global_batch_size: int, process_index: int, process_count: int
+) -> tuple[int, range]:
+    """(S, this process's stream ids) for `data.streams` (0: one stream per row of the global
+    batch). S must divide the global batch and be a multiple of the process count; process p
+    runs the S / P streams `range(p * S / P, (p + 1) * S / P)`."""
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} not in [0, process_count={process_count})")
+    if global_batch_size <= 0 or global_batch_size % process_count:
+        raise ValueError(
+            f"global_batch_size {global_batch_size} must be a positive multiple of "
+            f"process_count {process_count}"
+        )
+    streams = int(data_cfg.get("streams", 0) or global_batch_size)
+    if streams < 1 or global_batch_size % streams or streams % process_count:
+        raise ValueError(
+            f"data.streams={streams} must divide global_batch_size {global_batch_size} and be a "
+            f"multiple of the process count {process_count}"
+        )
+    per = streams // process_count
+    return streams, range(process_index * per, (process_index + 1) * per)
+
+
+def stream_seed(seed: int, *keys: int) -> int:
+    """A shuffle seed for one stream (and mixture component) of a run's `seed`."""
+    return int(np.random.SeedSequence([seed, *keys]).generate_state(1)[0])
+
+
+class _Concat:
+    """Random access over several sources one after another (a mixture's eval split)."""
+
+    def __init__(self, sources: list[Any]):
+        self._sources = sources
+        self._ends = np.cumsum([len(s) for s in sources])
+
+    def __len__(self) -> int:
+        return int(self._ends[-1]) if len(self._ends) else 0
+
+    def __getitem__(self, index: int) -> Any:
+        i = int(np.searchsorted(self._ends, index, side="right"))
+        return self._sources[i][index - (int(self._ends[i - 1]) if i else 0)]
+
+
+def stream_documents(
+    data_cfg: Any, *, split: str, stream: int, num_streams: int, seed: int
+) -> grain.MapDataset:
+    """The documents (text) of one stream: its share of the source (`stream_source`), for train
+    shuffled with a seed of (`seed`, stream) and repeated forever (reshuffled every epoch), for
+    eval once in order. `data.source="mixture"` draws from the components of `data.mixture` with
+    their weights (each shuffled and repeated on its own, so the proportions hold); its eval split
+    is the components' eval splits one after another."""
+    if data_cfg.get("source", "synthetic") == "mixture":
+        parts = parse_mixture(data_cfg)
+        if split != "train":
+            return grain.MapDataset.source(
+                _Concat([stream_source(c, split, stream, num_streams) for c, _ in parts])
+            )
+        docs = [
+            grain.MapDataset.source(stream_source(c, split, stream, num_streams))
+            .shuffle(stream_seed(seed, stream, i))
+            .repeat()
+            for i, (c, _) in enumerate(parts)
+        ]
+        return grain.MapDataset.mix(docs, [w for _, w in parts])
+    docs = grain.MapDataset.source(stream_source(data_cfg, split, stream, num_streams))
+    return docs.shuffle(stream_seed(seed, stream)).repeat() if split == "train" else docs
+
+
+class StreamBatches(grain.DatasetIterator):
+    """Batches of `rows_per_stream` consecutive rows from each of several row iterators, in stream
+    order. An exhausted stream (eval) adds `fill` rows until every stream is exhausted. The
+    state is each stream's state, in order."""
+
+    def __init__(self, streams: list[grain.DatasetIterator], rows_per_stream: int, fill: Batch):
+        super().__init__(streams)
+        self._streams = streams
+        self._rows = rows_per_stream
+        self._fill = fill
+        self._done = [False] * len(streams)
+
+    def __next__(self) -> Batch:
+        rows = []
+        for i, stream in enumerate(self._streams):
+            for _ in range(self._rows):
+                row = None if self._done[i] else next(stream, None)
+                self._done[i] = row is None
+                rows.append(self._fill if row is None else row)
+        if all(self._done):
+            raise StopIteration
+        return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+
+    def get_state(self) -> dict[str, Any]:
+        return {"streams": [s.get_state() for s in self._streams]}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        states = state.get("streams")
+        if not isinstance(states, list) or len(states) != len(self._streams):
+            raise ValueError(
+                f"data iterator state holds {len(states or [])} streams, this pipeline has "
+                f"{len(self._streams)}"
+            )
+        for stream, s in zip(self._streams, states):
+            stream.set_state(s)
+        self._done = [False] * len(self._streams)
+
+
+PACKINGS = ("greedy",)
+
+
+def packing_name(data_cfg: Any) -> str:
+    """`data.packing` ("greedy" when unset), checked."""
+    name = data_cfg.get("packing", "greedy") or "greedy"
+    if name not in PACKINGS:
+        raise ValueError(f"unknown data.packing {name!r}; known: {', '.join(PACKINGS)}")
+    return name
+
+
+def make_packer(data_cfg: Any, *, row_len: int, pad_id: int) -> Any:
+    """`tokens -> rows`: the packer `data.packing` names (`data/packing.py`)."""
+    packing_name(data_cfg)
+    return functools.partial(PackIterDataset, row_len=row_len, pad_id=pad_id)
+
+
 def make_pipeline(
     data_cfg: Any,
     *,
@@ -203,27 +334,47 @@ def make_pipeline(
 ) -> DataIterator:
     """Builds this process's batch iterator of packed LM rows for `split`.
 
-    Each process reads the disjoint shard `source[process_index::process_count]` and yields
-    batches of `global_batch_size // process_count` rows. Train shuffles with `seed` (reshuffled
-    every epoch) and repeats forever; eval reads its shard once in order and pads the last batch
-    with empty rows. `data_cfg.seed` picks the synthetic corpus, `seed` the shuffle order. With
-    `vocab_size`, a token id the model cannot embed is an error.
+    The global batch is drawn from S = `data.streams` independent streams (default: one per
+    row), each with its own share of the documents (`stream_documents`), tokenizer pass and
+    packer; a stream gives B / S consecutive rows of each batch. Process p runs streams
+    [p S / P, (p + 1) S / P), so its rows are its slice of the global batch, which is the same for
+    any number of processes. Train shuffles (per stream, with `seed`) and repeats forever; eval
+    reads each stream's share once in order, filling with empty rows once a stream ends.
+    `data_cfg.seed` picks the synthetic corpus, `seed` the shuffle order. With `vocab_size`, a
+    token id the model cannot embed is an error.
     """
-    shard = shard_documents(
+    if seq_len < 1:
+        raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+    streams, mine = stream_layout(
         data_cfg,
-        split=split,
         global_batch_size=global_batch_size,
-        seq_len=seq_len,
         process_index=process_index,
         process_count=process_count,
-        seed=seed,
     )
-    docs = shard.docs.map(functools.partial(encode_document, tokenizer, vocab_size=vocab_size))
-    rows = PackIterDataset(
-        docs.to_iter_dataset(grain.ReadOptions(num_threads=0)),
-        row_len=seq_len + 1,
-        pad_id=tokenizer.pad_id,
-    )
-    fill = {"inputs": tokenizer.pad_id, "targets": tokenizer.pad_id}
-    return batch_rows(rows.map(_features), shard, fill)
-
+    encode = functools.partial(encode_document, tokenizer, vocab_size=vocab_size)
+    packer = make_packer(data_cfg, row_len=seq_len + 1, pad_id=tokenizer.pad_id)
+    rows = []
+    for stream in mine:
+        docs = stream_documents(
+            data_cfg, split=split, stream=stream, num_streams=streams, seed=seed
+        ).map(encode)
+        tokens = docs.to_iter_dataset(grain.ReadOptions(num_threads=0))
+        rows.append(packer(tokens).map(_features).__iter__())
+    empty = {
+        "tokens": np.full(seq_len + 1, tokenizer.pad_id, np.int32),
+        "segment_ids": np.zeros(seq_len + 1, np.int32),
+        "positions": np.zeros(seq_len + 1, np.int32),
+    }
+    settings = {
+        "split": split,
+        "global_batch_size": global_batch_size,
+        "seq_len": seq_len,
+        "seed": seed,
+        "streams": streams,
+        "packing": packing_name(data_cfg),
+        "process_index": process_index,
+        "process_count": process_count,
+    }
+    fill = _features(empty)
+    padding = {k: np.stack([v] * (global_batch_size // process_count)) for k, v in fill.items()}
+    return DataIterator(StreamBatches(rows, global_batch_size // streams, fill), settings, padding)

@@ -63,7 +63,7 @@ class TextFileSource:
         return self._docs[operator.index(index)]
 
 
-TEXT_SOURCES = ("synthetic", "text")
+TEXT_SOURCES = ("synthetic", "text", "mixture")
 IMAGE_SOURCES = ("shapes", "image_folder", "npz", "array_record")  # data/images.py
 
 
@@ -93,3 +93,73 @@ def make_source(data_cfg: Any, split: str) -> Source:
             f"text sources: {', '.join(TEXT_SOURCES)}"
         )
     raise ValueError(f"unknown data source {name!r}; known: {', '.join(TEXT_SOURCES)}")
+
+
+class Strided:
+    """Every `step`-th document of `source` from `start`: `source[start::step]`, random access."""
+
+    def __init__(self, source: Source, start: int, step: int):
+        self._source, self._start, self._step = source, start, step
+        self._len = max(0, -(-(len(source) - start) // step))
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __getitem__(self, index: int) -> str:
+        index = operator.index(index)
+        if not 0 <= index < self._len:
+            raise IndexError(index)
+        return self._source[self._start + index * self._step]
+
+
+def stream_source(data_cfg: Any, split: str, stream: int, num_streams: int) -> Source:
+    """The documents of stream `stream` of `num_streams` of `split`: `source[stream::num_streams]`
+    of `make_source`. A stream left without documents is an error."""
+    source = make_source(data_cfg, split)
+    docs = Strided(source, stream, num_streams)
+    if not len(docs):
+        raise ValueError(
+            f"the {split} split of data.source={data_cfg.get('source', 'synthetic')!r} has "
+            f"{len(source)} documents, fewer than the {num_streams} data streams (data.streams, "
+            "default: one per row of the global batch)"
+        )
+    return docs
+
+
+def parse_mixture(data_cfg: Any) -> list[tuple[Any, float]]:
+    """`data.mixture`, "SOURCE[:PATH]=WEIGHT;...", as (data config of one source, weight) pairs.
+    Each component's config is `data_cfg` with `source` (and `path`, when given) replaced; a text
+    component reads no `eval_path` (its eval split is its own file)."""
+    import ml_collections
+
+    spec = str(data_cfg.get("mixture", "")).strip()
+    if not spec:
+        raise ValueError(
+            'data.source="mixture" needs data.mixture, e.g. "text:a.txt=3;synthetic=1"'
+        )
+    parts = []
+    for item in filter(None, (p.strip() for p in spec.split(";"))):
+        name_path, eq, weight = item.rpartition("=")
+        if not eq:
+            raise ValueError(f"data.mixture component {item!r} has no weight (SOURCE[:PATH]=W)")
+        try:
+            w = float(weight)
+        except ValueError:
+            raise ValueError(
+                f"data.mixture component {item!r}: weight {weight!r} is not a number"
+            ) from None
+        if not w > 0:
+            raise ValueError(f"data.mixture component {item!r}: weight must be > 0")
+        name, _, path = name_path.partition(":")
+        if name not in ("synthetic", "text"):
+            raise ValueError(
+                f"data.mixture component {item!r}: source {name!r} cannot be mixed; "
+                "known: synthetic, text"
+            )
+        cfg = ml_collections.ConfigDict(data_cfg.to_dict())
+        cfg.source = name
+        if path:
+            cfg.path = path
+            cfg.eval_path = ""
+        parts.append((cfg, w))
+    return parts

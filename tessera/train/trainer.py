@@ -21,7 +21,7 @@ import dataclasses
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -30,6 +30,7 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
+from tessera import distributed
 from tessera.configs.base import ConfigDict
 from tessera.models.create import ModelSpec, abstract_arrays
 from tessera.models.updates import apply_rule_updates, rule_mask, stat_depths
@@ -326,7 +327,7 @@ class Trainer:
             "eval", process_index=jax.process_index(), process_count=jax.process_count()
         )
         results: dict[str, list] = {prefix: [] for prefix in trees}
-        for i, batch in zip(range(self.config.eval.batches), data):
+        for i, batch in zip(range(self.config.eval.batches), self._eval_batches(data)):
             batch = self.device_batch(batch)
             for prefix, params in trees.items():
                 results[prefix].append(self._eval_step(params, batch, np.int32(i)))
@@ -339,6 +340,23 @@ class Trainer:
             for k, v in self.flat_metrics(self.task.eval_metrics(sums, denom)).items():
                 row[f"{prefix}/{k}"] = v
         return row
+
+    @staticmethod
+    def _eval_batches(data: Any) -> Iterator[dict]:
+        """The eval iterator's batches, until it ends on every process: with several processes,
+        one whose split ended first feeds the pipeline's zero-weight padding batch while any other
+        still has data (so all run the same number of eval steps). A pipeline without a padding
+        batch ends where it ends."""
+        padding = getattr(data, "padding", lambda: None)()
+        if jax.process_count() == 1 or padding is None:
+            yield from data
+            return
+        it = iter(data)
+        while True:
+            batch = next(it, None)
+            if not distributed.any_process(batch is not None):
+                return
+            yield padding if batch is None else batch
 
     # -- loop ------------------------------------------------------------------------------
     def run(self, on_step: Callable[[int, dict], None] | None = None) -> TrainResult:

@@ -95,7 +95,7 @@ def test_resume_mid_stream(tmp_path, source):
     take(it, 5)
     state = json.loads(json.dumps(it.get_state()))
     if source == "long_text":
-        assert state["grain"]["offset"] > 0
+        assert any(stream["offset"] > 0 for stream in state["grain"]["streams"])
     expected = take(it, 4)
     fresh = pipeline(data_cfg, seq_len=32)
     next(fresh)  # a used iterator can be rewound too
@@ -111,23 +111,77 @@ def test_set_state_rejects_other_settings():
         pipeline(seed=1).set_state(state)
 
 
-def test_process_shards_are_disjoint(tmp_path):
+def concat(parts):
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+@pytest.mark.parametrize("streams", [0, 2])
+def test_processes_split_the_single_process_batch(tmp_path, streams):
+    """Each process's rows are its slice of the global batch, which does not depend on the number
+    of processes; the processes' documents are disjoint."""
     all_docs = [f"document number {i}" for i in range(40)]
     data_cfg = text_file(tmp_path, all_docs)
-    seen = []
-    for p in range(2):
-        it = pipeline(data_cfg, process_index=p, process_count=2, global_batch_size=4)
-        batches = take(it, 6)
-        assert batches[0]["inputs"].shape == (2, SEQ)
-        seen.append(set(documents(batches)))
-    assert seen[0] and seen[1]
-    assert not seen[0] & seen[1]
-    assert seen[0] | seen[1] == set(all_docs)  # 6 batches cover more than one epoch of a shard
+    data_cfg.streams = streams
+    whole = take(pipeline(data_cfg, global_batch_size=4), 6)
+    parts = [
+        take(pipeline(data_cfg, process_index=p, process_count=2, global_batch_size=4), 6)
+        for p in range(2)
+    ]
+    assert parts[0][0]["inputs"].shape == (2, SEQ)
+    assert_batches_equal([concat(list(b)) for b in zip(*parts)], whole)
+    seen = [set(documents(batches)) for batches in parts]
+    assert seen[0] and seen[1] and not seen[0] & seen[1]
+    assert seen[0] | seen[1] == set(all_docs)  # 6 batches cover more than one epoch
+
+
+def test_streams_setting(tmp_path):
+    data_cfg = cfg(streams=2)
+    b = next(pipeline(data_cfg, global_batch_size=4))
+    # rows 0-1 come from stream 0, 2-3 from stream 1: a stream's second row continues its first
+    assert b["inputs"].shape == (4, SEQ)
+    with pytest.raises(ValueError, match=r"data.streams=3 must divide global_batch_size 4"):
+        pipeline(cfg(streams=3))
+    with pytest.raises(ValueError, match=r"multiple of the process count 4"):
+        pipeline(cfg(streams=2), global_batch_size=8, process_count=4)
+    few = text_file(tmp_path, ["only", "three", "docs"])
+    with pytest.raises(ValueError, match="3 documents, fewer than the 4 data streams"):
+        next(pipeline(few))
+
+
+def test_old_state_version_is_refused():
+    state = pipeline().get_state()
+    state["version"] = 1
+    with pytest.raises(ValueError, match=r"version=1 \(now 2\)"):
+        pipeline().set_state(state)
+
+
+def test_mixture_proportions_and_eval(tmp_path):
+    a = text_file(tmp_path, [f"alpha {i}" for i in range(30)], "a.txt").path
+    b = text_file(tmp_path, [f"beta {i}" for i in range(30)], "b.txt").path
+    mix = cfg(source="mixture", mixture=f"text:{a}=3; text:{b}=1")
+    docs = documents(take(pipeline(mix, global_batch_size=4), 20))
+    share = sum(d.startswith("alpha") for d in docs) / len(docs)
+    assert len(docs) > 100 and 0.65 < share < 0.85, share
+    assert_batches_equal(take(pipeline(mix), 3), take(pipeline(mix), 3))
+    ev = documents(list(pipeline(mix, split="eval")))
+    expected = [f"alpha {i}" for i in range(30)] + [f"beta {i}" for i in range(30)]
+    assert sorted(ev) == sorted(expected)
+    for spec, msg in [
+        ("", "needs data.mixture"),
+        ("text:a.txt", "has no weight"),
+        ("text:a.txt=x", "is not a number"),
+        ("text:a.txt=0", "must be > 0"),
+        ("shapes=1", "cannot be mixed"),
+    ]:
+        with pytest.raises(ValueError, match=msg):
+            next(pipeline(cfg(source="mixture", mixture=spec)))
 
 
 def test_train_shuffles_and_repeats(tmp_path):
     all_docs = [f"doc {i}" for i in range(10)]
-    docs = documents(take(pipeline(text_file(tmp_path, all_docs)), 4))
+    one_stream = text_file(tmp_path, all_docs)
+    one_stream.streams = 1  # the 4 rows of a batch continue each other
+    docs = documents(take(pipeline(one_stream), 4))
     assert len(docs) > 20  # repeats past the 10 documents
     assert docs[:10] != all_docs and sorted(docs[:10]) == sorted(all_docs)
     assert docs[10:20] != docs[:10]  # each epoch reshuffled
@@ -138,17 +192,29 @@ def test_eval_is_finite_ordered_and_padded(tmp_path):
     data_cfg = text_file(tmp_path, all_docs)
     batches = list(pipeline(data_cfg, split="eval"))
     assert all(b["inputs"].shape == (4, SEQ) for b in batches)
-    assert documents(batches) == all_docs
+    assert sorted(documents(batches)) == sorted(all_docs)
+    for row in range(4):  # row r is stream r: its documents in order
+        assert documents([{k: v[row : row + 1] for k, v in b.items()} for b in batches]) == (
+            all_docs[row::4]
+        )
     last = batches[-1]
     assert (last["segment_ids"][-1] == 0).all() and (last["loss_mask"][-1] == 0).all()
     assert (last["inputs"][-1] == TOK.pad_id).all()
-    shards = [
-        documents(
+    whole = list(pipeline(data_cfg, split="eval", global_batch_size=6))
+    for streams in (0, 3):  # streams of a process end at different batches: padding fills in
+        data_cfg.streams = streams
+        shards = [
             pipeline(data_cfg, split="eval", process_index=p, process_count=3, global_batch_size=6)
-        )
-        for p in range(3)
-    ]
-    assert shards == [all_docs[p::3] for p in range(3)]
+            for p in range(3)
+        ]
+        parts = [[next(s, None) for _ in whole] for s in shards]
+        if not streams:
+            assert_batches_equal(
+                [concat([b or s.padding() for b, s in zip(row, shards)]) for row in zip(*parts)],
+                whole,
+            )
+        assert all(next(s, None) is None for s in shards)
+        assert not shards[0].padding()["loss_mask"].any()
 
 
 def test_bad_arguments():
