@@ -10,7 +10,7 @@ from tessera.data.images import (
     image_classes,
     write_array_record,
 )
-from tessera.data.packing import PackIterDataset
+from tessera.data.packing import FirstFitPackIterDataset, PackIterDataset, packing_efficiency
 from tessera.data.pipeline import Batch, DataIterator, check_ids, make_pipeline
 from tessera.data.shapes import SHAPE_CLASSES, ShapesSource
 from tessera.data.sources import IMAGE_SOURCES, Source, TextFileSource, make_source
@@ -32,6 +32,7 @@ __all__ = [
     "Batch",
     "ByteTokenizer",
     "DataIterator",
+    "FirstFitPackIterDataset",
     "HFTokenizer",
     "ImageFolderSource",
     "NpzSource",
@@ -51,6 +52,7 @@ __all__ = [
     "make_pipeline",
     "make_rule_pipeline",
     "make_source",
+    "packing_efficiency",
     "parse_tasks",
     "split_prompt",
     "strip_rule",
