@@ -2,7 +2,11 @@
 [--config.a.b=v]``, ``python -m tessera.bench decode --against=hf [--models=llama,mamba2]``
 (tessera next to transformers ``generate``, ``bench/against_hf.py``),
 ``python -m tessera.bench attention [--lengths=1024,4096] [--tpu=v5e-4]``, and
-``python -m tessera.bench recurrence [--ops=ssd,rwkv6] [--lengths=...] [--tpu=v5p-8]``.
+``python -m tessera.bench recurrence [--ops=ssd,rwkv6] [--lengths=...] [--tpu=v5p-8]``, and
+``python -m tessera.bench data --config=llama:small [--batches=20] [--processes=P]
+[--packings=greedy,first_fit] [--step_tokens_per_s=X | --no_step]`` (the input pipeline's rows,
+documents and tokens per second per host against the slots per second the train step consumes
+per host; ``bench/data.py``).
 
 ``--config`` may repeat: each config is benchmarked with the same overrides, e.g. two families at
 the same width. Benchmarks print tables; they are never timed assertions in tests.
@@ -18,11 +22,13 @@ from tessera.cli import USER_ERRORS, config_overrides, fail
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m tessera.bench")
-    parser.add_argument("bench", choices=["train", "decode", "sample", "attention", "recurrence"])
+    parser.add_argument("bench", choices=["train", "decode", "sample", "attention", "recurrence",
+                                            "data"])
     parser.add_argument("--config", action="append",
                         help="e.g. llama:small or path.py:arg; repeat to compare configs "
-                             "(train, decode, sample)")
-    parser.add_argument("--steps", type=int, default=5, help="timed steps (train)")
+                             "(train, decode, sample, data)")
+    parser.add_argument("--steps", type=int, default=5,
+                        help="timed steps (train; data: of the step it measures)")
     parser.add_argument("--contexts", default="256,2048",
                         help="decode: cache contexts for the per-token decode time")
     parser.add_argument("--slots", default="96,1024",
@@ -42,6 +48,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--flops_only", action="store_true",
                         help="sample: print only each denoiser's analytic FLOPs (no workdir)")
     _against_flags(parser)
+    _data_flags(parser)
     _attention_flags(parser)
     _recurrence_flags(parser)
     args, rest = parser.parse_known_args(argv)
@@ -56,6 +63,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.bench == "recurrence":
         _recurrence(parser, args)
+        return
+    if args.bench == "data":
+        _data(parser, args, overrides)
         return
     if not args.config:
         parser.error(f"bench {args.bench} needs --config")
@@ -92,7 +102,9 @@ def _against_flags(parser: argparse.ArgumentParser) -> None:
                        help="decode --against: python of the virtualenv with torch and "
                             "transformers (default /tmp/hfvenv/bin/python)")
     group.add_argument("--models", default="llama,mamba2", help="decode --against: models")
-    group.add_argument("--batches", default="1,16", help="decode --against: batch sizes")
+    group.add_argument("--batches", default=None,
+                       help="decode --against: batch sizes (default 1,16); data: timed batches "
+                            "per round (default 20)")
     group.add_argument("--prompt_len", type=int, default=32,
                        help="decode --against: prompt tokens")
     group.add_argument("--new_tokens", type=int, default=256,
@@ -105,7 +117,7 @@ def _against(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.config:
         parser.error("decode --against=hf benchmarks its own shapes (--models), not --config")
     try:
-        batches = [int(b) for b in args.batches.split(",") if b]
+        batches = [int(b) for b in (args.batches or "1,16").split(",") if b]
     except ValueError:
         parser.error("--batches takes comma-separated integers")
     try:
@@ -114,6 +126,45 @@ def _against(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
             prompt_len=args.prompt_len, new_tokens=args.new_tokens, repeats=args.repeats,
             hf_python=args.hf_python or HF_PYTHON,
         )
+    except USER_ERRORS as e:
+        fail(str(e))
+
+
+def _data_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("data (also --config, --batches, --steps)")
+    group.add_argument("--processes", type=int, default=None,
+                       help="data: run as process 0 of this many (its batch is global / P; "
+                            "default: this run's process count)")
+    group.add_argument("--packings", default="",
+                       help="data: data.packing values to compare, e.g. greedy,first_fit "
+                            "(default: the config's)")
+    group.add_argument("--rounds", type=int, default=3,
+                       help="data: rounds alternating the packings (median round)")
+    step = group.add_mutually_exclusive_group()
+    step.add_argument("--step_tokens_per_s", type=float, default=None,
+                      help="data: the job's train tokens/s (batch x seq_len per step, as bench "
+                           "train and tessera.aot count them) instead of measuring a step here")
+    step.add_argument("--no_step", action="store_true",
+                      help="data: measure the pipeline only (no step, no compile)")
+
+
+def _data(parser: argparse.ArgumentParser, args: argparse.Namespace, overrides: dict) -> None:
+    from tessera.bench.data import run_data_bench
+
+    if not args.config:
+        parser.error("bench data needs --config")
+    try:
+        batches = int(args.batches or 20)
+    except ValueError:
+        parser.error("bench data: --batches takes one integer")
+    try:
+        for spec in args.config:
+            run_data_bench(
+                spec, overrides, batches=batches, rounds=args.rounds, processes=args.processes,
+                packings=[p for p in args.packings.split(",") if p] or None,
+                step_tokens_per_s=args.step_tokens_per_s, measure_step=not args.no_step,
+                steps=args.steps,
+            )
     except USER_ERRORS as e:
         fail(str(e))
 

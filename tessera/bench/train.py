@@ -7,6 +7,7 @@ on a shared, noisy machine.
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 import time
 from collections.abc import Mapping
@@ -20,24 +21,47 @@ from tessera.train import flops as flops_lib
 from tessera.train.trainer import Trainer
 
 
+@dataclasses.dataclass(frozen=True)
+class StepTiming:
+    """A measured train step: ``trainer`` (its config, task and ``throughput``), the first step
+    with its compile (``compile_s``) and the mean of the timed steps after it (``step_s``)."""
+
+    trainer: Trainer
+    compile_s: float
+    step_s: float
+
+    @property
+    def units_per_s(self) -> float:
+        """The task's throughput units (tokens: batch x seq_len slots) per second, all devices."""
+        return self.trainer.throughput[1] / self.step_s
+
+
+def time_train_step(trainer: Trainer, steps: int = 5) -> StepTiming:
+    """Times ``steps`` train steps of ``trainer`` on its task's train batches (process 0 of 1),
+    after one step that compiles; the batches are built before timing."""
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    state = trainer.init_state()
+    data = trainer.task.make_data("train")
+    batches = [trainer.device_batch(next(data)) for _ in range(steps + 1)]
+    t0 = time.perf_counter()
+    state, metrics = trainer.step(state, batches[0])
+    jax.block_until_ready(metrics)
+    compile_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for batch in batches[1:]:
+        state, metrics = trainer.step(state, batch)
+    jax.block_until_ready((state, metrics))
+    return StepTiming(trainer, compile_s, (time.perf_counter() - t0) / steps)
+
+
 def run_train_bench(config_spec: str, overrides: Mapping[str, Any] | None = None,
                     steps: int = 5, devices: list | None = None) -> list[dict]:
     """Time ``steps`` train steps after one compile step; print and return one table row."""
     cfg = load_config(config_spec, overrides)
     with tempfile.TemporaryDirectory() as workdir:
-        trainer = Trainer(cfg, workdir, devices)
-        state = trainer.init_state()
-        data = trainer.task.make_data("train")
-        batches = [trainer.device_batch(next(data)) for _ in range(steps + 1)]
-        t0 = time.perf_counter()
-        state, metrics = trainer.step(state, batches[0])
-        jax.block_until_ready(metrics)
-        compile_s = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        for batch in batches[1:]:
-            state, metrics = trainer.step(state, batch)
-        jax.block_until_ready((state, metrics))
-        step_s = (time.perf_counter() - t0) / steps
+        timing = time_train_step(Trainer(cfg, workdir, devices), steps)
+    trainer, compile_s, step_s = timing.trainer, timing.compile_s, timing.step_s
     peak, source = flops_lib.peak_flops_per_device()
     n_dev = trainer.mesh.devices.size
     unit, per_step = trainer.throughput
