@@ -26,7 +26,7 @@ from typing import Any
 import grain
 import numpy as np
 
-from tessera.data.packing import PackIterDataset
+from tessera.data.packing import FirstFitPackIterDataset, PackIterDataset
 from tessera.data.sources import make_source, parse_mixture, stream_source
 from tessera.data.tokenizers import Tokenizer
 
@@ -303,21 +303,32 @@ class StreamBatches(grain.DatasetIterator):
         self._done = [False] * len(self._streams)
 
 
-PACKINGS = ("greedy",)
+PACKINGS = ("greedy", "first_fit")
 
 
 def packing_name(data_cfg: Any) -> str:
-    """`data.packing` ("greedy" when unset), checked."""
+    """`data.packing` ("greedy" when unset), checked; first_fit with its window."""
     name = data_cfg.get("packing", "greedy") or "greedy"
     if name not in PACKINGS:
         raise ValueError(f"unknown data.packing {name!r}; known: {', '.join(PACKINGS)}")
-    return name
+    return f"first_fit:{pack_window(data_cfg)}" if name == "first_fit" else name
+
+
+def pack_window(data_cfg: Any) -> int:
+    window = int(data_cfg.get("pack_window", 256))
+    if window < 1:
+        raise ValueError(f"data.pack_window must be >= 1, got {window}")
+    return window
 
 
 def make_packer(data_cfg: Any, *, row_len: int, pad_id: int) -> Any:
-    """`tokens -> rows`: the packer `data.packing` names (`data/packing.py`)."""
-    packing_name(data_cfg)
-    return functools.partial(PackIterDataset, row_len=row_len, pad_id=pad_id)
+    """`tokens -> rows`: the packer `data.packing` names (`data/packing.py`): greedy, in
+    document order, or first-fit decreasing over windows of `data.pack_window` documents."""
+    if packing_name(data_cfg) == "greedy":
+        return functools.partial(PackIterDataset, row_len=row_len, pad_id=pad_id)
+    return functools.partial(
+        FirstFitPackIterDataset, row_len=row_len, pad_id=pad_id, window=pack_window(data_cfg)
+    )
 
 
 def make_pipeline(
