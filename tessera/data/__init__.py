@@ -23,7 +23,14 @@ from tessera.data.synthetic import (
     strip_rule,
     unigram_entropy,
 )
-from tessera.data.tokenizers import ByteTokenizer, HFTokenizer, Tokenizer, get_tokenizer
+from tessera.data.tokenizers import (
+    ByteTokenizer,
+    HFTokenizer,
+    SentencePieceTokenizer,
+    Tokenizer,
+    check_vocab,
+    get_tokenizer,
+)
 
 __all__ = [
     "IMAGE_SOURCES",
@@ -36,6 +43,7 @@ __all__ = [
     "ImageFolderSource",
     "NpzSource",
     "PackIterDataset",
+    "SentencePieceTokenizer",
     "ShapesSource",
     "Source",
     "SyntheticSource",
@@ -43,6 +51,7 @@ __all__ = [
     "Tokenizer",
     "check",
     "check_ids",
+    "check_vocab",
     "get_tokenizer",
     "image_classes",
     "is_eval_prompt",
