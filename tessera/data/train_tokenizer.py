@@ -167,8 +167,10 @@ def train_tokenizer(
         raise ValueError(f"--model_type={model_type!r} is not one of {', '.join(MODEL_TYPES)}")
     if vocab_size < len(SPECIAL_IDS) + 1:
         raise ValueError(f"--vocab_size={vocab_size} must be at least {len(SPECIAL_IDS) + 1}")
-    if max_sentences < 0:
-        raise ValueError(f"--max_sentences={max_sentences} must be >= 0 (0: all lines)")
+    if max_sentences < 0 or 0 < max_sentences <= 100:  # sentencepiece's own lower bound
+        raise ValueError(
+            f"--max_sentences={max_sentences} must be 0 (all lines) or more than 100"
+        )
     if not 0 < character_coverage <= 1:
         raise ValueError(f"--character_coverage={character_coverage} must be in (0, 1]")
     if not output or output.endswith(os.sep):
@@ -249,7 +251,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--text_field", default="text", help="field of .jsonl records")
     parser.add_argument(
         "--max_sentences", type=int, default=0,
-        help="train on this many lines sampled from the input (default 0: all)",
+        help="train on this many lines (> 100) sampled from the input (default 0: all)",
     )
     parser.add_argument(
         "--byte_fallback", action="store_true",
