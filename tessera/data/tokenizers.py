@@ -363,9 +363,6 @@ def resolve_path(name: str, base_dir: str | None = None) -> str:
     return path
 
 
-resolve_hf_path = resolve_path  # the earlier name
-
-
 def get_tokenizer(name: str, base_dir: str | None = None) -> Tokenizer:
     """The tokenizer `name` (`data.tokenizer` in the config) names: `"byte"`; `"hf:PATH"` with
     PATH a tokenizer.json or a directory holding one; `"spm:PATH"` with PATH a SentencePiece
