@@ -23,7 +23,14 @@ from tessera.data.synthetic import (
     strip_rule,
     unigram_entropy,
 )
-from tessera.data.tokenizers import ByteTokenizer, HFTokenizer, Tokenizer, get_tokenizer
+from tessera.data.tokenizers import (
+    ByteTokenizer,
+    HFTokenizer,
+    SentencePieceTokenizer,
+    Tokenizer,
+    check_vocab,
+    get_tokenizer,
+)
 
 __all__ = [
     "IMAGE_SOURCES",
@@ -37,6 +44,7 @@ __all__ = [
     "ImageFolderSource",
     "NpzSource",
     "PackIterDataset",
+    "SentencePieceTokenizer",
     "ShapesSource",
     "Source",
     "SyntheticSource",
@@ -44,6 +52,7 @@ __all__ = [
     "Tokenizer",
     "check",
     "check_ids",
+    "check_vocab",
     "get_tokenizer",
     "image_classes",
     "is_eval_prompt",
