@@ -54,8 +54,6 @@ if TYPE_CHECKING:
 FORMATS = ("text", "jsonl", "parquet", "array_record")
 
 _CHUNK = 1 << 22  # bytes scanned per numpy step while indexing a text file
-_WHITESPACE = np.zeros(256, dtype=bool)
-_WHITESPACE[[9, 10, 11, 12, 13, 28, 29, 30, 31, 32]] = True  # bytes that str.isspace() accepts
 _COMPRESSED = (".gz", ".bz2", ".xz", ".zst")
 _ARRAY_RECORD_NAME = re.compile(r"\.(array_record|arrayrecord)(-\d+-of-\d+)?$")
 
@@ -178,8 +176,8 @@ class TextFileReader(_FileReader):
             raise self._no_documents()
         data = self._bytes()
         decoder = codecs.getincrementaldecoder("utf-8")()
-        newlines, content = [], []  # newline offsets; non-whitespace bytes before each newline
-        total = 0
+        newlines, content = [], []  # offsets of "\n"; whether the line ending there has content
+        carry = False  # whether the line that runs into the next chunk has content so far
         for a in range(0, size, _CHUNK):
             chunk = data[a : a + _CHUNK]
             pending = len(decoder.getstate()[0])
@@ -188,16 +186,24 @@ class TextFileReader(_FileReader):
             except UnicodeDecodeError as e:
                 line = self._line_number(a - pending + e.start)
                 raise ValueError(f"{self.path}:{line}: not UTF-8 text ({e.reason})") from None
-            counts = np.cumsum(~_WHITESPACE[chunk], dtype=np.int64)
+            # not whitespace: 9-13 and 28-32 are the ASCII bytes that str.isspace() accepts
+            solid = (chunk > 32) | ((chunk < 28) & ((chunk < 9) | (chunk > 13)))
             at = np.flatnonzero(chunk == 10)
+            if not len(at):
+                carry = carry or bool(solid.any())
+                continue
+            pieces = np.concatenate([[0], at + 1])  # each piece ends with its "\n" but the last
+            tail = pieces[-1] < len(chunk)
+            found = np.logical_or.reduceat(solid, pieces if tail else pieces[:-1])
+            lines = found[: len(at)].copy()
+            lines[0] |= carry
+            carry = bool(found[-1]) if tail else False
             newlines.append(at + a)
-            content.append(counts[at] + total)
-            total += int(counts[-1])
-        breaks = np.concatenate(newlines)
-        seen = np.concatenate(content)
+            content.append(lines)
+        breaks = np.concatenate([np.zeros(0, np.int64), *newlines])
         starts = np.concatenate([[0], breaks + 1])
         ends = np.concatenate([breaks, [size]])
-        keep = np.concatenate([seen, [total]]) > np.concatenate([[0], seen])
+        keep = np.concatenate([*content, [carry]])
         starts, ends = starts[keep], ends[keep]
         if not len(starts):
             raise self._no_documents()
