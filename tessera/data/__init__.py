@@ -2,6 +2,12 @@
 -> shard per process, with resumable iterators."""
 
 from tessera.data.classify import make_rule_pipeline
+from tessera.data.files import (
+    FileDocuments,
+    documents_for_stream,
+    expand_paths,
+    write_text_array_record,
+)
 from tessera.data.image_pipeline import load_image, make_image_pipeline
 from tessera.data.images import (
     ArrayRecordSource,
@@ -32,6 +38,7 @@ __all__ = [
     "Batch",
     "ByteTokenizer",
     "DataIterator",
+    "FileDocuments",
     "HFTokenizer",
     "ImageFolderSource",
     "NpzSource",
@@ -43,6 +50,8 @@ __all__ = [
     "Tokenizer",
     "check",
     "check_ids",
+    "documents_for_stream",
+    "expand_paths",
     "get_tokenizer",
     "image_classes",
     "is_eval_prompt",
@@ -56,4 +65,5 @@ __all__ = [
     "strip_rule",
     "unigram_entropy",
     "write_array_record",
+    "write_text_array_record",
 ]

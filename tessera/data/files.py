@@ -259,14 +259,13 @@ class ParquetFileReader(_FileReader):
     """Documents of a parquet file: the string column `text_field`, one per row. The row count
     comes from the file's metadata; rows are read one row group at a time, keeping the last."""
 
-    _HANDLES = ("_file", "_group", "_group_rows")
+    _HANDLES = ("_file", "_cached")
 
     def __init__(self, path: str | os.PathLike[str], text_field: str = "text"):
         super().__init__(path, text_field)
         self._file: Any = None
         self._starts: list[int] = []
-        self._group: int | None = None
-        self._group_rows: list[Any] = []
+        self._cached: tuple[int, list[Any]] | None = None  # (row group, its texts), set at once
 
     def _parquet(self) -> Any:
         if self._file is None:
@@ -302,11 +301,11 @@ class ParquetFileReader(_FileReader):
 
     def _read(self, index: int) -> str:
         group = bisect.bisect_right(self._starts, index) - 1
-        if group != self._group:
+        cached = self._cached
+        if cached is None or cached[0] != group:
             table = self._parquet().read_row_group(group, columns=[self.text_field])
-            self._group_rows = table.column(0).to_pylist()
-            self._group = group
-        text = self._group_rows[index - self._starts[group]]
+            cached = self._cached = (group, table.column(0).to_pylist())
+        text = cached[1][index - self._starts[group]]
         if text is None:
             raise ValueError(f"{self.path} row {index}: column {self.text_field!r} is null")
         return text

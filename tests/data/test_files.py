@@ -104,6 +104,23 @@ def test_text_index_random_against_python(tmp_path, monkeypatch, chunk):
         assert [reader[i] for i in range(len(reader))] == expected, repr(text)
 
 
+def test_parquet_reads_row_groups_on_demand(tmp_path, monkeypatch):
+    """The row count comes from the metadata; reading in order reads each row group once."""
+    path = write(tmp_path / "d.parquet", DOCS, "parquet")  # row groups of 2 rows
+    reads = []
+    original = pq.ParquetFile.read_row_group
+    monkeypatch.setattr(
+        pq.ParquetFile,
+        "read_row_group",
+        lambda self, i, **kw: reads.append(i) or original(self, i, **kw),
+    )
+    reader = open_reader(path)
+    assert len(reader) == len(DOCS) and reads == []
+    assert [reader[i] for i in range(len(DOCS))] == DOCS
+    assert reads == [0, 1, 2]
+    assert reader[5] == DOCS[5] and reader[0] == DOCS[0] and reads == [0, 1, 2, 0]
+
+
 def test_file_format(tmp_path):
     assert file_format("a/b.jsonl") == file_format("b.JSON") == "jsonl"
     assert file_format("x.parquet") == "parquet"
