@@ -23,6 +23,9 @@ Formats (`fmt`; "" picks one from the file name):
                   every string round-trips). `.array_record`, `.arrayrecord`, and sharded names
                   such as `train.array_record-00000-of-00008`.
 
+At most `_MAX_OPEN` (128) readers keep their file open (one descriptor each) at a time; opening
+another closes the one opened longest ago, which reopens when read again.
+
 Compressed files (`.gz`, `.bz2`, `.xz`, `.zst`) are refused; decompress them first. Documents of
 parquet and array_record files and the text fields of jsonl lines are returned as stored, blank
 ones included (only blank *lines* are skipped).
@@ -36,6 +39,7 @@ from __future__ import annotations
 
 import bisect
 import codecs
+import collections
 import contextlib
 import dataclasses
 import glob
@@ -43,6 +47,7 @@ import json
 import operator
 import os
 import re
+import threading
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -108,11 +113,19 @@ def file_format(path: str, fmt: str = "") -> str:
     return "text"
 
 
+# Readers with an open file (a memory map, parquet file or array_record reader: one descriptor
+# each), oldest first; opening one more than _MAX_OPEN closes the oldest, which reopens on its next
+# read. This bounds the descriptors (and cached row groups) of a stream that reads many files.
+_MAX_OPEN = 128
+_open: collections.OrderedDict[int, _FileReader] = collections.OrderedDict()
+_open_lock = threading.Lock()
+
+
 class _FileReader:
     """One file's documents, indexed on first use (`_load`). Pickling keeps the index but not the
     open file, which is reopened on first use after unpickling."""
 
-    _HANDLES: tuple[str, ...] = ()  # attributes dropped when pickled
+    _HANDLES: tuple[str, ...] = ()  # open files and caches: dropped when closed or pickled
 
     def __init__(self, path: str | os.PathLike[str], text_field: str = "text"):
         self.path = os.fspath(path)
@@ -127,6 +140,18 @@ class _FileReader:
 
     def _read(self, index: int) -> str:
         raise NotImplementedError
+
+    def _opened(self) -> None:
+        """Counts this reader among the readers with an open file (closing the oldest)."""
+        with _open_lock:
+            _open[id(self)] = self
+            while len(_open) > _MAX_OPEN:
+                _open.popitem(last=False)[1]._close()
+
+    def _close(self) -> None:
+        """Drops the open file and caches; readers in progress keep their own references."""
+        for name in self._HANDLES:
+            setattr(self, name, None)
 
     def _no_documents(self) -> ValueError:
         return ValueError(f"data file {self.path} contains no documents")
@@ -166,9 +191,11 @@ class TextFileReader(_FileReader):
         self._starts = self._ends = np.zeros(0, dtype=np.int64)
 
     def _bytes(self) -> np.ndarray:
-        if self._map is None:
-            self._map = np.memmap(self.path, dtype=np.uint8, mode="r")
-        return self._map
+        data = self._map
+        if data is None:
+            data = self._map = np.memmap(self.path, dtype=np.uint8, mode="r")
+            self._opened()
+        return data
 
     def _load(self) -> int:
         size = os.path.getsize(self.path)
@@ -268,16 +295,18 @@ class ParquetFileReader(_FileReader):
         self._cached: tuple[int, list[Any]] | None = None  # (row group, its texts), set at once
 
     def _parquet(self) -> Any:
-        if self._file is None:
+        file = self._file
+        if file is None:
             import pyarrow as pa
             import pyarrow.parquet as pq
 
             try:
-                self._file = pq.ParquetFile(self.path)
+                file = self._file = pq.ParquetFile(self.path)
+                self._opened()
             except (pa.ArrowException, OSError) as e:
                 msg = str(e).splitlines()[0] if str(e) else type(e).__name__
                 raise ValueError(f"{self.path} is not a readable parquet file ({msg})") from None
-        return self._file
+        return file
 
     def _load(self) -> int:
         import pyarrow as pa
@@ -323,15 +352,18 @@ class ArrayRecordFileReader(_FileReader):
         self._source: Any = None
 
     def _records(self) -> Any:
-        if self._source is None:
+        source = self._source
+        if source is None:
             from array_record.python.array_record_data_source import ArrayRecordDataSource
 
             try:  # a file instruction: the data source would read "name[a:b]" as a slice
                 count = _array_record_count(self.path)
-                self._source = ArrayRecordDataSource([_WholeFile(self.path, 0, count, count)])
+                whole = _WholeFile(self.path, 0, count, count)
+                source = self._source = ArrayRecordDataSource([whole])
+                self._opened()
             except RuntimeError as e:
                 raise ValueError(f"{self.path} is not a readable array_record file ({e})") from None
-        return self._source
+        return source
 
     def _load(self) -> int:
         count = len(self._records())

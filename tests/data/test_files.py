@@ -1,3 +1,4 @@
+import collections
 import json
 import os
 import pickle
@@ -192,6 +193,23 @@ def test_file_documents(tmp_path):
         fd[15]
     with pytest.raises(ValueError, match="at least one file"):
         FileDocuments([])
+
+
+def test_open_files_are_bounded(tmp_path, monkeypatch):
+    """With more files than may be open at once, the oldest are closed and reopen on a read."""
+    monkeypatch.setattr(files, "_MAX_OPEN", 2)
+    monkeypatch.setattr(files, "_open", collections.OrderedDict())
+    paths, docs = make_files(tmp_path, [2, 3, 1, 2, 3, 2, 1, 2])
+
+    def open_handles():
+        return sum(any(getattr(r, n) is not None for n in r._HANDLES) for r in fd.readers)
+
+    fd = FileDocuments(paths)
+    assert open_handles() <= 2 and len(files._open) == 2
+    order = list(range(len(docs))) * 2
+    random.Random(1).shuffle(order)
+    assert [fd[i] for i in order] == [docs[i] for i in order]
+    assert open_handles() <= 2 and len(files._open) == 2
 
 
 def stream_docs(paths, num_streams):
