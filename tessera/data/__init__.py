@@ -2,6 +2,12 @@
 -> shard per process, with resumable iterators."""
 
 from tessera.data.classify import make_rule_pipeline
+from tessera.data.files import (
+    FileDocuments,
+    documents_for_stream,
+    expand_paths,
+    write_text_array_record,
+)
 from tessera.data.image_pipeline import load_image, make_image_pipeline
 from tessera.data.images import (
     ArrayRecordSource,
@@ -40,6 +46,7 @@ __all__ = [
     "ByteTokenizer",
     "DataIterator",
     "FirstFitPackIterDataset",
+    "FileDocuments",
     "HFTokenizer",
     "ImageFolderSource",
     "NpzSource",
@@ -53,6 +60,8 @@ __all__ = [
     "check",
     "check_ids",
     "check_vocab",
+    "documents_for_stream",
+    "expand_paths",
     "get_tokenizer",
     "image_classes",
     "is_eval_prompt",
@@ -67,4 +76,5 @@ __all__ = [
     "strip_rule",
     "unigram_entropy",
     "write_array_record",
+    "write_text_array_record",
 ]
