@@ -486,6 +486,36 @@ class StridedDocuments:
         return f"StridedDocuments({self.docs!r}, start={self.start}, step={self.step})"
 
 
+def documents_for_streams(
+    paths: Sequence[str | os.PathLike[str]],
+    streams: Sequence[int],
+    num_streams: int,
+    text_field: str = "text",
+    fmt: str = "",
+) -> list[Source]:
+    """The documents that each stream of `streams` (of `num_streams`) reads from `paths` (e.g.
+    from `expand_paths`). With at least as many files as streams, a stream reads whole files:
+    `paths[stream::num_streams]`, and no other file is opened. With fewer files, all files are
+    opened once and each stream reads every `num_streams`-th document from document `stream`.
+    Either way the streams' documents are disjoint and together are every document once.
+
+    Raises ValueError when the data has fewer documents than streams (a stream would be empty).
+    """
+    if num_streams < 1 or any(not 0 <= s < num_streams for s in streams):
+        raise ValueError(f"streams {list(streams)} out of range for {num_streams} streams")
+    if not paths:
+        raise ValueError("no data files")
+    if len(paths) >= num_streams:
+        return [FileDocuments(paths[s::num_streams], text_field, fmt) for s in streams]
+    docs = FileDocuments(paths, text_field, fmt)
+    if len(docs) < num_streams:
+        raise ValueError(
+            f"the data has {len(docs)} documents in {len(paths)} files, fewer than the "
+            f"{num_streams} input streams (data.streams, default: one per row of the batch)"
+        )
+    return [StridedDocuments(docs, s, num_streams) for s in streams]
+
+
 def documents_for_stream(
     paths: Sequence[str | os.PathLike[str]],
     stream: int,
@@ -493,27 +523,8 @@ def documents_for_stream(
     text_field: str = "text",
     fmt: str = "",
 ) -> Source:
-    """The documents that stream `stream` of `num_streams` reads from `paths` (e.g. from
-    `expand_paths`). With at least as many files as streams, a stream reads whole files:
-    `paths[stream::num_streams]`, and opens no other file. With fewer files, every stream opens
-    all files and reads every `num_streams`-th document from document `stream`. Either way the
-    streams' documents are disjoint and together are every document once.
-
-    Raises ValueError when the data has fewer documents than streams (a stream would be empty).
-    """
-    if num_streams < 1 or not 0 <= stream < num_streams:
-        raise ValueError(f"stream {stream} out of range for {num_streams} streams")
-    if not paths:
-        raise ValueError("no data files")
-    if len(paths) >= num_streams:
-        return FileDocuments(paths[stream::num_streams], text_field, fmt)
-    docs = FileDocuments(paths, text_field, fmt)
-    if len(docs) < num_streams:
-        raise ValueError(
-            f"the data has {len(docs)} documents in {len(paths)} files, fewer than the "
-            f"{num_streams} input streams"
-        )
-    return StridedDocuments(docs, stream, num_streams)
+    """`documents_for_streams` of one stream."""
+    return documents_for_streams(paths, [stream], num_streams, text_field, fmt)[0]
 
 
 def write_text_array_record(

@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import operator
 import os
+from collections.abc import Sequence
 from typing import Any, Protocol
 
-from tessera.data.files import FileDocuments, expand_paths
+from tessera.data.files import (
+    FileDocuments,
+    StridedDocuments,
+    documents_for_streams,
+    expand_paths,
+)
 from tessera.data.synthetic import SyntheticSource
 
 
@@ -54,6 +60,16 @@ TEXT_SOURCES = ("synthetic", "text", "mixture")
 IMAGE_SOURCES = ("shapes", "image_folder", "npz", "array_record")  # data/images.py
 
 
+def text_path(data_cfg: Any, split: str) -> str:
+    """`data.path` (files, globs, a comma list), or for eval `data.eval_path` when set."""
+    path = data_cfg.get("path", "")
+    if split == "eval":
+        path = data_cfg.get("eval_path", "") or path
+    if not path:
+        raise ValueError("data.source='text' needs data.path")
+    return path
+
+
 def make_source(data_cfg: Any, split: str) -> Source:
     """Builds the source named by `data_cfg.source` for `split` ("train" or "eval").
 
@@ -69,13 +85,10 @@ def make_source(data_cfg: Any, split: str) -> Source:
             seed=data_cfg.get("seed", 0), split=split, tasks=data_cfg.get("synthetic_tasks", "")
         )
     if name == "text":
-        path = data_cfg.get("path", "")
-        if split == "eval":
-            path = data_cfg.get("eval_path", "") or path
-        if not path:
-            raise ValueError("data.source='text' needs data.path")
         return TextFileSource(
-            path, text_field=data_cfg.get("text_field", "text"), fmt=data_cfg.get("format", "")
+            text_path(data_cfg, split),
+            text_field=data_cfg.get("text_field", "text"),
+            fmt=data_cfg.get("format", ""),
         )
     if name in IMAGE_SOURCES:
         raise ValueError(
@@ -85,35 +98,29 @@ def make_source(data_cfg: Any, split: str) -> Source:
     raise ValueError(f"unknown data source {name!r}; known: {', '.join(TEXT_SOURCES)}")
 
 
-class Strided:
-    """Every `step`-th document of `source` from `start`: `source[start::step]`, random access."""
-
-    def __init__(self, source: Source, start: int, step: int):
-        self._source, self._start, self._step = source, start, step
-        self._len = max(0, -(-(len(source) - start) // step))
-
-    def __len__(self) -> int:
-        return self._len
-
-    def __getitem__(self, index: int) -> str:
-        index = operator.index(index)
-        if not 0 <= index < self._len:
-            raise IndexError(index)
-        return self._source[self._start + index * self._step]
-
-
-def stream_source(data_cfg: Any, split: str, stream: int, num_streams: int) -> Source:
-    """The documents of stream `stream` of `num_streams` of `split`: `source[stream::num_streams]`
-    of `make_source`. A stream left without documents is an error."""
+def stream_sources(
+    data_cfg: Any, split: str, streams: Sequence[int], num_streams: int
+) -> list[Source]:
+    """The documents of each stream of `streams` (of `num_streams`) of `split`. Text files:
+    `files.documents_for_streams` (a stream reads whole files when there are enough, so a host
+    opens only its streams' files); other sources: `source[stream::num_streams]` of
+    `make_source`. A stream left without documents is an error."""
+    if data_cfg.get("source", "synthetic") == "text":
+        return documents_for_streams(
+            expand_paths(text_path(data_cfg, split)),
+            streams,
+            num_streams,
+            text_field=data_cfg.get("text_field", "text"),
+            fmt=data_cfg.get("format", ""),
+        )
     source = make_source(data_cfg, split)
-    docs = Strided(source, stream, num_streams)
-    if not len(docs):
+    if len(source) < num_streams:
         raise ValueError(
             f"the {split} split of data.source={data_cfg.get('source', 'synthetic')!r} has "
-            f"{len(source)} documents, fewer than the {num_streams} data streams (data.streams, "
-            "default: one per row of the global batch)"
+            f"{len(source)} documents, fewer than the {num_streams} input streams (data.streams, "
+            "default: one per row of the batch)"
         )
-    return docs
+    return [StridedDocuments(source, s, num_streams) for s in streams]
 
 
 def parse_mixture(data_cfg: Any) -> list[tuple[Any, float]]:
