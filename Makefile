@@ -14,7 +14,7 @@ PYTEST_ARGS ?= -n 2
 # libtpu (the tpu extra) exists for Linux x86-64 only; with it, tests compile for TPU topologies.
 comma := ,
 PLATFORM := $(shell uname -s)-$(shell uname -m)
-EXTRAS := dev$(if $(filter Linux-x86_64,$(PLATFORM)),$(comma)tpu)
+EXTRAS := dev,seqio$(if $(filter Linux-x86_64,$(PLATFORM)),$(comma)tpu)
 
 .PHONY: demo test test-fast install lint lock clean
 

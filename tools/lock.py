@@ -1,7 +1,7 @@
 """requirements.lock: the exact versions `make install` puts in .venv, from a tested venv.
 
-The lock pins the dependency closure of tessera[dev,tpu]: pyproject.toml's dependencies and its
-dev and tpu extras, then what each of those requires (with the extras asked for), walked through
+The lock pins the dependency closure of tessera[dev,tpu,seqio]: pyproject.toml's dependencies and its
+dev, tpu and seqio extras, then what each of those requires (with the extras asked for), walked through
 the installed distributions' metadata with environment markers evaluated for the running
 interpreter. It is written for one target, CPython 3.12 on Linux x86-64 (the CI machine); make
 installs unpinned elsewhere. tessera itself is not pinned (make installs it editable, --no-deps),
@@ -32,7 +32,7 @@ from packaging.utils import canonicalize_name
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PYPROJECT = os.path.join(ROOT, "pyproject.toml")
 LOCK = os.path.join(ROOT, "requirements.lock")
-EXTRAS = ("dev", "tpu")
+EXTRAS = ("dev", "tpu", "seqio")
 # The Makefile compares the same two strings (LOCK_TARGET) to pick the locked install.
 TARGET = "cpython-312 linux-x86_64"
 # The marker environment of TARGET, for reading pyproject.toml's requirements on any host.
@@ -49,12 +49,12 @@ TARGET_MARKERS = {
 }
 UNPINNED = frozenset({"tessera", "pip", "setuptools", "wheel"})
 HEADER = """\
-# Exact versions of tessera[dev,tpu] and everything it needs (the closure of pyproject.toml's
-# dependencies and its dev and tpu extras), as tested by make test on CPython 3.12, Linux x86-64.
+# Exact versions of tessera[dev,tpu,seqio] and everything it needs (the closure of pyproject.toml's
+# dependencies and its dev, tpu and seqio extras), as tested by make test on CPython 3.12, Linux x86-64.
 # make install uses it there (pip install -r requirements.lock, then tessera with --no-deps)
 # and installs unpinned elsewhere. tessera, pip, setuptools and wheel are not pinned.
 # Regenerate from a venv that passes make test: make lock (python tools/lock.py);
-# to move to newer versions first: .venv/bin/pip install --upgrade -e ".[dev,tpu]".
+# to move to newer versions first: .venv/bin/pip install --upgrade -e ".[dev,tpu,seqio]".
 """
 
 

@@ -314,7 +314,10 @@ def base_config() -> ConfigDict:
             # the documents and its own packer); 0: one per row. Processes split the streams, so
             # the batch does not depend on the number of processes.
             streams=0,
-            packing="greedy",  # greedy | first_fit (data/packing.py)
+            # greedy: documents in order, one that does not fit starts the next row; first_fit:
+            # first-fit decreasing over windows of pack_window documents (denser rows).
+            packing="greedy",
+            pack_window=256,
             # Image sources (shapes | image_folder | npz | array_record, data/images.py): train-time
             # augmentation, a random crop (reflect-pad by crop_padding pixels, crop back) and a
             # left-right flip; eval never augments.

@@ -8,7 +8,8 @@
   WORKDIR/hf_config.json     the source config.json (export keeps the keys tessera does not use)
   WORKDIR/tokenizer/         the tokenizer files, copied; with a tokenizer.json the config's
                              data.tokenizer is "hf:tokenizer" (loaded relative to the
-                             workdir), else it stays "byte" (families that read tokens)
+                             workdir), else with a SentencePiece tokenizer.model it is
+                             "spm:tokenizer", else it stays "byte" (families that read tokens)
 """
 
 from __future__ import annotations
@@ -37,7 +38,14 @@ from tessera.convert.errors import ConversionError
 from tessera.convert.families import family_for
 from tessera.convert.params import read_params
 from tessera.convert.safetensors_io import SafetensorsReader
-from tessera.data.tokenizers import HF_PREFIX, HF_TOKENIZER_FILE, HFTokenizer
+from tessera.data.tokenizers import (
+    HF_PREFIX,
+    HF_TOKENIZER_FILE,
+    SPM_MODEL_FILE,
+    SPM_PREFIX,
+    HFTokenizer,
+    SentencePieceTokenizer,
+)
 from tessera.distributed import barrier
 from tessera.models.create import ModelSpec
 from tessera.sharding import make_mesh, make_rules
@@ -54,6 +62,7 @@ TOKENIZER_FILES = (
 )
 TOKENIZER_DIR = "tokenizer"
 TOKENIZER_NAME = HF_PREFIX + TOKENIZER_DIR  # data.tokenizer of an import with a tokenizer.json
+SPM_TOKENIZER_NAME = SPM_PREFIX + TOKENIZER_DIR  # ... with a SentencePiece tokenizer.model only
 
 
 @dataclasses.dataclass
@@ -171,21 +180,38 @@ def import_hf(
 
 def tokenizer_for_import(hf_dir: str, vocab_size: int) -> tuple[str, str]:
     """(data.tokenizer, a note saying why) for an import of ``hf_dir``: ``"hf:tokenizer"`` when
-    its tokenizer.json loads (the files are copied to WORKDIR/tokenizer), else ``"byte"``."""
-    path = os.path.join(hf_dir, HF_TOKENIZER_FILE)
-    if not os.path.isfile(path):
-        return "byte", (
-            f"{hf_dir} has no {HF_TOKENIZER_FILE}; data.tokenizer stays 'byte', which is not "
-            "the model's tokenizer (--set=data.tokenizer=hf:PATH names another)"
-        )
-    try:
-        tokenizer = HFTokenizer(path)
-    except (ValueError, OSError) as e:
-        return "byte", f"{e}; data.tokenizer stays 'byte'"
-    note = f"data.tokenizer={TOKENIZER_NAME!r} ({tokenizer.vocab_size} ids"
-    if tokenizer.vocab_size > vocab_size:
-        note += f", more than the model's vocab_size {vocab_size}: those ids are rejected"
-    return TOKENIZER_NAME, note + ")"
+    its tokenizer.json loads, else ``"spm:tokenizer"`` when its SentencePiece tokenizer.model
+    loads (the files are copied to WORKDIR/tokenizer), else ``"byte"``. A tokenizer with more
+    ids than ``vocab_size`` is still chosen, and the note says that training and decode refuse
+    it (``check_vocab``) until the config changes."""
+    candidates = (
+        (HF_TOKENIZER_FILE, TOKENIZER_NAME, HFTokenizer),
+        (SPM_MODEL_FILE, SPM_TOKENIZER_NAME, SentencePieceTokenizer),
+    )
+    failures = []
+    for file, name, cls in candidates:
+        path = os.path.join(hf_dir, file)
+        if not os.path.isfile(path):
+            continue
+        try:
+            tokenizer = cls(path)
+        except (ValueError, OSError) as e:
+            failures.append(str(e))
+            continue
+        note = f"data.tokenizer={name!r} ({tokenizer.vocab_size} ids"
+        if tokenizer.vocab_size > vocab_size:
+            note += (
+                f", more than the model's vocab_size {vocab_size}: training and decode refuse "
+                "it until model.vocab_size or data.tokenizer changes"
+            )
+        return name, note + ")"
+    if failures:
+        return "byte", f"{'; '.join(failures)}; data.tokenizer stays 'byte'"
+    return "byte", (
+        f"{hf_dir} has no {HF_TOKENIZER_FILE} or {SPM_MODEL_FILE}; data.tokenizer stays 'byte', "
+        "which is not the model's tokenizer (--set=data.tokenizer=hf:PATH or spm:PATH names "
+        "another)"
+    )
 
 
 def copy_tokenizer(src: str, dst: str) -> list[str]:

@@ -2,6 +2,12 @@
 -> shard per process, with resumable iterators."""
 
 from tessera.data.classify import make_rule_pipeline
+from tessera.data.files import (
+    FileDocuments,
+    documents_for_stream,
+    expand_paths,
+    write_text_array_record,
+)
 from tessera.data.image_pipeline import load_image, make_image_pipeline
 from tessera.data.images import (
     ArrayRecordSource,
@@ -23,7 +29,14 @@ from tessera.data.synthetic import (
     strip_rule,
     unigram_entropy,
 )
-from tessera.data.tokenizers import ByteTokenizer, HFTokenizer, Tokenizer, get_tokenizer
+from tessera.data.tokenizers import (
+    ByteTokenizer,
+    HFTokenizer,
+    SentencePieceTokenizer,
+    Tokenizer,
+    check_vocab,
+    get_tokenizer,
+)
 
 __all__ = [
     "IMAGE_SOURCES",
@@ -33,10 +46,12 @@ __all__ = [
     "ByteTokenizer",
     "DataIterator",
     "FirstFitPackIterDataset",
+    "FileDocuments",
     "HFTokenizer",
     "ImageFolderSource",
     "NpzSource",
     "PackIterDataset",
+    "SentencePieceTokenizer",
     "ShapesSource",
     "Source",
     "SyntheticSource",
@@ -44,6 +59,9 @@ __all__ = [
     "Tokenizer",
     "check",
     "check_ids",
+    "check_vocab",
+    "documents_for_stream",
+    "expand_paths",
     "get_tokenizer",
     "image_classes",
     "is_eval_prompt",
@@ -58,4 +76,5 @@ __all__ = [
     "strip_rule",
     "unigram_entropy",
     "write_array_record",
+    "write_text_array_record",
 ]

@@ -20,14 +20,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import grain
 import numpy as np
 
-from tessera.data.packing import PackIterDataset
-from tessera.data.sources import make_source, parse_mixture, stream_source
+from tessera.data.packing import FirstFitPackIterDataset, PackIterDataset
+from tessera.data.sources import make_source, parse_mixture, stream_sources
 from tessera.data.tokenizers import Tokenizer
 
 Batch = dict[str, np.ndarray]
@@ -241,28 +241,32 @@ class _Concat:
 
 
 def stream_documents(
-    data_cfg: Any, *, split: str, stream: int, num_streams: int, seed: int
-) -> grain.MapDataset:
-    """The documents (text) of one stream: its share of the source (`stream_source`), for train
-    shuffled with a seed of (`seed`, stream) and repeated forever (reshuffled every epoch), for
-    eval once in order. `data.source="mixture"` draws from the components of `data.mixture` with
-    their weights (each shuffled and repeated on its own, so the proportions hold); its eval split
-    is the components' eval splits one after another."""
-    if data_cfg.get("source", "synthetic") == "mixture":
-        parts = parse_mixture(data_cfg)
+    data_cfg: Any, *, split: str, streams: Sequence[int], num_streams: int, seed: int
+) -> list[grain.MapDataset]:
+    """The documents (text) of each stream of `streams`: its share of the source
+    (`stream_sources`), for train shuffled with a seed of (`seed`, stream) and repeated forever
+    (reshuffled every epoch), for eval once in order. `data.source="mixture"` draws from the
+    components of `data.mixture` with their weights (each shuffled and repeated on its own, so
+    the proportions hold); its eval split is the components' eval splits one after another."""
+    if data_cfg.get("source", "synthetic") != "mixture":
+        sources = stream_sources(data_cfg, split, streams, num_streams)
+        docs = [grain.MapDataset.source(src) for src in sources]
         if split != "train":
-            return grain.MapDataset.source(
-                _Concat([stream_source(c, split, stream, num_streams) for c, _ in parts])
-            )
+            return docs
+        return [d.shuffle(stream_seed(seed, s)).repeat() for d, s in zip(docs, streams)]
+    parts = [stream_sources(c, split, streams, num_streams) for c, _ in parse_mixture(data_cfg)]
+    weights = [w for _, w in parse_mixture(data_cfg)]
+    out = []
+    for j, stream in enumerate(streams):
+        if split != "train":
+            out.append(grain.MapDataset.source(_Concat([part[j] for part in parts])))
+            continue
         docs = [
-            grain.MapDataset.source(stream_source(c, split, stream, num_streams))
-            .shuffle(stream_seed(seed, stream, i))
-            .repeat()
-            for i, (c, _) in enumerate(parts)
+            grain.MapDataset.source(part[j]).shuffle(stream_seed(seed, stream, i)).repeat()
+            for i, part in enumerate(parts)
         ]
-        return grain.MapDataset.mix(docs, [w for _, w in parts])
-    docs = grain.MapDataset.source(stream_source(data_cfg, split, stream, num_streams))
-    return docs.shuffle(stream_seed(seed, stream)).repeat() if split == "train" else docs
+        out.append(grain.MapDataset.mix(docs, weights))
+    return out
 
 
 class StreamBatches(grain.DatasetIterator):
@@ -303,21 +307,32 @@ class StreamBatches(grain.DatasetIterator):
         self._done = [False] * len(self._streams)
 
 
-PACKINGS = ("greedy",)
+PACKINGS = ("greedy", "first_fit")
 
 
 def packing_name(data_cfg: Any) -> str:
-    """`data.packing` ("greedy" when unset), checked."""
+    """`data.packing` ("greedy" when unset), checked; first_fit with its window."""
     name = data_cfg.get("packing", "greedy") or "greedy"
     if name not in PACKINGS:
         raise ValueError(f"unknown data.packing {name!r}; known: {', '.join(PACKINGS)}")
-    return name
+    return f"first_fit:{pack_window(data_cfg)}" if name == "first_fit" else name
+
+
+def pack_window(data_cfg: Any) -> int:
+    window = int(data_cfg.get("pack_window", 256))
+    if window < 1:
+        raise ValueError(f"data.pack_window must be >= 1, got {window}")
+    return window
 
 
 def make_packer(data_cfg: Any, *, row_len: int, pad_id: int) -> Any:
-    """`tokens -> rows`: the packer `data.packing` names (`data/packing.py`)."""
-    packing_name(data_cfg)
-    return functools.partial(PackIterDataset, row_len=row_len, pad_id=pad_id)
+    """`tokens -> rows`: the packer `data.packing` names (`data/packing.py`): greedy, in
+    document order, or first-fit decreasing over windows of `data.pack_window` documents."""
+    if packing_name(data_cfg) == "greedy":
+        return functools.partial(PackIterDataset, row_len=row_len, pad_id=pad_id)
+    return functools.partial(
+        FirstFitPackIterDataset, row_len=row_len, pad_id=pad_id, window=pack_window(data_cfg)
+    )
 
 
 def make_pipeline(
@@ -354,11 +369,9 @@ def make_pipeline(
     encode = functools.partial(encode_document, tokenizer, vocab_size=vocab_size)
     packer = make_packer(data_cfg, row_len=seq_len + 1, pad_id=tokenizer.pad_id)
     rows = []
-    for stream in mine:
-        docs = stream_documents(
-            data_cfg, split=split, stream=stream, num_streams=streams, seed=seed
-        ).map(encode)
-        tokens = docs.to_iter_dataset(grain.ReadOptions(num_threads=0))
+    docs = stream_documents(data_cfg, split=split, streams=mine, num_streams=streams, seed=seed)
+    for stream_docs in docs:
+        tokens = stream_docs.map(encode).to_iter_dataset(grain.ReadOptions(num_threads=0))
         rows.append(packer(tokens).map(_features).__iter__())
     empty = {
         "tokens": np.full(seq_len + 1, tokenizer.pad_id, np.int32),

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
-import json
 import operator
 import os
+from collections.abc import Sequence
 from typing import Any, Protocol
 
+from tessera.data.files import (
+    FileDocuments,
+    StridedDocuments,
+    documents_for_streams,
+    expand_paths,
+)
 from tessera.data.synthetic import SyntheticSource
 
 
@@ -19,42 +25,29 @@ class Source(Protocol):
 
 
 class TextFileSource:
-    """Documents from a file: one per non-blank line of a text file, or the `text_field` string of
-    each line of a `.jsonl` file. The file is read fully on construction, so errors surface early.
+    """Documents of `path`: one file, a glob, or a comma-separated list of files and globs
+    (`tessera.data.files.expand_paths`), file after file in sorted order, in any format of
+    `tessera.data.files` (text lines, jsonl, parquet, array_record; `fmt` "" picks it from each
+    file's name). Documents are read from the files on access, not kept in memory.
+
+    Construction fails with a one-line error for a missing file, a pattern that matches nothing,
+    or a file without documents; with `validate` (the default) it also reads every document once,
+    so that a bad UTF-8 or JSON line fails here rather than during training.
     """
 
-    def __init__(self, path: str | os.PathLike[str], text_field: str = "text"):
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        text_field: str = "text",
+        fmt: str = "",
+        validate: bool = True,
+    ):
         self.path = os.fspath(path)
-        if not os.path.isfile(self.path):
-            raise FileNotFoundError(f"data file not found: {self.path}")
-        try:
-            with open(self.path, encoding="utf-8") as f:
-                lines = f.read().split("\n")
-        except UnicodeDecodeError as e:
-            raise ValueError(f"data file {self.path} is not UTF-8 text ({e.reason})") from None
-        if self.path.endswith(".jsonl"):
-            docs = [
-                self._jsonl_text(line, n, text_field)
-                for n, line in enumerate(lines, start=1)
-                if line.strip()
-            ]
-        else:
-            docs = lines
-        self._docs = [d for d in docs if d.strip()]
-        if not self._docs:
-            raise ValueError(f"data file {self.path} contains no documents")
-
-    def _jsonl_text(self, line: str, lineno: int, field: str) -> str:
-        where = f"{self.path}:{lineno}"
-        try:
-            record: Any = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{where}: line is not valid JSON ({e.msg})") from None
-        if not isinstance(record, dict) or field not in record:
-            raise ValueError(f"{where}: JSON line has no field {field!r}")
-        if not isinstance(record[field], str):
-            raise ValueError(f"{where}: field {field!r} is {type(record[field]).__name__}, not str")
-        return record[field]
+        self.files = expand_paths(self.path)
+        self._docs = FileDocuments(self.files, text_field=text_field, fmt=fmt)
+        if validate:
+            for i in range(len(self._docs)):
+                self._docs[i]
 
     def __len__(self) -> int:
         return len(self._docs)
@@ -67,11 +60,22 @@ TEXT_SOURCES = ("synthetic", "text", "mixture")
 IMAGE_SOURCES = ("shapes", "image_folder", "npz", "array_record")  # data/images.py
 
 
+def text_path(data_cfg: Any, split: str) -> str:
+    """`data.path` (files, globs, a comma list), or for eval `data.eval_path` when set."""
+    path = data_cfg.get("path", "")
+    if split == "eval":
+        path = data_cfg.get("eval_path", "") or path
+    if not path:
+        raise ValueError("data.source='text' needs data.path")
+    return path
+
+
 def make_source(data_cfg: Any, split: str) -> Source:
     """Builds the source named by `data_cfg.source` for `split` ("train" or "eval").
 
     synthetic: `SyntheticSource(data_cfg.seed, split, data_cfg.synthetic_tasks)`.
-    text: `TextFileSource(data_cfg.path)`; eval reads `data_cfg.eval_path` when set.
+    text: `TextFileSource(data_cfg.path, data_cfg.text_field, data_cfg.format)`; eval reads
+    `data_cfg.eval_path` when set. Paths may be globs and comma-separated lists.
     """
     if split not in ("train", "eval"):
         raise ValueError(f"unknown split {split!r}; known: train, eval")
@@ -81,12 +85,11 @@ def make_source(data_cfg: Any, split: str) -> Source:
             seed=data_cfg.get("seed", 0), split=split, tasks=data_cfg.get("synthetic_tasks", "")
         )
     if name == "text":
-        path = data_cfg.get("path", "")
-        if split == "eval":
-            path = data_cfg.get("eval_path", "") or path
-        if not path:
-            raise ValueError("data.source='text' needs data.path")
-        return TextFileSource(path, text_field=data_cfg.get("text_field", "text"))
+        return TextFileSource(
+            text_path(data_cfg, split),
+            text_field=data_cfg.get("text_field", "text"),
+            fmt=data_cfg.get("format", ""),
+        )
     if name in IMAGE_SOURCES:
         raise ValueError(
             f"data.source={name!r} is an image source (make_image_pipeline); "
@@ -95,35 +98,29 @@ def make_source(data_cfg: Any, split: str) -> Source:
     raise ValueError(f"unknown data source {name!r}; known: {', '.join(TEXT_SOURCES)}")
 
 
-class Strided:
-    """Every `step`-th document of `source` from `start`: `source[start::step]`, random access."""
-
-    def __init__(self, source: Source, start: int, step: int):
-        self._source, self._start, self._step = source, start, step
-        self._len = max(0, -(-(len(source) - start) // step))
-
-    def __len__(self) -> int:
-        return self._len
-
-    def __getitem__(self, index: int) -> str:
-        index = operator.index(index)
-        if not 0 <= index < self._len:
-            raise IndexError(index)
-        return self._source[self._start + index * self._step]
-
-
-def stream_source(data_cfg: Any, split: str, stream: int, num_streams: int) -> Source:
-    """The documents of stream `stream` of `num_streams` of `split`: `source[stream::num_streams]`
-    of `make_source`. A stream left without documents is an error."""
+def stream_sources(
+    data_cfg: Any, split: str, streams: Sequence[int], num_streams: int
+) -> list[Source]:
+    """The documents of each stream of `streams` (of `num_streams`) of `split`. Text files:
+    `files.documents_for_streams` (a stream reads whole files when there are enough, so a host
+    opens only its streams' files); other sources: `source[stream::num_streams]` of
+    `make_source`. A stream left without documents is an error."""
+    if data_cfg.get("source", "synthetic") == "text":
+        return documents_for_streams(
+            expand_paths(text_path(data_cfg, split)),
+            streams,
+            num_streams,
+            text_field=data_cfg.get("text_field", "text"),
+            fmt=data_cfg.get("format", ""),
+        )
     source = make_source(data_cfg, split)
-    docs = Strided(source, stream, num_streams)
-    if not len(docs):
+    if len(source) < num_streams:
         raise ValueError(
             f"the {split} split of data.source={data_cfg.get('source', 'synthetic')!r} has "
-            f"{len(source)} documents, fewer than the {num_streams} data streams (data.streams, "
-            "default: one per row of the global batch)"
+            f"{len(source)} documents, fewer than the {num_streams} input streams (data.streams, "
+            "default: one per row of the batch)"
         )
-    return docs
+    return [StridedDocuments(source, s, num_streams) for s in streams]
 
 
 def parse_mixture(data_cfg: Any) -> list[tuple[Any, float]]:

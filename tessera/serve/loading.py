@@ -14,7 +14,7 @@ from typing import Any
 import jax
 
 from tessera.configs.base import ConfigDict
-from tessera.data import get_tokenizer
+from tessera.data import check_vocab, get_tokenizer
 from tessera.data.tokenizers import Tokenizer
 from tessera.models.create import ModelSpec, abstract_arrays
 from tessera.serve.engine import Decoder
@@ -48,8 +48,9 @@ def load_decoder(
 ) -> tuple[Decoder, int]:
     """A Decoder for ``config`` with the parameters of ``workdir``'s checkpoint (latest, or
     ``step``) on the mesh of ``config.mesh``; returns it and the step restored. The tokenizer is
-    ``tokenizer``, else ``config.data.tokenizer`` (a relative ``hf:`` path taken relative to
-    ``workdir``)."""
+    ``tokenizer``, else ``config.data.tokenizer`` (a relative ``hf:`` / ``spm:`` path taken
+    relative to ``workdir``), which must have no more ids than ``model.vocab_size``
+    (``check_vocab``: a ValueError before the checkpoint is read)."""
     if config.model.name != "lm":
         raise ValueError(
             f"model.name={config.model.name!r} is not a decoder LM: decode needs model.name='lm'"
@@ -59,6 +60,7 @@ def load_decoder(
     spec = ModelSpec(config.model)
     if tokenizer is None:
         tokenizer = get_tokenizer(config.data.tokenizer, base_dir=workdir)
+        check_vocab(tokenizer, int(config.model.vocab_size), name=config.data.tokenizer)
     shardings = spec.shardings(mesh, rules, strict=bool(config.mesh.get("strict", False)))
     step, params = restore_params(spec, workdir, shardings, step)
     decoder = Decoder(spec, params, mesh, rules, tokenizer=tokenizer, **decoder_kwargs)

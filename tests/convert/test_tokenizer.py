@@ -1,6 +1,7 @@
 """An import whose HF directory has a tokenizer.json uses it: the imported config says
 ``hf:tokenizer`` (relative to the workdir), and the engine, the decode CLI and fine-tuning
-encode text with that tokenizer; without a loadable tokenizer.json the config keeps ``byte``."""
+encode text with that tokenizer; without a loadable tokenizer.json the config keeps ``byte``
+(SentencePiece-only directories: tests/data/test_sentencepiece.py)."""
 
 import os
 import subprocess
@@ -27,7 +28,10 @@ PROMPT = "hello world"
 
 def test_tokenizer_choice_without_a_usable_tokenizer_json(tmp_path):
     name, note = tokenizer_for_import(fixture("llama3"), 272)
-    assert name == "byte" and "has no tokenizer.json; data.tokenizer stays 'byte'" in note
+    assert name == "byte" and note.endswith(
+        "has no tokenizer.json or tokenizer.model; data.tokenizer stays 'byte', which is not the "
+        "model's tokenizer (--set=data.tokenizer=hf:PATH or spm:PATH names another)"
+    )
     (tmp_path / "tokenizer.json").write_text("{}")
     name, note = tokenizer_for_import(str(tmp_path), 272)
     assert name == "byte" and "cannot load the Hugging Face tokenizer" in note
@@ -36,7 +40,8 @@ def test_tokenizer_choice_without_a_usable_tokenizer_json(tmp_path):
         "hf:tokenizer", "data.tokenizer='hf:tokenizer' (268 ids)"
     )
     name, note = tokenizer_for_import(str(tmp_path), 200)
-    assert name == "hf:tokenizer" and "more than the model's vocab_size 200" in note
+    assert name == "hf:tokenizer" and "more than the model's vocab_size 200: training and " \
+        "decode refuse it" in note
 
 
 @pytest.mark.slow

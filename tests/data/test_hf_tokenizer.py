@@ -81,15 +81,19 @@ def test_get_tokenizer_paths_and_errors(tok_dir, tmp_path):
         get_tokenizer("hf:tok", base_dir=missing)
     (tmp_path / "spm").mkdir()
     (tmp_path / "spm" / "tokenizer.model").write_bytes(b"\0")
-    with pytest.raises(FileNotFoundError, match=r"no tokenizer.json in .*spm \(it has a Sentence"):
+    with pytest.raises(FileNotFoundError, match=r"no tokenizer.json in .*spm \(it has a "
+                       r"tokenizer.model: name it spm:.*spm\)"):
         get_tokenizer(f"hf:{tmp_path / 'spm'}")
     (tmp_path / "broken.json").write_text("{}")
     with pytest.raises(ValueError, match="cannot load the Hugging Face tokenizer .*broken.json"):
         get_tokenizer(f"hf:{tmp_path / 'broken.json'}")
     with pytest.raises(ValueError, match="names no path"):
         get_tokenizer("hf:")
-    with pytest.raises(ValueError, match=r"unknown tokenizer 'spm'; known: byte, hf:<path>"):
+    known = r"known: byte, hf:<path>, spm:<path>$"
+    with pytest.raises(ValueError, match=r"unknown tokenizer 'spm'; " + known):
         get_tokenizer("spm")
+    with pytest.raises(ValueError, match=r"names no path \(spm:DIR or spm:DIR/tokenizer.model\)"):
+        get_tokenizer("spm:")
 
 
 def test_pipeline_without_bos(tmp_path):

@@ -5,7 +5,14 @@ import ml_collections
 import numpy as np
 import pytest
 
-from tessera.data import ByteTokenizer, check, check_ids, make_pipeline, split_prompt
+from tessera.data import (
+    ByteTokenizer,
+    check,
+    check_ids,
+    make_pipeline,
+    packing_efficiency,
+    split_prompt,
+)
 
 TOK = ByteTokenizer()
 SEQ = 64
@@ -144,7 +151,7 @@ def test_streams_setting(tmp_path):
     with pytest.raises(ValueError, match=r"multiple of the process count 4"):
         pipeline(cfg(streams=2), global_batch_size=8, process_count=4)
     few = text_file(tmp_path, ["only", "three", "docs"])
-    with pytest.raises(ValueError, match="3 documents, fewer than the 4 data streams"):
+    with pytest.raises(ValueError, match="3 documents in 1 files, fewer than the 4 input streams"):
         next(pipeline(few))
 
 
@@ -175,6 +182,33 @@ def test_mixture_proportions_and_eval(tmp_path):
     ]:
         with pytest.raises(ValueError, match=msg):
             next(pipeline(cfg(source="mixture", mixture=spec)))
+
+
+def test_first_fit_packing_is_denser_and_resumes(tmp_path):
+    rng = np.random.default_rng(1)
+    docs = ["".join(rng.choice(list("abcdef"), size=rng.integers(2, 60))) for _ in range(200)]
+    greedy = text_file(tmp_path, docs)
+    first_fit = text_file(tmp_path, docs)
+    first_fit.update(packing="first_fit", pack_window=16)
+    efficiency = {}
+    for name, data_cfg in (("greedy", greedy), ("first_fit", first_fit)):
+        batches = take(pipeline(data_cfg), 20)
+        efficiency[name] = np.mean([packing_efficiency(b["segment_ids"]) for b in batches])
+    assert efficiency["first_fit"] > efficiency["greedy"] + 0.05, efficiency
+    it = pipeline(first_fit)
+    take(it, 3)
+    state = json.loads(json.dumps(it.get_state()))
+    assert state["packing"] == "first_fit:16"
+    expected = take(it, 4)
+    fresh = pipeline(first_fit)
+    fresh.set_state(state)
+    assert_batches_equal(take(fresh, 4), expected)
+    with pytest.raises(ValueError, match=r"packing='first_fit:16' \(now 'greedy'\)"):
+        pipeline(greedy).set_state(state)
+    with pytest.raises(ValueError, match="unknown data.packing 'best'"):
+        pipeline(cfg(packing="best"))
+    with pytest.raises(ValueError, match="data.pack_window must be >= 1"):
+        pipeline(cfg(packing="first_fit", pack_window=0))
 
 
 def test_train_shuffles_and_repeats(tmp_path):
@@ -242,3 +276,53 @@ def test_check_ids():
     b["targets"][0, 3] = -1
     with pytest.raises(ValueError, match=r"^token id -1 out of range"):
         check_vocab(b, 259)
+
+
+def test_a_process_opens_only_its_streams_files(tmp_path):
+    for i in range(8):  # files[s::4] belong to stream s; process 1 runs streams 2 and 3
+        (tmp_path / f"part-{i}.txt").write_text(f"file {i} doc a\nfile {i} doc b\n")
+    (tmp_path / "part-3.txt").write_text("")  # stream 3's file: only process 1 notices
+    data_cfg = cfg(source="text", path=str(tmp_path / "part-*.txt"))
+    docs = documents(take(pipeline(data_cfg, process_index=0, process_count=2), 4))
+    assert {d.split()[1] for d in docs} == {"0", "1", "4", "5"}
+    with pytest.raises(ValueError, match="part-3.txt"):
+        pipeline(data_cfg, process_index=1, process_count=2)
+
+
+def _write(tmp_path, fmt, docs):
+    path = tmp_path / f"docs.{fmt}"
+    if fmt == "jsonl":
+        path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    elif fmt == "parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.table({"text": docs}), path, row_group_size=16)
+    else:
+        from tessera.data import write_text_array_record
+
+        write_text_array_record(path, docs)
+    return str(path)
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "parquet", "array_record", "mixture", "first_fit"])
+def test_every_source_resumes_exactly(tmp_path, kind):
+    rng = np.random.default_rng(2)
+    docs = ["".join(rng.choice(list("abcdefgh "), size=rng.integers(5, 90))) for _ in range(60)]
+    fmt = kind if kind in ("jsonl", "parquet", "array_record") else "jsonl"
+    data_cfg = cfg(source="text", path=_write(tmp_path, fmt, docs))
+    if kind == "mixture":
+        data_cfg.update(source="mixture", mixture=f"text:{data_cfg.path}=2;synthetic=1")
+    if kind == "first_fit":
+        data_cfg.update(packing="first_fit", pack_window=8)
+    if kind in ("jsonl", "parquet", "array_record"):
+        assert sorted(documents(list(pipeline(data_cfg, split="eval", seq_len=128)))) == sorted(
+            d for d in docs if d.strip()
+        )
+    it = pipeline(data_cfg, seq_len=32)
+    take(it, 7)
+    state = json.loads(json.dumps(it.get_state()))
+    expected = take(it, 5)
+    fresh = pipeline(data_cfg, seq_len=32)
+    fresh.set_state(state)
+    assert_batches_equal(take(fresh, 5), expected)

@@ -1,7 +1,8 @@
 """The job tests/multiprocess/test_two_processes.py runs on 2 processes × 4 CPU devices
 (``tessera.launch local``): one train step, a checkpoint saved by both processes, a restore of a
-checkpoint one process saved, and a greedy decode. Process 0 writes the gathered results to
-``OUT/results.npz``; each process writes its batch to ``OUT/batch-I.npz``.
+checkpoint one process saved, an evaluation, and a greedy decode. Process 0 writes the gathered
+results to ``OUT/results.npz``; each process writes its first batch to ``OUT/batch-I.npz`` and the
+next two to ``OUT/more-I.npz``.
 
   python -m tessera.launch local --num_processes=2 --cpu_devices=4 -- \
       python -m tests.multiprocess.job OUT ONE_PROCESS_WORKDIR
@@ -35,6 +36,10 @@ def main(out: str, saved_by_one: str) -> None:
     data = trainer.task.make_data("train", process_index=index, process_count=count)
     local = next(data)
     np.savez(os.path.join(out, f"batch-{index}.npz"), **local)
+    more = [next(data) for _ in range(2)]
+    np.savez(os.path.join(out, f"more-{index}.npz"),
+             **{k: np.stack([b[k] for b in more]) for k in more[0]})
+    evaluation = trainer.evaluate(state)  # the eval split on two processes
     batch = trainer.device_batch(local)
     loss, grads = trainer.grads(state["params"], batch)
     state, metrics = trainer.step(state, batch)
@@ -54,6 +59,7 @@ def main(out: str, saved_by_one: str) -> None:
     )
     if index == 0:
         results = {"loss": np.asarray(loss), "step_loss": np.asarray(metrics["loss"])}
+        results.update({f"evaluation/{k}": np.asarray(v) for k, v in evaluation.items()})
         for key, tree in gathered.items():
             results.update({f"{key}/{k}": v for k, v in flat(tree).items()})
         results["restored_data_state_is_empty"] = np.asarray(restored[2] == {})

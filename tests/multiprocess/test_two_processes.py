@@ -78,20 +78,37 @@ def test_checkpoint_saved_by_one_process_restores_in_two(two):
     assert results["restored_data_state_is_empty"]
 
 
-def test_each_process_reads_its_own_shard(two):
+def test_processes_batches_together_are_the_one_process_batch(two):
+    """Each process reads only its streams: the two processes' rows differ, and process 0's
+    rows then process 1's are the batch one process reads, batch after batch."""
     out, trainer, _, _ = two
-    for i in range(2):
-        want = next(trainer.task.make_data("train", process_index=i, process_count=2))
-        got = np.load(out / f"batch-{i}.npz")
+    data = trainer.task.make_data("train")
+    parts = [dict(np.load(out / f"more-{i}.npz")) for i in range(2)]
+    for n, want in enumerate([next(data) for _ in range(3)]):
+        got = _global_batch(out) if n == 0 else {
+            k: np.concatenate([p[k][n - 1] for p in parts]) for k in parts[0]
+        }
         for key, value in want.items():
-            np.testing.assert_array_equal(got[key], value, err_msg=f"process {i} {key}")
+            np.testing.assert_array_equal(got[key], value, err_msg=f"batch {n} {key}")
+        rows = [{r.tobytes() for r in half} for half in np.split(got["inputs"], 2)]
+        assert not rows[0] & rows[1]
     shards = [
         shard_source(list(range(10)), split="train", global_batch_size=8, process_index=i,
                      process_count=2, seed=0).docs
         for i in range(2)
     ]
-    seen = [{int(shard[j]) for j in range(5)} for shard in shards]
+    seen = [{int(shard[j]) for j in range(5)} for shard in shards]  # images and classify
     assert not seen[0] & seen[1] and seen[0] | seen[1] == set(range(10))
+
+
+def test_evaluation_on_two_processes_equals_one(two):
+    """Eval batches do not depend on the process count either; a process whose eval streams end
+    first feeds zero-weight padding while the other still has batches."""
+    _, trainer, state, results = two
+    want = trainer.evaluate(state)
+    assert want["eval/loss"] > 0
+    for key, value in want.items():
+        np.testing.assert_allclose(results[f"evaluation/{key}"], value, rtol=1e-5, err_msg=key)
 
 
 def test_decode_on_two_processes_matches_one(two):

@@ -34,6 +34,7 @@ def test_cli_trains_and_writes_metrics(tmp_path):
     assert [r["step"] for r in rows] == [1, 2, 4]
     assert all({"loss", "nll", "accuracy", "learning_rate", "grad_norm"} <= set(r) for r in rows)
     assert {"tokens_per_s", "tflops_per_device", "mfu"} <= set(rows[-1])
+    assert all(0.5 < r["packing"] <= 1 for r in rows)  # real tokens / slots of the packed rows
     [evaluation] = read_metrics(str(tmp_path), "eval")  # at the end (eval.every=100)
     assert evaluation["step"] == 4 and {"eval/loss", "eval/perplexity"} <= set(evaluation)
     assert "eval/loss" in proc.stdout and "unigram entropy" in proc.stdout
@@ -46,7 +47,8 @@ def test_cli_trains_and_writes_metrics(tmp_path):
     (["--config.mesh.data=3"], "multiply to 3, but there are 1 devices"),
     (["--config.data.source=text", "--config.data.path={empty}"], "contains no documents"),
     (["--config.data.source=text", "--config.data.path={missing}"], "missing.txt"),
-    (["--config.model.vocab_size=100"], "token id .* out of range for vocab_size 100"),
+    (["--config.model.vocab_size=100"],
+     "tokenizer 'byte' has 259 ids but model.vocab_size is 100: raise model.vocab_size"),
     (["--config=llama:huge"], "unknown preset 'huge'"),
     (["--config.train.task=nope"],
      r"unknown task 'nope'; known: \['classify', 'diffusion', 'lm', "),

@@ -28,6 +28,7 @@ def test_lm_adds_and_reports_aux_losses():
     task = get_task(load_config("llama:tiny"))
     logits = jax.random.normal(RNG, (2, 5, 7))
     batch = lm_batch()
+    batch["segment_ids"] = batch["segment_ids"].at[0, 3:].set(0)  # 2 padding slots of 10
     aux = {"moe_balance_loss": jnp.float32(0.5), "router_z_loss": jnp.float32(0.25),
            "moe_load": jnp.ones((2, 4))}
     total, weight, sums = task.loss(fake_model(logits, aux), batch, RNG)
@@ -37,8 +38,11 @@ def test_lm_adds_and_reports_aux_losses():
     # Statistics are reported too (not added to the loss), weighted like the losses so that the
     # metric is their mean over micro-batches.
     assert set(sums) == {"nll", "accuracy", "aux/moe_balance_loss", "aux/router_z_loss",
-                         "aux/moe_load"}
+                         "aux/moe_load", "packing", "slots"}
     metrics = task.metrics(sums, weight)
+    segments = np.asarray(batch["segment_ids"])
+    assert "slots" not in metrics
+    assert metrics["packing"] == pytest.approx((segments != 0).mean()) == pytest.approx(0.8)
     assert metrics["aux/moe_balance_loss"] == pytest.approx(0.5)
     np.testing.assert_allclose(metrics["aux/moe_load"], np.ones((2, 4)), rtol=1e-6)
     assert metrics["nll"] == pytest.approx(float(plain_sums["nll"]) / 10)

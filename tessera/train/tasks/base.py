@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from tessera.configs.base import ConfigDict
-from tessera.data import DataIterator, Tokenizer, get_tokenizer
+from tessera.data import DataIterator, Tokenizer, check_vocab, get_tokenizer
 from tessera.train.ema import EMA
 
 PyTree = Any
@@ -85,9 +85,15 @@ class Task(abc.ABC):
     # -- data ------------------------------------------------------------------------------
     @functools.cached_property
     def tokenizer(self) -> Tokenizer:
-        """``data.tokenizer`` (a relative ``hf:`` path is found in the workdir), read on first use
-        so that building a Trainer needs no data."""
-        return get_tokenizer(self.config.data.tokenizer, base_dir=self.workdir)
+        """``data.tokenizer`` (a relative ``hf:`` / ``spm:`` path is found in the workdir), read on
+        first use so that building a Trainer needs no data. A tokenizer with more ids than
+        ``model.vocab_size`` is a ValueError here, before the first step (``check_vocab``)."""
+        name = self.config.data.tokenizer
+        tokenizer = get_tokenizer(name, base_dir=self.workdir)
+        vocab_size = self.config.model.get("vocab_size")
+        if vocab_size is not None:
+            check_vocab(tokenizer, int(vocab_size), name=name)
+        return tokenizer
 
     @abc.abstractmethod
     def features(self) -> dict[str, Feature]:

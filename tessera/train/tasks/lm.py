@@ -104,7 +104,23 @@ class LMTask(Task):
             total, weight, sums = cross_entropy(out.logits, targets, mask, z_loss)
             aux = out.aux
         total, aux_sums = add_aux_losses(total, weight, aux)
-        return total, weight, {**sums, **aux_sums}
+        segments = batch["segment_ids"]
+        packing = {  # real tokens and slots of the packed rows: their ratio is logged as packing
+            "packing": jnp.sum(segments != 0, dtype=jnp.float32),
+            "slots": jnp.float32(segments.size),
+        }
+        return total, weight, {**sums, **aux_sums, **packing}
+
+    def metrics(self, sums: Mapping[str, jax.Array], weight: jax.Array) -> dict[str, jax.Array]:
+        """Sums over the token weight, and ``packing``: the fraction of row slots holding real
+        tokens (data.packing's efficiency)."""
+        sums = dict(sums)
+        slots = sums.pop("slots", None)
+        packing = sums.pop("packing", None)
+        out = super().metrics(sums, weight)
+        if slots is not None and packing is not None:
+            out["packing"] = packing / slots
+        return out
 
     def eval_metrics(
         self, sums: Mapping[str, jax.Array], weight: jax.Array
