@@ -137,7 +137,7 @@ def _data_flags(parser: argparse.ArgumentParser) -> None:
                             "default: this run's process count)")
     group.add_argument("--packings", default="",
                        help="data: data.packing values to compare, e.g. greedy,first_fit "
-                            "(default: the config's)")
+                            "(first_fit:W: data.pack_window=W; default: the config's)")
     group.add_argument("--rounds", type=int, default=3,
                        help="data: rounds alternating the packings (median round)")
     step = group.add_mutually_exclusive_group()

@@ -3,8 +3,9 @@
 ``run_data_bench`` builds the task's train pipeline as the trainer does
 (``trainer.task.make_data("train", process_index=0, process_count=P)``: process 0 of a P-process
 job, whose per-host batch is ``global_batch_size / P`` rows), pulls one warm-up batch, then times
-``batches`` batches. With several packings (``data.packing``) each gets its own pipeline and the
-timing alternates between them for ``rounds`` rounds, so a noisy machine slows them alike.
+``batches`` batches. With several packings (``data.packing``; ``first_fit:W`` also sets
+``data.pack_window=W``) each gets its own pipeline and the timing alternates between them for
+``rounds`` rounds, so a noisy machine slows them alike.
 
 Per host, from the batches (rows of ``seq_len`` input slots):
 
@@ -47,6 +48,7 @@ import numpy as np
 from tessera.bench.table import print_table
 from tessera.bench.train import time_train_step
 from tessera.configs import load_config
+from tessera.data.pipeline import packing_name
 from tessera.train.trainer import Trainer
 
 
@@ -164,15 +166,19 @@ def run_data_bench(
     if step_tokens_per_s is not None and step_tokens_per_s <= 0:
         raise ValueError(f"step_tokens_per_s must be > 0, got {step_tokens_per_s}")
     base = load_config(config_spec, overrides)
-    names = list(packings or [base.data.get("packing", "greedy") or "greedy"])
-    if len(set(names)) != len(names):
-        raise ValueError(f"packings repeat a name: {','.join(names)}")
+    configs = {}
+    for spec in packings or [packing_name(base.data)]:
+        packing, _, window = spec.partition(":")
+        cfg = load_config(config_spec, {
+            **overrides, "data.packing": packing, **({"data.pack_window": window} if window else {})
+        })
+        name = packing_name(cfg.data)
+        if name in configs:
+            raise ValueError(f"packings repeat {name}: {','.join(packings or [])}")
+        configs[name] = cfg
+    names = list(configs)
     with tempfile.TemporaryDirectory() as workdir:
-        trainers = {
-            name: Trainer(load_config(config_spec, {**overrides, "data.packing": name}),
-                          workdir, devices)
-            for name in names
-        }
+        trainers = {name: Trainer(cfg, workdir, devices) for name, cfg in configs.items()}
         for trainer in trainers.values():
             if trainer.task.throughput_unit()[0] != "tokens":
                 raise ValueError(

@@ -148,6 +148,17 @@ def test_data_bench_as_one_process_of_two_against_a_given_step(capsys):
     assert "step tokens/s given" in out
 
 
+def test_data_bench_compares_packings_in_one_table(capsys):
+    rows = run_data_bench("llama:tiny", TINY, batches=2, rounds=2,
+                          packings=["greedy", "first_fit:16"], measure_step=False)
+    assert [r["packing"] for r in rows] == ["greedy", "first_fit:16"]
+    for row in rows:
+        check_row(row, batch_rows=4)
+        assert "headroom" not in row
+    cols, after = table(capsys.readouterr().out)
+    assert cols["packing"] == ["greedy", "first_fit:16"] and after == []
+
+
 @pytest.mark.slow
 def test_data_bench_measures_the_step(capsys):
     [row] = run_data_bench("llama:tiny", TINY, batches=2, rounds=1, steps=1,
@@ -162,7 +173,9 @@ def test_data_bench_measures_the_step(capsys):
 
 @pytest.mark.parametrize("argv, message", [
     (["--processes=3"], "global_batch_size 4 must be a positive multiple of process_count 3"),
-    (["--packings=greedy,greedy"], "packings repeat a name: greedy,greedy"),
+    (["--packings=greedy,greedy"], "packings repeat greedy: greedy,greedy"),
+    (["--packings=first_fit:256,first_fit"], "packings repeat first_fit:256"),
+    (["--packings=first_fit:0"], "data.pack_window must be >= 1, got 0"),
     (["--packings=bogus"], "unknown data.packing 'bogus'"),
     (["--processes=0"], "processes must be >= 1"),
     (["--step_tokens_per_s=-1"], "step_tokens_per_s must be > 0"),
