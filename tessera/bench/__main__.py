@@ -3,7 +3,7 @@
 (tessera next to transformers ``generate``, ``bench/against_hf.py``),
 ``python -m tessera.bench attention [--lengths=1024,4096] [--tpu=v5e-4]``, and
 ``python -m tessera.bench recurrence [--ops=ssd,rwkv6] [--lengths=...] [--tpu=v5p-8]``, and
-``python -m tessera.bench data --config=llama:small [--batches=20] [--processes=P]
+``python -m tessera.bench data --config=llama:small [--batches=50] [--processes=P]
 [--packings=greedy,first_fit] [--step_tokens_per_s=X | --no_step]`` (the input pipeline's rows,
 documents and tokens per second per host against the slots per second the train step consumes
 per host; ``bench/data.py``).
@@ -104,7 +104,7 @@ def _against_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--models", default="llama,mamba2", help="decode --against: models")
     group.add_argument("--batches", default=None,
                        help="decode --against: batch sizes (default 1,16); data: timed batches "
-                            "per round (default 20)")
+                            "per round (default 50)")
     group.add_argument("--prompt_len", type=int, default=32,
                        help="decode --against: prompt tokens")
     group.add_argument("--new_tokens", type=int, default=256,
@@ -139,7 +139,7 @@ def _data_flags(parser: argparse.ArgumentParser) -> None:
                        help="data: data.packing values to compare, e.g. greedy,first_fit "
                             "(first_fit:W: data.pack_window=W; default: the config's)")
     group.add_argument("--rounds", type=int, default=3,
-                       help="data: rounds alternating the packings (median round)")
+                       help="data: rounds of --batches batches, alternating the packings")
     step = group.add_mutually_exclusive_group()
     step.add_argument("--step_tokens_per_s", type=float, default=None,
                       help="data: the job's train tokens/s (batch x seq_len per step, as bench "
@@ -154,7 +154,7 @@ def _data(parser: argparse.ArgumentParser, args: argparse.Namespace, overrides: 
     if not args.config:
         parser.error("bench data needs --config")
     try:
-        batches = int(args.batches or 20)
+        batches = int(args.batches or 50)
     except ValueError:
         parser.error("bench data: --batches takes one integer")
     try:

@@ -2,10 +2,17 @@
 
 ``run_data_bench`` builds the task's train pipeline as the trainer does
 (``trainer.task.make_data("train", process_index=0, process_count=P)``: process 0 of a P-process
-job, whose per-host batch is ``global_batch_size / P`` rows), pulls one warm-up batch, then times
-``batches`` batches. With several packings (``data.packing``; ``first_fit:W`` also sets
-``data.pack_window=W``) each gets its own pipeline and the timing alternates between them for
-``rounds`` rounds, so a noisy machine slows them alike.
+job, whose per-host batch is ``global_batch_size / P`` rows; ``setup (s)`` is that call), then
+times its first batch and ``rounds`` x ``batches`` more. With several packings (``data.packing``;
+``first_fit:W`` also sets ``data.pack_window=W``) each gets its own pipeline and the rounds
+alternate between them, so a noisy machine slows them alike.
+
+Rates are totals over all the batches, the first included (``1st batch (s)`` also shows it
+alone), not a best or median round: a first-fit packer's batches are bursty (a batch that reads
+a window of documents, then batches served from it), so only a span of several windows gives its
+rate, and its first window is real work. A window read near the end may be partly used, which
+makes the rate low by up to one window per stream in the span; the bench prints a note when a
+stream read fewer than 4 windows.
 
 Per host, from the batches (rows of ``seq_len`` input slots):
 
@@ -17,9 +24,8 @@ Per host, from the batches (rows of ``seq_len`` input slots):
 - ``rows/s``, ``slots/s`` (rows x seq_len), ``tokens/s`` (real tokens: ``segment_ids != 0``) and
   ``efficiency`` (tokens / slots: ``data/packing.py: packing_efficiency`` of all timed
   batches).
-- ``batch (ms)``: the median over rounds of a round's mean time per batch. Rates are the counts
-  per batch, averaged over every timed batch, over that time, so ``tokens/s = efficiency x
-  slots/s`` holds exactly.
+- ``batch (ms)``: the mean time per batch; every rate is a count over the same total time, so
+  ``tokens/s = efficiency x slots/s`` and ``slots/s = rows/s x seq_len`` hold exactly.
 
 The step's need per host is the slots it consumes: ``global_batch_size x seq_len / P / step
 time``, from a train step measured in the same run (``bench/train.py: time_train_step``), or from
@@ -36,7 +42,6 @@ pipeline and the step share the cores; on an accelerator host the pipeline runs 
 from __future__ import annotations
 
 import dataclasses
-import statistics
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -48,7 +53,7 @@ import numpy as np
 from tessera.bench.table import print_table
 from tessera.bench.train import time_train_step
 from tessera.configs import load_config
-from tessera.data.pipeline import packing_name
+from tessera.data.pipeline import pack_window, packing_name, stream_layout
 from tessera.train.trainer import Trainer
 
 
@@ -83,17 +88,22 @@ def count_batch(batch: Mapping[str, np.ndarray], *, marker: int, pad_id: int) ->
 
 @dataclasses.dataclass(frozen=True)
 class PipelineTiming:
-    """One pipeline's measurement: the first batch's time (setup included), the median round's
-    mean batch time, and the counts summed over every timed batch (``batches`` of them)."""
+    """One pipeline's measurement: the first batch's time, and the time and counts of all its
+    ``batches`` batches, the first included."""
 
     first_s: float
-    batch_s: float
+    total_s: float
     batches: int
     counts: BatchCounts
 
+    @property
+    def batch_s(self) -> float:
+        """Mean time per batch."""
+        return self.total_s / self.batches
+
     def per_s(self, count: int) -> float:
-        """A count summed over the timed batches, as a rate at the median batch time."""
-        return count / self.batches / self.batch_s
+        """A count summed over the batches, per second of their total time."""
+        return count / self.total_s
 
 
 def time_pipelines(
@@ -103,30 +113,31 @@ def time_pipelines(
     rounds: int,
     count: Callable[[dict[str, np.ndarray]], BatchCounts],
 ) -> dict[str, PipelineTiming]:
-    """Times each of ``pipelines`` (name -> batch iterator): one warm-up batch each, then
-    ``rounds`` rounds in which every pipeline in turn yields ``batches`` batches.
-    ``count(batch)`` runs outside the timed calls."""
+    """Times each of ``pipelines`` (name -> batch iterator): its first batch, then ``rounds``
+    rounds in which every pipeline in turn yields ``batches`` batches; each pipeline's totals
+    include its first batch. ``count(batch)`` runs outside the timed calls."""
     if batches < 1 or rounds < 1:
         raise ValueError(f"batches and rounds must be >= 1, got {batches} and {rounds}")
-    first = {}
-    for name, it in pipelines.items():
-        t0 = time.perf_counter()
-        next(it)
-        first[name] = time.perf_counter() - t0
-    times: dict[str, list[float]] = {name: [] for name in pipelines}
+    first = {name: 0.0 for name in pipelines}
+    total = {name: 0.0 for name in pipelines}
     counts = {name: BatchCounts(0, 0, 0, 0) for name in pipelines}
+
+    def pull(name: str) -> float:
+        t0 = time.perf_counter()
+        batch = next(pipelines[name])
+        elapsed = time.perf_counter() - t0
+        total[name] += elapsed
+        counts[name] += count(batch)
+        return elapsed
+
+    for name in pipelines:
+        first[name] = pull(name)
     for _ in range(rounds):
-        for name, it in pipelines.items():
-            elapsed = 0.0
+        for name in pipelines:
             for _ in range(batches):
-                t0 = time.perf_counter()
-                batch = next(it)
-                elapsed += time.perf_counter() - t0
-                counts[name] += count(batch)
-            times[name].append(elapsed / batches)
+                pull(name)
     return {
-        name: PipelineTiming(first[name], statistics.median(times[name]), batches * rounds,
-                             counts[name])
+        name: PipelineTiming(first[name], total[name], 1 + batches * rounds, counts[name])
         for name in pipelines
     }
 
@@ -145,7 +156,7 @@ def run_data_bench(
     config_spec: str,
     overrides: Mapping[str, Any] | None = None,
     *,
-    batches: int = 20,
+    batches: int = 50,
     rounds: int = 3,
     processes: int | None = None,
     packings: Sequence[str] | None = None,
@@ -185,10 +196,13 @@ def run_data_bench(
                     f"bench data measures token pipelines; {config_spec} trains task "
                     f"{trainer.task.name}, which counts {trainer.task.throughput_unit()[0]}"
                 )
-        pipelines = {
-            name: t.task.make_data("train", process_index=0, process_count=processes)
-            for name, t in trainers.items()
-        }
+        pipelines, setup_s = {}, {}
+        for name, trainer in trainers.items():
+            t0 = time.perf_counter()
+            pipelines[name] = trainer.task.make_data(
+                "train", process_index=0, process_count=processes
+            )
+            setup_s[name] = time.perf_counter() - t0
         tokenizer = trainers[names[0]].task.tokenizer
         marker = tokenizer.eos_id if tokenizer.bos_id is None else tokenizer.bos_id
         timings = time_pipelines(
@@ -210,6 +224,7 @@ def run_data_bench(
             "packing": name,
             "processes": processes,
             "rows/batch": c.rows // t.batches,
+            "setup (s)": setup_s[name],
             "1st batch (s)": t.first_s,
             "batch (ms)": 1e3 * t.batch_s,
             "docs/s": t.per_s(c.documents),
@@ -227,9 +242,29 @@ def run_data_bench(
         f"step measured here ({steps} steps after compile)" if step_s is not None
         else "step tokens/s given")
     print_table(rows, title=(
-        f"input pipeline per host (seq_len {seq_len}; {batches} batches x {rounds} rounds after "
-        f"1 warm-up, median round; {source})"
+        f"input pipeline per host (seq_len {seq_len}; 1 + {rounds} x {batches} batches each, "
+        f"rounds alternating, rates over all; {source})"
     ))
-    for line in verdicts:
+    for line in [*verdicts, *_window_notes(configs, timings, processes)]:
         print(line)
     return rows
+
+
+def _window_notes(
+    configs: Mapping[str, Any], timings: Mapping[str, PipelineTiming], processes: int
+) -> list[str]:
+    """A note per first-fit packing whose streams each read fewer than 4 windows."""
+    notes = []
+    for name, cfg in configs.items():
+        if not name.startswith("first_fit"):
+            continue
+        streams, _ = stream_layout(cfg.data, global_batch_size=cfg.data.global_batch_size,
+                                   process_index=0, process_count=processes)
+        windows = timings[name].counts.documents / (streams // processes) / pack_window(cfg.data)
+        if windows < 4:
+            notes.append(
+                f"note: {name}: each stream read about {windows:.1f} windows of documents; a "
+                "window read near the end may be partly used, so its rates may be low by up "
+                f"to {min(1.0, 1 / max(windows, 1e-9)):.0%}: raise --batches"
+            )
+    return notes

@@ -76,10 +76,10 @@ def test_time_pipelines_alternates_and_sums_the_counts():
 
     timings = time_pipelines({"a": source("a"), "b": source("b")}, batches=2, rounds=3,
                              count=lambda b: BatchCounts(1, 4, 3, 1))
-    assert calls == ["a", "b"] + ["a", "a", "b", "b"] * 3  # warm-up, then the rounds alternate
+    assert calls == ["a", "b"] + ["a", "a", "b", "b"] * 3  # first batches, then rounds alternate
     for t in timings.values():
-        assert t.batches == 6 and t.counts == BatchCounts(6, 24, 18, 6)
-        assert t.batch_s > 0 and t.first_s > 0
+        assert t.batches == 7 and t.counts == BatchCounts(7, 28, 21, 7)  # the first included
+        assert 0 < t.first_s < t.total_s and t.batch_s == t.total_s / 7
         assert t.per_s(t.counts.rows) == pytest.approx(1 / t.batch_s)
     with pytest.raises(ValueError, match="batches and rounds must be >= 1"):
         time_pipelines({"a": source("a")}, batches=0, rounds=1, count=lambda b: None)
@@ -103,7 +103,8 @@ def table(out):
         spans.append((col, col + len(dashes)))
         col += len(dashes) + 2
     names = [header[a:b].strip() for a, b in spans]
-    body = list(itertools.takewhile(lambda line: ": input " not in line, lines[start + 3:]))
+    in_table = lambda line: ": input " not in line and not line.startswith("note: ")
+    body = list(itertools.takewhile(in_table, lines[start + 3:]))
     rows = [[line[a:b].strip() for a, b in spans] for line in body]
     return {n: [r[i] for r in rows] for i, n in enumerate(names)}, lines[start + 3 + len(rows):]
 
@@ -125,7 +126,8 @@ def test_data_bench_cli_without_a_step(capsys):
     main(["data", "--config=llama:tiny", "--no_step", "--batches=2", "--rounds=2",
           "--config.data.global_batch_size=4"])
     cols, after = table(capsys.readouterr().out)
-    assert list(cols) == ["config", "packing", "processes", "rows/batch", "1st batch (s)",
+    assert list(cols) == ["config", "packing", "processes", "rows/batch", "setup (s)",
+                          "1st batch (s)",
                           "batch (ms)", "docs/s", "rows/s", "tokens/s", "slots/s", "efficiency"]
     assert cols["config"] == ["llama:tiny"] and cols["packing"] == ["greedy"]
     assert cols["processes"] == ["1"] and cols["rows/batch"] == ["4"]
@@ -156,7 +158,12 @@ def test_data_bench_compares_packings_in_one_table(capsys):
         check_row(row, batch_rows=4)
         assert "headroom" not in row
     cols, after = table(capsys.readouterr().out)
-    assert cols["packing"] == ["greedy", "first_fit:16"] and after == []
+    assert cols["packing"] == ["greedy", "first_fit:16"]
+    # 5 batches of 1 row from each of 4 streams, 16 documents a window: under 4 windows a stream
+    docs = rows[1]["docs/s"] / rows[1]["rows/s"] * 5 * 4
+    [note] = after
+    assert note.startswith(f"note: first_fit:16: each stream read about {docs / 4 / 16:.1f} ")
+    assert note.endswith("raise --batches")
 
 
 @pytest.mark.slow
