@@ -198,3 +198,10 @@ def test_data_bench_cli_rejects_a_step_given_and_no_step(capsys):
     with pytest.raises(SystemExit):
         main(["data", "--config=llama:tiny", "--no_step", "--step_tokens_per_s=1"])
     assert "not allowed with argument" in capsys.readouterr().err
+
+
+def test_data_bench_refuses_a_task_without_tokens(capsys):
+    with pytest.raises(SystemExit):
+        main(["data", "--config=vit:tiny", "--no_step", "--batches=1"])
+    assert "bench data measures token pipelines; vit:tiny trains task classify, which counts " \
+        "images" in capsys.readouterr().err
