@@ -24,8 +24,8 @@ def test_lock_is_what_the_tool_writes():
 
 
 def test_lock_pins_every_requirement_of_pyproject():
-    """Each dependency and dev / tpu / seqio extra requirement whose markers hold on the target is pinned
-    to a version its specifier accepts."""
+    """Each dependency and dev / tpu / seqio extra requirement whose markers hold on the target is
+    pinned to a version its specifier accepts."""
     pins = lock.read()
     wrong = []
     for req in lock.root_requirements(markers=lock.TARGET_MARKERS):

@@ -1,11 +1,12 @@
 """requirements.lock: the exact versions `make install` puts in .venv, from a tested venv.
 
-The lock pins the dependency closure of tessera[dev,tpu,seqio]: pyproject.toml's dependencies and its
-dev, tpu and seqio extras, then what each of those requires (with the extras asked for), walked through
-the installed distributions' metadata with environment markers evaluated for the running
-interpreter. It is written for one target, CPython 3.12 on Linux x86-64 (the CI machine); make
-installs unpinned elsewhere. tessera itself is not pinned (make installs it editable, --no-deps),
-nor are pip, setuptools and wheel (make upgrades pip before it installs anything).
+The lock pins the dependency closure of tessera[dev,tpu,seqio]: pyproject.toml's dependencies
+and its dev, tpu and seqio extras, then what each of those requires (with the extras asked for),
+walked through the installed distributions' metadata with environment markers evaluated for the
+running interpreter. It is written for one target, CPython 3.12 on Linux x86-64 (the CI
+machine); make installs unpinned elsewhere. tessera itself is not pinned (make installs it
+editable, --no-deps), nor are pip, setuptools and wheel (make upgrades pip before it installs
+anything).
 
 Run with the venv's python, from the repository root (make lock does):
 
@@ -49,8 +50,9 @@ TARGET_MARKERS = {
 }
 UNPINNED = frozenset({"tessera", "pip", "setuptools", "wheel"})
 HEADER = """\
-# Exact versions of tessera[dev,tpu,seqio] and everything it needs (the closure of pyproject.toml's
-# dependencies and its dev, tpu and seqio extras), as tested by make test on CPython 3.12, Linux x86-64.
+# Exact versions of tessera[dev,tpu,seqio] and everything it needs (the closure of
+# pyproject.toml's dependencies and its dev, tpu and seqio extras), as tested by make test on
+# CPython 3.12, Linux x86-64.
 # make install uses it there (pip install -r requirements.lock, then tessera with --no-deps)
 # and installs unpinned elsewhere. tessera, pip, setuptools and wheel are not pinned.
 # Regenerate from a venv that passes make test: make lock (python tools/lock.py);

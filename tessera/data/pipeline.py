@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -77,6 +78,9 @@ def _pad_batch(batch: Batch, size: int, fill: Mapping[str, int]) -> Batch:
     return out
 
 
+_LAYOUT = ("process_index", "process_count")
+
+
 class DataIterator(grain.DatasetIterator):
     """Iterator of batches (see module docstring) with a JSON-serialisable, resumable state.
 
@@ -105,6 +109,13 @@ class DataIterator(grain.DatasetIterator):
         return {"version": _STATE_VERSION, **self._settings, "grain": self._parent.get_state()}
 
     def set_state(self, state: dict[str, Any]) -> None:
+        """Restores a state of `get_state()`. `{"saved_by_processes": [...]}` (a checkpoint of
+        another number of processes) restores a stream pipeline's streams from the processes that
+        ran them; a pipeline without streams notes that its input restarts."""
+        if "saved_by_processes" in state:
+            state = self._regroup(state["saved_by_processes"])
+            if state is None:
+                return
         expected = {"version": _STATE_VERSION, **self._settings}
         diff = [
             f"{k}={state.get(k)!r} (now {v!r})" for k, v in expected.items() if state.get(k) != v
@@ -112,6 +123,34 @@ class DataIterator(grain.DatasetIterator):
         if diff:
             raise ValueError(f"data iterator state does not match this pipeline: {', '.join(diff)}")
         self._parent.set_state(state["grain"])
+
+    def _regroup(self, saved: list[dict[str, Any]]) -> dict[str, Any] | None:
+        """This process's state from the states of another number of processes: each stream's
+        position from the process that ran it (same settings but the process layout)."""
+        if "streams" not in self._settings:
+            if self._settings["process_index"] == 0:
+                print(
+                    f"tessera: the checkpoint holds the data positions of {len(saved)} "
+                    f"processes and this run has {self._settings['process_count']}; the model and "
+                    "optimizer resume, the input restarts from its beginning",
+                    file=sys.stderr, flush=True,
+                )
+            return None
+        positions: dict[int, Any] = {}
+        for old in saved:
+            others = {k: v for k, v in old.items() if k not in (*_LAYOUT, "grain")}
+            ours = {"version": _STATE_VERSION, **self._settings}
+            ours = {k: v for k, v in ours.items() if k not in _LAYOUT}
+            if others != ours:  # the settings guard names the difference
+                return {**old, **{k: self._settings[k] for k in _LAYOUT}}
+            per = old["streams"] // old["process_count"]
+            first = old["process_index"] * per
+            positions.update(enumerate(old["grain"]["streams"], start=first))
+        streams = self._settings["streams"]
+        per = streams // self._settings["process_count"]
+        first = self._settings["process_index"] * per
+        mine = [positions[s] for s in range(first, first + per)]
+        return {"version": _STATE_VERSION, **self._settings, "grain": {"streams": mine}}
 
 
 @dataclasses.dataclass(frozen=True)

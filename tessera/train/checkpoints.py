@@ -6,8 +6,8 @@ one mesh (or by another number of processes) restores onto another. A checkpoint
 not fit the model is refused with an error naming the first tensor that differs, before anything
 is loaded. Every process writes its own shards of the state and its data iterator's position
 (``<step>/data_by_process/process_<i>-of-<n>.json``, grain's checkpoint handler); a run with
-another number of processes restores the state and starts its input from the beginning, with a
-note, since the saved positions describe other shards.
+another number of processes is handed every process's position, and the LM pipeline takes its
+own streams' positions from them (other pipelines restart their input, with a note).
 
 Saving is asynchronous: ``save`` returns once the arrays are copied off the devices and orbax
 writes them in a background thread while training goes on.
@@ -373,14 +373,21 @@ class Checkpointer:
         return step, out["state"], self._data_state(step)
 
     def _data_state(self, step: int) -> dict:
-        """This process's data iterator state saved at ``step``; {} (with a note from process 0)
-        when the step was saved by another number of processes, or saved none."""
+        """This process's data iterator state saved at ``step``. When the step was saved by
+        another number of processes, ``{"saved_by_processes": [state of each]}``, from which a
+        stream pipeline takes the positions of its own streams (``DataIterator.set_state``);
+        {} (with a note from process 0) when it saved none or an incomplete set."""
         saved = epath.Path(self._step_dir(step)) / DATA_ITEM
         index, count = jax.process_index(), jax.process_count()
         mine = saved / f"process_{index}-of-{count}.json"
         if mine.exists():
             return json.loads(mine.read_text())
         others = sorted(p.name for p in saved.glob("process_*-of-*.json")) if saved.exists() else []
+        counts = {name.split("-of-")[1].removesuffix(".json") for name in others}
+        if len(counts) == 1 and (n := int(counts.pop())) > 0:
+            files = [saved / f"process_{i}-of-{n}.json" for i in range(n)]
+            if all(f.exists() for f in files):
+                return {"saved_by_processes": [json.loads(f.read_text()) for f in files]}
         if others and index == 0:
             print(
                 f"tessera: checkpoint step {step} holds the data positions of "

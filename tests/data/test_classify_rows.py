@@ -70,3 +70,17 @@ def test_only_the_embedded_corpus():
     data_cfg = ml_collections.ConfigDict({"source": "text", "path": "x.txt"})
     with pytest.raises(ValueError, match="data.source must be 'synthetic', got 'text'"):
         make_rule_pipeline(data_cfg, tokenizer=TOK, global_batch_size=2, seq_len=8)
+
+
+def test_positions_of_another_process_count_restart_the_input(capsys):
+    """Rule rows are sharded per process, not per stream: a checkpoint of 2 processes cannot be
+    regrouped, so one process starts its input afresh and says so."""
+    saved = []
+    for p in range(2):
+        it = pipeline(process_index=p, process_count=2)
+        next(it)
+        saved.append(it.get_state())
+    resumed = pipeline()
+    resumed.set_state({"saved_by_processes": saved})
+    np.testing.assert_array_equal(next(resumed)["inputs"], next(pipeline())["inputs"])
+    assert "holds the data positions of 2 processes and this run has 1" in capsys.readouterr().err

@@ -326,3 +326,24 @@ def test_every_source_resumes_exactly(tmp_path, kind):
     fresh = pipeline(data_cfg, seq_len=32)
     fresh.set_state(state)
     assert_batches_equal(take(fresh, 5), expected)
+
+
+@pytest.mark.parametrize("saved_by, resumed_by", [(2, 1), (1, 2), (4, 2)])
+def test_resume_with_another_process_count(saved_by, resumed_by, capsys):
+    """Each stream's position comes from the process that ran it: the resumed processes read
+    exactly the batches the saving processes would have read next."""
+    data_cfg = cfg()
+    saving = [pipeline(data_cfg, global_batch_size=8, process_index=p, process_count=saved_by)
+              for p in range(saved_by)]
+    for it in saving:
+        take(it, 3)
+    saved = [json.loads(json.dumps(it.get_state())) for it in saving]
+    want = [concat([next(it) for it in saving]) for _ in range(2)]
+    resumed = [pipeline(data_cfg, global_batch_size=8, process_index=p, process_count=resumed_by)
+               for p in range(resumed_by)]
+    for it in resumed:
+        it.set_state({"saved_by_processes": saved})
+    assert_batches_equal([concat([next(it) for it in resumed]) for _ in range(2)], want)
+    other = pipeline(data_cfg, global_batch_size=8, seed=1)
+    with pytest.raises(ValueError, match=r"seed=0 \(now 1\)"):
+        other.set_state({"saved_by_processes": saved})

@@ -48,6 +48,9 @@ def main(out: str, saved_by_one: str) -> None:
     ckpt.close()
 
     restored = Checkpointer(saved_by_one, read_only=True).restore(None, trainer.abstract_state())
+    resumed = trainer.task.make_data("train", process_index=index, process_count=count)
+    resumed.set_state(restored[2])  # positions saved by one process: this process's streams
+    np.savez(os.path.join(out, f"resumed-{index}.npz"), **next(resumed))
 
     # Decode from the checkpoint both processes just saved.
     decoder, _ = load_decoder(cfg, work)
@@ -62,7 +65,6 @@ def main(out: str, saved_by_one: str) -> None:
         results.update({f"evaluation/{k}": np.asarray(v) for k, v in evaluation.items()})
         for key, tree in gathered.items():
             results.update({f"{key}/{k}": v for k, v in flat(tree).items()})
-        results["restored_data_state_is_empty"] = np.asarray(restored[2] == {})
         np.savez(os.path.join(out, "results.npz"), **results)
     np.save(os.path.join(out, f"tokens-{index}.npy"), np.asarray(tokens))
 

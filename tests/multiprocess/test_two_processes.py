@@ -58,7 +58,7 @@ def test_step_on_two_processes_equals_one_process(two):
     _close(results, flat(jax.device_get(new["params"])), "params", rtol=1e-5, atol=2e-6)
 
 
-def test_checkpoint_saved_by_two_processes_restores_in_one(two, capfd):
+def test_checkpoint_saved_by_two_processes_restores_in_one(two):
     out, trainer, _, results = two
     step, state, data_state = Checkpointer(str(out / "work"), read_only=True).restore(
         None, trainer.abstract_state()
@@ -67,15 +67,29 @@ def test_checkpoint_saved_by_two_processes_restores_in_one(two, capfd):
     got = flat(jax.device_get(state["params"]))
     for key, value in got.items():
         np.testing.assert_array_equal(results[f"params/{key}"], value, err_msg=key)
-    assert data_state == {}  # saved by 2 processes: this run's input starts afresh
-    assert "holds the data positions of 2 processes and this run has 1" in capfd.readouterr().err
+    # Saved by 2 processes after 3 batches: this process takes both processes' stream positions
+    # and reads the 4th batch next.
+    assert len(data_state["saved_by_processes"]) == 2
+    data = trainer.task.make_data("train")
+    data.set_state(data_state)
+    want = trainer.task.make_data("train")
+    for _ in range(3):
+        next(want)
+    got = next(data)
+    for key, value in next(want).items():
+        np.testing.assert_array_equal(got[key], value, key)
 
 
 def test_checkpoint_saved_by_one_process_restores_in_two(two):
-    _, _, state, results = two
+    out, trainer, state, results = two
     for key, value in flat(jax.device_get(state["params"])).items():
         np.testing.assert_array_equal(results[f"restored/{key}"], value, err_msg=key)
-    assert results["restored_data_state_is_empty"]
+    # Saved by one process after one batch: the two processes read the second batch next.
+    data = trainer.task.make_data("train")
+    next(data)
+    parts = [dict(np.load(out / f"resumed-{i}.npz")) for i in range(2)]
+    for key, value in next(data).items():
+        np.testing.assert_array_equal(np.concatenate([p[key] for p in parts]), value, key)
 
 
 def test_processes_batches_together_are_the_one_process_batch(two):
