@@ -315,9 +315,9 @@ def base_config() -> ConfigDict:
             # the batch does not depend on the number of processes.
             streams=0,
             # greedy: documents in order, one that does not fit starts the next row; first_fit:
-            # first-fit decreasing over windows of pack_window documents (denser rows).
+            # first-fit decreasing over windows of documents that fill pack_window rows (denser).
             packing="greedy",
-            pack_window=256,
+            pack_window=32,
             # Image sources (shapes | image_folder | npz | array_record, data/images.py): train-time
             # augmentation, a random crop (reflect-pad by crop_padding pixels, crop back) and a
             # left-right flip; eval never augments.

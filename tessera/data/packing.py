@@ -13,11 +13,12 @@ the current row's free space. Its state is the parent's state from just before t
 is partly placed, plus how many of its tokens are already emitted, so a restored iterator re-reads
 that document and continues from the same token.
 
-`FirstFitPackIterDataset` reads `window` documents at a time, cuts each longer than a row into
-row-long pieces (the last one shorter), and places the pieces by first-fit decreasing: longest
-first (ties in reading order), each into the first row with room, else into a new row. It emits
-the window's rows in order of creation, then reads the next window. This wastes fewer slots than
-greedy at the cost of reordering documents within a window. Its state is the parent's state at
+`FirstFitPackIterDataset` reads a window of documents at a time (until they hold `window` rows'
+worth of tokens, so a window's half-filled last row is a small share of it), cuts each longer than
+a row into row-long pieces (the last one shorter), and places the pieces by first-fit decreasing:
+longest first (ties in reading order), each into the first row with room, else into a new row. It
+emits the window's rows in order of creation, then reads the next window. This wastes fewer slots
+than greedy at the cost of reordering documents within a window. Its state is the parent's state at
 the window's start plus how many of the window's rows are already emitted; a restored iterator
 re-reads the window, packs it again and skips those rows.
 """
@@ -160,11 +161,13 @@ def first_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int
 
 
 class FirstFitPackIterDataset(grain.IterDataset):
-    """First-fit-decreasing packing of 1-D int token arrays, `window` documents at a time, into
-    rows `{"tokens", "segment_ids", "positions"}`, each int32 [row_len] (see the module docstring).
+    """First-fit-decreasing packing of 1-D int token arrays into rows `{"tokens", "segment_ids",
+    "positions"}`, each int32 [row_len] (see the module docstring), a window at a time: the
+    documents that together hold `window` rows' worth of tokens (the last one crossing it).
 
-    A larger window packs tighter and costs more time per window and more re-reading on restore
-    (up to `window` documents). A finite parent's last window is emitted whole.
+    A window's last rows are the least filled, so a larger window packs tighter; it costs more
+    memory per stream and more re-reading on restore (up to a window of documents). A finite
+    parent's last window is emitted whole.
     """
 
     def __init__(self, parent: grain.IterDataset, *, row_len: int, pad_id: int, window: int):
@@ -196,18 +199,19 @@ class _FirstFitPackIterator(grain.DatasetIterator):
         self._window_state: dict[str, Any] = parent.get_state()  # parent state at window start
 
     def _read_window(self) -> int:
-        """Reads up to `window` documents (empty ones count) and packs them into `_rows`;
-        returns how many it read (0: the parent is exhausted)."""
+        """Reads documents until they hold `window` rows' worth of tokens (or the parent ends)
+        and packs them into `_rows`; returns how many it read (0: the parent is exhausted)."""
         self._window_state = self._parent.get_state()
         self._emitted = 0
         pieces: list[np.ndarray] = []
-        n_docs = 0
-        while n_docs < self._window:
+        n_docs = tokens = 0
+        while tokens < self._window * self._row_len:
             try:
                 doc = np.asarray(next(self._parent))
             except StopIteration:
                 break
             n_docs += 1
+            tokens += doc.size
             pieces.extend(doc[i : i + self._row_len] for i in range(0, doc.size, self._row_len))
         bins = first_fit_decreasing([len(p) for p in pieces], self._row_len)
         self._rows = [[pieces[i] for i in b] for b in bins]

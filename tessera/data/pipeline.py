@@ -358,7 +358,7 @@ def packing_name(data_cfg: Any) -> str:
 
 
 def pack_window(data_cfg: Any) -> int:
-    window = int(data_cfg.get("pack_window", 256))
+    window = int(data_cfg.get("pack_window", 32))
     if window < 1:
         raise ValueError(f"data.pack_window must be >= 1, got {window}")
     return window
@@ -366,7 +366,8 @@ def pack_window(data_cfg: Any) -> int:
 
 def make_packer(data_cfg: Any, *, row_len: int, pad_id: int) -> Any:
     """`tokens -> rows`: the packer `data.packing` names (`data/packing.py`): greedy, in
-    document order, or first-fit decreasing over windows of `data.pack_window` documents."""
+    document order, or first-fit decreasing over windows of documents that fill
+    `data.pack_window` rows."""
     if packing_name(data_cfg) == "greedy":
         return functools.partial(PackIterDataset, row_len=row_len, pad_id=pad_id)
     return functools.partial(

@@ -181,7 +181,7 @@ def test_data_bench_measures_the_step(capsys):
 @pytest.mark.parametrize("argv, message", [
     (["--processes=3"], "global_batch_size 4 must be a positive multiple of process_count 3"),
     (["--packings=greedy,greedy"], "packings repeat greedy: greedy,greedy"),
-    (["--packings=first_fit:256,first_fit"], "packings repeat first_fit:256"),
+    (["--packings=first_fit:32,first_fit"], "packings repeat first_fit:32"),
     (["--packings=first_fit:0"], "data.pack_window must be >= 1, got 0"),
     (["--packings=bogus"], "unknown data.packing 'bogus'"),
     (["--processes=0"], "processes must be >= 1"),
