@@ -48,7 +48,7 @@ import operator
 import os
 import re
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -533,6 +533,19 @@ def write_text_array_record(
     """Writes `docs` as an array_record file of one document per record (group size 1, for
     random access): UTF-8 text, or `{text_field: doc}` as JSON for a document starting with "{"
     (module docstring). An existing file is an error; the file appears only once complete."""
+    with array_record_writer(path) as writer:
+        for n, doc in enumerate(docs):
+            if not isinstance(doc, str):
+                raise TypeError(f"document {n} is {type(doc).__name__}, not str")
+            record = json.dumps({text_field: doc}) if doc.startswith("{") else doc
+            writer.write(record.encode("utf-8"))
+
+
+@contextlib.contextmanager
+def array_record_writer(path: str | os.PathLike[str]) -> Iterator[Any]:
+    """An `ArrayRecordWriter` (group size 1, for random access) of a new file `path`, written
+    under `path.tmp` and renamed into place when the block ends without an error (removed when
+    it raises). An existing `path` is a FileExistsError."""
     from array_record.python.array_record_module import ArrayRecordWriter
 
     path = os.fspath(path)
@@ -544,11 +557,7 @@ def write_text_array_record(
         raise OSError(f"cannot create array_record file {tmp}")
     try:
         with contextlib.closing(writer):
-            for n, doc in enumerate(docs):
-                if not isinstance(doc, str):
-                    raise TypeError(f"document {n} is {type(doc).__name__}, not str")
-                record = json.dumps({text_field: doc}) if doc.startswith("{") else doc
-                writer.write(record.encode("utf-8"))
+            yield writer
     except BaseException:
         os.remove(tmp)
         raise

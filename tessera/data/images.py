@@ -23,7 +23,6 @@ format Pillow reads).
 
 from __future__ import annotations
 
-import contextlib
 import glob
 import io
 import json
@@ -35,9 +34,10 @@ from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import numpy as np
-from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
+from array_record.python.array_record_module import ArrayRecordReader
 from PIL import Image
 
+from tessera.data.files import array_record_writer
 from tessera.data.shapes import SHAPE_CLASSES, ShapesSource
 from tessera.data.sources import IMAGE_SOURCES, TEXT_SOURCES
 
@@ -301,7 +301,7 @@ def write_array_record(
     existing file is an error; the file appears only once complete."""
     path = os.fspath(path)
     if os.path.exists(path):
-        raise FileExistsError(f"array_record file exists: {path}")
+        raise FileExistsError(f"array_record file exists: {path}")  # before any other check
     labels = [operator.index(label) for label in labels]
     if len(labels) != len(images):
         raise ValueError(f"{len(images)} images but {len(labels)} labels")
@@ -310,23 +310,14 @@ def write_array_record(
     num_classes = max(labels, default=-1) + 1
     names = None if classes is None else [str(c) for c in classes]
     _check_classes(path, None if names is None else tuple(names), num_classes, None)
-    tmp = f"{path}.tmp"
-    writer = ArrayRecordWriter(tmp, "group_size:1")
-    if not writer.ok():
-        raise OSError(f"cannot create array_record file {tmp}")
-    try:
-        with contextlib.closing(writer):
-            header = {"classes": names, "num_classes": num_classes if names is None else len(names)}
-            writer.write(_HEADER + json.dumps(header).encode())
-            for n, (image, label) in enumerate(zip(images, labels, strict=True)):
-                encoded = io.BytesIO()
-                rgb = to_rgb(np.asarray(image), f"image {n}")
-                Image.fromarray(rgb).save(encoded, format=image_format)
-                writer.write(_EXAMPLE + _LABEL.pack(label) + encoded.getvalue())
-    except BaseException:
-        os.remove(tmp)
-        raise
-    os.replace(tmp, path)
+    with array_record_writer(path) as writer:
+        header = {"classes": names, "num_classes": num_classes if names is None else len(names)}
+        writer.write(_HEADER + json.dumps(header).encode())
+        for n, (image, label) in enumerate(zip(images, labels, strict=True)):
+            encoded = io.BytesIO()
+            rgb = to_rgb(np.asarray(image), f"image {n}")
+            Image.fromarray(rgb).save(encoded, format=image_format)
+            writer.write(_EXAMPLE + _LABEL.pack(label) + encoded.getvalue())
 
 
 _FILE_SOURCES = {

@@ -153,6 +153,16 @@ class DataIterator(grain.DatasetIterator):
         return {"version": _STATE_VERSION, **self._settings, "grain": {"streams": mine}}
 
 
+def _check_layout(global_batch_size: int, process_index: int, process_count: int) -> None:
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} not in [0, process_count={process_count})")
+    if global_batch_size <= 0 or global_batch_size % process_count:
+        raise ValueError(
+            f"global_batch_size {global_batch_size} must be a positive multiple of "
+            f"process_count {process_count}"
+        )
+
+
 @dataclasses.dataclass(frozen=True)
 class Shard:
     """This process's examples of a split (a grain MapDataset of documents, images, ...), its
@@ -177,13 +187,7 @@ def shard_source(
     (`len` and `__getitem__`, as grain reads it), shuffled with `seed` (reshuffled every epoch)
     and repeated forever for train, read once in order for eval. `settings` (seq_len, image
     size, ...) join the split, batch, seed and process layout in the iterator state's guard."""
-    if not 0 <= process_index < process_count:
-        raise ValueError(f"process_index {process_index} not in [0, process_count={process_count})")
-    if global_batch_size <= 0 or global_batch_size % process_count:
-        raise ValueError(
-            f"global_batch_size {global_batch_size} must be a positive multiple of "
-            f"process_count {process_count}"
-        )
+    _check_layout(global_batch_size, process_index, process_count)
     ds = grain.MapDataset.source(source)[process_index::process_count]
     if len(ds) == 0:
         raise ValueError(
@@ -242,13 +246,7 @@ def stream_layout(
     """(S, this process's stream ids) for `data.streams` (0: one stream per row of the global
     batch). S must divide the global batch and be a multiple of the process count; process p
     runs the S / P streams `range(p * S / P, (p + 1) * S / P)`."""
-    if not 0 <= process_index < process_count:
-        raise ValueError(f"process_index {process_index} not in [0, process_count={process_count})")
-    if global_batch_size <= 0 or global_batch_size % process_count:
-        raise ValueError(
-            f"global_batch_size {global_batch_size} must be a positive multiple of "
-            f"process_count {process_count}"
-        )
+    _check_layout(global_batch_size, process_index, process_count)
     streams = int(data_cfg.get("streams", 0) or global_batch_size)
     if streams < 1 or global_batch_size % streams or streams % process_count:
         raise ValueError(

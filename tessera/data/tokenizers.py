@@ -184,7 +184,34 @@ def _tokenizer_file(path: str, file_name: str, kind: str) -> str:
     raise FileNotFoundError(f"{kind} tokenizer {path} does not exist")
 
 
-class HFTokenizer:
+class _FileTokenizer:
+    """The ids a file-based tokenizer (`HFTokenizer`, `SentencePieceTokenizer`) sets in its
+    constructor: `_pad`, `_bos`, `_eos` (`special_ids`) and `_vocab_size`."""
+
+    _pad: int
+    _bos: int | None
+    _eos: int
+    _vocab_size: int
+
+    @property
+    def pad_id(self) -> int:
+        return self._pad
+
+    @property
+    def bos_id(self) -> int | None:
+        return self._bos
+
+    @property
+    def eos_id(self) -> int:
+        return self._eos
+
+    @property
+    def vocab_size(self) -> int:
+        """One past the largest id the tokenizer has (added tokens included)."""
+        return self._vocab_size
+
+
+class HFTokenizer(_FileTokenizer):
     """A Hugging Face `tokenizers` tokenizer read from a `tokenizer.json` (offline).
 
     `path`: the tokenizer.json file, or a directory holding it. The special tokens come from
@@ -216,22 +243,6 @@ class HFTokenizer:
             file, os.path.dirname(file), self._tok.token_to_id
         )
 
-    @property
-    def pad_id(self) -> int:
-        return self._pad
-
-    @property
-    def bos_id(self) -> int | None:
-        return self._bos
-
-    @property
-    def eos_id(self) -> int:
-        return self._eos
-
-    @property
-    def vocab_size(self) -> int:
-        """One past the largest id (added tokens included)."""
-        return self._vocab_size
 
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`; no BOS/EOS or other special tokens are added."""
@@ -245,7 +256,7 @@ class HFTokenizer:
         return f"HFTokenizer({self.path!r}, vocab_size={self.vocab_size})"
 
 
-class SentencePieceTokenizer:
+class SentencePieceTokenizer(_FileTokenizer):
     """A SentencePiece model (the `sentencepiece` package), e.g. Llama 2's or T5's
     `tokenizer.model`, or one `python -m tessera.data.train_tokenizer` trained.
 
@@ -295,22 +306,6 @@ class SentencePieceTokenizer:
             return None
         return token_id
 
-    @property
-    def pad_id(self) -> int:
-        return self._pad
-
-    @property
-    def bos_id(self) -> int | None:
-        return self._bos
-
-    @property
-    def eos_id(self) -> int:
-        return self._eos
-
-    @property
-    def vocab_size(self) -> int:
-        """The model's piece count."""
-        return self._vocab_size
 
     def encode(self, text: str) -> list[int]:
         """Piece ids of `text`; no BOS/EOS added."""

@@ -4,8 +4,9 @@
       [--model_type=unigram|bpe] [--text_field=text] [--max_sentences=0] [--byte_fallback]
       [--character_coverage=0.9995]
 
-Reads every file the globs match: a `.jsonl` file gives the `--text_field` string of each line,
-any other file is UTF-8 text; either way each non-blank line of text is one training sentence.
+Reads every file the globs match, in any format of `tessera.data.files` (a `.jsonl`, `.parquet`
+or `.array_record` file gives the `--text_field` string of each record, any other file is UTF-8
+text); each non-blank line of text is one training sentence.
 Writes PREFIX.model and PREFIX.vocab (a `.model` suffix on --output is dropped), trained under a
 temporary name beside them and renamed at the end, so a failed or interrupted run leaves no
 partial model. The model works as `data.tokenizer="spm:PREFIX.model"`.
@@ -21,13 +22,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import glob
-import json
 import os
 import re
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
+
+from tessera.data.files import expand_paths, open_reader
 
 SPECIAL_IDS = {"pad_id": 0, "eos_id": 1, "unk_id": 2, "bos_id": 3}
 MODEL_TYPES = ("unigram", "bpe")
@@ -47,51 +48,24 @@ class TrainStats:
 
 
 def expand_inputs(patterns: str | Sequence[str]) -> list[str]:
-    """The files `patterns` (globs, or one comma-separated string of them) match, each once, in
-    order (sorted within a pattern). A pattern that matches no file is a FileNotFoundError."""
-    if isinstance(patterns, str):
-        patterns = [p for p in patterns.split(",") if p.strip()]
-    if not patterns:
+    """The files `patterns` (globs, or one comma-separated string of them) match, each once,
+    sorted (`tessera.data.files.expand_paths`). A pattern that matches no file is a
+    FileNotFoundError."""
+    if not isinstance(patterns, str):
+        patterns = ",".join(patterns)
+    if not patterns.strip(","):
         raise ValueError("--input names no files (--input=GLOB[,GLOB...])")
-    files: list[str] = []
-    for pattern in patterns:
-        pattern = os.path.expanduser(pattern.strip())
-        found = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
-        if not found:
-            raise FileNotFoundError(f"--input {pattern} matches no files")
-        files += [f for f in found if f not in files]
-    return files
+    return expand_paths(patterns)
 
 
 def _file_lines(path: str, text_field: str) -> Iterator[str]:
-    """The non-blank lines of the text in `path` (a .jsonl file: of each record's field)."""
-    jsonl = path.endswith(".jsonl")
-    try:
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, start=1):
-                if not jsonl:
-                    text = line
-                elif not line.strip():
-                    continue
-                else:
-                    text = _jsonl_text(line, f"{path}:{lineno}", text_field)
-                for sentence in text.splitlines():
-                    if sentence.strip():
-                        yield sentence
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path} is not UTF-8 text ({e.reason})") from None
-
-
-def _jsonl_text(line: str, where: str, field: str) -> str:
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{where}: line is not valid JSON ({e.msg})") from None
-    if not isinstance(record, dict) or field not in record:
-        raise ValueError(f"{where}: JSON line has no field {field!r} (--text_field)")
-    if not isinstance(record[field], str):
-        raise ValueError(f"{where}: field {field!r} is {type(record[field]).__name__}, not str")
-    return record[field]
+    """The non-blank lines of the documents in `path`, in any format `tessera.data.files` reads
+    (text lines; the `text_field` of jsonl lines, parquet rows or array_record records)."""
+    reader = open_reader(path, text_field)
+    for i in range(len(reader)):
+        for sentence in reader[i].splitlines():
+            if sentence.strip():
+                yield sentence
 
 
 def _sentences(

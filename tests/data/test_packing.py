@@ -23,21 +23,28 @@ def packed(docs, row_len=ROW):
     return PackIterDataset(parent, row_len=row_len, pad_id=0)
 
 
+def check_row(row):
+    """Shapes, dtypes, padding at the end only, segment ids 1, 2, 3... and positions restarting
+    per segment; returns the number of used slots."""
+    tok, seg, pos = row["tokens"], row["segment_ids"], row["positions"]
+    assert tok.shape == seg.shape == pos.shape == (ROW,)
+    assert tok.dtype == seg.dtype == pos.dtype == np.int32
+    n_used = int((seg > 0).sum())
+    assert n_used > 0
+    assert (seg[n_used:] == 0).all() and (tok[n_used:] == 0).all()  # padding only at the end
+    assert seg[0] == 1 and set(np.diff(seg[:n_used])) <= {0, 1}  # 1, 2, 3... contiguous
+    for s in range(1, seg.max() + 1):
+        np.testing.assert_array_equal(pos[seg == s], np.arange((seg == s).sum()))
+    return n_used
+
+
 def test_rows_are_consistent_and_lose_nothing():
     docs = make_docs()
     rows = list(packed(docs))
     stream = []
     for row in rows:
-        tok, seg, pos = row["tokens"], row["segment_ids"], row["positions"]
-        assert tok.shape == seg.shape == pos.shape == (ROW,)
-        assert tok.dtype == seg.dtype == pos.dtype == np.int32
-        n_used = int((seg > 0).sum())
-        assert n_used > 0
-        assert (seg[n_used:] == 0).all() and (tok[n_used:] == 0).all()  # padding only at the end
-        assert seg[0] == 1 and set(np.diff(seg[:n_used])) <= {0, 1}  # 1, 2, 3... contiguous
-        for s in range(1, seg.max() + 1):
-            np.testing.assert_array_equal(pos[seg == s], np.arange((seg == s).sum()))
-        stream.append(tok[:n_used])
+        n_used = check_row(row)
+        stream.append(row["tokens"][:n_used])
     np.testing.assert_array_equal(np.concatenate(stream), np.concatenate(docs))
 
 
@@ -161,15 +168,7 @@ def test_first_fit_rows_are_consistent_and_lose_nothing(window):
     rows = list(first_fit(docs, window=window))
     seen = []
     for row in rows:
-        tok, seg, pos = row["tokens"], row["segment_ids"], row["positions"]
-        assert tok.shape == seg.shape == pos.shape == (ROW,)
-        assert tok.dtype == seg.dtype == pos.dtype == np.int32
-        n_used = int((seg > 0).sum())
-        assert n_used > 0
-        assert (seg[n_used:] == 0).all() and (tok[n_used:] == 0).all()  # padding only at the end
-        assert seg[0] == 1 and set(np.diff(seg[:n_used])) <= {0, 1}
-        for s in range(1, seg.max() + 1):
-            np.testing.assert_array_equal(pos[seg == s], np.arange((seg == s).sum()))
+        check_row(row)
         for piece in pieces_of(row):
             np.testing.assert_array_equal(np.diff(piece), 1)  # in document order
             seen.extend(piece.tolist())
