@@ -265,6 +265,32 @@ def stream_documents(
     return docs.shuffle(stream_seed(seed, stream)).repeat() if split == "train" else docs
 
 
+def stream_tokens(
+    data_cfg: Any,
+    encode: Any,
+    *,
+    split: str,
+    stream: int,
+    num_streams: int,
+    seed: int,
+    vocab_size: int | None = None,
+) -> grain.IterDataset:
+    """One stream's documents as int32 token arrays: `stream_documents` through `encode`, or for
+    `data.source="seqio"` the seqio task's own token ids (`data/seqio_source.py`, which imports
+    TensorFlow)."""
+    if data_cfg.get("source", "synthetic") == "seqio":
+        from tessera.data.seqio_source import seqio_stream
+
+        return seqio_stream(
+            data_cfg, split=split, stream=stream, num_streams=num_streams,
+            seed=stream_seed(seed, stream), vocab_size=vocab_size,
+        )
+    docs = stream_documents(
+        data_cfg, split=split, stream=stream, num_streams=num_streams, seed=seed
+    ).map(encode)
+    return docs.to_iter_dataset(grain.ReadOptions(num_threads=0))
+
+
 class StreamBatches(grain.DatasetIterator):
     """Batches of `rows_per_stream` consecutive rows from each of several row iterators, in stream
     order. An exhausted stream (eval) adds `fill` rows until every stream is exhausted. The
@@ -355,10 +381,10 @@ def make_pipeline(
     packer = make_packer(data_cfg, row_len=seq_len + 1, pad_id=tokenizer.pad_id)
     rows = []
     for stream in mine:
-        docs = stream_documents(
-            data_cfg, split=split, stream=stream, num_streams=streams, seed=seed
-        ).map(encode)
-        tokens = docs.to_iter_dataset(grain.ReadOptions(num_threads=0))
+        tokens = stream_tokens(
+            data_cfg, encode, split=split, stream=stream, num_streams=streams, seed=seed,
+            vocab_size=vocab_size,
+        )
         rows.append(packer(tokens).map(_features).__iter__())
     empty = {
         "tokens": np.full(seq_len + 1, tokenizer.pad_id, np.int32),

@@ -221,13 +221,18 @@ def resolve_hf_path(name: str, base_dir: str | None = None) -> str:
     return path
 
 
-def get_tokenizer(name: str, base_dir: str | None = None) -> Tokenizer:
+def get_tokenizer(name: str, base_dir: str | None = None, data_cfg: Any = None) -> Tokenizer:
     """The tokenizer `name` (`data.tokenizer` in the config) names: `"byte"`, or `"hf:PATH"` with
     PATH a tokenizer.json or a directory holding one, relative to `base_dir` (the workdir) when
-    it is not absolute (to the current directory without `base_dir`)."""
+    it is not absolute (to the current directory without `base_dir`), or `"seqio"`: the targets
+    vocabulary of the seqio task `data_cfg.task` (the `data` config section)."""
+    if name == "seqio":
+        from tessera.data.seqio_source import seqio_tokenizer
+
+        return seqio_tokenizer(data_cfg)
     if name.startswith(HF_PREFIX):
         return HFTokenizer(resolve_hf_path(name, base_dir))
     if name not in _TOKENIZERS:
-        known = ", ".join([*sorted(_TOKENIZERS), f"{HF_PREFIX}<path>"])
+        known = ", ".join([*sorted(_TOKENIZERS), f"{HF_PREFIX}<path>", "seqio"])
         raise ValueError(f"unknown tokenizer {name!r}; known: {known}")
     return _TOKENIZERS[name]()

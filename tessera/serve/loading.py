@@ -58,7 +58,7 @@ def load_decoder(
     rules = make_rules(config.mesh.rules)
     spec = ModelSpec(config.model)
     if tokenizer is None:
-        tokenizer = get_tokenizer(config.data.tokenizer, base_dir=workdir)
+        tokenizer = get_tokenizer(config.data.tokenizer, base_dir=workdir, data_cfg=config.data)
     shardings = spec.shardings(mesh, rules, strict=bool(config.mesh.get("strict", False)))
     step, params = restore_params(spec, workdir, shardings, step)
     decoder = Decoder(spec, params, mesh, rules, tokenizer=tokenizer, **decoder_kwargs)

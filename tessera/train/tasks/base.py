@@ -87,7 +87,9 @@ class Task(abc.ABC):
     def tokenizer(self) -> Tokenizer:
         """``data.tokenizer`` (a relative ``hf:`` path is found in the workdir), read on first use
         so that building a Trainer needs no data."""
-        return get_tokenizer(self.config.data.tokenizer, base_dir=self.workdir)
+        return get_tokenizer(
+            self.config.data.tokenizer, base_dir=self.workdir, data_cfg=self.config.data
+        )
 
     @abc.abstractmethod
     def features(self) -> dict[str, Feature]:
