@@ -29,13 +29,14 @@ reading them again.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import hashlib
 import importlib
 import importlib.util
 import os
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import grain
@@ -45,16 +46,43 @@ SEQIO = "seqio"
 _REGISTRIES: dict[str, Any] = {}  # registry_module spec (resolved) -> imported module
 
 
-def import_tensorflow() -> Any:
-    """`tensorflow`, imported on first use with its log noise down and no GPUs visible to it
-    (jax keeps them); later calls return the same module."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    import tensorflow as tf
-
+@contextlib.contextmanager
+def _quiet_native_stderr(enabled: bool) -> Iterator[None]:
+    """Sends file descriptor 2 to /dev/null while TensorFlow loads: its C++ libraries log through
+    absl before any log level applies (oneDNN, CUDA-driver probes), which TF_CPP_MIN_LOG_LEVEL
+    does not reach. Python exceptions still propagate with their messages."""
+    if not enabled:
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
     try:
-        tf.config.set_visible_devices([], "GPU")
-    except (RuntimeError, ValueError):  # devices already initialised: hidden before, or none
-        pass
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def _quiet() -> bool:
+    """Whether TF's load-time messages are dropped: unless TF_CPP_MIN_LOG_LEVEL asks for INFO
+    (0). (jax sets it to 1 when unset.)"""
+    return os.environ.get("TF_CPP_MIN_LOG_LEVEL", "1").strip() not in ("", "0")
+
+
+def import_tensorflow() -> Any:
+    """`tensorflow`, imported on first use with its log noise down (its load-time C++ messages
+    dropped unless TF_CPP_MIN_LOG_LEVEL=0, and TF_CPP_MIN_LOG_LEVEL=3 when unset) and no GPUs
+    visible to it (jax keeps them); later calls return the same module."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    with _quiet_native_stderr(_quiet() and "tensorflow" not in sys.modules):
+        import tensorflow as tf
+
+        try:
+            tf.config.set_visible_devices([], "GPU")
+        except (RuntimeError, ValueError):  # devices already initialised: hidden before, or none
+            pass
     return tf
 
 
@@ -62,7 +90,8 @@ def import_seqio() -> Any:
     """The `seqio` module (after `import_tensorflow`); a one-line ImportError without it."""
     import_tensorflow()
     try:
-        import seqio
+        with _quiet_native_stderr(_quiet() and "seqio" not in sys.modules):
+            import seqio
     except ImportError as e:
         raise ImportError(
             f"data.source='seqio' needs the seqio package: pip install 'tessera[seqio]' ({e})"

@@ -146,6 +146,13 @@ class Task(abc.ABC):
         """Logged eval metrics (``eval/<name>``), from sums over the evaluation's batches."""
         return self.metrics(sums, weight)
 
+    def extra_eval(self, params: PyTree, trainer: Any) -> dict[str, float]:
+        """Metrics of the parameters computed outside the jitted eval step (decoding, external
+        metric code), logged as ``eval/<name>`` next to the eval loss; the Trainer calls it at
+        every evaluation, on every process. Default: none."""
+        del params, trainer
+        return {}
+
     # -- cost ------------------------------------------------------------------------------
     def flops_per_example(self) -> float | None:
         """Forward FLOPs of one example (training counts 3x); None: unknown, no TFLOP/s or MFU."""
