@@ -178,3 +178,39 @@ def test_registry_is_imported_once_and_tf_leaves_jax_working(reg):
     tf = import_tensorflow()
     assert tf.config.get_visible_devices("GPU") == []
     assert float(jax.jit(lambda x: jnp.sum(x * 2))(jnp.ones(3))) == 6.0
+
+
+RESUME_SCRIPT = """
+import json, sys
+import ml_collections
+import numpy as np
+from tessera.data import make_pipeline
+from tessera.data.seqio_source import seqio_tokenizer
+data_cfg = ml_collections.ConfigDict(json.loads(sys.argv[1]))
+it = make_pipeline(data_cfg, tokenizer=seqio_tokenizer(data_cfg), global_batch_size=4,
+                   seq_len=32, vocab_size=256)
+for _ in range(2):
+    next(it)
+state = it.get_state()
+after = [next(it)["inputs"].tolist() for _ in range(2)]
+print(json.dumps({"state": state, "after": after}))
+"""
+
+
+def test_resume_in_a_new_process_gives_the_same_batches(reg):
+    """The state saved by one process restores in another (the seeded tf.data order does not
+    depend on the process)."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    data_cfg = cfg(reg)
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=root)
+    proc = subprocess.run([sys.executable, "-c", RESUME_SCRIPT, json.dumps(data_cfg.to_dict())],
+                          capture_output=True, text=True, env=env, timeout=300, cwd=root)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    saved = json.loads(proc.stdout.strip().splitlines()[-1])
+    it = pipeline(reg, data_cfg)
+    it.set_state(saved["state"])
+    assert [next(it)["inputs"].tolist() for _ in range(2)] == saved["after"]
