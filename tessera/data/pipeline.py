@@ -11,7 +11,8 @@ tokens:
                                  (document boundaries and padding)
 
 Each document is `[bos] + tokenizer.encode(text) + [eos]` (no bos when `tokenizer.bos_id` is
-None). `shard_source` (source -> shard -> shuffle/repeat; `shard_documents` for text sources) and
+None); `data.source="seqio"` documents are the seqio task's own ids (`data/seqio_source.py`).
+`shard_source` (source -> shard -> shuffle/repeat; `shard_documents` for text sources) and
 `batch_rows` (batch, pad, wrap as a resumable iterator) are the stages every row layout shares
 (`data/classify.py` and `data/image_pipeline.py` too).
 """

@@ -129,9 +129,13 @@ class SeqioEvaluator:
             return {}
         tasks = metric_tasks(data)
         row: dict[str, float] = {}
-        for task in tasks:
-            prefix = "seqio/" if task.name == data.task else f"seqio/{task.name}/"
-            row.update({prefix + k: v for k, v in self._task_metrics(task, params, n).items()})
+        try:
+            for task in tasks:
+                prefix = "seqio/" if task.name == data.task else f"seqio/{task.name}/"
+                row.update({prefix + k: v for k, v in self._task_metrics(task, params, n).items()})
+        finally:
+            if self._decoder is not None:
+                self._decoder.params = None  # no second copy of the parameters between evals
         return row
 
     def _task_metrics(self, task: Any, params: PyTree, n: int) -> dict[str, float]:
