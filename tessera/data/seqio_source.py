@@ -226,6 +226,17 @@ def _check_vocab(provider: Any, keys: Iterable[str], vocab_size: int | None) -> 
             )
 
 
+def quiet_options(ds: Any) -> Any:
+    """`ds` deterministic and without tf.data's autotuning: each autotuned iterator runs a model
+    thread that its destructor waits for (up to the autotune period, which grows to minutes),
+    and tessera runs one pipeline per stream."""
+    tf = import_tensorflow()
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    options.deterministic = True
+    return ds.with_options(options)
+
+
 class SeqioDocuments(grain.IterDataset):
     """One stream's documents (1-D int32 token arrays, see the module docstring) of a seqio Task
     or Mixture; its iterator's state is JSON `{"task", "split", "examples"}`.
@@ -267,14 +278,14 @@ class SeqioDocuments(grain.IterDataset):
     def tf_dataset(self) -> Any:
         """This stream's examples as seqio gives them (a tf.data.Dataset of feature dicts)."""
         seqio = import_seqio()
-        return self.provider.get_dataset(
+        return quiet_options(self.provider.get_dataset(
             sequence_length=self.sequence_length,
             split=self.split,
             shuffle=self.train,
             seed=self.seed,
             shard_info=seqio.ShardInfo(index=self.stream, num_shards=self.num_streams),
             num_epochs=None if self.train else 1,
-        )
+        ))
 
     def document(self, example: Mapping[str, Any]) -> np.ndarray:
         """The token ids of one seqio example: its `keys` features concatenated, int32."""

@@ -27,7 +27,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tessera.data.seqio_source import document_keys, feature_lengths, get_provider, seqio_split
+from tessera.data.seqio_source import (
+    document_keys,
+    feature_lengths,
+    get_provider,
+    quiet_options,
+    seqio_split,
+)
 from tessera.distributed import to_host
 from tessera.serve.engine import Decoder
 from tessera.serve.sampling import SamplingParams
@@ -141,12 +147,12 @@ class SeqioEvaluator:
     def _task_metrics(self, task: Any, params: PyTree, n: int) -> dict[str, float]:
         data, model = self.config.data, self.config.model
         keys = document_keys(task)
-        ds = task.get_dataset(
+        ds = quiet_options(task.get_dataset(
             sequence_length=feature_lengths(data, task),
             split=seqio_split(data, "eval"),
             shuffle=False,
             num_epochs=1,
-        )
+        ))
         limit = min(int(data.seq_len) + 1, int(model.max_seq_len))
         examples, docs, starts = [], [], []
         for ex in ds.take(n).as_numpy_iterator():
