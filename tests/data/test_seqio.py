@@ -214,3 +214,19 @@ def test_resume_in_a_new_process_gives_the_same_batches(reg):
     it = pipeline(reg, data_cfg)
     it.set_state(saved["state"])
     assert [next(it)["inputs"].tolist() for _ in range(2)] == saved["after"]
+
+
+def test_registry_module_by_dotted_name(reg, tmp_path, monkeypatch, sp):
+    name = f"tessera_dotted_{uuid.uuid4().hex[:8]}"
+    (tmp_path / f"{name}.py").write_text(
+        "import seqio\n"
+        f"VOCAB = seqio.SentencePieceVocabulary({reg.model!r})\n"
+        f"seqio.TaskRegistry.add({name!r}, source=seqio.TextLineDataSource("
+        f"{{'validation': {reg.valid!r}}}),\n"
+        "    preprocessors=[lambda ds: ds.map(lambda l: {'targets': l}),\n"
+        "                   seqio.preprocessors.tokenize],\n"
+        "    output_features={'targets': seqio.Feature(VOCAB, add_eos=False)})\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    docs = iter(SeqioDocuments(cfg(reg, task=name, registry_module=name), split="eval"))
+    np.testing.assert_array_equal(next(docs), sp.encode(valid_lines(reg)[0]))  # no EOS added
