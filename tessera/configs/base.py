@@ -305,6 +305,16 @@ def base_config() -> ConfigDict:
             text_field="text",
             # "SOURCE[:PATH]=WEIGHT;...", e.g. "text:/data/web/*.jsonl=3;synthetic=1"
             mixture="",
+            # seqio (data/seqio_source.py): a registered Task or Mixture name; the module that
+            # registers it (dotted name or path to a .py file), imported first; the seqio splits
+            # tessera's train / eval read; seqio's sequence_length, "inputs=512,targets=128"
+            # ("": none, seqio truncates nothing, the packer cuts long documents). Set
+            # data.tokenizer=seqio (the task's targets vocabulary).
+            task="",
+            registry_module="",
+            train_split="train",
+            eval_split="validation",
+            feature_lengths="",
             tokenizer="byte",
             synthetic_tasks="",
             seed=0,
@@ -366,6 +376,10 @@ def base_config() -> ConfigDict:
             every=100,  # run the task's evaluation every N steps and at the end; 0: never
             batches=4,  # batches per evaluation (fewer if the eval split ends first)
             source="",  # "": the held-out split of data.source (data.eval_path for files)
+            # data.source=seqio: the task's metric functions run on this many examples of its
+            # eval split (predictions by greedy decoding, scores = target log-likelihood), logged
+            # as eval/seqio/<metric>; 0: off.
+            seqio_examples=32,
         )
     )
 

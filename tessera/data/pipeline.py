@@ -11,7 +11,8 @@ tokens:
                                  (document boundaries and padding)
 
 Each document is `[bos] + tokenizer.encode(text) + [eos]` (no bos when `tokenizer.bos_id` is
-None). `shard_source` (source -> shard -> shuffle/repeat; `shard_documents` for text sources) and
+None); `data.source="seqio"` documents are the seqio task's own ids (`data/seqio_source.py`).
+`shard_source` (source -> shard -> shuffle/repeat; `shard_documents` for text sources) and
 `batch_rows` (batch, pad, wrap as a resumable iterator) are the stages every row layout shares
 (`data/classify.py` and `data/image_pipeline.py` too).
 """
@@ -306,6 +307,34 @@ def stream_documents(
     return out
 
 
+def stream_tokens(
+    data_cfg: Any,
+    encode: Any,
+    *,
+    split: str,
+    streams: Sequence[int],
+    num_streams: int,
+    seed: int,
+    vocab_size: int | None = None,
+) -> list[grain.IterDataset]:
+    """Each stream's documents as int32 token arrays: `stream_documents` through `encode`, or for
+    `data.source="seqio"` the seqio task's own token ids (`data/seqio_source.py`, which imports
+    TensorFlow)."""
+    if data_cfg.get("source", "synthetic") == "seqio":
+        from tessera.data.seqio_source import seqio_stream
+
+        return [
+            seqio_stream(
+                data_cfg, split=split, stream=stream, num_streams=num_streams,
+                seed=stream_seed(seed, stream), vocab_size=vocab_size,
+            )
+            for stream in streams
+        ]
+    docs = stream_documents(data_cfg, split=split, streams=streams, num_streams=num_streams,
+                            seed=seed)
+    return [d.map(encode).to_iter_dataset(grain.ReadOptions(num_threads=0)) for d in docs]
+
+
 class StreamBatches(grain.DatasetIterator):
     """Batches of `rows_per_stream` consecutive rows from each of several row iterators, in stream
     order. An exhausted stream (eval) adds `fill` rows until every stream is exhausted. The
@@ -407,9 +436,10 @@ def make_pipeline(
     encode = functools.partial(encode_document, tokenizer, vocab_size=vocab_size)
     packer = make_packer(data_cfg, row_len=seq_len + 1, pad_id=tokenizer.pad_id)
     rows = []
-    docs = stream_documents(data_cfg, split=split, streams=mine, num_streams=streams, seed=seed)
-    for stream_docs in docs:
-        tokens = stream_docs.map(encode).to_iter_dataset(grain.ReadOptions(num_threads=0))
+    for tokens in stream_tokens(
+        data_cfg, encode, split=split, streams=mine, num_streams=streams, seed=seed,
+        vocab_size=vocab_size,
+    ):
         rows.append(packer(tokens).map(_features).__iter__())
     empty = {
         "tokens": np.full(seq_len + 1, tokenizer.pad_id, np.int32),

@@ -358,15 +358,22 @@ def resolve_path(name: str, base_dir: str | None = None) -> str:
     return path
 
 
-def get_tokenizer(name: str, base_dir: str | None = None) -> Tokenizer:
+def get_tokenizer(name: str, base_dir: str | None = None, data_cfg: Any = None) -> Tokenizer:
     """The tokenizer `name` (`data.tokenizer` in the config) names: `"byte"`; `"hf:PATH"` with
     PATH a tokenizer.json or a directory holding one; `"spm:PATH"` with PATH a SentencePiece
-    `.model` file or a directory holding `tokenizer.model`. A relative PATH is taken relative to
-    `base_dir` (the workdir), to the current directory without `base_dir`."""
+    `.model` file or a directory holding `tokenizer.model` (a relative PATH is taken relative to
+    `base_dir`, the workdir, to the current directory without `base_dir`); or `"seqio"`: the
+    targets vocabulary of the seqio task `data_cfg.task` (the `data` config section)."""
+    if name == "seqio":
+        from tessera.data.seqio_source import seqio_tokenizer
+
+        return seqio_tokenizer(data_cfg)
     for prefix, cls in _PATH_TOKENIZERS.items():
         if name.startswith(prefix):
             return cls(resolve_path(name, base_dir))
     if name not in _TOKENIZERS:
-        known = ", ".join([*sorted(_TOKENIZERS), *(f"{p}<path>" for p in _PATH_TOKENIZERS)])
+        known = ", ".join(
+            [*sorted(_TOKENIZERS), *(f"{p}<path>" for p in _PATH_TOKENIZERS), "seqio"]
+        )
         raise ValueError(f"unknown tokenizer {name!r}; known: {known}")
     return _TOKENIZERS[name]()

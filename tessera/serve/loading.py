@@ -59,7 +59,7 @@ def load_decoder(
     rules = make_rules(config.mesh.rules)
     spec = ModelSpec(config.model)
     if tokenizer is None:
-        tokenizer = get_tokenizer(config.data.tokenizer, base_dir=workdir)
+        tokenizer = get_tokenizer(config.data.tokenizer, base_dir=workdir, data_cfg=config.data)
         check_vocab(tokenizer, int(config.model.vocab_size), name=config.data.tokenizer)
     shardings = spec.shardings(mesh, rules, strict=bool(config.mesh.get("strict", False)))
     step, params = restore_params(spec, workdir, shardings, step)

@@ -321,7 +321,8 @@ class Trainer:
     def evaluate(self, state: PyTree) -> dict[str, float]:
         """Held-out metrics over the first ``eval.batches`` batches of the task's eval split (a
         fresh iterator: the same batches every time): ``eval/loss`` and ``eval/<metric>`` of the
-        parameters, ``eval_<name>/...`` of each parameter-shaped state (the EMA)."""
+        parameters, ``eval_<name>/...`` of each parameter-shaped state (the EMA), and
+        ``eval/<name>`` of the task's ``extra_eval`` (of the parameters)."""
         trees = {"eval": state["params"], **{f"eval_{n}": state[n] for n in self.param_states}}
         data = self.task.make_data(
             "eval", process_index=jax.process_index(), process_count=jax.process_count()
@@ -339,6 +340,8 @@ class Trainer:
             row[f"{prefix}/loss"] = total / denom
             for k, v in self.flat_metrics(self.task.eval_metrics(sums, denom)).items():
                 row[f"{prefix}/{k}"] = v
+        for k, v in self.task.extra_eval(state["params"], self).items():
+            row[f"eval/{k}"] = float(v)
         return row
 
     @staticmethod

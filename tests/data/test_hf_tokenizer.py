@@ -89,7 +89,7 @@ def test_get_tokenizer_paths_and_errors(tok_dir, tmp_path):
         get_tokenizer(f"hf:{tmp_path / 'broken.json'}")
     with pytest.raises(ValueError, match="names no path"):
         get_tokenizer("hf:")
-    known = r"known: byte, hf:<path>, spm:<path>$"
+    known = r"known: byte, hf:<path>, spm:<path>, seqio$"
     with pytest.raises(ValueError, match=r"unknown tokenizer 'spm'; " + known):
         get_tokenizer("spm")
     with pytest.raises(ValueError, match=r"names no path \(spm:DIR or spm:DIR/tokenizer.model\)"):

@@ -89,7 +89,7 @@ class Task(abc.ABC):
         first use so that building a Trainer needs no data. A tokenizer with more ids than
         ``model.vocab_size`` is a ValueError here, before the first step (``check_vocab``)."""
         name = self.config.data.tokenizer
-        tokenizer = get_tokenizer(name, base_dir=self.workdir)
+        tokenizer = get_tokenizer(name, base_dir=self.workdir, data_cfg=self.config.data)
         vocab_size = self.config.model.get("vocab_size")
         if vocab_size is not None:
             check_vocab(tokenizer, int(vocab_size), name=name)
@@ -149,6 +149,13 @@ class Task(abc.ABC):
     ) -> dict[str, jax.Array]:
         """Logged eval metrics (``eval/<name>``), from sums over the evaluation's batches."""
         return self.metrics(sums, weight)
+
+    def extra_eval(self, params: PyTree, trainer: Any) -> dict[str, float]:
+        """Metrics of the parameters computed outside the jitted eval step (decoding, external
+        metric code), logged as ``eval/<name>`` next to the eval loss; the Trainer calls it at
+        every evaluation, on every process. Default: none."""
+        del params, trainer
+        return {}
 
     # -- cost ------------------------------------------------------------------------------
     def flops_per_example(self) -> float | None:

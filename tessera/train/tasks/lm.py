@@ -128,6 +128,19 @@ class LMTask(Task):
         metrics = self.metrics(sums, weight)
         return {**metrics, "perplexity": jnp.exp(metrics["nll"])}
 
+    def extra_eval(self, params: Any, trainer: Any) -> dict[str, float]:
+        """For ``data.source="seqio"``: the seqio task's metric functions on the first
+        ``eval.seqio_examples`` examples of its eval split (``train/seqio_eval.py``)."""
+        if self.data_config("eval").get("source") != "seqio" or not int(
+            self.config.eval.get("seqio_examples", 0) or 0
+        ):
+            return {}
+        if getattr(self, "_seqio_eval", None) is None:
+            from tessera.train.seqio_eval import SeqioEvaluator
+
+            self._seqio_eval = SeqioEvaluator(trainer)
+        return self._seqio_eval(params)
+
     def flops_per_example(self) -> float | None:
         seq_len = self.config.data.seq_len
         per_token = forward_flops_per_token(self.config.model, seq_len)
