@@ -1,4 +1,3 @@
-import itertools
 import json
 
 import ml_collections
@@ -19,15 +18,12 @@ from tessera.data import (
     make_source,
     write_array_record,
 )
+from tests.data.batches import take
 
 
 def cfg(**kw):
     base = dict(source="shapes", path="", eval_path="", seed=0, augment=False, crop_padding=2)
     return ml_collections.ConfigDict({**base, **kw})
-
-
-def take(it, n):
-    return list(itertools.islice(it, n))
 
 
 def numbered_images(n, size=(6, 5)):

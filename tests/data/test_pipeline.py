@@ -1,4 +1,3 @@
-import itertools
 import json
 
 import ml_collections
@@ -13,6 +12,7 @@ from tessera.data import (
     packing_efficiency,
     split_prompt,
 )
+from tests.data.batches import assert_batches_equal, take
 
 TOK = ByteTokenizer()
 SEQ = 64
@@ -26,18 +26,6 @@ def cfg(**kw):
 def pipeline(data_cfg=None, **kw):
     kw = {"tokenizer": TOK, "global_batch_size": 4, "seq_len": SEQ, **kw}
     return make_pipeline(data_cfg if data_cfg is not None else cfg(), **kw)
-
-
-def take(it, n):
-    return list(itertools.islice(it, n))
-
-
-def assert_batches_equal(xs, ys):
-    assert len(xs) == len(ys)
-    for x, y in zip(xs, ys, strict=True):
-        assert x.keys() == y.keys()
-        for k in x:
-            np.testing.assert_array_equal(x[k], y[k], err_msg=k)
 
 
 def documents(batches):

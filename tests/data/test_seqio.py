@@ -1,7 +1,6 @@
 """data.source="seqio": a seqio Task over local text with a SentencePiece vocabulary trained in
 the test flows through tessera's streams, packing and batching; resume, processes, errors."""
 
-import itertools
 import json
 import uuid
 
@@ -21,6 +20,7 @@ from tessera.data.seqio_source import (  # noqa: E402
     seqio_tokenizer,
 )
 from tessera.data.tokenizers import get_tokenizer  # noqa: E402
+from tests.data.batches import assert_batches_equal, take  # noqa: E402
 from tests.data.seqio_registry import VOCAB_SIZE, write_registry  # noqa: E402
 
 SEQ = 32
@@ -51,18 +51,6 @@ def pipeline(reg, data_cfg=None, **kw):
     kw = {"tokenizer": seqio_tokenizer(data_cfg), "global_batch_size": 4, "seq_len": SEQ,
           "vocab_size": VOCAB_SIZE, **kw}
     return make_pipeline(data_cfg, **kw)
-
-
-def take(it, n):
-    return list(itertools.islice(it, n))
-
-
-def assert_batches_equal(xs, ys):
-    assert len(xs) == len(ys)
-    for x, y in zip(xs, ys, strict=True):
-        assert x.keys() == y.keys()
-        for k in x:
-            np.testing.assert_array_equal(x[k], y[k], err_msg=k)
 
 
 def valid_lines(reg):
