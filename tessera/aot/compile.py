@@ -155,11 +155,12 @@ def _trainer(config: ConfigDict, devices: list):
 
 
 def _program_report(compiled: Any, seconds: float) -> dict:
+    text = compiled.as_text()
     return {
         "memory": analysis.memory(compiled),
-        "xla": analysis.cost(compiled),
-        "collectives": analysis.collectives(compiled.as_text()),
-        "kernels": analysis.pallas_kernels(compiled.as_text()),
+        "xla": analysis.cost(compiled, text),
+        "collectives": analysis.collectives(text),
+        "kernels": analysis.pallas_kernels(text),
         "compile_seconds": seconds,
     }
 
@@ -184,16 +185,17 @@ def unit_counts(model: ConfigDict) -> tuple[int, int, int]:
     return len(layout.prefix), len(layout.pattern), layout.repeats
 
 
-def _cost_program(lowered: Any, name: str, target: Target) -> tuple[Any, dict, float]:
-    """Compile a cost program (``COST_COMPILER_OPTIONS``): (compiled, XLA's cost with
+def _cost_program(lowered: Any, name: str, target: Target) -> tuple[str, dict, float]:
+    """Compile a cost program (``COST_COMPILER_OPTIONS``): (optimized HLO text, XLA's cost with
     ``roofline_seconds`` = max(FLOPs / peak, bytes / HBM bandwidth) added, compile seconds)."""
     compiled, seconds = _compile(lowered, None, name, COST_COMPILER_OPTIONS)
-    cost = analysis.cost(compiled)
+    text = compiled.as_text()
+    cost = analysis.cost(compiled, text)
     cost["roofline_seconds"] = max(
         cost["flops"] / target.peak_flops_per_device,
         cost["bytes_accessed"] / target.hbm_bandwidth_per_device,
     )
-    return compiled, cost, seconds
+    return text, cost, seconds
 
 
 def predict_train(config: ConfigDict, target: Target) -> dict:
@@ -211,16 +213,16 @@ def predict_train(config: ConfigDict, target: Target) -> dict:
         )
         with _unrolled():
             lowered = _trainer(cfg, target.devices).lower()
-        compiled, cost, s = _cost_program(lowered, f"cost_{r}", target)
+        text, cost, s = _cost_program(lowered, f"cost_{r}", target)
         seconds += s
-        figures.append({"xla": cost, "collectives": analysis.collectives(compiled.as_text())})
+        figures.append({"xla": cost, "collectives": analysis.collectives(text)})
     step = analysis.extrapolate_tree(figures[0], figures[1], repeats)
     step = {k: _scale(v, accum) for k, v in step.items()}
-    # libtpu's cost model gives no estimate (optimal_seconds <= 0) for some programs (seen on
-    # v6e): then the roofline of the same programs' FLOPs and bytes stands in, and says so.
+    # Should libtpu's cost model still give no estimate (optimal_seconds <= 0 after the
+    # ConcatBitcast correction), the roofline of the same programs stands in, and says so.
     estimated = all(f["xla"]["optimal_seconds"] > 0 for f in figures)
     source = (
-        "XLA optimal_seconds" if estimated
+        "XLA optimal_seconds" + _uncosted_note([f["xla"] for f in figures]) if estimated
         else "roofline max(FLOPs / peak, bytes / HBM bandwidth) (XLA gave no optimal_seconds)"
     )
     return {
@@ -238,6 +240,17 @@ def predict_train(config: ConfigDict, target: Target) -> dict:
         "collectives": step["collectives"],
         "compile_seconds": seconds,
     }
+
+
+def _uncosted_note(costs: list[dict]) -> str:
+    """How the cost programs' ``optimal_seconds`` were corrected (``analysis.uncosted_ops``)."""
+    counts = [int(c.get("uncosted_ops", 0)) for c in costs]
+    if not any(counts):
+        return ""
+    return (
+        f" (plus 1 s per ConcatBitcast call, which libtpu prices at -1 s: "
+        f"{' / '.join(map(str, counts))} in the cost programs)"
+    )
 
 
 def _scale(tree: dict, factor: float) -> dict:
@@ -326,10 +339,10 @@ def predict_decode(
     minus the second is that per-call work, and a step costs
     ``second + (first - second) / decode_chunk``.
 
-    Seconds: XLA's ``optimal_seconds`` when libtpu's cost model gives one for every cost
-    program; it returns negative values for some (seen on v5e and v6e), and then the roofline
-    of the same programs' FLOPs and bytes, ``max(FLOPs / peak, bytes / HBM bandwidth)``, stands
-    in (``method`` says which).
+    Seconds: XLA's ``optimal_seconds``, corrected for libtpu's -1 s per ``ConcatBitcast``
+    (``analysis.uncosted_ops``), when it is positive for every cost program; otherwise the
+    roofline of the same programs' FLOPs and bytes, ``max(FLOPs / peak, bytes / HBM
+    bandwidth)``, stands in (``method`` says which).
     """
     from tessera.layers.base import dtype_of
     from tessera.models.create import ModelSpec
@@ -359,7 +372,7 @@ def predict_decode(
         step, per_call = dict(costs[0]), None
     estimated = all(c["optimal_seconds"] > 0 for c in costs)
     source = (
-        "XLA optimal_seconds" if estimated
+        "XLA optimal_seconds" + _uncosted_note(costs) if estimated
         else "roofline max(FLOPs / peak, bytes / HBM bandwidth) of XLA's counts (libtpu's "
         "cost model gave optimal_seconds <= 0: "
         + ", ".join(f"{c['optimal_seconds']:.4g}" for c in costs) + ")"
