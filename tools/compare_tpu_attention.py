@@ -34,6 +34,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.sharding import Mesh, SingleDeviceSharding  # noqa: E402
 
+from tessera.aot import analysis  # noqa: E402
 from tessera.aot.compile import make_target  # noqa: E402
 from tessera.kernels import loops  # noqa: E402
 from tessera.kernels.attention import attention  # noqa: E402
@@ -129,14 +130,14 @@ def figures(target, shapes: list[tuple[int, ...]], unroll_max: int) -> None:
             except Exception as e:  # noqa: BLE001 - a row saying why
                 print(f"| {name} | {b},{h},{hkv},{t},{d} | failed: {str(e).splitlines()[0][:80]} |")
                 continue
-            mem, cost = c.memory_analysis(), c.cost_analysis()
-            flops, nbytes = cost.get("flops", 0.0), cost.get("bytes accessed", 0.0)
+            mem, cost = c.memory_analysis(), analysis.cost(c)  # libtpu's ConcatBitcast fixed
+            flops, nbytes = cost["flops"], cost["bytes_accessed"]
             roofline = max(flops / target.peak_flops_per_device,
                            nbytes / target.hbm_bandwidth_per_device)
             print(
                 f"| {name} | {b},{h},{hkv},{t},{d} | {mem.temp_size_in_bytes / 2**20:.1f} | "
                 f"{flops / 1e9:.1f} | {nbytes / 1e9:.2f} | "
-                f"{cost.get('optimal_seconds', 0) * 1e3:.3f} | {roofline * 1e3:.3f} | {secs:.1f} |"
+                f"{cost['optimal_seconds'] * 1e3:.3f} | {roofline * 1e3:.3f} | {secs:.1f} |"
             )
 
 
