@@ -27,8 +27,9 @@ the FSDP matmuls into windowed-einsum while loops (trip count 16) even in the un
 so their flops and time are counted 1/16: llama2-7b's 1-layer program reports 2.59e13 flops per
 device, 4.25e13 with the windowed einsums off, which matches the analytic count and v6e. So the
 cost compiles of both systems turn them off (``NO_WINDOWED_EINSUM``, the flags tessera.aot uses;
-the script warns if a cost compile still holds loops). On v6e
-``optimal_seconds`` comes out negative for these programs (flops are right): no prediction.
+the script warns if a cost compile still holds loops). On v6e libtpu prices each
+``ConcatBitcast`` custom call at -1 s, which made ``optimal_seconds`` negative; both systems add
+the second back per call (``tessera.aot.analysis.cost``; the driver counts them itself).
 
 Usage::
 

@@ -256,3 +256,21 @@ def test_maxtext_cost_flags_are_tessera_aots():
 
     flags = dict(f[2:].split("=") for f in compare.NO_WINDOWED_EINSUM.split())
     assert flags == {k: str(v).lower() for k, v in COST_COMPILER_OPTIONS.items()}
+
+
+def test_driver_cost_adds_back_a_second_per_concat_bitcast():
+    """libtpu 0.0.52 prices each ConcatBitcast custom call at -1 s; the driver (which runs
+    without tessera) corrects MaxText's figures the way tessera.aot.analysis.cost does."""
+
+    class Program:
+        def cost_analysis(self):
+            return [{"flops": 1e12, "optimal_seconds": -2.75, "bytes accessed": 5e9}]
+
+        def as_text(self):
+            call = 'custom-call(%a, %b), custom_call_target="ConcatBitcast"\n'
+            return "ENTRY main {\n" + call * 3 + "ROOT %r = f32[] add()\n}"
+
+    cost = driver._cost(Program())
+    assert cost["raw_optimal_seconds"] == -2.75 and cost["uncosted_ops"] == 3
+    assert cost["optimal_seconds"] == pytest.approx(0.25)
+    assert cost["flops"] == 1e12 and cost["bytes_accessed"] == 5e9
