@@ -5,7 +5,8 @@ any machine with libtpu installed, allocating nothing, and prints HBM per device
 chip's capacity, XLA's cost, the analytic FLOPs, a predicted step time and MFU, and the
 collectives; with ``--decode``, a decode step's predicted time against its HBM roofline.
 Overrides: ``--config.a.b=value``. Exit codes: 0 fits, 1 does not fit in HBM, 2 bad input
-(unknown topology, a mesh the topology cannot hold, libtpu missing, bad config).
+(unknown topology, a mesh the topology cannot hold, libtpu missing, bad config), 3 the tool
+itself failed (the traceback is printed).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import argparse
 import json
 import os
 import sys
+import traceback
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -21,6 +23,7 @@ if TYPE_CHECKING:
     from tessera.configs.base import ConfigDict
 
 EXIT_DOES_NOT_FIT = 1
+EXIT_CRASHED = 3
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -115,6 +118,9 @@ def main(argv: list[str] | None = None) -> None:
         code = run(argv)
     except (*USER_ERRORS, LibtpuMissingError) as e:
         fail(error_line(e))
+    except Exception:  # a crash must not read as exit 1, "does not fit"
+        traceback.print_exc()
+        sys.exit(EXIT_CRASHED)
     sys.exit(code)
 
 

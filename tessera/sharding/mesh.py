@@ -50,6 +50,17 @@ def mesh_shape(mesh_cfg: ConfigDict, num_devices: int, num_slices: int = 1) -> d
     return {a: i * d for a, i, d in zip(MESH_AXES, ici, dcn)}
 
 
+def _physical(create, *args):
+    """``create(*args)`` (a ``mesh_utils`` builder that lays the logical axes on the chips' torus)
+    and, when no axis of the logical mesh is a product of whole physical axes (``expert=8`` on a
+    16 x 16 v6e-256: 8 is no product of 16s), the same with physical axes split between logical
+    ones, which jax permits on request: every shape that multiplies to the device count builds."""
+    try:
+        return create(*args)
+    except NotImplementedError:
+        return create(*args, allow_split_physical_axes=True)
+
+
 def make_mesh(mesh_cfg: ConfigDict, devices: Sequence[jax.Device] | None = None) -> Mesh:
     """Build the named mesh; on multi-slice TPU the DCN axes span slices (hybrid mesh)."""
     devices = list(devices if devices is not None else jax.devices())
@@ -61,11 +72,11 @@ def make_mesh(mesh_cfg: ConfigDict, devices: Sequence[jax.Device] | None = None)
 
         dcn = _fill([int(mesh_cfg.get(f"dcn_{a}", 1)) for a in MESH_AXES], num_slices, "DCN")
         ici = [shape[a] // d for a, d in zip(MESH_AXES, dcn)]
-        arr = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices)
+        arr = _physical(mesh_utils.create_hybrid_device_mesh, ici, dcn, devices)
     elif devices[0].platform == "tpu":
         from jax.experimental import mesh_utils
 
-        arr = mesh_utils.create_device_mesh([shape[a] for a in MESH_AXES], devices)
+        arr = _physical(mesh_utils.create_device_mesh, [shape[a] for a in MESH_AXES], devices)
     else:
         arr = np.asarray(devices).reshape([shape[a] for a in MESH_AXES])
     return Mesh(arr, MESH_AXES)

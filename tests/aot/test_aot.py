@@ -87,6 +87,26 @@ def test_uncosted_ops_counts_concat_bitcasts():
 
 
 @needs_libtpu
+def test_mesh_whose_axes_are_no_product_of_the_torus_axes_builds():
+    """``expert=8`` on a 4 x 4 v6e grid: 8 is no product of whole physical axes, so jax's
+    ``create_device_mesh`` refuses; `make_mesh` splits physical axes instead (every shape that
+    multiplies to the device count must build, as ``mixtral:8x7b`` on v6e-256 needs)."""
+    from jax.experimental import mesh_utils
+
+    from tessera.aot.topology import topology_devices
+    from tessera.configs.base import ConfigDict
+    from tessera.sharding.mesh import make_mesh
+
+    devices = topology_devices(parse_topology("v6e:4x4"))
+    with pytest.raises(NotImplementedError):
+        mesh_utils.create_device_mesh([1, 2, 8, 1, 1], devices)
+    cfg = ConfigDict(dict(data=1, fsdp=-1, expert=8, sequence=1, tensor=1))
+    mesh = make_mesh(cfg, devices)
+    assert dict(mesh.shape) == {"data": 1, "fsdp": 2, "expert": 8, "sequence": 1, "tensor": 1}
+    assert sorted(d.id for d in mesh.devices.flat) == sorted(d.id for d in devices)
+
+
+@needs_libtpu
 def test_v6e_cost_is_corrected_for_concat_bitcasts():
     """libtpu 0.0.52 prices each ConcatBitcast custom call at -1 s. A global-norm scaling on one
     v6e chip compiles to one (a staged copy joined by ConcatBitcast): XLA's raw optimal_seconds
@@ -338,6 +358,19 @@ def test_cli_does_not_fit(capsys):
     assert code == 1
     assert out.startswith("does not fit: llama:tiny train_step on v5e-1")
     assert "exceeds available HBM" in out
+
+
+def test_cli_crash_is_not_does_not_fit(monkeypatch, capsys):
+    """A failure inside the tool exits 3 with its traceback, never 1 ("does not fit")."""
+    import tessera.aot.__main__ as cli
+
+    def boom(argv):
+        raise RuntimeError("compiler exploded")
+
+    monkeypatch.setattr(cli, "run", boom)
+    code, _, err = _main(["--config=llama:tiny", "--topology=v5e-1"], capsys)
+    assert code == cli.EXIT_CRASHED == 3
+    assert "Traceback" in err and "RuntimeError: compiler exploded" in err
 
 
 @pytest.mark.parametrize(
