@@ -104,6 +104,8 @@ def does_not_fit(name: str, error: Exception) -> DoesNotFitError | None:
     if "RESOURCE_EXHAUSTED" not in text and "Ran out of memory" not in text:
         return None
     line = next((x for x in text.splitlines() if "Ran out of memory" in x), text.splitlines()[0])
+    if re.search(r"memory space (?!hbm)\w+", line):  # on-chip scratch (vmem, smem): XLA's own
+        return None  # fusion plan failed, the program may well fit in HBM
     detail = line.split("E1000: ", 1)[-1].split("HLO module")[0].strip()
     m = _OOM.search(line)
     if m is None:

@@ -360,6 +360,25 @@ def test_cli_does_not_fit(capsys):
     assert "exceeds available HBM" in out
 
 
+def test_out_of_vmem_is_not_does_not_fit():
+    """XLA's refusals: out of HBM is "does not fit" with its figures; out of on-chip scratch
+    (vmem, a fusion XLA could not plan) is a compile failure, not a verdict on HBM."""
+    from tessera.aot.compile import does_not_fit
+
+    hbm = RuntimeError(
+        "RESOURCE_EXHAUSTED: XLA:TPU compile permanent error.\n"
+        "E1000: CompileTimeHbmOom: Ran out of memory on HBM, the total memory required for HLO "
+        "temporaries (56.38G) exceeds available HBM (31.24G)."
+    )
+    oom = does_not_fit("train_step", hbm)
+    assert oom is not None and oom.needed == 56.38 * 2**30 and oom.available == 31.24 * 2**30
+    vmem = RuntimeError(
+        "RESOURCE_EXHAUSTED: Ran out of memory in memory space vmem while allocating on stack "
+        "for %fusion.677 = bf16[32768,14336]{1,0} fusion(%bitcast.950)"
+    )
+    assert does_not_fit("train_step", vmem) is None
+
+
 def test_cli_crash_is_not_does_not_fit(monkeypatch, capsys):
     """A failure inside the tool exits 3 with its traceback, never 1 ("does not fit")."""
     import tessera.aot.__main__ as cli
