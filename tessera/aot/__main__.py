@@ -41,6 +41,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--predict", action=argparse.BooleanOptionalAction, default=True,
                    help="compile the cost programs for a predicted step time (train: 1/2-unit "
                    "programs; --decode: one-step decode programs)")
+    p.add_argument("--splash_estimates", action=argparse.BooleanOptionalAction, default=True,
+                   help="cost splash attention's Pallas kernels (off: XLA leaves them uncosted, "
+                   "as in a program that attaches no estimate)")
     p.add_argument("--json", default=None, help="also write the report as JSON here")
     p.add_argument("--dump_hlo", default=None, help="write the HLO (before/after XLA) here")
     return p
@@ -53,6 +56,10 @@ def run(argv: list[str] | None = None) -> int:
     from tessera.cli import config_overrides
 
     overrides = config_overrides(parser, rest)
+    if not args.splash_estimates:
+        from tessera.kernels.attention import splash
+
+        splash.set_cost_estimates(False)
     from tessera.aot import compile as aot
     from tessera.aot import report as rep
     from tessera.aot.analysis import nan_to_none

@@ -209,3 +209,40 @@ def test_kernel_compiles_under_shard_map(tpu_env, topology, mesh_shape, hq, hkv,
         lowered = jax.jit(jax.grad(loss, (0, 1, 2))).lower(*args, seg)
     hlo = lowered.compile().as_text()
     assert "tpu_custom_call" in hlo and "splash_mha_dkv" in hlo
+
+
+@needs_libtpu
+def test_cost_estimates_can_be_left_off(tpu_env):
+    """With its estimates (the default) XLA costs splash's forward at about the causal half of
+    T x T; `set_cost_estimates(False)` (``tessera.aot --no-splash_estimates``) leaves the
+    kernel uncosted, as XLA does for a Pallas call without one. (jax caches a traced kernel by
+    shape, so each setting gets its own length.)"""
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    from tessera.aot.analysis import cost
+    from tessera.sharding.context import use_mesh
+    from tessera.sharding.mesh import MESH_AXES
+
+    mesh = Mesh(np.asarray(_target("v5e-1").devices).reshape([1] * len(MESH_AXES)), MESH_AXES)
+    sharding = NamedSharding(mesh, PartitionSpec())
+    b, h, d = 1, 4, 128
+
+    def flops(t: int, estimates: bool) -> tuple[float, float]:
+        def fwd(q, k, v):
+            pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+            return attn.attention(q, k, v, q_positions=pos, kv_positions=pos,
+                                  index_aligned=True, impl="pallas_tpu")
+
+        args = [jax.ShapeDtypeStruct((b, t, h, d), jnp.bfloat16, sharding=sharding)] * 3
+        splash.set_cost_estimates(estimates)
+        try:
+            with use_mesh(mesh):
+                got = cost(jax.jit(fwd).lower(*args).compile())["flops"]
+        finally:
+            splash.set_cost_estimates(True)
+        return got, 2 * 2 * b * h * t * t * d / 2  # QK^T and PV over the causal half
+
+    on, half = flops(1280, True)
+    assert 0.9 * half <= on <= 2 * half
+    off, half = flops(896, False)
+    assert off < 0.1 * half

@@ -171,9 +171,20 @@ def _estimate(name: str, kernel: Any, out_shape: Any, args: tuple) -> Any:
     )
 
 
+_ESTIMATES = {"on": True}
+
+
+def set_cost_estimates(enabled: bool) -> None:
+    """Attach splash's cost estimates to the kernels traced from now on (the default), or leave
+    them uncosted as XLA does by default: ``tessera.aot --no-splash_estimates``, to compare with
+    a program costed that way (MaxText's flash programs in ``tools/compare_maxtext.py``)."""
+    _ESTIMATES["on"] = bool(enabled)
+
+
 def _estimating_pallas_call(pallas: types.ModuleType):
     def pallas_call(kernel, *, out_shape, name=None, cost_estimate=None, **kw):
-        if cost_estimate is not None or not (name or "").startswith("splash_"):
+        if (not _ESTIMATES["on"] or cost_estimate is not None
+                or not (name or "").startswith("splash_")):
             return pallas.pallas_call(
                 kernel, out_shape=out_shape, name=name, cost_estimate=cost_estimate, **kw
             )
