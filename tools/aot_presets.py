@@ -82,6 +82,10 @@ def row(report: dict) -> str:
     if "error" in report:
         return head + f" {report['error']} | | | | | |"
     hbm = report["hbm"]
+    if "total_bytes" not in hbm:  # XLA refused to compile it (CompileTimeHbmOom)
+        need = hbm.get("needed_bytes")
+        said = f"XLA: {need / GIB:.0f} GiB of temporaries needed" if need else hbm.get("detail")
+        return head + f" | {said} | **does not fit** | | | |"
     per_dev = report["global_batch"] / report["devices"]  # MaxText's per_device_batch_size
     shape = f"{per_dev:g} x {report['example'].split()[0]}"
     setup = f"{shape}, remat {report['remat']}, {_mesh(report['mesh'])}"
@@ -94,15 +98,16 @@ def row(report: dict) -> str:
     mfu = f"{100 * pred['mfu']:.1f}%"
     if pred.get("mfu_causal") and abs(pred["mfu_causal"] - pred["mfu"]) > 5e-4:
         mfu += f" / {100 * pred['mfu_causal']:.1f}%"
-    return (head + f" {setup} | {memory} | fits | {pred['step_seconds']:.2f} s | {mfu} | "
-            f"{pred['tokens_per_second_per_device']:,.0f} |")
+    rate = pred.get("tokens_per_second_per_device")
+    rate = f"{rate:,.0f}" if rate else f"{pred['images_per_second_per_device']:,.0f} images"
+    return head + f" {setup} | {memory} | fits | {pred['step_seconds']:.2f} s | {mfu} | {rate} |"
 
 
 def table(reports: list[dict]) -> str:
     lines = [
         "| preset | topology | batch per device x tokens, remat, mesh | HBM GiB per device "
         "(of capacity) | fit | predicted step | MFU (T x T in full / causal half) | "
-        "tokens/s per device |",
+        "tokens (images) / s per device |",
         "|---|---|---|---|---|---|---|---|",
     ]
     return "\n".join(lines + [row(r) for r in reports])

@@ -25,6 +25,8 @@ def test_runs_each_pair_and_prints_one_table(tmp_path, capsys):
     reach tessera.aot."""
     not_fit = copy.deepcopy(REPORT)
     not_fit["hbm"]["fits"] = False
+    refused = {"config": "x", "topology": "v6e-64", "devices": 64, "hbm": {  # XLA's OOM refusal
+        "fits": False, "capacity_bytes": 34e9, "needed_bytes": 60 * 2**30, "detail": "..."}}
     argv = _stand_in(tmp_path, (
         "import json, sys\n"
         "args = dict(a.split('=', 1) for a in sys.argv[1:] if '=' in a)\n"
@@ -33,12 +35,13 @@ def test_runs_each_pair_and_prints_one_table(tmp_path, capsys):
         "if args['--config'] == 'bad:x':\n"
         "    print('error: boom'); sys.exit(2)\n"
         f"report = {REPORT!r} if args['--topology'] == 'v5p-64' else {not_fit!r}\n"
+        f"report = {refused!r} if args['--config'] == 'big:x' else report\n"
         "report.update(config=args['--config'], topology=args['--topology'])\n"
         "json.dump(report, open(args['--json'], 'w'))\n"
         "sys.exit(0 if report['hbm']['fits'] else 1)\n"
     ))
     out = tmp_path / "table.md"
-    code = presets.main(argv + ["--presets=llama:8b,bad:x", "--topologies=v5p-64,v6e-64",
+    code = presets.main(argv + ["--presets=llama:8b,bad:x,big:x", "--topologies=v5p-64,v6e-64",
                                 "--set=train.loss_chunk=512", f"--out={out}"])
     assert code == 1  # one pair failed
     rows = out.read_text().splitlines()[2:]
@@ -46,6 +49,8 @@ def test_runs_each_pair_and_prints_one_table(tmp_path, capsys):
                        "5.00 s | 80.0% / 70.0% | 3,277 |")
     assert "| llama:8b | v6e-64 |" in rows[1] and "**does not fit**" in rows[1]
     assert rows[2] == "| bad:x | v5p-64 | exit 2: error: boom | | | | | |"
+    assert rows[4] == ("| big:x | v5p-64 | | XLA: 60 GiB of temporaries needed | **does not fit** "
+                       "| | | |")
     assert "[llama:8b v5p-64] done" in capsys.readouterr().out
 
 
