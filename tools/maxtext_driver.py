@@ -162,7 +162,8 @@ def _memory(compiled) -> dict[str, int | None]:
 _UNCOSTED = re.compile(r'custom_call_target="ConcatBitcast"')
 
 
-def _cost(program) -> dict[str, float | None]:
+def _cost(program, hlo: str) -> dict[str, float | None]:
+    """XLA's cost of ``program``, whose optimized HLO text is ``hlo``."""
     ca = program.cost_analysis()
     if isinstance(ca, list | tuple):
         ca = ca[0] if ca else {}
@@ -173,7 +174,7 @@ def _cost(program) -> dict[str, float | None]:
         return None if v is None or not math.isfinite(float(v)) else float(v)
 
     raw = get("optimal_seconds")
-    n = len(_UNCOSTED.findall(program.as_text() or ""))
+    n = len(_UNCOSTED.findall(hlo))
     return {
         "flops": get("flops"),
         "optimal_seconds": None if raw is None else raw + n,
@@ -251,6 +252,10 @@ def run_compile(args: argparse.Namespace) -> dict:
         "mlp_dim": int(config.mlp_dim),
         "vocab_size": int(config.vocab_size),
     }
+    try:  # read once: the cost correction, the kernel and loop counts and --hlo_out use it
+        hlo = compiled.as_text() or ""
+    except Exception:  # noqa: BLE001 - informational only
+        hlo = None
     result = {
         "model": args.model,
         "topology": args.topology,
@@ -272,13 +277,14 @@ def run_compile(args: argparse.Namespace) -> dict:
             "opt_type": str(config.opt_type),
         },
         "memory": _memory(compiled),
-        "cost": _cost(compiled),
+        "cost": _cost(compiled, hlo or ""),
         "maxtext_tflops": maxtext_tflops,
         "seconds": {"shapes": t1 - t0, "lower": t_lower - t1, "lower_compile": t2 - t1},
         "versions": _versions(),
     }
     try:  # Pallas kernels (splash attention) lower to tpu_custom_call
-        hlo = compiled.as_text() or ""
+        if hlo is None:
+            raise ValueError("no HLO text")
         result["tpu_custom_calls"] = hlo.count('custom_call_target="tpu_custom_call"')
         # XLA's cost analysis counts a loop body once: what loops the program has.
         loops = while_loops(hlo)

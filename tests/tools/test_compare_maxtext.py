@@ -266,11 +266,9 @@ def test_driver_cost_adds_back_a_second_per_concat_bitcast():
         def cost_analysis(self):
             return [{"flops": 1e12, "optimal_seconds": -2.75, "bytes accessed": 5e9}]
 
-        def as_text(self):
-            call = 'custom-call(%a, %b), custom_call_target="ConcatBitcast"\n'
-            return "ENTRY main {\n" + call * 3 + "ROOT %r = f32[] add()\n}"
-
-    cost = driver._cost(Program())
+    call = 'custom-call(%a, %b), custom_call_target="ConcatBitcast"\n'
+    hlo = "ENTRY main {\n" + call * 3 + "ROOT %r = f32[] add()\n}"
+    cost = driver._cost(Program(), hlo)
     assert cost["raw_optimal_seconds"] == -2.75 and cost["uncosted_ops"] == 3
     assert cost["optimal_seconds"] == pytest.approx(0.25)
     assert cost["flops"] == 1e12 and cost["bytes_accessed"] == 5e9
