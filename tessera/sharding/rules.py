@@ -22,7 +22,9 @@ DEFAULT_RULES: dict[str, MeshAxes] = {
     "act_mlp": ("tensor",),
     "act_vocab": ("tensor",),
     # parameters
-    "embed": ("fsdp", "sequence"),
+    # The expert axis splits the batch too (data parallel outside the experts), so the
+    # parameters shard over it as over fsdp; an expert weight's expert dimension takes it first.
+    "embed": ("fsdp", "sequence", "expert"),
     "vocab": ("tensor",),
     "heads": ("tensor",),
     "kv_heads": ("tensor",),

@@ -215,7 +215,9 @@ class Trainer:
             params = state["params"]
             total, weight, sums, grads = self._accumulated(params, batch, state["step"] + 1)
             denom = jnp.maximum(weight, 1.0)
-            grads = jax.tree.map(lambda g: g / denom, grads)
+            # In each parameter's dtype: a float32 quotient would turn bf16 parameters' Adam
+            # moments float32 after the first step (and then no longer alias the donated state).
+            grads = jax.tree.map(lambda g: (g / denom).astype(g.dtype), grads)
             loss = total / denom
             grad_norm = optax.tree.norm(grads)
             updates, opt_state = self.tx.update(grads, state["opt_state"], params)
@@ -227,7 +229,11 @@ class Trainer:
                 )
             finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
             # A non-finite step is never applied: the parameters stay the last good ones.
-            keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+            # Every leaf keeps its dtype from step to step (so the donated state is updated in
+            # place and the step does not retrace).
+            keep = lambda new, old: jax.tree.map(
+                lambda n, o: jnp.where(finite, n.astype(o.dtype), o), new, old
+            )
             new_state = {
                 "params": keep(new_params, params),
                 "opt_state": keep(opt_state, state["opt_state"]),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 
+import jax
 import pytest
 
 from tessera.aot import analysis
@@ -236,7 +237,8 @@ def test_tiny_train_step_compiles(spec, topology, mesh):
     [
         ("llama:tiny", "v5e-4", 2,
          {"mesh.data": 1, "mesh.fsdp": 2, "mesh.sequence": 2}),
-        ("mixtral:tiny", "v5p-8", 1, {"mesh.data": 1, "mesh.expert": 2, "mesh.fsdp": 2}),
+        ("mixtral:tiny", "v5p-8", 1, {"mesh.data": 1, "mesh.expert": 2, "mesh.fsdp": 2,
+                                      "model.moe.expert_dim": 256}),
         ("deepseek:tiny", "v5p-8", 1, {"mesh.data": 1, "mesh.expert": 2, "mesh.fsdp": 2}),
     ],
     ids=["2-slices-sequence", "expert-mixtral", "expert-deepseek-mla"],
@@ -244,16 +246,23 @@ def test_tiny_train_step_compiles(spec, topology, mesh):
 def test_more_mesh_layouts_compile(spec, topology, slices, mesh):
     """Two slices with sequence sharding (the data axis spans the slices by default), and the
     expert axis with an MoE model: its experts split over it, tokens exchanged with
-    all-to-all."""
+    all-to-all. Mixtral's experts (d_model 128, width 256: whole 128 tiles) take jax's Pallas
+    grouped matmul (megablox), forward and backward; deepseek:tiny's (width 96) XLA's
+    ragged_dot."""
     from tessera.aot.compile import compile_train, make_target
 
     target = make_target(parse_topology(topology, slices))
     assert {getattr(d, "slice_index", 0) for d in target.devices} == set(range(slices))
-    out = compile_train(_config(spec, mesh), target)
+    # At the tests' global "highest" precision megablox declines bf16 (its `supports`); the
+    # default precision, which users run, takes it.
+    with jax.default_matmul_precision("default"):
+        out = compile_train(_config(spec, mesh), target)
     assert ("all-to-all" in out["collectives"]) == (mesh.get("mesh.expert", 1) > 1)
     assert out["mesh"]["data"] == slices
     assert out["mesh"]["sequence"] == mesh.get("mesh.sequence", 1)
     assert 0 < out["memory"].total < target.hbm_per_device
+    grouped = {n for n in out["kernels"] if "gmm" in n}
+    assert bool(grouped) == (spec == "mixtral:tiny"), out["kernels"]
 
 
 # Decode: each language-model config on one generation, rotating, so all three are covered.

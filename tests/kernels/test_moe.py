@@ -105,13 +105,20 @@ def test_registry_auto_picks_ragged():
     assert issubclass(KernelUnavailableError, ValueError)
 
 
-def test_megablox_matches_dense_in_interpret_mode(pallas_interpret):
+@pytest.mark.parametrize("n, d, f, tiles", [(40, 128, 128, (128, 128, 128)),
+                                            (300, 256, 1024, (512, 256, 512))])
+def test_megablox_matches_dense_in_interpret_mode(pallas_interpret, n, d, f, tiles):
     """jax's Pallas TPU grouped matmul (interpret mode on CPU) in the ragged dispatch: forward
     and gradients equal the dense oracle, no-expert rows included (their gradient is zero, not
-    the kernel's unspecified values). Dimensions are the kernel's 128 tile; 40 tokens pad to
-    the next row tile."""
+    the kernel's unspecified values). Smallest tiles (40 tokens x 2 pad to one row tile), and
+    several row and width tiles (600 assignments pad to 1,024 rows)."""
+    from tessera.kernels.moe import megablox
+
+    padded = -(-2 * n // tiles[0]) * tiles[0]
+    assert megablox.tiling(padded, d, f) == tiles
+    assert megablox.tiling(4096, 2048, 768) == (512, 512, 384)  # Qwen3-30B-A3B's experts
     rng = np.random.default_rng(7)
-    n, d, f, e, k = 40, 128, 128, 4, 2
+    e, k = 4, 2
     ids = np.argsort(rng.normal(size=(n, e)), axis=-1)[:, :k]
     ids[:3] = e
     ids = jnp.asarray(ids, jnp.int32)
@@ -123,7 +130,7 @@ def test_megablox_matches_dense_in_interpret_mode(pallas_interpret):
     )
     arrays = {name: jnp.asarray(a, jnp.float32) for name, a in arrays.items()}
     args = (arrays["x"], ids, *(arrays[name] for name in NAMES[1:]))
-    assert moe.OP.select("auto", *args).name == "ragged"  # named only
+    assert moe.OP.select("auto", *args).name == "megablox"  # auto's pick on TPU
     y_dense, g_dense = value_and_grads(ids, arrays, "dense")
     y_mb, g_mb = value_and_grads(ids, arrays, "megablox")
     np.testing.assert_allclose(y_mb, y_dense, rtol=1e-4, atol=1e-4)
@@ -217,3 +224,20 @@ def test_expert_parallel_needs_whole_experts_per_shard():
     mesh, rules = mesh_of(data=2, expert=4)
     with pytest.raises(ValueError, match="num_experts=6 is not divisible by the mesh's expert"):
         dispatch_value_and_grads(ids, arrays, mesh, rules)
+
+
+def test_megablox_declines_bf16_at_highest_precision(pallas_interpret):
+    """Mosaic rejects a bf16 dot at HIGHEST precision and megablox's kernel takes the global
+    precision: auto passes it over for ragged (and names why) rather than fail to compile."""
+    n, d, f, e, k = 8, 128, 128, 2, 1
+    x = jnp.zeros((n, d), jnp.bfloat16)
+    ids = jnp.zeros((n, k), jnp.int32)
+    w = jnp.ones((n, k), jnp.bfloat16)
+    wi, wo = jnp.zeros((e, d, f), jnp.bfloat16), jnp.zeros((e, f, d), jnp.bfloat16)
+    args = (x, ids, w, wi, wi, wo)
+    with jax.default_matmul_precision("highest"):
+        assert moe.OP.select("auto", *args).name == "ragged"
+        reason = dict(moe.OP.explain(*args))["megablox"]
+        assert "bfloat16 operands with jax_default_matmul_precision='highest'" in reason
+    with jax.default_matmul_precision("default"):
+        assert moe.OP.select("auto", *args).name == "megablox"

@@ -21,7 +21,7 @@ from tessera.models.registry import build_model
 from tessera.models.remat import minimal_saved_names
 from tessera.serve import Decoder, DecodeStats
 from tessera.serve.engine import single_device_mesh
-from tessera.sharding import make_rules
+from tessera.sharding import logical_to_spec, make_rules
 from tessera.train.flops import causal_saving_per_token, forward_flops_per_token
 from tessera.train.trainer import train
 from tests.cached_decode import check_cached_decode, random_tokens
@@ -270,11 +270,17 @@ def test_parameter_names_and_shapes():
                          "wkv_b": (64, 4, 64), "wo": (4, 32, 128)}
         names = spec.axis_names["units"]["blocks"][0]["mixer"]
         assert names["wkv_a"] == ("layers", "embed", "kv_lora")
-        assert names["wkv_b"] == ("layers", "kv_lora", "heads", "head_dim")
+        assert names["wkv_b"] == ("layers", "lora_rows", "heads", "head_dim")
         if "wq_a" in names:
             assert names["wq_a"] == ("layers", "embed", "q_lora")
+            assert names["wq_b"] == ("layers", "lora_rows", "heads", "head_dim")
     rules = make_rules()
     assert rules["q_lora"] == () and rules["kv_lora"] == ()
+    # The decompressions split their latent rows as parameters split embed (FSDP), so that no
+    # MLA weight is whole on every device.
+    assert rules["lora_rows"] == rules["embed"] == ("fsdp", "sequence", "expert")
+    wkv_b = logical_to_spec(names["wkv_b"], rules, {"fsdp": 4, "expert": 2}, (2, 64, 4, 64))
+    assert wkv_b == jax.sharding.PartitionSpec(None, ("fsdp", "expert"), None, None)
 
 
 def test_minimal_remat_keeps_the_query_latent_and_output(capsys):

@@ -2,14 +2,16 @@
 ``experts(x, expert_ids, weights, wi_gate, wi_up, wo, impl=...)`` (shapes in `reference`).
 
 impls, in the order auto tries them (`OP`, a `tessera.kernels.registry.Op`):
-  megablox  TPU (d_model and expert_dim multiples of 128), only when named
-          (``model.moe.impl=megablox``): the same dispatch with jax's Pallas grouped matmul
-          (``megablox.gmm``) for the three expert matmuls (``megablox.py``). Not auto's pick yet:
-          XLA's cost analysis gives a Pallas call no cost, so ``tessera.aot``'s predictions
-          would drop the experts' work.
+  megablox  TPU (d_model and expert_dim multiples of 128): the same dispatch with jax's Pallas
+          grouped matmul (``megablox.gmm``) for the three expert matmuls (``megablox.py``); it
+          visits only the row tiles that hold assignments. Auto's pick on TPU, as in MaxText:
+          XLA's own ``ragged_dot`` fails to compile Mixtral-8x7B's experts on v6e (out of
+          scoped VMEM in its output fusion; README, Big presets on pods). The kernel's cost
+          estimate counts all rows of its static buffer, as XLA counts ``ragged_dot``.
   ragged  dropless: assignments sorted by expert, ``jax.lax.ragged_dot`` grouped matmuls with the
-          group sizes, unsorted, combined. Auto's pick. (XLA:CPU lowers ragged_dot to a masked
-          dense dot over all groups, and XLA's cost analysis counts it that way on TPU too.)
+          group sizes, unsorted, combined. Auto's pick off TPU, and on TPU where megablox's
+          tiles do not fit. (XLA:CPU lowers ragged_dot to a masked dense dot over all groups,
+          and XLA's cost analysis counts it that way on TPU too.)
   dense   every expert on every token, zero weight where not selected: the oracle. Only when
           named.
 Another grouped-matmul kernel (tokamax) joins with ``OP.register(impl, before="ragged")`` and no
@@ -29,7 +31,7 @@ __all__ = ["IMPLS", "OP", "experts"]
 OP = Op(
     "moe",
     [
-        Impl("megablox", megablox.experts, supports=megablox.supports, auto=False),
+        Impl("megablox", megablox.experts, supports=megablox.supports),
         Impl("ragged", reference.ragged),
         Impl("dense", reference.dense, auto=False),
     ],

@@ -104,7 +104,9 @@ class MLA(nnx.Module):
     # q (after RoPE), the normed latent and rope key, the heads' output; the decompressed keys
     # and values are recomputed from the latent.
     REMAT_SAVED = ("query_proj", "kv_latent", "attn_out")
-    LOGICAL_RULES = {"q_lora": (), "kv_lora": ()}
+    # The decompressions' latent rows split like ``embed`` (FSDP): left unsplit, wq_b and wkv_b
+    # (3.3B parameters in DeepSeek-V3) were whole on every device.
+    LOGICAL_RULES = {"q_lora": (), "kv_lora": (), "lora_rows": ("fsdp", "sequence", "expert")}
     CAUSAL_SCORES = True
 
     def __init__(self, cfg: ConfigDict, *, rngs: nnx.Rngs):
@@ -125,7 +127,7 @@ class MLA(nnx.Module):
             self.wq_a = param(rngs, init, (d, dims.q_lora), ("embed", "q_lora"), pd)
             self.q_norm = RMSNorm(dims.q_lora, eps=cfg.mla.norm_eps, param_dtype=pd, rngs=rngs)
             self.wq_b = param(
-                rngs, init, (dims.q_lora, h, dims.qk), ("q_lora", "heads", "head_dim"), pd
+                rngs, init, (dims.q_lora, h, dims.qk), ("lora_rows", "heads", "head_dim"), pd
             )
         else:
             self.wq = param(rngs, init, (d, h, dims.qk), ("embed", "heads", "head_dim"), pd)
@@ -133,7 +135,8 @@ class MLA(nnx.Module):
         self.wkv_a = param(rngs, init, (d, dims.kv_lora + dims.rope), ("embed", "kv_lora"), pd)
         self.kv_norm = RMSNorm(dims.kv_lora, eps=cfg.mla.norm_eps, param_dtype=pd, rngs=rngs)
         self.wkv_b = param(
-            rngs, init, (dims.kv_lora, h, dims.nope + dims.v), ("kv_lora", "heads", "head_dim"), pd
+            rngs, init, (dims.kv_lora, h, dims.nope + dims.v), ("lora_rows", "heads", "head_dim"),
+            pd,
         )
         self.wo = param(rngs, init, (h, dims.v, d), ("heads", "head_dim", "embed"), pd)
 
