@@ -34,6 +34,20 @@ BIG_PRESETS = (
     "deepseek:v3", "rwkv6:7b", "rwkv7:7b", "retnet:6.7b", "vit:h14",
 )
 TOPOLOGIES = ("v5p-256", "v6e-256")
+# What a preset needs beyond its own settings to fit a pod, by preset and TPU generation
+# (printed in its row). DeepSeek-V3's float32 parameters, gradients and Adam moments alone are
+# 10.7 TB, more than v6e-256's 8.8 TB, and on v5p-256 XLA asks for 137 GiB per chip with them;
+# in bfloat16 (parameters, gradients and both moments: 8 bytes a parameter) it fits v5p-256
+# dropless, and v6e-256 with each expert taking at most 1.25x its even share of a row.
+POD_SETTINGS: dict[tuple[str, str], tuple[str, ...]] = {
+    ("deepseek:v3", "v5p"): ("model.param_dtype=bfloat16",),
+    ("deepseek:v3", "v6e"): ("model.param_dtype=bfloat16", "model.moe.capacity_factor=1.25"),
+}
+
+
+def pod_settings(preset: str, topology: str) -> tuple[str, ...]:
+    """``POD_SETTINGS`` of ``preset`` on ``topology`` ("v6e-256": generation v6e)."""
+    return POD_SETTINGS.get((preset, topology.split("-")[0].split(":")[0]), ())
 GIB = 2**30
 
 
@@ -51,7 +65,8 @@ def run_one(args: argparse.Namespace, preset: str, topology: str) -> dict:
             return json.load(f)
     cmd = [args.python, "-m", "tessera.aot", f"--config={preset}", f"--topology={topology}",
            f"--json={out}"] + (["--no-predict"] if not args.predict else [])
-    cmd += [f"--config.{s}" for s in args.set or []]
+    settings = [*pod_settings(preset, topology), *(args.set or [])]
+    cmd += [f"--config.{s}" for s in settings]
     print(f"[{preset} {topology}] compiling (log {log})", flush=True)
     t0 = time.perf_counter()
     with open(log, "w") as f:
@@ -66,6 +81,7 @@ def run_one(args: argparse.Namespace, preset: str, topology: str) -> dict:
     with open(out) as f:
         report = json.load(f)
     report["wall_seconds"] = wall
+    report["settings"] = list(pod_settings(preset, topology))
     with open(out, "w") as f:
         json.dump(report, f, indent=2)
     print(f"[{preset} {topology}] done in {wall:.0f} s", flush=True)
@@ -85,10 +101,12 @@ def row(report: dict) -> str:
     if "total_bytes" not in hbm:  # XLA refused to compile it (CompileTimeHbmOom)
         need = hbm.get("needed_bytes")
         said = f"XLA: {need / GIB:.0f} GiB of temporaries needed" if need else hbm.get("detail")
-        return head + f" | {said} | **does not fit** | | | |"
+        settings = "".join(f" {x}," for x in report.get("settings", ())).rstrip(",")
+        return head + f"{settings} | {said} | **does not fit** | | | |"
     per_dev = report["global_batch"] / report["devices"]  # MaxText's per_device_batch_size
     shape = f"{per_dev:g} x {report['example'].split()[0]}"
-    setup = f"{shape}, remat {report['remat']}, {_mesh(report['mesh'])}"
+    setup = ", ".join([shape, f"remat {report['remat']}", _mesh(report["mesh"]),
+                       *report.get("settings", ())])
     memory = f"{hbm['total_bytes'] / GIB:.1f} / {hbm['capacity_bytes'] / GIB:.0f}"
     if not hbm["fits"]:
         return head + f" {setup} | {memory} | **does not fit** | | | |"

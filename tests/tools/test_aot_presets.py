@@ -54,6 +54,29 @@ def test_runs_each_pair_and_prints_one_table(tmp_path, capsys):
     assert "[llama:8b v5p-64] done" in capsys.readouterr().out
 
 
+def test_pod_settings_reach_tessera_aot_and_the_row(tmp_path):
+    """A preset's POD_SETTINGS for the topology's generation (deepseek:v3's bf16 state on v5p,
+    and a capacity factor on v6e) are passed to tessera.aot before any --set, and printed in
+    its row."""
+    assert presets.pod_settings("deepseek:v3", "v6e-256") == (
+        "model.param_dtype=bfloat16", "model.moe.capacity_factor=1.25")
+    assert presets.pod_settings("llama:8b", "v5p-256") == ()
+    argv = _stand_in(tmp_path, (
+        "import json, sys\n"
+        "args = dict(a.split('=', 1) for a in sys.argv[1:] if '=' in a)\n"
+        "assert args['--config.model.param_dtype'] == 'bfloat16', sys.argv\n"
+        f"report = {REPORT!r}\n"
+        "report.update(config=args['--config'], topology=args['--topology'])\n"
+        "json.dump(report, open(args['--json'], 'w'))\n"
+    ))
+    out = tmp_path / "table.md"
+    assert presets.main(argv + ["--presets=deepseek:v3", "--topologies=v5p-64",
+                                f"--out={out}"]) == 0
+    row = out.read_text().splitlines()[2]
+    assert row.startswith("| deepseek:v3 | v5p-64 | 4 x 4096, remat full, fsdp=32, "
+                          "model.param_dtype=bfloat16 | 31.7 / 95 | fits |"), row
+
+
 def test_reuse_keeps_an_earlier_json(tmp_path):
     argv = _stand_in(tmp_path, "import sys; sys.exit(3)\n")  # would fail if it ran
     os.makedirs(tmp_path / "work")
