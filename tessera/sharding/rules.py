@@ -12,6 +12,12 @@ from jax.sharding import PartitionSpec
 
 MeshAxes = tuple[str, ...]
 
+# The mesh axes a parameter is fully sharded over (FSDP / ZeRO-3): every axis that splits the
+# batch except data (data-parallel replicas). ``embed`` splits over them, and every family
+# gives each large parameter a dimension that does (tests/sharding: no preset keeps a large
+# parameter whole on every device).
+FSDP_AXES: MeshAxes = ("fsdp", "sequence", "expert")
+
 DEFAULT_RULES: dict[str, MeshAxes] = {
     # activations
     "batch": ("data", "fsdp", "expert"),
@@ -24,7 +30,7 @@ DEFAULT_RULES: dict[str, MeshAxes] = {
     # parameters
     # The expert axis splits the batch too (data parallel outside the experts), so the
     # parameters shard over it as over fsdp; an expert weight's expert dimension takes it first.
-    "embed": ("fsdp", "sequence", "expert"),
+    "embed": FSDP_AXES,
     "vocab": ("tensor",),
     "heads": ("tensor",),
     "kv_heads": ("tensor",),

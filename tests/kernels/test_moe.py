@@ -105,6 +105,22 @@ def test_registry_auto_picks_ragged():
     assert issubclass(KernelUnavailableError, ValueError)
 
 
+def kernel_problem(seed: int, n: int, d: int, f: int, e: int = 4, k: int = 2, no_expert: int = 0):
+    """n tokens of width d routed to k of e experts of width f (the first ``no_expert`` tokens
+    to none), float32 arrays at unit scale."""
+    rng = np.random.default_rng(seed)
+    ids = np.argsort(rng.normal(size=(n, e)), axis=-1)[:, :k]
+    ids[:no_expert] = e
+    arrays = dict(
+        x=rng.normal(size=(n, d)), weights=rng.uniform(0.1, 1.0, size=(n, k)),
+        wi_gate=rng.normal(size=(e, d, f)) / np.sqrt(d),
+        wi_up=rng.normal(size=(e, d, f)) / np.sqrt(d),
+        wo=rng.normal(size=(e, f, d)) / np.sqrt(f),
+    )
+    return (jnp.asarray(ids, jnp.int32),
+            {name: jnp.asarray(a, jnp.float32) for name, a in arrays.items()})
+
+
 @pytest.mark.parametrize("n, d, f, tiles", [(40, 128, 128, (128, 128, 128)),
                                             (300, 256, 1024, (512, 256, 512))])
 def test_megablox_matches_dense_in_interpret_mode(pallas_interpret, n, d, f, tiles):
@@ -117,18 +133,7 @@ def test_megablox_matches_dense_in_interpret_mode(pallas_interpret, n, d, f, til
     padded = -(-2 * n // tiles[0]) * tiles[0]
     assert megablox.tiling(padded, d, f) == tiles
     assert megablox.tiling(4096, 2048, 768) == (512, 512, 384)  # Qwen3-30B-A3B's experts
-    rng = np.random.default_rng(7)
-    e, k = 4, 2
-    ids = np.argsort(rng.normal(size=(n, e)), axis=-1)[:, :k]
-    ids[:3] = e
-    ids = jnp.asarray(ids, jnp.int32)
-    arrays = dict(
-        x=rng.normal(size=(n, d)), weights=rng.uniform(0.1, 1.0, size=(n, k)),
-        wi_gate=rng.normal(size=(e, d, f)) / np.sqrt(d),
-        wi_up=rng.normal(size=(e, d, f)) / np.sqrt(d),
-        wo=rng.normal(size=(e, f, d)) / np.sqrt(f),
-    )
-    arrays = {name: jnp.asarray(a, jnp.float32) for name, a in arrays.items()}
+    ids, arrays = kernel_problem(7, n, d, f, no_expert=3)
     args = (arrays["x"], ids, *(arrays[name] for name in NAMES[1:]))
     assert moe.OP.select("auto", *args).name == "megablox"  # auto's pick on TPU
     y_dense, g_dense = value_and_grads(ids, arrays, "dense")
@@ -138,6 +143,24 @@ def test_megablox_matches_dense_in_interpret_mode(pallas_interpret, n, d, f, til
     for name in NAMES:
         np.testing.assert_allclose(g_mb[name], g_dense[name], rtol=1e-4, atol=1e-4, err_msg=name)
     assert np.all(np.isfinite(np.asarray(g_mb["x"])))
+
+
+def test_megablox_bf16_matches_float32_in_interpret_mode(pallas_interpret):
+    """bf16 operands (what a TPU run feeds the kernel, at the default precision): forward and
+    gradients within bf16 rounding of the float32 dense oracle."""
+    ids, exact = kernel_problem(3, 64, 128, 256)
+    low = {name: a.astype(jnp.bfloat16) for name, a in exact.items()}
+    y_want, g_want = value_and_grads(ids, exact, "dense")
+    with jax.default_matmul_precision("default"):
+        args = (low["x"], ids, *(low[name] for name in NAMES[1:]))
+        assert moe.OP.select("auto", *args).name == "megablox"
+        y_mb, g_mb = value_and_grads(ids, low, "megablox")
+    assert y_mb.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(y_mb, np.float32), y_want, rtol=0.05, atol=0.05)
+    for name in NAMES:
+        got = np.asarray(g_mb[name], np.float32)
+        scale = float(np.abs(g_want[name]).max())
+        np.testing.assert_allclose(got, g_want[name], rtol=0.05, atol=0.02 * scale, err_msg=name)
 
 
 def test_rank_in_group_matches_numpy():

@@ -323,8 +323,9 @@ def test_sharded_forward_matches_unsharded():
     mixer = params["units"]["blocks"][0]["mixer"]
     expect = [
         (mixer["in_proj"], P(None, "fsdp", None, "tensor")),
-        (mixer["x_proj"], P(None, "tensor", None)),
-        (mixer["A_log"], P(None, "tensor", None)),
+        # No embed dimension: their inner dimension splits over fsdp too.
+        (mixer["x_proj"], P(None, ("tensor", "fsdp"), None)),
+        (mixer["A_log"], P(None, ("tensor", "fsdp"), None)),
         (mixer["out_proj"], P(None, "tensor", "fsdp")),
     ]
     for array, pspec in expect:

@@ -273,7 +273,7 @@ def test_sharded_forward_matches_unsharded():
         (mixer["in_proj"], P(None, "fsdp", None)),
         (mixer["out_proj"], P(None, "tensor", "fsdp")),
         (mixer["A_log"], P(None, "tensor")),
-        (mixer["conv1d_weight"], P(None, None, None)),
+        (mixer["conv1d_weight"], P(None, None, "fsdp")),  # FSDP only: channels mix x | B | C
     ]
     for array, pspec in expect:
         assert array.sharding.is_equivalent_to(NamedSharding(mesh, pspec), array.ndim), (

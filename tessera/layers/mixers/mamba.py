@@ -52,6 +52,7 @@ from tessera.layers.mixers.recurrent import (
     uniform,
 )
 from tessera.sharding import constrain
+from tessera.sharding.rules import FSDP_AXES
 
 
 def mamba_dims(cfg: ConfigDict) -> tuple[int, int, int, int]:
@@ -69,6 +70,9 @@ class Mamba(nnx.Module):
     LOGICAL_RULES = {
         "act_ssm_inner": ("tensor",),
         "ssm_inner": ("tensor",),
+        # The inner dimension of the parameters without an embed dimension (x_proj, dt_proj,
+        # A_log, the conv kernel): FSDP splits it too.
+        "ssm_inner_fsdp": ("tensor", *FSDP_AXES),
         "ssm_state": (),
         "ssm_proj": (),
         "conv_width": (),
@@ -86,13 +90,17 @@ class Mamba(nnx.Module):
         self.impl, self.chunk_size = s.impl, int(s.chunk_size)
         pd, init = cfg.param_dtype, normal(cfg.init_std)
         self.in_proj = param(rngs, init, (d, 2, di), ("embed", "ssm_branch", "ssm_inner"), pd)
-        self.conv_weight = param(rngs, uniform(k**-0.5), (k, di), ("conv_width", "ssm_inner"), pd)
-        self.x_proj = param(rngs, init, (di, r + 2 * n), ("ssm_inner", "ssm_proj"), pd)
-        self.dt_proj_weight = param(rngs, uniform(r**-0.5), (r, di), ("ssm_rank", "ssm_inner"), pd)
+        self.conv_weight = param(
+            rngs, uniform(k**-0.5), (k, di), ("conv_width", "ssm_inner_fsdp"), pd
+        )
+        self.x_proj = param(rngs, init, (di, r + 2 * n), ("ssm_inner_fsdp", "ssm_proj"), pd)
+        self.dt_proj_weight = param(
+            rngs, uniform(r**-0.5), (r, di), ("ssm_rank", "ssm_inner_fsdp"), pd
+        )
         self.dt_proj_bias = param(
             rngs, dt_bias_init(s.dt_min, s.dt_max, s.dt_init_floor), (di,), ("ssm_inner",), pd
         )
-        self.A_log = param(rngs, a_log_init, (di, n), ("ssm_inner", "ssm_state"), pd)
+        self.A_log = param(rngs, a_log_init, (di, n), ("ssm_inner_fsdp", "ssm_state"), pd)
         self.D = param(rngs, ones, (di,), ("ssm_inner",), pd)
         # Mamba's prenorm-residual rescaling: the output projection shrinks with depth.
         out_init = normal(cfg.init_std / math.sqrt(cfg.num_layers))

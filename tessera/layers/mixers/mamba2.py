@@ -50,6 +50,7 @@ from tessera.layers.mixers.recurrent import (
     uniform,
 )
 from tessera.sharding import constrain
+from tessera.sharding.rules import FSDP_AXES
 
 F32 = jnp.float32
 
@@ -63,6 +64,7 @@ class Mamba2(nnx.Module):
     LOGICAL_RULES = {
         "ssm_proj": (),
         "ssm_conv": (),
+        "ssm_conv_weight": FSDP_AXES,  # the conv kernel's channels: FSDP only
         "conv_width": (),
         "ssm_inner": ("tensor",),
         "ssm_heads": ("tensor",),
@@ -101,7 +103,7 @@ class Mamba2(nnx.Module):
             rngs,
             uniform(s.conv_width**-0.5),
             (s.conv_width, self.conv_channels),
-            ("conv_width", "ssm_conv"),
+            ("conv_width", "ssm_conv_weight"),
             pd,
         )
         self.conv1d_bias = (

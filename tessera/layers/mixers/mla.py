@@ -59,6 +59,7 @@ from tessera.layers.mixers.base import Aux, SeqInfo, decode_keys, write_cache
 from tessera.layers.norms import RMSNorm
 from tessera.layers.positions import apply_rope, rope_frequencies, yarn_softmax_scale
 from tessera.sharding import constrain
+from tessera.sharding.rules import FSDP_AXES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,7 +107,7 @@ class MLA(nnx.Module):
     REMAT_SAVED = ("query_proj", "kv_latent", "attn_out")
     # The decompressions' latent rows split like ``embed`` (FSDP): left unsplit, wq_b and wkv_b
     # (3.3B parameters in DeepSeek-V3) were whole on every device.
-    LOGICAL_RULES = {"q_lora": (), "kv_lora": (), "lora_rows": ("fsdp", "sequence", "expert")}
+    LOGICAL_RULES = {"q_lora": (), "kv_lora": (), "lora_rows": FSDP_AXES}
     CAUSAL_SCORES = True
 
     def __init__(self, cfg: ConfigDict, *, rngs: nnx.Rngs):

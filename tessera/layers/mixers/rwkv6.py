@@ -69,6 +69,7 @@ from tessera.layers.mixers.recurrent import (
 )
 from tessera.layers.norms import head_group_norm
 from tessera.sharding import constrain
+from tessera.sharding.rules import FSDP_AXES
 
 F32 = jnp.float32
 RATIO = 0.5  # the layer-depth ratio the init is taken at (module docstring)
@@ -146,6 +147,7 @@ class RWKV6(nnx.Module):
     # splitting them over tensor splits whole heads when tensor divides H.
     LOGICAL_RULES = {
         "rwkv_key": ("tensor",),
+        "rwkv_key_fsdp": ("tensor", *FSDP_AXES),  # w_lora_b's (no embed dimension)
         "rwkv_value": ("tensor",),
         "rwkv_heads": ("tensor",),
         "rwkv_mix": (),
@@ -174,7 +176,7 @@ class RWKV6(nnx.Module):
         self.v_proj = param(rngs, init, (d, vd), ("embed", "rwkv_value"), pd)
         self.g_proj = param(rngs, init, (d, vd), ("embed", "rwkv_value"), pd)
         self.w_lora_a = param(rngs, zeros, (d, rw), ("embed", "rwkv_lora"), pd)
-        self.w_lora_b = param(rngs, _uniform(0.01), (rw, kd), ("rwkv_lora", "rwkv_key"), pd)
+        self.w_lora_b = param(rngs, _uniform(0.01), (rw, kd), ("rwkv_lora", "rwkv_key_fsdp"), pd)
         self.w_bias = param(rngs, _decay_init, (kd,), ("rwkv_key",), pd)
         self.bonus = param(rngs, _bonus_init, (h, dk), ("rwkv_heads", "head_dim"), pd)
         self.g_norm_weight = param(rngs, ones, (vd,), ("rwkv_value",), pd)

@@ -80,6 +80,7 @@ from tessera.layers.mixers.recurrent import (
 )
 from tessera.layers.norms import head_group_norm
 from tessera.sharding import constrain
+from tessera.sharding.rules import FSDP_AXES
 
 F32 = jnp.float32
 LOG_DECAY_SCALE = math.exp(-0.5)  # w = -exp(-1/2) * sigmoid(.): RWKV-7's decay bound
@@ -127,6 +128,7 @@ class RWKV7(nnx.Module):
     REMAT_SAVED = ("rwkv7_wkv", "rwkv7_out")
     LOGICAL_RULES = {
         "rwkv_inner": ("tensor",),
+        "rwkv_inner_fsdp": ("tensor", *FSDP_AXES),  # the LoRA up-projections' (no embed)
         "rwkv_heads": ("tensor",),
         "lora_rank": (),
         **SHIFT_RULES,
@@ -182,7 +184,7 @@ class RWKV7(nnx.Module):
             setattr(
                 self,
                 f"{name}_lora_up",
-                param(rngs, _orthogonal(gain), (rank, d), ("lora_rank", "rwkv_inner"), pd),
+                param(rngs, _orthogonal(gain), (rank, d), ("lora_rank", "rwkv_inner_fsdp"), pd),
             )
             if bias is not None:
                 setattr(
