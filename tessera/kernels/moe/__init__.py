@@ -9,9 +9,10 @@ impls, in the order auto tries them (`OP`, a `tessera.kernels.registry.Op`):
           scoped VMEM in its output fusion; README, Big presets on pods). The kernel's cost
           estimate counts all rows of its static buffer, as XLA counts ``ragged_dot``.
   ragged  dropless: assignments sorted by expert, ``jax.lax.ragged_dot`` grouped matmuls with the
-          group sizes, unsorted, combined. Auto's pick off TPU, and on TPU where megablox's
-          tiles do not fit. (XLA:CPU lowers ragged_dot to a masked dense dot over all groups,
-          and XLA's cost analysis counts it that way on TPU too.)
+          group sizes, unsorted, combined. Auto's pick off TPU, and on TPU where megablox
+          declines (widths not multiples of 128; bf16 under a global "highest" precision).
+          (XLA:CPU lowers ragged_dot to a masked dense dot over all groups, and XLA's cost
+          analysis counts it that way on TPU too.)
   dense   every expert on every token, zero weight where not selected: the oracle. Only when
           named.
 Another grouped-matmul kernel (tokamax) joins with ``OP.register(impl, before="ragged")`` and no
