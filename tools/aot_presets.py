@@ -65,8 +65,8 @@ def run_one(args: argparse.Namespace, preset: str, topology: str) -> dict:
             return json.load(f)
     cmd = [args.python, "-m", "tessera.aot", f"--config={preset}", f"--topology={topology}",
            f"--json={out}"] + (["--no-predict"] if not args.predict else [])
-    settings = [*pod_settings(preset, topology), *(args.set or [])]
-    cmd += [f"--config.{s}" for s in settings]
+    pod = pod_settings(preset, topology)
+    cmd += [f"--config.{s}" for s in [*pod, *(args.set or [])]]
     print(f"[{preset} {topology}] compiling (log {log})", flush=True)
     t0 = time.perf_counter()
     with open(log, "w") as f:
@@ -81,7 +81,7 @@ def run_one(args: argparse.Namespace, preset: str, topology: str) -> dict:
     with open(out) as f:
         report = json.load(f)
     report["wall_seconds"] = wall
-    report["settings"] = list(pod_settings(preset, topology))
+    report["settings"] = list(pod)
     with open(out, "w") as f:
         json.dump(report, f, indent=2)
     print(f"[{preset} {topology}] done in {wall:.0f} s", flush=True)
@@ -101,8 +101,8 @@ def row(report: dict) -> str:
     if "total_bytes" not in hbm:  # XLA refused to compile it (CompileTimeHbmOom)
         need = hbm.get("needed_bytes")
         said = f"XLA: {need / GIB:.0f} GiB of temporaries needed" if need else hbm.get("detail")
-        settings = "".join(f" {x}," for x in report.get("settings", ())).rstrip(",")
-        return head + f"{settings} | {said} | **does not fit** | | | |"
+        settings = ", ".join(report.get("settings", ()))
+        return head + f"{' ' + settings if settings else ''} | {said} | **does not fit** | | | |"
     per_dev = report["global_batch"] / report["devices"]  # MaxText's per_device_batch_size
     shape = f"{per_dev:g} x {report['example'].split()[0]}"
     setup = ", ".join([shape, f"remat {report['remat']}", _mesh(report["mesh"]),

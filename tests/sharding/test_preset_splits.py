@@ -10,31 +10,29 @@ import math
 
 import jax
 import pytest
+from jax.sharding import AbstractMesh
 
 from tessera.configs import load_config
 from tessera.models.create import ModelSpec
-from tessera.sharding import logical_to_spec, make_rules
+from tessera.sharding import make_rules
 
 DEVICES = 128
 PRESETS = ["llama:8b", "llama:70b", "mamba2:2.7b", "mamba:2.8b", "mixtral:8x7b",
            "qwen_moe:30b_a3b", "deepseek:v3", "rwkv6:7b", "rwkv7:7b", "retnet:6.7b", "vit:h14"]
+AXES = ("data", "fsdp", "expert", "sequence", "tensor")
 
 
-def per_device(spec: ModelSpec, rules: dict, sizes: dict) -> tuple[float, int, list]:
-    """(parameters per device, total, the largest unsplit ones)."""
+def per_device(spec: ModelSpec, rules: dict, sizes: dict) -> tuple[int, int, list]:
+    """(parameters per device, total, the largest unsplit ones) under the shardings the
+    model is created with (`ModelSpec.shardings`), on an abstract mesh of ``sizes``."""
+    mesh = AbstractMesh(tuple(sizes[a] for a in AXES), AXES)
     flat = jax.tree_util.tree_flatten_with_path(spec.shapes)[0]
-    names = jax.tree.leaves(spec.axis_names, is_leaf=lambda x: isinstance(x, tuple))
-    local, total, whole = 0.0, 0, []
-    for (path, shape), axes in zip(flat, names):
-        split = math.prod(
-            sizes[a]
-            for entry in logical_to_spec(axes, rules, sizes, shape.shape)
-            for a in ((entry,) if isinstance(entry, str) else entry or ())
-        )
-        local += shape.size / split
+    local, total, whole = 0, 0, []
+    for (path, shape), sharding in zip(flat, jax.tree.leaves(spec.shardings(mesh, rules))):
+        local += math.prod(sharding.shard_shape(shape.shape))
         total += shape.size
-        if split == 1 and shape.size >= 2**20:
-            whole.append((jax.tree_util.keystr(path), axes, shape.shape))
+        if sharding.shard_shape(shape.shape) == shape.shape and shape.size >= 2**20:
+            whole.append((jax.tree_util.keystr(path), sharding.spec, shape.shape))
     return local, total, whole
 
 
