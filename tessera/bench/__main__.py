@@ -34,6 +34,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--slots", default="96,1024",
                         help="decode: allocated cache slots compared at one filled length "
                              "(batch 16; empty: skip)")
+    parser.add_argument("--cpu_kernels", default="on",
+                        help="decode: on, off or on,off (each case with and without tessera's "
+                             "CPU decode kernels, side by side)")
     parser.add_argument("--cache_only", action="store_true",
                         help="decode: print only each config's cache bytes per token (abstract)")
     parser.add_argument("--workdir", help="sample: the diffusion workdir to sample from")
@@ -88,7 +91,8 @@ def main(argv: list[str] | None = None) -> None:
                 from tessera.bench.decode import run_decode_bench
 
                 slots = [int(n) for n in args.slots.split(",") if n]
-                run_decode_bench(spec, overrides, contexts=contexts, slots=slots)
+                run_decode_bench(spec, overrides, contexts=contexts, slots=slots,
+                                 cpu_kernels=[c for c in args.cpu_kernels.split(",") if c])
     except USER_ERRORS as e:
         fail(str(e))
 

@@ -14,6 +14,7 @@ per token of each config, from abstract shapes (nothing allocated, so any preset
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -22,6 +23,7 @@ import numpy as np
 
 from tessera.bench.table import print_table
 from tessera.configs import load_config
+from tessera.kernels import cpu
 from tessera.models.create import ModelSpec
 from tessera.serve.engine import Decoder, single_device_mesh
 from tessera.serve.outputs import DecodeStats
@@ -60,6 +62,7 @@ def run_decode_bench(
     slots_batch: int = 16,
     slots_fill: int = 64,
     devices: Sequence[jax.Device] | None = None,
+    cpu_kernels: Sequence[str] = ("on",),
 ) -> list[dict]:
     """Print the decode table for ``config_spec`` (+ dotted ``overrides``) and return its rows.
 
@@ -70,8 +73,13 @@ def run_decode_bench(
     ``ms_per_step`` is over the first ``slots_fill`` steps, so every row has the same filled
     length and only the allocated one differs (``vs_first_slots``: the ratio to the first).
     ``model.max_seq_len`` is raised if the longest context needs it (weights are random,
-    positions are all that changes).
+    positions are all that changes). ``cpu_kernels=("on", "off")`` runs each throughput and
+    context case with tessera's CPU decode kernels (`tessera.kernels.cpu`) and then without
+    them (compiled under ``disabled()``), side by side.
     """
+    for setting in cpu_kernels:
+        if setting not in ("on", "off"):
+            raise ValueError(f"decode bench: cpu_kernels takes on / off, got {setting!r}")
     config = load_config(config_spec, overrides)
     need = max([*contexts, *slots, prompt_len]) + max(new_tokens, context_steps + 1)
     if config.model.max_seq_len < need:
@@ -80,7 +88,8 @@ def run_decode_bench(
     mesh = make_mesh(config.mesh, devices)
     rules = make_rules(config.mesh.rules)
     spec = ModelSpec(config.model)
-    decoder = Decoder(spec, spec.init(0, mesh, rules), mesh, rules)
+    params = spec.init(0, mesh, rules)
+    decoder = Decoder(spec, params, mesh, rules)
     print(
         f"decode bench: {config_spec} ({spec.num_params() / 1e6:.1f}M params, "
         f"{config.model.dtype}) on {mesh.devices.size} {jax.devices()[0].platform} device(s), "
@@ -92,12 +101,19 @@ def run_decode_bench(
     greedy = SamplingParams()
     rows = []
 
+    decoders = {"on": decoder}
+    if "off" in cpu_kernels:
+        decoders["off"] = Decoder(spec, params, mesh, rules)
+
     def case(name: str, batch: int, length: int, steps: int) -> None:
-        stats = DecodeStats()
         prompts = _random_prompts(rng, batch, length, vocab)
-        decoder.generate(prompts, greedy, steps, stop_tokens=())  # compiles, first runs
-        decoder.generate(prompts, greedy, steps, stop_tokens=(), stats=stats)
-        rows.append(_row(name, batch, length, stats))
+        for setting in cpu_kernels:
+            stats = DecodeStats()
+            with cpu.disabled() if setting == "off" else contextlib.nullcontext():
+                run = decoders[setting].generate
+                run(prompts, greedy, steps, stop_tokens=())  # compiles, first runs
+                run(prompts, greedy, steps, stop_tokens=(), stats=stats)
+            rows.append({**_row(name, batch, length, stats), "cpu_kernels": setting})
 
     for batch in batches:
         case(f"batch {batch}", batch, prompt_len, new_tokens)
@@ -119,8 +135,9 @@ def run_decode_bench(
         row["vs_first_slots"] = row["ms_per_step"] / first_slots
         rows.append(row)
     print_table(
-        [{k: r.get(k, "") for k in ("case", "batch", "context", "prefill_tok_s", "decode_tok_s",
-                                    "ms_per_step", "vs_first_slots", "cache_bytes_per_token")}
+        [{k: r.get(k, "") for k in ("case", "batch", "context", "cpu_kernels", "prefill_tok_s",
+                                    "decode_tok_s", "ms_per_step", "vs_first_slots",
+                                    "cache_bytes_per_token")}
          for r in rows],
         title=f"decode: {config_spec}",
     )

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from tessera.kernels.dense import dense
 from tessera.layers.base import cast, normal, param, zeros
 from tessera.sharding import constrain
 
@@ -50,14 +51,17 @@ class LMHead(nnx.Module):
         dtype: str,
         param_dtype: str,
         rngs: nnx.Rngs,
+        impl: str = "auto",
     ):
+        """``impl``: the `tessera.kernels.dense` impl of the projection (``model.dense_impl``)."""
         self.dtype = jnp.dtype(dtype)
+        self.impl = impl
         self.kernel = param(
             rngs, normal(init_std), (dim, vocab_size), ("embed", "vocab"), param_dtype
         )
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        logits = jnp.einsum("btd,dv->btv", x, cast(self.kernel, self.dtype))
+        logits = dense(x, cast(self.kernel, self.dtype), impl=self.impl)
         return constrain(logits, ("batch", "length", "act_vocab"))
 
 

@@ -75,6 +75,7 @@ class LM(BlockStack):
             dtype=cfg.dtype,
             param_dtype=cfg.param_dtype,
             rngs=rngs,
+            impl=cfg.get("dense_impl", "auto"),
         )
 
     def _readout(self, x: jax.Array, info: SeqInfo) -> jax.Array:

@@ -22,9 +22,11 @@ def test_decode_bench_rows(capsys):
     rows = run_decode_bench("llama:tiny", {"model.dtype": "float32"}, prompt_len=16,
                             new_tokens=4, batches=(1, 2), contexts=(32, 64), context_steps=2,
                             slots=(96, 192), slots_batch=2, slots_fill=8,
-                            devices=jax.devices()[:1])
-    assert [r["case"] for r in rows] == ["batch 1", "batch 2", "context 32", "context 64",
-                                         "slots 96", "slots 224"]
+                            devices=jax.devices()[:1], cpu_kernels=("on", "off"))
+    cases = ["batch 1", "batch 2", "context 32", "context 64"]
+    assert [r["case"] for r in rows] == [c for c in cases for _ in "ab"] + ["slots 96",
+                                                                            "slots 224"]
+    assert [r["cpu_kernels"] for r in rows[:8]] == ["on", "off"] * 4
     assert all(r["decode_tok_s"] > 0 and r["ms_per_step"] > 0 for r in rows)
     assert rows[-2]["vs_first_slots"] == 1 and rows[-1]["vs_first_slots"] > 0
     assert "decode: llama:tiny" in capsys.readouterr().out

@@ -6,6 +6,7 @@ import pytest
 
 from tessera.configs import load_config
 from tessera.data import ByteTokenizer
+from tessera.kernels import cpu as cpu_kernels
 from tessera.models.create import ModelSpec
 from tessera.serve import Decoder, DecodeStats, SamplingParams, engine, generate, length_bucket
 from tessera.serve.engine import single_device_mesh
@@ -40,6 +41,20 @@ def test_greedy_matches_uncached_forward(tiny_decoder, greedy_ref):
     # the per-row length is the fixed per-sequence part.
     assert stats.cache.bytes_per_token == 2 * 2 * 2 * 32 * 4 + 4
     assert stats.cache.bytes_per_sequence == 4
+
+
+def test_decode_step_runs_the_cpu_kernels(tiny, tiny_decoder, greedy_ref):
+    """A float32 decode step on one CPU device runs tessera's CPU kernels (dense products and
+    decode attention), prefill does not; with them off the greedy tokens are the same."""
+    programs = tiny_decoder.lower(len(PROMPTS), 16, STEPS)
+    decode_text, prefill_text = programs["decode"].as_text(), programs["prefill"].as_text()
+    assert "tessera_cpu_dense" in decode_text and "tessera_cpu_decode_attention" in decode_text
+    assert "tessera_cpu" not in prefill_text
+    _, spec, params = tiny
+    with cpu_kernels.disabled():
+        plain = Decoder(spec, params, single_device_mesh(), decode_chunk=4)
+        assert "tessera_cpu" not in plain.lower(len(PROMPTS), 16, STEPS)["decode"].as_text()
+        assert tokens_of(plain.generate(PROMPTS, None, STEPS, stop_tokens=())) == greedy_ref
 
 
 def test_sharded_data_tensor_mesh(tiny, greedy_ref):

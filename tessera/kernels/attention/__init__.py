@@ -12,6 +12,10 @@ impls, in the order auto tries them (`OP`, a `tessera.kernels.registry.Op`):
                CUDA GPU: bf16 / f16, causal (+ window) or bidirectional, no segment ids.
   pallas_gpu   `gpu.pallas_attention`, jax's Pallas Triton flash attention (GPU or interpret
                mode): f32 / bf16 / f16, causal or bidirectional, packed segments, T == S.
+  cpu_decode   `cpu.attention`, T = 1 over a cache on CPU: tessera's C++ kernel
+               (`tessera.kernels.cpu`) splits the (batch row, kv head) items between the calling
+               thread and a helper thread; float32, one device, no soft cap, no gradient. Auto
+               picks it for every decode step it supports.
   xla_decode   `reference.decode_attention`, T = 1 over a cache (decode step): the plain math as
                products reduced over one axis in the cache's [B, S, Hkv, D] layout, so XLA reads
                K and V once instead of copying them head-major for a batched dot every step.
@@ -23,8 +27,8 @@ impls, in the order auto tries them (`OP`, a `tessera.kernels.registry.Op`):
   xla          `reference.attention`, plain jnp; builds the [T, S] scores. CPU path and oracle;
                runs anything; ignores ``index_aligned`` (a skipping hint).
   auto         the first of these that accepts the inputs: pallas_tpu on TPU for index_aligned
-               calls; xla_decode for T = 1 over a cache; otherwise xla while T * S <
-               CHUNKED_MIN_SCORES, xla_chunked above. More kernels join with
+               calls; cpu_decode, else xla_decode, for T = 1 over a cache; otherwise xla
+               while T * S < CHUNKED_MIN_SCORES, xla_chunked above. More kernels join with
                `OP.register(impl, before=...)`.
 """
 
@@ -32,7 +36,7 @@ from __future__ import annotations
 
 import jax
 
-from tessera.kernels.attention import chunked, decode, gpu, reference, splash
+from tessera.kernels.attention import chunked, cpu, decode, gpu, reference, splash
 from tessera.kernels.attention.reference import make_attention_mask
 from tessera.kernels.registry import Impl, Op, drop_kwargs, impls_getattr
 
@@ -80,6 +84,7 @@ OP = Op(
         Impl("cudnn", gpu.cudnn_attention, supports=gpu.cudnn_supports),
         Impl("pallas_gpu", gpu.pallas_attention, supports=gpu.pallas_supports,
              auto=gpu.pallas_auto),
+        Impl("cpu_decode", cpu.attention, supports=cpu.supports),
         Impl("xla_decode", drop_kwargs(reference.decode_attention, "block_q", "block_kv",
                                        "index_aligned"), supports=_one_query),
         Impl("xla_chunked", _chunked, auto=_chunked_pays),

@@ -15,6 +15,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from tessera.configs.base import ConfigDict
 from tessera.kernels.attention import attention
+from tessera.kernels.dense import dense, dense_many
 from tessera.layers.base import cast, normal, param, zeros
 from tessera.layers.mixers.base import Aux, SeqInfo, decode_keys, write_cache
 from tessera.layers.norms import RMSNorm
@@ -41,6 +42,7 @@ class Attention(nnx.Module):
         self.logit_soft_cap = float(cfg.logit_soft_cap) or None
         self.rope = bool(cfg.rope)
         self.impl = cfg.attention_impl
+        self.dense_impl = cfg.get("dense_impl", "auto")
         self.rope_theta = float(cfg.rope_theta)
         self.rope_scaling = dict(cfg.rope_scaling)
         self.max_seq_len = int(cfg.max_seq_len)
@@ -62,14 +64,20 @@ class Attention(nnx.Module):
         else:
             self.q_norm = self.k_norm = None
 
-    def _project(self, x: jax.Array, w: nnx.Param, b: nnx.Param | None) -> jax.Array:
-        y = jnp.einsum("btd,dhk->bthk", x, cast(w, self.dtype))
-        return y if b is None else y + cast(b, self.dtype)
+    def _project_qkv(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """x [B, T, D] -> q [B, T, H, Dh], k and v [B, T, Hkv, Dh] (one dense call: the CPU
+        decode kernel splits the three products across threads as one job)."""
+        ys = dense_many(
+            x, tuple(cast(w, self.dtype) for w in (self.wq, self.wk, self.wv)),
+            impl=self.dense_impl,
+        )
+        biases = (self.bq, self.bk, self.bv)
+        return tuple(y if b is None else y + cast(b, self.dtype) for y, b in zip(ys, biases))
 
     def _output(self, out: jax.Array) -> jax.Array:
         """Heads [B, T, H, Dh] -> [B, T, D] through ``wo`` (and ``bo``)."""
         out = checkpoint_name(constrain(out, ("batch", "length", "act_heads", None)), "attn_out")
-        y = jnp.einsum("bthk,hkd->btd", out, cast(self.wo, self.dtype))
+        y = dense(out, cast(self.wo, self.dtype), contract=2, impl=self.dense_impl)
         if self.bo is not None:
             y = y + cast(self.bo, self.dtype)
         return constrain(y, ("batch", "length", "act_embed"))
@@ -77,9 +85,7 @@ class Attention(nnx.Module):
     def __call__(
         self, x: jax.Array, info: SeqInfo, cache: dict | None = None
     ) -> tuple[jax.Array, dict | None, Aux]:
-        q = self._project(x, self.wq, self.bq)
-        k = self._project(x, self.wk, self.bk)
-        v = self._project(x, self.wv, self.bv)
+        q, k, v = self._project_qkv(x)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if self.rope:
