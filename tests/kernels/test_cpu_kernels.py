@@ -205,12 +205,20 @@ print("portable ok")
 """
 
 
-def test_portable_build_without_avx512(tmp_path):
-    """Built for x86-64-v3 (AVX2, no AVX-512): the portable loops give the same results."""
-    env = dict(os.environ, TESSERA_CPU_KERNELS_MARCH="x86-64-v3",
-               TESSERA_KERNEL_CACHE=str(tmp_path), JAX_PLATFORMS="cpu")
-    done = subprocess.run([sys.executable, "-c", PORTABLE], env=env, capture_output=True,
-                          text=True, timeout=300)
+def _run_portable(**env):
+    done = subprocess.run([sys.executable, "-c", PORTABLE], env=dict(os.environ, **env),
+                          capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "portable ok" in done.stdout
+
+
+def test_portable_build_without_avx512(tmp_path):
+    """Built for x86-64-v3 (AVX2, no AVX-512): the portable loops give the same results."""
+    _run_portable(TESSERA_CPU_KERNELS_MARCH="x86-64-v3", TESSERA_KERNEL_CACHE=str(tmp_path),
+                  JAX_PLATFORMS="cpu")
     assert len(list(tmp_path.glob("cpu_kernels-*.so"))) == 1
+
+
+def test_one_thread():
+    """TESSERA_CPU_KERNELS_THREADS=1: no helper thread, the caller runs every chunk."""
+    _run_portable(TESSERA_CPU_KERNELS_THREADS="1", JAX_PLATFORMS="cpu")
