@@ -34,6 +34,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from tessera.data.tokenizers import ByteTokenizer, Tokenizer
 from tessera.distributed import to_host
+from tessera.kernels import cpu as cpu_kernels
 from tessera.models.create import ModelSpec
 from tessera.models.layout import parse_layout
 from tessera.serve.outputs import CacheInfo, Completion, DecodeStats, HostRow
@@ -339,7 +340,8 @@ class Decoder:
         abstract = jax.tree.map(
             lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), args, in_sh
         )
-        return jitted.lower(*abstract)
+        with cpu_kernels.decoding():  # auto may pick the CPU decode kernels (float32 on CPU)
+            return jitted.lower(*abstract)
 
     def _compile(self, program: tuple) -> Any:
         key = program[0]

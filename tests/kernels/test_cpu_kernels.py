@@ -1,8 +1,9 @@
 """tessera's CPU decode kernels (`tessera.kernels.cpu`, ``kernels.cc``): the ``cpu`` dense impl
 and the ``cpu_decode`` attention impl against XLA, forward and gradients, at decode shapes
-(1 to 16 rows, several weights per call, ragged widths), repeated calls (the helper thread's
-partial sums are never stale), when auto picks them and why it does not, the build cache and
-its errors, and a build without AVX-512 (the portable paths) in a subprocess."""
+(1 to 16 rows, several weights per call, ragged widths), repeated calls (no job's partial sums
+leak into another), results independent of thread timing, when auto picks them and why it does
+not, the build cache and its errors, one thread, and a build without AVX-512 (the portable
+paths) in a subprocess."""
 
 from __future__ import annotations
 
@@ -31,9 +32,10 @@ def test_kernels_build_here():
     assert cpu.load() is None
 
 
-def _weights(rng, k, widths, contract_shape=None):
-    shape = contract_shape or (k,)
-    return tuple(jnp.asarray(rng.standard_normal((*shape, n)), jnp.float32) for n in widths)
+def _weights(rng, k, widths):
+    """Scaled by 1/sqrt(K), so products of unit inputs are O(1) and F32 fits their rounding."""
+    return tuple(jnp.asarray(rng.standard_normal((k, n)) / np.sqrt(k), jnp.float32)
+                 for n in widths)
 
 
 # rows, K, widths: one row (column chunks), 2 / 3 / 16 rows (row blocks and 8-, 4-, 2-, 1-row
@@ -89,8 +91,9 @@ def test_dense_contracts_two_axes_and_differentiates():
 
 def test_repeated_calls_never_mix_jobs():
     """200 calls in one program, each a new input and alternating shapes, so the helper thread
-    is sometimes late to a job the caller already finished: its partial sums of an earlier job
-    must never be added (they were once, and greedy decode drifted after ~30 tokens)."""
+    is sometimes late to a job the caller already finished: nothing of an earlier job may leak
+    into a later one (a first design added a late helper's stale partial sums, and greedy decode
+    drifted after ~30 tokens; this test failed on it)."""
     rng = np.random.default_rng(2)
     w_a = _weights(rng, 64, (96, 32, 32))
     w_b = _weights(rng, 96, (64,))
@@ -108,9 +111,32 @@ def test_repeated_calls_never_mix_jobs():
     np.testing.assert_allclose(run("cpu")(x), run("xla")(x), atol=1e-4, rtol=1e-4)
 
 
+def test_results_do_not_depend_on_thread_timing():
+    """16 rows: the slices' partial sums are added in slice order whichever thread ran them, so
+    50 runs of one call (with other work between, moving the helper's timing) are bitwise
+    equal."""
+    rng = np.random.default_rng(3)
+    ws = _weights(rng, 1536, (512,)) + _weights(rng, 1536, (300,))
+    x = jnp.asarray(rng.standard_normal((16, 1, 1536)), jnp.float32)
+    run = jax.jit(lambda x, ws: dense_many(x, ws, impl="cpu"))
+    first = [np.asarray(y) for y in run(x, ws)]
+    for i in range(50):
+        if i % 3 == 0:
+            np.asarray(jnp.sum(x * i))  # other work between calls
+        for y, want in zip(run(x, ws), first, strict=True):
+            np.testing.assert_array_equal(np.asarray(y), want)
+
+
 def test_auto_picks_the_kernel_for_decode_steps_only():
     x1 = jnp.zeros((4, 1, 32), jnp.float32)
     w = jnp.zeros((32, 8), jnp.float32)
+    # outside a decode program (a one-token product in training): XLA
+    assert "not in a decode program" in dict(OP.explain(x1, (w,), contract=1))["cpu"]
+    with cpu.decoding():
+        _check_decode_reasons(x1, w)
+
+
+def _check_decode_reasons(x1, w):
     assert OP.explain(x1, (w,), contract=1)[0] == ("cpu", None)
     reasons = dict(OP.explain(jnp.zeros((4, 2, 32), jnp.float32), (w,), contract=1))
     assert "not a decode step" in reasons["cpu"] and reasons["xla"] is None
@@ -151,9 +177,31 @@ def test_decode_attention_matches_reference(b, s, hq, hkv, d, dv, window):
     assert got.shape == (b, 1, hq, dv) and got.dtype == jnp.float32
     np.testing.assert_allclose(got, want, **F32)
     assert not np.asarray(got[-1]).any()
-    picked = [n for n, why in attn.OP.explain(q, k, v, **kw, index_aligned=False,
-                                              block_q=None, block_kv=None) if why is None]
-    assert picked[0] == "cpu_decode"
+    def picked():
+        return [n for n, why in attn.OP.explain(q, k, v, **kw, index_aligned=False,
+                                                block_q=None, block_kv=None) if why is None]
+
+    assert picked()[0] == "xla_decode"  # not in a decode program
+    with cpu.decoding():
+        assert picked()[0] == "cpu_decode"
+
+
+def test_decode_attention_gradients_are_the_references():
+    """A one-query attention in training (ViT's MAP head): XLA's gradients of the same math."""
+    q, k, v = make_inputs(4, 3, 1, 21, 4, 2, 8, dv=16)
+    kv_pos = jnp.tile(jnp.arange(21, dtype=jnp.int32)[None], (3, 1))
+    kw = dict(q_positions=jnp.asarray([[20], [9], [3]], jnp.int32), kv_positions=kv_pos,
+              kv_valid=kv_pos < 18, causal=True)
+    cot = jnp.asarray(np.random.default_rng(0).standard_normal((3, 1, 4, 16)), jnp.float32)
+
+    def loss(impl):
+        return lambda q, k, v: jnp.sum(attn.attention(q, k, v, impl=impl, **kw) * cot)
+
+    got = jax.grad(loss("cpu_decode"), argnums=(0, 1, 2))(q, k, v)
+    want = jax.grad(lambda q, k, v: jnp.sum(reference.attention(q, k, v, **kw) * cot),
+                    argnums=(0, 1, 2))(q, k, v)
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_allclose(a, b, **F32)
 
 
 def test_decode_attention_declines():

@@ -14,8 +14,9 @@ impls, in the order auto tries them (`OP`, a `tessera.kernels.registry.Op`):
                mode): f32 / bf16 / f16, causal or bidirectional, packed segments, T == S.
   cpu_decode   `cpu.attention`, T = 1 over a cache on CPU: tessera's C++ kernel
                (`tessera.kernels.cpu`) splits the (batch row, kv head) items between the calling
-               thread and a helper thread; float32, one device, no soft cap, no gradient. Auto
-               picks it for every decode step it supports.
+               thread and a helper thread; float32, one device, no soft cap; XLA's gradient.
+               Auto picks it in decode programs (traced under `tessera.kernels.cpu.decoding()`,
+               as the Decoder's are).
   xla_decode   `reference.decode_attention`, T = 1 over a cache (decode step): the plain math as
                products reduced over one axis in the cache's [B, S, Hkv, D] layout, so XLA reads
                K and V once instead of copying them head-major for a batched dot every step.
@@ -84,7 +85,7 @@ OP = Op(
         Impl("cudnn", gpu.cudnn_attention, supports=gpu.cudnn_supports),
         Impl("pallas_gpu", gpu.pallas_attention, supports=gpu.pallas_supports,
              auto=gpu.pallas_auto),
-        Impl("cpu_decode", cpu.attention, supports=cpu.supports),
+        Impl("cpu_decode", cpu.attention, supports=cpu.supports, auto=cpu.auto),
         Impl("xla_decode", drop_kwargs(reference.decode_attention, "block_q", "block_kv",
                                        "index_aligned"), supports=_one_query),
         Impl("xla_chunked", _chunked, auto=_chunked_pays),

@@ -140,23 +140,42 @@ def load() -> str | None:
     return None
 
 
-_off = threading.local()
+_state = threading.local()
 
 
 @contextlib.contextmanager
-def disabled() -> Iterator[None]:
-    """Programs traced inside do not use the CPU kernels (auto runs XLA), e.g. to compare."""
-    _off.depth = getattr(_off, "depth", 0) + 1
+def _flag(name: str) -> Iterator[None]:
+    setattr(_state, name, getattr(_state, name, 0) + 1)
     try:
         yield
     finally:
-        _off.depth -= 1
+        setattr(_state, name, getattr(_state, name) - 1)
+
+
+def disabled() -> contextlib.AbstractContextManager[None]:
+    """Programs traced inside do not use the CPU kernels (auto runs XLA), e.g. to compare."""
+    return _flag("off")
+
+
+def decoding() -> contextlib.AbstractContextManager[None]:
+    """Programs traced inside are decode programs (`tessera.serve.Decoder` traces its programs
+    so): the only ones where ``impl="auto"`` picks the CPU kernels. Elsewhere a one-token
+    product or attention (ViT's MAP head in training) stays on XLA, where cost analysis and
+    sharding see it; a named impl runs anywhere it supports."""
+    return _flag("decode")
+
+
+def decode_reason() -> str | None:
+    """An ``auto`` check: None inside `decoding`, else why auto passes the kernels over."""
+    if getattr(_state, "decode", 0):
+        return None
+    return "not in a decode program (tessera.serve.Decoder traces those)"
 
 
 def unavailable(*arrays: jax.Array) -> str | None:
     """An impl ``supports`` check: None when the kernels can run on ``arrays`` here (float32, a
     CPU program on one device, the kernels built), else why not."""
-    if getattr(_off, "depth", 0):
+    if getattr(_state, "off", 0):
         return "turned off by tessera.kernels.cpu.disabled()"
     platform = target_platform()
     if platform != "cpu":

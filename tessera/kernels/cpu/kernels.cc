@@ -1,23 +1,31 @@
-// tessera's CPU dense kernel for decode steps: y_p[M, N_p] = x[M, K] @ w_p[K, N_p] for up to 8
-// weights w_p sharing one input (attention's q, k, v; the MLP's gate and up), float32,
-// row-major, few rows (M is the decode batch). XLA:CPU runs such products on one core; this
-// kernel cuts them into chunks that the calling thread and one helper thread share, so a step's
-// weight reads use both cores' memory pipes.
+// tessera's CPU kernels for decode steps, called through the XLA FFI
+// (tessera/kernels/cpu/__init__.py builds this file at first use with the host's C++ compiler
+// and -march=native, cached per source, jax version, compiler and CPU).
 //
+// XLA:CPU runs a decode step's few-row products and its attention over the cache on one core.
+// Both kernels here cut their work into chunks that the calling thread and one helper thread
+// share, so a step's reads use both cores' memory pipes.
+//
+// tessera_cpu_dense: y_p[M, N_p] = x[M, K] @ w_p[K, N_p] for up to 8 weights w_p sharing one
+// input (attention's q, k, v; the MLP's gate and up), float32, row-major, few rows (M is the
+// decode batch).
 // - M = 1 (`one_row`): chunks of 128 columns. A chunk's partial sums stay in L1 while its weight
 //   rows stream past 4 at a time, software-prefetched 8 rows ahead.
-// - M >= 2 (`row_block`): chunks of whole rows of w (contiguous memory, ~256 KiB). Register
-//   tiles of 8 (4, 2, 1) rows of x by 32 columns accumulate into the thread's partial output;
-//   while a chunk computes, the thread prefetches the chunk it will take next into its L2. The
-//   caller sums the helper's partial outputs into y at the end.
-// - Chunks are claimed from a shared counter, the caller from the front and the helper from the
-//   back, so each knows its next chunk. The caller never waits for the helper to start: it takes
-//   every chunk the helper has not, and waits only for chunks the helper is running. The helper
-//   spins for a while after each job (decode calls come back to back), then parks on a futex. A
-//   second caller while the helper is taken (XLA running two products at once) runs alone.
+// - M >= 2 (`row_block`): chunks are up to 4 slices of w's rows, read in blocks of ~256 KiB of
+//   whole rows (contiguous memory). Register tiles of 8 (4, 2, 1) rows of x by 32 columns add a
+//   block into the slice's own partial sums; while a block computes, the thread prefetches the
+//   next one (or its next chunk's first) into L2. The caller adds the slices' sums into y in
+//   slice order at the end, so results never depend on which thread ran what. Without AVX-512
+//   a portable loop runs instead of the tiles.
 //
-// Built by tessera/kernels/dense/cpu.py at first use with the host's C++ compiler and
-// -march=native (cached per source, jax version, compiler and CPU).
+// tessera_cpu_decode_attention: one query token per row over a [B, S, Hkv, D] cache, chunks of
+// (batch row, kv head) items (`Attention`).
+//
+// Chunks are claimed from a shared counter, the caller from the front and the helper from the
+// back, so each knows its next chunk. The caller never waits for the helper to start: it takes
+// every chunk the helper has not, and waits only for chunks the helper is running. The helper
+// spins for a while after each job (decode calls come back to back), then parks on a futex. A
+// second caller while the helper is taken (XLA running two custom calls at once) runs alone.
 
 #include <immintrin.h>
 #include <linux/futex.h>
@@ -30,8 +38,8 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
-#include <thread>
 #include <limits>
+#include <thread>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -271,12 +279,20 @@ void Attention::RunItem(long item, std::vector<float>& scores) const {
 
 // ---- jobs ---------------------------------------------------------------------------------------
 
-// One product of a call. M = 1: chunks of `cols` columns; M >= 2: chunks of `rows` rows of w.
-// Chunks `first`.. of the call's numbering are this part's.
+constexpr long kSlices = 4;  // M >= 2: chunks per product (each with its own partial sums)
+
+// Register-tile calls per row block (`rows_of_x`): what the next block's prefetch is spread over.
+long TileCalls(long M) { return M / 8 + (M % 8) / 4 + (M % 4) / 2 + M % 2; }
+
+// One product of a call. M = 1: chunks of `cols` columns, written into y. M >= 2: chunks are up
+// to kSlices slices of w's rows, each read in blocks of `rows` rows (~256 KiB) and summed into
+// its own output: slice 0 into y, slice j > 0 into `sums` + (j - 1) M N; `Reduce` adds them into
+// y in slice order, so the result never depends on which thread ran which slice.
 struct Part {
   const float* w;
   float* y;
-  long N, cols, rows, first, count;
+  float* sums;
+  long N, cols, rows, slice_rows, first, count;
 };
 
 struct Job {
@@ -286,17 +302,15 @@ struct Job {
   const Attention* attention;  // set: the chunks are (batch row, kv head) items of it
   long items_per_chunk;
 
-  const Part& PartOf(long i, int* p) const {
+  const Part& PartOf(long i) const {
     int q = 0;
     while (q + 1 < nparts && parts[q + 1].first <= i) ++q;
-    *p = q;
     return parts[q];
   }
 
-  // Chunk i into the thread's output: y itself for M = 1 (disjoint columns), else the thread's
-  // partial sums `acc[p]` ([M, N_p], zeroed on first use in job `gen`: `used[p] = gen`). `next`
-  // is the chunk it takes after (for M >= 2 its rows of w are prefetched meanwhile).
-  void RunChunk(long i, long next, float* const* acc, uint64_t* used, uint64_t gen) const {
+  // Chunk i; `next` is the chunk this thread takes after it (for M >= 2 the rows of its first
+  // block are prefetched while this chunk's last block computes).
+  void RunChunk(long i, long next) const {
     if (attention != nullptr) {
       static thread_local std::vector<float> scores;
       const long items = attention->B * attention->Hkv;
@@ -304,49 +318,48 @@ struct Job {
         attention->RunItem(t, scores);
       return;
     }
-    int p;
-    const Part& part = PartOf(i, &p);
+    const Part& part = PartOf(i);
     const long c = i - part.first;
     if (M == 1) {
       const long n0 = c * part.cols;
       one_row(x, part.w, part.y, K, part.N, n0, std::min(n0 + part.cols, part.N));
       return;
     }
-    if (used[p] != gen) {
-      std::memset(acc[p], 0, sizeof(float) * M * part.N);
-      used[p] = gen;
+    float* acc = c == 0 ? part.y : part.sums + (c - 1) * M * part.N;
+    std::memset(acc, 0, sizeof(float) * M * part.N);
+    const long r0 = c * part.slice_rows, r1 = std::min(r0 + part.slice_rows, K);
+    for (long b0 = r0; b0 < r1; b0 += part.rows) {
+      const long b1 = std::min(b0 + part.rows, r1);
+      Prefetch pf;
+      const float* nw = nullptr;
+      long n0 = 0, n1 = 0, nN = 0;
+      if (b1 < r1) {
+        nw = part.w, nN = part.N, n0 = b1, n1 = std::min(b1 + part.rows, r1);
+      } else if (next >= 0 && next < nchunks) {
+        const Part& np = PartOf(next);
+        nw = np.w, nN = np.N, n0 = (next - np.first) * np.slice_rows;
+        n1 = std::min(n0 + np.rows, K);
+      }
+      if (nw != nullptr) {
+        pf.next = reinterpret_cast<const char*>(nw + n0 * nN);
+        pf.end = reinterpret_cast<const char*>(nw + n1 * nN);
+        const long steps = (b1 - b0) * ((part.N + 31) / 32) * TileCalls(M);
+        pf.per_step = ((pf.end - pf.next) / 64 + steps - 1) / steps;
+      }
+      row_block(x, M, K, part.w, part.N, acc, b0, b1, pf);
     }
-    Prefetch pf;
-    if (next >= 0 && next < nchunks) {
-      int q;
-      const Part& np = PartOf(next, &q);
-      const long r0 = (next - np.first) * np.rows, r1 = std::min(r0 + np.rows, K);
-      pf.next = reinterpret_cast<const char*>(np.w + r0 * np.N);
-      pf.end = reinterpret_cast<const char*>(np.w + r1 * np.N);
-      const long r = std::min(part.rows, K - c * part.rows);
-      const long steps = r * ((part.N + 31) / 32) * ((M + 7) / 8 + 2);
-      pf.per_step = ((pf.end - pf.next) / 64 + steps - 1) / steps;
-    }
-    const long k0 = c * part.rows;
-    row_block(x, M, K, part.w, part.N, acc[p], k0, std::min(k0 + part.rows, K), pf);
   }
-};
 
-// A thread's partial outputs for M >= 2: the caller's are y itself, the helper's a buffer.
-// `used[p]` is the job generation that last wrote part p's (a late helper may leave stale ones).
-struct Partials {
-  std::vector<float> buffer;
-  float* acc[kMaxParts] = {};
-  uint64_t used[kMaxParts] = {};
-
-  void Prepare(const Job& job, bool own_outputs_are_y) {
-    long total = 0;
-    for (int p = 0; p < job.nparts; ++p) total += job.M * job.parts[p].N;
-    if (!own_outputs_are_y && static_cast<long>(buffer.size()) < total) buffer.resize(total);
-    long offset = 0;
-    for (int p = 0; p < job.nparts; ++p) {
-      acc[p] = own_outputs_are_y ? job.parts[p].y : buffer.data() + offset;
-      offset += job.M * job.parts[p].N;
+  // M >= 2: y_p += the sums of slices 1.., in order.
+  void Reduce() const {
+    if (M == 1 || attention != nullptr) return;
+    for (int p = 0; p < nparts; ++p) {
+      const Part& part = parts[p];
+      const long n = M * part.N;
+      for (long c = 1; c < part.count; ++c) {
+        const float* h = part.sums + (c - 1) * n;
+        for (long j = 0; j < n; ++j) part.y[j] += h[j];
+      }
     }
   }
 };
@@ -356,11 +369,9 @@ class Helper {
   Helper() { std::thread([this] { Loop(); }).detach(); }
 
   void Run(const Job& job) {
-    Partials mine;
-    mine.Prepare(job, /*own_outputs_are_y=*/true);
     if (job.nchunks < 2 || busy_.test_and_set(std::memory_order_acquire)) {
-      for (long i = 0; i < job.nchunks; ++i) job.RunChunk(i, i + 1, mine.acc, mine.used, kMine);
-      Finish(job, mine, nullptr, 0);
+      for (long i = 0; i < job.nchunks; ++i) job.RunChunk(i, i + 1);
+      job.Reduce();
       return;
     }
     job_ = job;
@@ -371,28 +382,13 @@ class Helper {
     if (parked_.load(std::memory_order_seq_cst)) {
       syscall(SYS_futex, &wake_, FUTEX_WAKE_PRIVATE, 1, nullptr, nullptr, 0);
     }
-    Work(gen, job_, /*back=*/false, &mine);
+    Work(gen, job_, /*back=*/false);
     while (done_.load(std::memory_order_acquire) < job.nchunks) _mm_pause();
-    Finish(job, mine, &helper_partials_, gen);
     busy_.clear(std::memory_order_release);
+    job.Reduce();
   }
 
  private:
-  // M >= 2: zero the parts no thread touched, add the helper's partial sums into y.
-  static void Finish(const Job& job, const Partials& mine, const Partials* helper,
-                     uint64_t gen) {
-    if (job.M == 1 || job.attention != nullptr) return;
-    for (int p = 0; p < job.nparts; ++p) {
-      const long n = job.M * job.parts[p].N;
-      float* y = job.parts[p].y;
-      if (mine.used[p] != kMine) std::memset(y, 0, sizeof(float) * n);
-      if (helper != nullptr && helper->used[p] == gen) {
-        const float* h = helper->acc[p];
-        for (long j = 0; j < n; ++j) y[j] += h[j];
-      }
-    }
-  }
-
   // Takes the next chunk of job `gen` from the front (caller) or the back (helper); false once
   // none is left (or the job is over). ticket_ = gen << 32 | front << 16 | back.
   bool Claim(uint64_t gen, bool back, long* index) {
@@ -408,12 +404,10 @@ class Helper {
     }
   }
 
-  void Work(uint64_t gen, const Job& j, bool back, Partials* partials) {
-    if (back) partials->Prepare(j, /*own_outputs_are_y=*/j.M == 1);
+  void Work(uint64_t gen, const Job& j, bool back) {
     long i;
-    const uint64_t tag = back ? gen : kMine;
     while (Claim(gen, back, &i)) {
-      j.RunChunk(i, back ? i - 1 : i + 1, partials->acc, partials->used, tag);
+      j.RunChunk(i, back ? i - 1 : i + 1);
       done_.fetch_add(1, std::memory_order_release);
     }
   }
@@ -439,13 +433,11 @@ class Helper {
       // Read before claiming: a chunk of `gen` is only claimed while job `gen` is running, and
       // its fields do not change until all of its chunks are done.
       const Job j = job_;
-      Work(gen, j, /*back=*/true, &helper_partials_);
+      Work(gen, j, /*back=*/true);
     }
   }
 
-  static constexpr uint64_t kMine = 1;  // the caller's tag: its partials are new per call
   Job job_{};
-  Partials helper_partials_;
   std::atomic<uint64_t> ticket_{0};
   std::atomic<long> done_{0};
   std::atomic<uint32_t> wake_{0};  // futex word: bumped per job
@@ -457,6 +449,16 @@ Helper* TheHelper() {
   // TESSERA_CPU_KERNELS_THREADS=1: the calling thread alone.
   static Helper* helper = EnvLong("TESSERA_CPU_KERNELS_THREADS", 2) > 1 ? new Helper() : nullptr;
   return helper;
+}
+
+void RunJob(const Job& job) {
+  Helper* helper = TheHelper();
+  if (helper != nullptr) {
+    helper->Run(job);
+    return;
+  }
+  for (long i = 0; i < job.nchunks; ++i) job.RunChunk(i, i + 1);
+  job.Reduce();
 }
 
 namespace ffi = xla::ffi;
@@ -487,12 +489,14 @@ ffi::Error Dense(ffi::Buffer<ffi::F32> x, ffi::RemainingArgs ws,
     } else if (K != job.K) {
       return ffi::Error::InvalidArgument("tessera_cpu_dense: the weights' K differ");
     }
-    Part part{w->typed_data(), (*y)->typed_data(), N, kColChunk, 0, job.nchunks, 0};
+    Part part{w->typed_data(), (*y)->typed_data(), nullptr, N, kColChunk, 0, 0, job.nchunks, 0};
     if (job.M == 1) {
       part.count = (N + kColChunk - 1) / kColChunk;
     } else if (N > 0) {
       part.rows = std::max(8L, std::min(K, kRowChunkBytes / (4 * N)));
-      part.count = (K + part.rows - 1) / part.rows;
+      const long blocks = (K + part.rows - 1) / part.rows;
+      part.slice_rows = (blocks + kSlices - 1) / kSlices * part.rows;
+      part.count = (K + part.slice_rows - 1) / part.slice_rows;
     }
     job.parts[p] = part;
     job.nchunks += part.count;
@@ -500,14 +504,17 @@ ffi::Error Dense(ffi::Buffer<ffi::F32> x, ffi::RemainingArgs ws,
   }
   if (job.M == 0 || job.nchunks == 0) return ffi::Error::Success();
   if (job.nchunks > 0xffff) return ffi::Error::InvalidArgument("tessera_cpu_dense: too large");
-  Helper* helper = TheHelper();
-  if (helper == nullptr) {
-    Partials mine;
-    mine.Prepare(job, true);
-    for (long i = 0; i < job.nchunks; ++i) job.RunChunk(i, i + 1, mine.acc, mine.used, 1);
-  } else {
-    helper->Run(job);
+  // Slices 1.. of each product sum into this thread's arena (the helper writes there too).
+  static thread_local std::vector<float> arena;
+  long total = 0;
+  for (int p = 0; p < job.nparts; ++p)
+    total += std::max(0L, job.parts[p].count - 1) * job.M * job.parts[p].N;
+  if (job.M > 1 && static_cast<long>(arena.size()) < total) arena.resize(total);
+  for (long p = 0, offset = 0; job.M > 1 && p < job.nparts; ++p) {
+    job.parts[p].sums = arena.data() + offset;
+    offset += std::max(0L, job.parts[p].count - 1) * job.M * job.parts[p].N;
   }
+  RunJob(job);
   return ffi::Error::Success();
 }
 
@@ -534,12 +541,7 @@ ffi::Error DecodeAttention(ffi::Buffer<ffi::F32> q,
   job.attention = &a;
   job.items_per_chunk = std::max(1L, items / 16);
   job.nchunks = (items + job.items_per_chunk - 1) / job.items_per_chunk;
-  Helper* helper = TheHelper();
-  if (helper == nullptr) {
-    for (long i = 0; i < job.nchunks; ++i) job.RunChunk(i, -1, nullptr, nullptr, 0);
-  } else {
-    helper->Run(job);
-  }
+  RunJob(job);
   return ffi::Error::Success();
 }
 

@@ -4,11 +4,11 @@ contracts the last ``contract`` axes of x with the first ``contract`` axes of w 
 
 impls, in the order auto tries them (`OP`, a `tessera.kernels.registry.Op`):
   cpu   the C++ kernel of ``tessera/kernels/cpu/kernels.cc`` through the XLA FFI (built at first
-        use, `tessera.kernels.cpu`):
-        XLA:CPU runs a decode step's few-row products on one core at about half the host's
-        memory bandwidth; the kernel splits their columns between the calling thread and a
-        helper thread. Float32, on CPU, one device, at most `MAX_ROWS` rows. Auto picks it for
-        decode steps only (T = 1, axis 1 of x); gradients are XLA's dots (a custom VJP).
+        use, `tessera.kernels.cpu`). XLA:CPU runs a decode step's few-row products on one core
+        at about half the host's memory bandwidth; the kernel splits them (column chunks for
+        one row, row blocks of the weights for more) between the calling thread and a helper
+        thread. Float32, on CPU, one device, at most `MAX_ROWS` rows. Auto picks it for decode
+        steps only (T = 1, axis 1 of x); gradients are XLA's dots (a custom VJP).
   xla   ``jnp.tensordot``: anything; the oracle.
 """
 
@@ -72,7 +72,7 @@ def _cpu_supports(x: jax.Array, ws: Sequence[jax.Array], *, contract: int) -> st
 def _decode_step(x: jax.Array, ws: Sequence[jax.Array], *, contract: int) -> str | None:
     if x.ndim - contract < 2 or x.shape[1] != 1:
         return "not a decode step (T, axis 1 of x, must be 1)"
-    return None
+    return cpu.decode_reason()
 
 
 OP = Op(

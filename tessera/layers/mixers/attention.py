@@ -64,6 +64,10 @@ class Attention(nnx.Module):
         else:
             self.q_norm = self.k_norm = None
 
+    def _project(self, x: jax.Array, w: nnx.Param, b: nnx.Param | None) -> jax.Array:
+        y = dense(x, cast(w, self.dtype), impl=self.dense_impl)
+        return y if b is None else y + cast(b, self.dtype)
+
     def _project_qkv(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         """x [B, T, D] -> q [B, T, H, Dh], k and v [B, T, Hkv, Dh] (one dense call: the CPU
         decode kernel splits the three products across threads as one job)."""
@@ -155,8 +159,7 @@ class Attention(nnx.Module):
         """Queries [B, Tq, D] attend, bidirectionally and without positions, over x [B, T, D]
         (every token of every row) -> [B, Tq, D]: multihead attention pooling (MAP)."""
         q = self._project(queries, self.wq, self.bq)
-        k = self._project(x, self.wk, self.bk)
-        v = self._project(x, self.wv, self.bv)
+        k, v = (self._project(x, w, b) for w, b in ((self.wk, self.bk), (self.wv, self.bv)))
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         b, tq, t = q.shape[0], q.shape[1], k.shape[1]
