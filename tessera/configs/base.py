@@ -101,8 +101,9 @@ def base_config() -> ConfigDict:
             remat="none",  # none | minimal | save_dots | full
             scan_layers=True,
             attention_impl="auto",
-            # Dense products (attention projections, MLP, untied LM head): auto | cpu | xla;
-            # auto runs the CPU kernel in float32 decode steps (tessera/kernels/dense).
+            # Dense products (attention projections, MLP, untied LM head): auto runs the CPU
+            # kernel in float32 decode steps (tessera/kernels/dense), xla never; cpu names the
+            # kernel for every call (an error where it cannot run: prefill, training).
             dense_impl="auto",
             # State-space mixers (mamba, mamba2); ignored by attention-only patterns.
             ssm=ConfigDict(
