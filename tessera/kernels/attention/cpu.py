@@ -3,7 +3,8 @@
 calling thread and a helper thread. The mask is `reference`'s (positions, segments, sliding
 window, ``kv_valid``), computed by XLA and passed as [B, S]; scores, float32 softmax and output
 are the kernel's. Float32 on CPU, one device, no logit soft cap. Gradients (a one-query
-attention in training: ViT's MAP head) are XLA's, of the same math (`_masked`)."""
+attention in training: ViT's MAP head) are XLA's, of the reference's same math
+(`reference.masked_decode_attention`)."""
 
 from __future__ import annotations
 
@@ -54,26 +55,16 @@ def _attend_fwd(q, k, v, mask, scale):
 
 def _attend_bwd(scale, res, g):
     q, k, v, mask = res
-    _, vjp = jax.vjp(lambda q, k, v: _masked(q, k, v, mask, scale), q, k, v)
+
+    def forward(q, k, v):
+        out = reference.masked_decode_attention(q[:, None], k, v, mask > 0, scale=scale)
+        return out[:, 0]
+
+    _, vjp = jax.vjp(forward, q, k, v)
     return (*vjp(g), jnp.zeros_like(mask))
 
 
 _attend.defvjp(_attend_fwd, _attend_bwd)
-
-
-def _masked(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float) -> jax.Array:
-    """The kernel's math in jnp (q [B, Hq, D], mask [B, S] of 1 / 0): the backward's forward."""
-    b, hq, d = q.shape
-    hkv = k.shape[2]
-    qg = q.reshape(b, hkv, hq // hkv, d)
-    live = mask[:, :, None, None] > 0
-    scores = jnp.einsum("bhgd,bshd->bshg", qg, k, precision=jax.lax.Precision.HIGHEST) * scale
-    scores = jnp.where(live, scores, reference.MASK_VALUE)
-    m = jax.lax.stop_gradient(scores.max(axis=1, keepdims=True))
-    p = jnp.where(live, jnp.exp(scores - m), 0.0)
-    denom = p.sum(axis=1)
-    out = jnp.einsum("bshg,bshd->bhgd", p, v, precision=jax.lax.Precision.HIGHEST)
-    return (out / jnp.where(denom > 0, denom, 1.0)[..., None]).reshape(b, hq, v.shape[-1])
 
 
 def supports(q: jax.Array, k: jax.Array, v: jax.Array, *args: Any, **kw: Any) -> str | None:

@@ -180,13 +180,28 @@ def decode_attention(
     transposed copy of the whole cache in every layer at every step, which doubled the bytes of
     a bandwidth-bound step. Same masking contract and float32 softmax as `attention`.
     """
-    b, t, hq, d = q.shape
-    if t != 1:
-        raise ValueError(f"decode_attention takes one query token per row, got T = {t}")
+    if q.shape[1] != 1:
+        raise ValueError(f"decode_attention takes one query token per row, got T = {q.shape[1]}")
     mask = _checked_mask(
         q, k, v, q_positions, kv_positions, q_segment_ids, kv_segment_ids, causal,
         sliding_window, kv_valid, logit_soft_cap,
-    )[:, 0, :, None, None]  # [B, S, 1, 1]
+    )[:, 0, :]
+    return masked_decode_attention(q, k, v, mask, scale=scale, logit_soft_cap=logit_soft_cap)
+
+
+def masked_decode_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    mask: jax.Array,
+    *,
+    scale: float | None = None,
+    logit_soft_cap: float | None = None,
+) -> jax.Array:
+    """`decode_attention`'s math once its bool mask [B, S] (the slots each row sees) is made:
+    q [B, 1, Hq, D] -> [B, 1, Hq, Dv]. The CPU kernel's backward differentiates this."""
+    b, _, hq, d = q.shape
+    mask = mask[:, :, None, None]  # [B, S, 1, 1]
     hkv, dv = k.shape[2], v.shape[-1]
     scale = d**-0.5 if scale is None else scale
     g = hq // hkv

@@ -8,7 +8,8 @@ impls, in the order auto tries them (`OP`, a `tessera.kernels.registry.Op`):
         at about half the host's memory bandwidth; the kernel splits them (column chunks for
         one row, row blocks of the weights for more) between the calling thread and a helper
         thread. Float32, on CPU, one device, at most `MAX_ROWS` rows. Auto picks it for decode
-        steps only (T = 1, axis 1 of x); gradients are XLA's dots (a custom VJP).
+        steps only (T = 1, axis 1 of x, in a program traced under `cpu.decoding()`, as the
+        Decoder's are); gradients are XLA's dots (a custom VJP).
   xla   ``jnp.tensordot``: anything; the oracle.
 """
 
